@@ -1,0 +1,90 @@
+"""The run manifest (`manifest.json`): what a run was asked, what it used, and where every row went.
+
+It is JSON, not Parquet, but it is a contract like the shards: the dataset card, `embforge publish` and the tests read
+it. `config` is free-form (the whole run configuration); everything else is typed by `MANIFEST` and checked by
+`validate_manifest`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+
+from data_schemas.validate import SchemaError, validate_rows, versioned
+
+_COUNT = pa.int64()
+
+STAGE_COUNTS = pa.struct([
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("input", _COUNT, nullable=False),
+    pa.field("kept", _COUNT, nullable=False),
+    pa.field("rejected", _COUNT, nullable=False),
+    pa.field("reasons", pa.map_(pa.string(), _COUNT), nullable=False),
+    # Rows a stage adds beyond one per input (several queries per passage): kept may exceed input by this much.
+    pa.field("expanded", _COUNT, nullable=False),
+])
+
+LLM_USAGE = pa.struct([
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("calls", _COUNT, nullable=False),
+    pa.field("cache_hits", _COUNT, nullable=False),
+    pa.field("input_tokens", _COUNT, nullable=False),
+    pa.field("output_tokens", _COUNT, nullable=False),
+    pa.field("estimated_cost_usd", pa.float64(), nullable=False),
+])
+
+MANIFEST = versioned("manifest", 1, [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("created_at", pa.string(), nullable=False),
+    pa.field("embforge_version", pa.string(), nullable=False),
+    pa.field("package_versions", pa.map_(pa.string(), pa.string()), nullable=False),
+    # role ("llm", "teacher") -> "model_id@model_version"
+    pa.field("models", pa.map_(pa.string(), pa.string()), nullable=False),
+    pa.field("prompt_versions", pa.map_(pa.string(), pa.string()), nullable=False),
+    pa.field("stages", pa.list_(STAGE_COUNTS), nullable=False),
+    pa.field("cache", pa.map_(pa.string(), _COUNT), nullable=False),
+    pa.field("llm_usage", pa.list_(LLM_USAGE), nullable=False),
+    # record kind -> rows written
+    pa.field("outputs", pa.map_(pa.string(), _COUNT), nullable=False),
+    pa.field("mining", pa.map_(pa.string(), _COUNT), nullable=False),
+    pa.field("budget", pa.map_(pa.string(), pa.float64()), nullable=False),
+    # True when every stage's input equals kept + rejected (minus expansion); a run with False fails.
+    pa.field("balanced", pa.bool_(), nullable=False),
+])
+
+FREE_FORM_KEYS = ("config",)
+
+
+def stage_balances(stage: Mapping[str, Any]) -> bool:
+    """input = kept + rejected, where a stage that fans out (several queries per passage) reports the extra rows."""
+    return stage["input"] + stage["expanded"] == stage["kept"] + stage["rejected"]
+
+
+def validate_manifest(document: Mapping[str, Any], *, source: str = "manifest.json") -> None:
+    if not isinstance(document, Mapping):
+        raise SchemaError("expected a JSON object", source=source)
+    for key in FREE_FORM_KEYS:
+        if not isinstance(document.get(key), Mapping):
+            raise SchemaError("missing or not an object", source=source, column=key)
+    typed = {key: value for key, value in document.items() if key not in FREE_FORM_KEYS}
+    validate_rows([typed], MANIFEST, source=source)
+    for index, stage in enumerate(document["stages"]):
+        if sum(stage["reasons"].values()) != stage["rejected"]:
+            raise SchemaError(f"stage {stage['stage']!r}: rejection reasons add up to {sum(stage['reasons'].values())},"
+                              f" not {stage['rejected']}", source=source, column=f"stages[{index}]")
+
+
+def load_manifest(path: str) -> dict[str, Any]:
+    """Read and validate a manifest through Beam filesystems (local path or gs://)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as handle:
+        try:
+            document = json.loads(handle.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SchemaError(f"not valid JSON: {error}", source=path) from error
+    validate_manifest(document, source=path)
+    return document
