@@ -1,0 +1,83 @@
+"""Backend specs (small frozen dataclasses that pickle for Beam) and the factories that build clients from them.
+
+DoFns keep a spec and call `build_llm` / `build_embedder` in `setup()`, so no client or model is ever pickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipelines.clients.base import LLM, Embedder
+
+DEFAULT_GEMINI_LLM = "gemini-2.5-flash"
+DEFAULT_GEMINI_EMBEDDER = "gemini-embedding-001"
+DEFAULT_LOCAL_LLM = "packaged:smollm2-135m-instruct"
+DEFAULT_LOCAL_TEACHER = "packaged:all-mpnet-base-v2"
+DEFAULT_LOCAL_STUDENT = "packaged:all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    backend: Literal["local", "gemini"] = "local"
+    #: Hub id, local path, `packaged:<name>` or Gemini model name; empty means the backend's default.
+    model: str = ""
+    #: Gemini: override the API endpoint (tests point it at the local fake server).
+    base_url: str | None = None
+    api_version: str | None = None
+    timeout_s: float = 60.0
+    #: Attempts per call for transient failures (429, 5xx, timeouts), the first included.
+    max_attempts: int = 6
+    #: Attempts per call when the answer does not parse or violates the output schema.
+    max_parse_attempts: int = 3
+    #: Requests in flight at once (API backends).
+    concurrency: int = 8
+    #: Local: torch device and the folder where converted weights are kept between runs.
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model or (DEFAULT_GEMINI_LLM if self.backend == "gemini" else DEFAULT_LOCAL_LLM)
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    backend: Literal["local", "gemini"] = "local"
+    model: str = ""
+    base_url: str | None = None
+    api_version: str | None = None
+    timeout_s: float = 60.0
+    max_attempts: int = 6
+    concurrency: int = 8
+    device: str = "cpu"
+    cache_dir: str | None = None
+    batch_size: int = 32
+
+    @property
+    def model_name(self) -> str:
+        return self.model or (DEFAULT_GEMINI_EMBEDDER if self.backend == "gemini" else DEFAULT_LOCAL_TEACHER)
+
+
+def build_llm(spec: LLMSpec) -> LLM:
+    if spec.backend == "gemini":
+        from pipelines.clients.gemini import GeminiLLM
+
+        return GeminiLLM.from_spec(spec)
+    if spec.backend == "local":
+        from pipelines.clients.local_llm import LocalLLM
+
+        return LocalLLM.from_spec(spec)
+    raise ValueError(f"unknown LLM backend {spec.backend!r}: expected 'local' or 'gemini'")
+
+
+def build_embedder(spec: EmbedderSpec) -> Embedder:
+    if spec.backend == "gemini":
+        from pipelines.clients.gemini import GeminiEmbedder
+
+        return GeminiEmbedder.from_spec(spec)
+    if spec.backend == "local":
+        from pipelines.clients.local_embedder import LocalEmbedder
+
+        return LocalEmbedder.from_spec(spec)
+    raise ValueError(f"unknown embedder backend {spec.backend!r}: expected 'local' or 'gemini'")
