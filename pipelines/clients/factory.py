@@ -6,6 +6,7 @@ DoFns keep a spec and call `build_llm` / `build_embedder` in `setup()`, so no cl
 from __future__ import annotations
 
 from dataclasses import dataclass
+import importlib
 from typing import Literal
 
 from pipelines.clients.base import LLM, Embedder
@@ -19,8 +20,9 @@ DEFAULT_LOCAL_STUDENT = "packaged:all-minilm-l6-v2"
 
 @dataclass(frozen=True)
 class LLMSpec:
-    backend: Literal["local", "gemini"] = "local"
-    #: Hub id, local path, `packaged:<name>` or Gemini model name; empty means the backend's default.
+    #: "custom" builds the client by calling `model` ("package.module:callable"), for plug-in backends and test fakes.
+    backend: Literal["local", "gemini", "custom"] = "local"
+    #: Hub id, local path, `packaged:<name>`, Gemini model name or custom factory; empty means the backend's default.
     model: str = ""
     #: Gemini: override the API endpoint (tests point it at the local fake server).
     base_url: str | None = None
@@ -43,7 +45,7 @@ class LLMSpec:
 
 @dataclass(frozen=True)
 class EmbedderSpec:
-    backend: Literal["local", "gemini"] = "local"
+    backend: Literal["local", "gemini", "custom"] = "local"
     model: str = ""
     base_url: str | None = None
     api_version: str | None = None
@@ -59,7 +61,16 @@ class EmbedderSpec:
         return self.model or (DEFAULT_GEMINI_EMBEDDER if self.backend == "gemini" else DEFAULT_LOCAL_TEACHER)
 
 
+def _call_factory(path: str):
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"custom backend needs model='package.module:callable', got {path!r}")
+    return getattr(importlib.import_module(module_name), attribute)()
+
+
 def build_llm(spec: LLMSpec) -> LLM:
+    if spec.backend == "custom":
+        return _call_factory(spec.model)
     if spec.backend == "gemini":
         from pipelines.clients.gemini import GeminiLLM
 
@@ -68,10 +79,12 @@ def build_llm(spec: LLMSpec) -> LLM:
         from pipelines.clients.local_llm import LocalLLM
 
         return LocalLLM.from_spec(spec)
-    raise ValueError(f"unknown LLM backend {spec.backend!r}: expected 'local' or 'gemini'")
+    raise ValueError(f"unknown LLM backend {spec.backend!r}: expected 'local', 'gemini' or 'custom'")
 
 
 def build_embedder(spec: EmbedderSpec) -> Embedder:
+    if spec.backend == "custom":
+        return _call_factory(spec.model)
     if spec.backend == "gemini":
         from pipelines.clients.gemini import GeminiEmbedder
 
@@ -80,4 +93,4 @@ def build_embedder(spec: EmbedderSpec) -> Embedder:
         from pipelines.clients.local_embedder import LocalEmbedder
 
         return LocalEmbedder.from_spec(spec)
-    raise ValueError(f"unknown embedder backend {spec.backend!r}: expected 'local' or 'gemini'")
+    raise ValueError(f"unknown embedder backend {spec.backend!r}: expected 'local', 'gemini' or 'custom'")
