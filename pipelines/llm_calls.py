@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import apache_beam as beam
 from pydantic import BaseModel
 
+from pipelines.cache import LLM_CACHE, CacheWriter, ReadCache
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
-from pipelines.clients.factory import LLMSpec, build_llm
+from pipelines.clients.factory import LLMSpec, build_llm, llm_identity
 
 
 @dataclass(frozen=True)
@@ -75,37 +75,152 @@ def call_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
     return LLMAnswer(request, result.ok, value, result.raw, result.error, result.usage)
 
 
-class _CallLLMFn(beam.DoFn):
-    def __init__(self, spec: LLMSpec, stage: str):
+def _cache_entry(key: str, answer: LLMAnswer, model_id: str, model_version: str) -> dict[str, Any]:
+    return {
+        "key": key,
+        "model_id": model_id,
+        "model_version": model_version,
+        "prompt_name": answer.request.prompt_name,
+        "prompt_version": answer.request.prompt_version,
+        "response_json": json.dumps(answer.value, ensure_ascii=False, sort_keys=True),
+        "raw_answer": answer.raw,
+        "input_tokens": answer.usage.input_tokens,
+        "output_tokens": answer.usage.output_tokens,
+    }
+
+
+def answers_from_cache(requests: list[LLMRequest], entry: dict[str, Any]) -> list[LLMAnswer]:
+    value = json.loads(entry["response_json"])
+    usage = Usage(entry["input_tokens"], entry["output_tokens"])
+    return [LLMAnswer(request, True, value, entry["raw_answer"], None, usage, cached=True) for request in requests]
+
+
+def answers_for_group(first: LLMAnswer, requests: list[LLMRequest]) -> list[LLMAnswer]:
+    """One call serves every identical request of the run; only the first answer counts as a call."""
+    rest = [replace(first, request=request, cached=True) for request in requests[1:]]
+    return [first, *rest]
+
+
+class _SplitHitsFn(beam.DoFn):
+    """(key, {"requests": [...], "cached": [...]}) -> answers for hits (main), (key, requests) for misses."""
+
+    MISSES = "misses"
+
+    def process(self, element):
+        key, grouped = element
+        requests = sorted(grouped["requests"], key=lambda request: request.request_id)
+        if not requests:
+            return  # a cache entry no request of this run needs
+        cached = list(grouped["cached"])
+        if cached:
+            yield from answers_from_cache(requests, cached[0])
+        else:
+            yield beam.pvalue.TaggedOutput(self.MISSES, (key, requests))
+
+
+def _budget_refusal(requests: list[LLMRequest]) -> list[LLMAnswer]:
+    reason = "skipped: the run's LLM call budget (max_llm_calls) is spent"
+    return [LLMAnswer(request, False, None, "", reason, Usage(), cached=True) for request in requests]
+
+
+class _CallMissesFn(beam.DoFn):
+    """Calls the backend for a batch of cache misses, with the backend's own concurrency, and caches successes."""
+
+    def __init__(self, spec: LLMSpec, stage: str, cache_dir: str | None):
         self._spec = spec
         self._stage = stage
+        self._cache_dir = cache_dir
         self._llm: LLM | None = None
+        self._writer: CacheWriter | None = None
         self._calls = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_calls")
         self._failures = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_failures")
 
     def setup(self) -> None:
         self._llm = build_llm(self._spec)
+        self._model_id, self._model_version = llm_identity(self._spec)
+        self._writer = CacheWriter(self._cache_dir, LLM_CACHE)
 
-    def process(self, request: LLMRequest) -> Iterator[LLMAnswer]:
-        assert self._llm is not None
-        answer = call_llm(self._llm, request)
-        self._calls.inc()
-        if not answer.ok:
-            self._failures.inc()
-        yield answer
+    def process(self, batch: list[tuple[str, list[LLMRequest]]], allowed_keys: frozenset[str] | None = None):
+        assert self._llm is not None and self._writer is not None
+        to_call = [(key, requests) for key, requests in batch if allowed_keys is None or key in allowed_keys]
+        for key, requests in batch:
+            if allowed_keys is not None and key not in allowed_keys:
+                yield from _budget_refusal(requests)
+        first_answers = call_many(self._llm, [requests[0] for _, requests in to_call], self._spec.concurrency)
+        for (key, requests), first in zip(to_call, first_answers, strict=True):
+            self._calls.inc()
+            if first.ok:
+                self._writer.add(_cache_entry(key, first, self._model_id, self._model_version))
+            else:
+                self._failures.inc()
+            yield from answers_for_group(first, requests)
+
+    def finish_bundle(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def teardown(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
         if self._llm is not None:
             self._llm.close()
 
 
-class CallLLM(beam.PTransform):
-    """PCollection[LLMRequest] -> PCollection[LLMAnswer] (one answer per request, failures included)."""
+def call_many(llm: LLM, requests: list[LLMRequest], concurrency: int) -> list[LLMAnswer]:
+    """Answers in request order; generate requests sharing an output model go out together with bounded concurrency."""
+    answers: dict[int, LLMAnswer] = {}
+    by_model: dict[tuple[type[BaseModel], GenerationConfig], list[int]] = {}
+    for index, request in enumerate(requests):
+        if request.mode == "generate" and request.output_model is not None:
+            by_model.setdefault((request.output_model, request.config), []).append(index)
+        else:
+            answers[index] = call_llm(llm, request)
+    for (output_model, config), indices in by_model.items():
+        results = llm.generate_many([requests[i].messages for i in indices], output_model, config, concurrency)
+        for index, result in zip(indices, results, strict=True):
+            value = result.value.model_dump(mode="json") if result.ok and result.value is not None else None
+            answers[index] = LLMAnswer(requests[index], result.ok, value, result.raw, result.error, result.usage)
+    return [answers[index] for index in range(len(requests))]
 
-    def __init__(self, spec: LLMSpec, stage: str):
+
+class CallLLM(beam.PTransform):
+    """PCollection[LLMRequest] -> PCollection[LLMAnswer]: exactly one answer per request, failures included.
+
+    Requests are keyed by content address and joined with the LLM cache: hits are answered from the cache, identical
+    requests share one call, and only the rest reach the backend. With `max_calls`, a deterministic subset of the
+    misses (smallest keys) is called and the others are answered as skipped, so a budget is exact on any runner.
+    """
+
+    def __init__(self, spec: LLMSpec, stage: str, cache_dir: str | None = None, max_calls: int | None = None):
         super().__init__()
         self._spec = spec
         self._stage = stage
+        self._cache_dir = cache_dir
+        self._max_calls = max_calls
+        self._identity = llm_identity(spec)
 
     def expand(self, requests):
-        return requests | "Call" >> beam.ParDo(_CallLLMFn(self._spec, self._stage))
+        model_id, model_version = self._identity
+        keyed = requests | "Key" >> beam.Map(lambda request: (request.cache_key(model_id, model_version), request))
+        cached = requests.pipeline | f"ReadCache{self._stage}" >> ReadCache(self._cache_dir, LLM_CACHE)
+        split = (
+            {"requests": keyed, "cached": cached}
+            | "Join" >> beam.CoGroupByKey()
+            | "Split" >> beam.ParDo(_SplitHitsFn()).with_outputs(_SplitHitsFn.MISSES, main="hits")
+        )
+        misses = split[_SplitHitsFn.MISSES]
+        allowed = None
+        if self._max_calls is not None:
+            allowed = beam.pvalue.AsSingleton(
+                misses
+                | "MissKeys" >> beam.Keys()
+                | "Allowed" >> beam.combiners.Top.Smallest(self._max_calls)
+                | "AsSet" >> beam.Map(frozenset)
+            )
+        # Batches of the backend's concurrency keep that many requests in flight per worker.
+        called = (
+            misses
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=max(1, 2 * self._spec.concurrency))
+            | "Call" >> beam.ParDo(_CallMissesFn(self._spec, self._stage, self._cache_dir), allowed)
+        )
+        return (split["hits"], called) | "Answers" >> beam.Flatten()

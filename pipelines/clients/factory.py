@@ -5,8 +5,8 @@ DoFns keep a spec and call `build_llm` / `build_embedder` in `setup()`, so no cl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import importlib
+from dataclasses import dataclass
 from typing import Literal
 
 from pipelines.clients.base import LLM, Embedder
@@ -94,3 +94,25 @@ def build_embedder(spec: EmbedderSpec) -> Embedder:
 
         return LocalEmbedder.from_spec(spec)
     raise ValueError(f"unknown embedder backend {spec.backend!r}: expected 'local', 'gemini' or 'custom'")
+
+
+def llm_identity(spec: LLMSpec) -> tuple[str, str]:
+    """(model id, model version) for cache keys, known without loading the model."""
+    if spec.backend == "gemini":
+        # Gemini models are versioned by name (gemini-2.5-flash-001 vs -002); the name is the version.
+        return spec.model_name, spec.model_name
+    if spec.backend == "custom":
+        return spec.model_name, "custom"
+    from pipelines.clients.packaged_models import model_version
+
+    return spec.model_name, model_version(spec.model_name)
+
+
+def embedder_identity(spec: EmbedderSpec) -> tuple[str, str]:
+    if spec.backend == "gemini":
+        return spec.model_name, spec.model_name
+    if spec.backend == "custom":
+        return spec.model_name, "custom"
+    from pipelines.clients.packaged_models import model_version
+
+    return spec.model_name, model_version(spec.model_name)

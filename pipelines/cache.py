@@ -1,0 +1,121 @@
+"""The content-addressed cache for LLM answers and teacher embeddings ("pay once").
+
+Layout under a cache directory (local path or `gs://`, all I/O through Beam filesystems):
+
+    <cache_dir>/llm/<uuid>.parquet         rows of data_schemas.LLM_CACHE_ENTRY
+    <cache_dir>/embeddings/<uuid>.parquet  rows of data_schemas.EMBEDDING_CACHE_ENTRY
+
+The cache is append-only: writers add new files, never rewrite old ones, so concurrent workers and concurrent runs
+cannot corrupt it. Inside a pipeline the existing entries are read as a PCollection and joined with the requests by
+key (CoGroupByKey), which works the same on DirectRunner and Dataflow and needs no worker to hold the whole cache.
+New entries are flushed every few rows, written under a temporary name and renamed, so a killed run keeps every call it
+paid for and never leaves a half-written file. Failures are never cached.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from data_schemas import EMBEDDING_CACHE_ENTRY, LLM_CACHE_ENTRY, validate_table
+
+LOGGER = logging.getLogger(__name__)
+
+LLM_CACHE = "llm"
+EMBEDDING_CACHE = "embeddings"
+_SCHEMAS = {LLM_CACHE: LLM_CACHE_ENTRY, EMBEDDING_CACHE: EMBEDDING_CACHE_ENTRY}
+
+
+def cache_files(cache_dir: str, kind: str) -> list[str]:
+    """Completed cache files of `kind` (temporary files of a run in progress or a killed run are skipped)."""
+    pattern = posixpath.join(cache_dir, kind, "*.parquet")
+    matches = FileSystems.match([pattern])[0].metadata_list
+    return sorted(match.path for match in matches)
+
+
+def read_cache_file(path: str, kind: str) -> pa.Table:
+    with FileSystems.open(path) as handle:
+        table = pq.read_table(io.BytesIO(handle.read()))
+    return validate_table(table, _SCHEMAS[kind], source=path)
+
+
+def write_cache_file(cache_dir: str, kind: str, rows: list[dict[str, Any]]) -> str:
+    """Write `rows` as one new cache file, atomically (temporary name, then rename)."""
+    table = validate_table(pa.Table.from_pylist(rows, schema=_SCHEMAS[kind]), _SCHEMAS[kind], source=f"{kind} cache")
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    folder = posixpath.join(cache_dir, kind)
+    if not FileSystems.exists(folder):
+        FileSystems.mkdirs(folder)
+    name = uuid.uuid4().hex
+    temporary = posixpath.join(folder, f".{name}.tmp")
+    final = posixpath.join(folder, f"{name}.parquet")
+    with FileSystems.create(temporary) as handle:
+        handle.write(buffer.getvalue())
+    FileSystems.rename([temporary], [final])
+    return final
+
+
+class _ReadCacheFileFn(beam.DoFn):
+    def __init__(self, kind: str):
+        self._kind = kind
+
+    def process(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for row in read_cache_file(path, self._kind).to_pylist():
+            yield row["key"], row
+
+
+class ReadCache(beam.PTransform):
+    """Root transform: every cache entry of `kind` as (key, row). Files are listed once, at construction."""
+
+    def __init__(self, cache_dir: str | None, kind: str):
+        super().__init__()
+        self._files = cache_files(cache_dir, kind) if cache_dir else []
+        self._kind = kind
+
+    def expand(self, pipeline):
+        return (
+            pipeline
+            | "ListFiles" >> beam.Create(self._files)
+            # Spread files over workers before reading them.
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadCacheFileFn(self._kind))
+        )
+
+
+class CacheWriter:
+    """Buffers new entries inside a DoFn and flushes them to a new cache file every `flush_every` rows.
+
+    Small flushes cost a few more files but bound what a kill can lose to `flush_every` calls.
+    """
+
+    def __init__(self, cache_dir: str | None, kind: str, flush_every: int = 16):
+        self._cache_dir = cache_dir
+        self._kind = kind
+        self._flush_every = flush_every
+        self._pending: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        if self._cache_dir is None:
+            return
+        self._pending.append(row)
+        if len(self._pending) >= self._flush_every:
+            self.flush()
+
+    def add_all(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.add(row)
+
+    def flush(self) -> None:
+        if self._pending and self._cache_dir is not None:
+            write_cache_file(self._cache_dir, self._kind, self._pending)
+            self._pending = []
