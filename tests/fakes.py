@@ -97,3 +97,8 @@ class ScriptedLLM(LLM):
             return super().score(messages, continuations)
         self.stats.record()
         return [self._logprobs(messages, continuation) for continuation in continuations]
+
+
+def keyword_embedder() -> KeywordEmbedder:
+    """Factory for `EmbedderSpec(backend="custom", model="tests.fakes:keyword_embedder")`."""
+    return KeywordEmbedder(vocabulary=("json", "csv", "path", "date", "regex", "heap", "sort", "zip"), dimension=32)

@@ -1,0 +1,170 @@
+"""Stage 5, EmbedTeacher: teacher embeddings for every query and passage, through the content-addressed cache.
+
+Input: PCollection of text items `{"id": str, "text": str, "task_type": TaskType value}` (queries as RETRIEVAL_QUERY,
+passages as RETRIEVAL_DOCUMENT). Output: `{"kept": {"id", "task_type", "embedding": list[float]}, "rejected": ...}`,
+exactly one output per input item. Rejects: `embedding_failed` (the backend failed after its retries; never cached).
+
+The cache key is sha256 over model id, model version, task type, requested dimension and the text's sha256, so the same
+text embedded for another task type or dimension is a different entry. Identical texts in one run are embedded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+
+from pipelines.cache import EMBEDDING_CACHE, CacheWriter, ReadCache
+from pipelines.clients.base import Embedder, TaskType
+from pipelines.clients.factory import EmbedderSpec, build_embedder, embedder_identity
+from pipelines.stages import StageCounters, rejected_row
+
+STAGE = "embed_teacher"
+
+
+@dataclass(frozen=True)
+class EmbedTeacherConfig:
+    #: Matryoshka dimension of the stored teacher vectors; None keeps the model's full dimension.
+    dimension: int | None = None
+    #: Texts per backend call; the local embedder batches on its own device, Gemini sends one request per text.
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dimension is not None and self.dimension < 1:
+            raise ValueError(f"dimension must be >= 1 or unset, got {self.dimension}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def embedding_cache_key(model_id: str, model_version: str, task_type: str, dimension: int | None, text: str) -> str:
+    material = [model_id, model_version, task_type, dimension or 0, text_sha256(text)]
+    return hashlib.sha256(json.dumps(material).encode()).hexdigest()
+
+
+def cache_entry(key: str, model_id: str, model_version: str, task_type: str, text: str, vector) -> dict[str, Any]:
+    return {
+        "key": key,
+        "model_id": model_id,
+        "model_version": model_version,
+        "task_type": task_type,
+        "dimension": len(vector),
+        "text_sha256": text_sha256(text),
+        "embedding": [float(x) for x in vector],
+    }
+
+
+class _SplitHitsFn(beam.DoFn):
+    MISSES = "misses"
+
+    def process(self, element):
+        key, grouped = element
+        items = list(grouped["items"])
+        if not items:
+            return
+        cached = list(grouped["cached"])
+        if cached:
+            for item in items:
+                yield {"id": item["id"], "task_type": item["task_type"], "embedding": cached[0]["embedding"]}
+        else:
+            yield beam.pvalue.TaggedOutput(self.MISSES, (key, items))
+
+
+class _EmbedMissesFn(beam.DoFn):
+    """Embeds a batch of missed texts (one task type per backend call) and caches the vectors."""
+
+    def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig, cache_dir: str | None):
+        self._spec = spec
+        self._config = config
+        self._cache_dir = cache_dir
+        self._embedder: Embedder | None = None
+        self._writer: CacheWriter | None = None
+        self._counters = StageCounters(STAGE)
+        self._calls = beam.metrics.Metrics.counter(f"embforge.{STAGE}", "texts_embedded")
+
+    def setup(self) -> None:
+        self._embedder = build_embedder(self._spec)
+        self._model_id, self._model_version = embedder_identity(self._spec)
+        self._writer = CacheWriter(self._cache_dir, EMBEDDING_CACHE, flush_every=1024)
+
+    def process(self, batch: list[tuple[str, list[dict[str, Any]]]]) -> Iterator[Any]:
+        assert self._embedder is not None and self._writer is not None
+        by_task: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+        for key, items in batch:
+            by_task.setdefault(items[0]["task_type"], []).append((key, items))
+        for task_type, groups in by_task.items():
+            texts = [items[0]["text"] for _, items in groups]
+            try:
+                vectors = self._embedder.embed(texts, TaskType(task_type), self._config.dimension)
+            except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
+                for _, items in groups:
+                    for item in items:
+                        self._counters.reject("embedding_failed")
+                        yield beam.pvalue.TaggedOutput(
+                            "rejected",
+                            rejected_row(STAGE, "embedding_failed", item, record_id=item["id"],
+                                         detail=f"{type(error).__name__}: {error}"),
+                        )
+                continue
+            self._calls.inc(len(texts))
+            for (key, items), vector in zip(groups, vectors, strict=True):
+                self._writer.add(cache_entry(key, self._model_id, self._model_version, task_type, items[0]["text"],
+                                             vector))
+                embedding = [float(x) for x in vector]
+                for item in items:
+                    yield {"id": item["id"], "task_type": task_type, "embedding": embedding}
+
+    def finish_bundle(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def teardown(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+        if self._embedder is not None:
+            self._embedder.close()
+
+
+class EmbedTeacher(beam.PTransform):
+    """Text items -> {"kept": embeddings, "rejected": failures, "texts_embedded": count of backend texts}."""
+
+    def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig = EmbedTeacherConfig(),
+                 cache_dir: str | None = None):
+        super().__init__()
+        self._spec = spec
+        self._config = config
+        self._cache_dir = cache_dir
+        self._identity = embedder_identity(spec)
+
+    def expand(self, items):
+        model_id, model_version = self._identity
+        dimension = self._config.dimension
+        keyed = items | "Key" >> beam.Map(
+            lambda item: (embedding_cache_key(model_id, model_version, item["task_type"], dimension, item["text"]),
+                          item)
+        )
+        cached = items.pipeline | "ReadEmbeddingCache" >> ReadCache(self._cache_dir, EMBEDDING_CACHE)
+        split = (
+            {"items": keyed, "cached": cached}
+            | "Join" >> beam.CoGroupByKey()
+            | "Split" >> beam.ParDo(_SplitHitsFn()).with_outputs(_SplitHitsFn.MISSES, main="hits")
+        )
+        embedded = (
+            split[_SplitHitsFn.MISSES]
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._config.batch_size)
+            | "Embed" >> beam.ParDo(_EmbedMissesFn(self._spec, self._config, self._cache_dir)).with_outputs(
+                "rejected", main="kept")
+        )
+        misses_called = split[_SplitHitsFn.MISSES] | "CountMisses" >> beam.combiners.Count.Globally()
+        return {
+            "kept": (split["hits"], embedded["kept"]) | "Embeddings" >> beam.Flatten(),
+            "rejected": embedded["rejected"],
+            "texts_embedded": misses_called,
+        }
