@@ -1,0 +1,151 @@
+"""Stage 4, GradeRelevance: drop noisy generated pairs with two combinable graders.
+
+Input: PAIR rows, plus (when the round-trip grader is on) the teacher's rank of each pair's positive for its query.
+Output: `{"kept": GRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer}`; every input pair ends in exactly
+one of kept / rejected, and a rejected pair keeps the scores and reasons that rejected it.
+
+- LLM grading: the `relevance_grading` prompt returns a reason and a 0-3 grade; pairs below `llm_min_relevance` go.
+  Measured here: the tiny local LLM's judgments are at chance, so offline runs default to round-trip only.
+- Round-trip consistency (Promptagator): the positive must rank in the teacher's top `roundtrip_top_k` for its own
+  query; the ranks come from the same exact faiss search the mining stage uses (`ranks` input).
+
+Rejects: `llm_grading_failed` (raw answer kept), `llm_irrelevant`, `roundtrip_failed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+
+from pipelines.clients.base import GenerationConfig
+from pipelines.clients.factory import LLMSpec
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
+from pipelines.stages import StageCounters, rejected_row
+from prompts import get_prompt
+
+STAGE = "grade_relevance"
+PROMPT_NAME = "relevance_grading"
+
+
+@dataclass(frozen=True)
+class GradeRelevanceConfig:
+    use_llm: bool = False
+    use_roundtrip: bool = True
+    #: 2 = "partially answers" on the prompt's 0-3 rubric: keeps pairs whose passage does answer the query.
+    llm_min_relevance: int = 2
+    #: Promptagator keeps a pair when its passage is the teacher's top hit; a small k tolerates near-duplicate passages.
+    roundtrip_top_k: int = 3
+    max_output_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.llm_min_relevance <= 3:
+            raise ValueError(f"llm_min_relevance must be in 0..3, got {self.llm_min_relevance}")
+        if self.roundtrip_top_k < 1:
+            raise ValueError(f"roundtrip_top_k must be >= 1, got {self.roundtrip_top_k}")
+
+
+def build_request(pair: dict[str, Any], config: GradeRelevanceConfig) -> LLMRequest:
+    prompt = get_prompt(PROMPT_NAME)
+    return LLMRequest(
+        request_id=f"{pair['pair_id']}/grade",
+        prompt_name=prompt.name,
+        prompt_version=prompt.version,
+        messages=prompt.render(query=pair["query"], passage=pair["passage"]),
+        output_model=prompt.output_model,
+        config=GenerationConfig(temperature=0.0, max_output_tokens=config.max_output_tokens),
+        context=pair["pair_id"],
+    )
+
+
+def grade_pair(
+    pair: dict[str, Any], answer: LLMAnswer | None, rank: int | None, config: GradeRelevanceConfig
+) -> tuple[str, dict[str, Any]]:
+    """("kept", GRADED_PAIR row) or ("rejected", REJECTED row) for one pair and the evidence about it.
+
+    `rank` is the 1-based rank of the positive in the teacher's search for the query (None: not in the searched top).
+    """
+    graded = {**pair, "llm_relevance": None, "llm_reason": None, "roundtrip_rank": None}
+    if config.use_llm:
+        if answer is None or not answer.ok or answer.value is None:
+            return "rejected", rejected_row(
+                STAGE, "llm_grading_failed", graded, record_id=pair["pair_id"],
+                raw_answer=answer.raw if answer else None, detail=answer.error if answer else "no grading answer")
+        graded["llm_relevance"] = float(answer.value["relevance"])
+        graded["llm_reason"] = answer.value["reason"]
+        if answer.value["relevance"] < config.llm_min_relevance:
+            return "rejected", rejected_row(
+                STAGE, "llm_irrelevant", graded, record_id=pair["pair_id"], raw_answer=answer.raw,
+                detail=f"graded {answer.value['relevance']} < {config.llm_min_relevance}: {answer.value['reason']}")
+    if config.use_roundtrip:
+        graded["roundtrip_rank"] = rank
+        if rank is None or rank > config.roundtrip_top_k:
+            where = "outside the searched candidates" if rank is None else f"rank {rank}"
+            return "rejected", rejected_row(
+                STAGE, "roundtrip_failed", graded, record_id=pair["pair_id"],
+                detail=f"the teacher puts the positive at {where} for its query (needs top {config.roundtrip_top_k})")
+    return "kept", graded
+
+
+class _GradeFn(beam.DoFn):
+    def __init__(self, config: GradeRelevanceConfig):
+        self._config = config
+        self._counters = StageCounters(STAGE)
+
+    def process(self, element) -> Iterator[Any]:
+        pair_id, grouped = element
+        pairs = list(grouped["pairs"])
+        if not pairs:
+            return  # evidence for a pair this stage was not given
+        answers = list(grouped["answers"])
+        ranks = list(grouped["ranks"])
+        self._counters.input.inc()
+        outcome, row = grade_pair(pairs[0], answers[0] if answers else None, ranks[0] if ranks else None, self._config)
+        if outcome == "kept":
+            self._counters.kept.inc()
+            yield row
+        else:
+            self._counters.reject(row["reason"])
+            yield beam.pvalue.TaggedOutput("rejected", row)
+
+
+class GradeRelevance(beam.PTransform):
+    """{"pairs": PAIR rows, "ranks": (pair_id, rank | None)} -> kept / rejected / answers."""
+
+    def __init__(self, config: GradeRelevanceConfig, llm: LLMSpec | None = None, cache_dir: str | None = None,
+                 max_calls: int | None = None):
+        super().__init__()
+        if config.use_llm and llm is None:
+            raise ValueError("GradeRelevance: use_llm needs an LLM spec")
+        self._config = config
+        self._llm = llm
+        self._cache_dir = cache_dir
+        self._max_calls = max_calls
+
+    def expand(self, inputs):
+        pairs = inputs["pairs"]
+        pipeline = pairs.pipeline
+        if self._config.use_llm:
+            assert self._llm is not None
+            answers = (
+                pairs
+                | "Requests" >> beam.Map(build_request, self._config)
+                | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._max_calls)
+            )
+        else:
+            answers = pipeline | "NoAnswers" >> beam.Create([])
+        ranks = inputs.get("ranks") if self._config.use_roundtrip else None
+        if ranks is None:
+            ranks = pipeline | "NoRanks" >> beam.Create([])
+        graded = (
+            {
+                "pairs": pairs | "KeyPairs" >> beam.Map(lambda pair: (pair["pair_id"], pair)),
+                "answers": answers | "KeyAnswers" >> beam.Map(lambda answer: (answer.request.context, answer)),
+                "ranks": ranks,
+            }
+            | "Join" >> beam.CoGroupByKey()
+            | "Grade" >> beam.ParDo(_GradeFn(self._config)).with_outputs("rejected", main="kept")
+        )
+        return {"kept": graded["kept"], "rejected": graded["rejected"], "answers": answers}
