@@ -25,12 +25,16 @@ STAGE_COUNTS = pa.struct([
     pa.field("reasons", pa.map_(pa.string(), _COUNT), nullable=False),
     # Rows a stage adds beyond one per input (several queries per passage): kept may exceed input by this much.
     pa.field("expanded", _COUNT, nullable=False),
+    # Inputs deliberately left out, not rejected: passages outside the configured sample.
+    pa.field("skipped", _COUNT, nullable=False),
 ])
 
 LLM_USAGE = pa.struct([
     pa.field("stage", pa.string(), nullable=False),
     pa.field("calls", _COUNT, nullable=False),
     pa.field("cache_hits", _COUNT, nullable=False),
+    # Requests not sent because the run's budget (max_llm_calls / max_cost_usd) was spent.
+    pa.field("skipped_by_budget", _COUNT, nullable=False),
     pa.field("input_tokens", _COUNT, nullable=False),
     pa.field("output_tokens", _COUNT, nullable=False),
     pa.field("estimated_cost_usd", pa.float64(), nullable=False),
@@ -59,8 +63,8 @@ FREE_FORM_KEYS = ("config",)
 
 
 def stage_balances(stage: Mapping[str, Any]) -> bool:
-    """input = kept + rejected, where a stage that fans out (several queries per passage) reports the extra rows."""
-    return stage["input"] + stage["expanded"] == stage["kept"] + stage["rejected"]
+    """input + expanded = kept + rejected + skipped: every row a stage received (or fanned out to) is accounted for."""
+    return stage["input"] + stage["expanded"] == stage["kept"] + stage["rejected"] + stage["skipped"]
 
 
 def validate_manifest(document: Mapping[str, Any], *, source: str = "manifest.json") -> None:

@@ -60,7 +60,9 @@ class LLMAnswer:
     raw: str
     error: str | None
     usage: Usage
-    cached: bool = False
+    #: Where the answer came from: "backend" (a paid call), "cache" (an earlier run), "duplicate" (an identical
+    #: request of this run was called), "budget" (not called: the run's call budget was spent).
+    source: Literal["backend", "cache", "duplicate", "budget"] = "backend"
 
 
 def call_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
@@ -92,12 +94,12 @@ def _cache_entry(key: str, answer: LLMAnswer, model_id: str, model_version: str)
 def answers_from_cache(requests: list[LLMRequest], entry: dict[str, Any]) -> list[LLMAnswer]:
     value = json.loads(entry["response_json"])
     usage = Usage(entry["input_tokens"], entry["output_tokens"])
-    return [LLMAnswer(request, True, value, entry["raw_answer"], None, usage, cached=True) for request in requests]
+    return [LLMAnswer(request, True, value, entry["raw_answer"], None, usage, source="cache") for request in requests]
 
 
 def answers_for_group(first: LLMAnswer, requests: list[LLMRequest]) -> list[LLMAnswer]:
     """One call serves every identical request of the run; only the first answer counts as a call."""
-    rest = [replace(first, request=request, cached=True) for request in requests[1:]]
+    rest = [replace(first, request=request, source="duplicate") for request in requests[1:]]
     return [first, *rest]
 
 
@@ -120,7 +122,7 @@ class _SplitHitsFn(beam.DoFn):
 
 def _budget_refusal(requests: list[LLMRequest]) -> list[LLMAnswer]:
     reason = "skipped: the run's LLM call budget (max_llm_calls) is spent"
-    return [LLMAnswer(request, False, None, "", reason, Usage(), cached=True) for request in requests]
+    return [LLMAnswer(request, False, None, "", reason, Usage(), source="budget") for request in requests]
 
 
 class _CallMissesFn(beam.DoFn):

@@ -133,7 +133,7 @@ class _EmbedMissesFn(beam.DoFn):
 
 
 class EmbedTeacher(beam.PTransform):
-    """Text items -> {"kept": embeddings, "rejected": failures, "texts_embedded": count of backend texts}."""
+    """Text items -> {"kept": embeddings, "rejected": failures, "texts_embedded": count, "cache_hits": count}."""
 
     def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig = EmbedTeacherConfig(),
                  cache_dir: str | None = None):
@@ -162,9 +162,10 @@ class EmbedTeacher(beam.PTransform):
             | "Embed" >> beam.ParDo(_EmbedMissesFn(self._spec, self._config, self._cache_dir)).with_outputs(
                 "rejected", main="kept")
         )
-        misses_called = split[_SplitHitsFn.MISSES] | "CountMisses" >> beam.combiners.Count.Globally()
         return {
             "kept": (split["hits"], embedded["kept"]) | "Embeddings" >> beam.Flatten(),
             "rejected": embedded["rejected"],
-            "texts_embedded": misses_called,
+            # Distinct texts sent to the backend, and items answered from the cache.
+            "texts_embedded": split[_SplitHitsFn.MISSES] | "CountMisses" >> beam.combiners.Count.Globally(),
+            "cache_hits": split["hits"] | "CountHits" >> beam.combiners.Count.Globally(),
         }
