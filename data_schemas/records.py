@@ -51,7 +51,8 @@ CLASSIFICATION_EXAMPLE = versioned("classification_example", 1, [
     pa.field("label_description", pa.string(), nullable=False),
     # The other labels of the task: the negatives when training text -> label description.
     pa.field("negative_labels", pa.list_(pa.string()), nullable=False),
-    # "seed" (given), "generated" (new example for a label) or "counterfactual" (minimal edit that flips a seed's label).
+    # "seed" (given), "generated" (a new example for a label) or "counterfactual" (a seed minimally edited
+    # to flip its label).
     pa.field("origin", pa.string(), nullable=False),
     pa.field("counterfactual_of", pa.string()),
     pa.field("original_label", pa.string()),

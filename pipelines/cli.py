@@ -25,7 +25,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="run directory (local or gs://); overrides generate.output")
-    parser.add_argument("--corpus", help="corpus path or glob, or builtin:python-stdlib; overrides generate.corpus.path")
+    parser.add_argument("--corpus",
+                        help="corpus path or glob, or builtin:python-stdlib; overrides generate.corpus.path")
     parser.add_argument("--llm", choices=("local", "gemini"), help="LLM backend; overrides generate.llm.backend")
     parser.add_argument("--teacher", choices=("local", "gemini"),
                         help="teacher embedding backend; overrides generate.teacher.backend")
