@@ -1,0 +1,148 @@
+"""Stage 7, WriteShards: zstd Parquet shards per record kind, then `manifest.json`.
+
+Input: a dict record kind -> PCollection of rows (`triplets`, `pairs`, `classification`, `rejected`, ...), each row
+validated against its `data_schemas` schema on the way out (a stage emitting a malformed row is a bug: the run fails
+and names the kind, row and column). Tallies (`(key, count)` pairs from every stage) become the manifest's counts.
+
+Layout: `<output>/<kind>/part-SSSSS-of-NNNNN.parquet` and `<output>/manifest.json`. Shards of an earlier run in the same
+output folder are removed when the pipeline is built, so a re-run (after a kill, say) never leaves duplicates beside
+new shards. A shard may be empty (Beam's sharding can leave one); readers accept that.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from data_schemas import SCHEMAS, stage_balances, validate_manifest, validate_rows
+
+MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "part"
+
+
+def clear_previous_output(output: str, kinds: Iterable[str]) -> list[str]:
+    """Delete shards and the manifest an earlier run left in `output`; returns what was deleted."""
+    patterns = [posixpath.join(output, kind, f"{SHARD_PREFIX}-*.parquet") for kind in kinds]
+    patterns.append(posixpath.join(output, MANIFEST_NAME))
+    stale = [meta.path for result in FileSystems.match(patterns) for meta in result.metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+    return stale
+
+
+class _ValidateFn(beam.DoFn):
+    def __init__(self, kind: str):
+        self._kind = kind
+        self._schema = SCHEMAS[kind]
+        self._index = 0
+
+    def process(self, row: Mapping[str, Any]):
+        validate_rows([row], self._schema, source=f"{self._kind} output (row {self._index} of this worker)")
+        self._index += 1
+        yield row
+
+
+def assemble_manifest(tallies: Mapping[tuple[str, ...], int], static: Mapping[str, Any],
+                      stage_order: Iterable[str]) -> dict[str, Any]:
+    """Build the manifest from summed tallies.
+
+    Tally keys: ("stage", stage, field) for input/kept/expanded/skipped; ("reason", stage, reason) for rejections;
+    ("llm", stage, field) for calls/cache_hits/skipped_by_budget/input_tokens/output_tokens; ("cost", stage) in
+    micro-USD; ("cache", name); ("outputs", kind); ("mining", name).
+    """
+    stages = []
+    for stage in stage_order:
+        reasons = {key[2]: count for key, count in tallies.items() if key[0] == "reason" and key[1] == stage}
+        counts = {field: tallies.get(("stage", stage, field), 0) for field in ("input", "kept", "expanded", "skipped")}
+        stages.append(
+            {"stage": stage, **counts, "rejected": sum(reasons.values()), "reasons": dict(sorted(reasons.items()))}
+        )
+    llm_stages = sorted({key[1] for key in tallies if key[0] == "llm"})
+    llm_usage = [
+        {
+            "stage": stage,
+            **{field: tallies.get(("llm", stage, field), 0)
+               for field in ("calls", "cache_hits", "skipped_by_budget", "input_tokens", "output_tokens")},
+            "estimated_cost_usd": tallies.get(("cost", stage), 0) / 1e6,
+        }
+        for stage in llm_stages
+    ]
+    manifest = {
+        **static,
+        "stages": stages,
+        "cache": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "cache"},
+        "llm_usage": llm_usage,
+        "outputs": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "outputs"},
+        "mining": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "mining"},
+        "balanced": all(stage_balances(stage) for stage in stages),
+    }
+    validate_manifest(manifest)
+    return manifest
+
+
+class _WriteManifestFn(beam.DoFn):
+    def __init__(self, output: str, static: Mapping[str, Any], stage_order: tuple[str, ...]):
+        self._output = output
+        self._static = dict(static)
+        self._stage_order = stage_order
+
+    def process(self, _, tallies, written_files):
+        summed: dict[tuple[str, ...], int] = {}
+        for key, count in tallies:
+            summed[key] = summed.get(key, 0) + count
+        manifest = assemble_manifest(summed, self._static, self._stage_order)
+        manifest["files"] = sorted(posixpath.relpath(path, self._output) for path in written_files)
+        path = posixpath.join(self._output, MANIFEST_NAME)
+        with FileSystems.create(path) as handle:
+            handle.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))
+        yield path
+
+
+class WriteShards(beam.PTransform):
+    """{kind: rows} + tallies -> shards and manifest.json; outputs the manifest path."""
+
+    def __init__(self, output: str, static_manifest: Mapping[str, Any], stage_order: tuple[str, ...],
+                 num_shards: int = 0):
+        super().__init__()
+        self._output = output
+        self._static = static_manifest
+        self._stage_order = stage_order
+        self._num_shards = num_shards
+
+    def expand(self, inputs):
+        rows_by_kind: dict[str, Any] = inputs["rows"]
+        tallies = [inputs["tallies"]]
+        written = []
+        for kind, rows in sorted(rows_by_kind.items()):
+            checked = rows | f"Validate{kind}" >> beam.ParDo(_ValidateFn(kind))
+            tallies.append(
+                checked
+                | f"Count{kind}" >> beam.combiners.Count.Globally()
+                | f"Tally{kind}" >> beam.Map(lambda count, kind=kind: (("outputs", kind), count))
+            )
+            written.append(
+                checked
+                | f"Write{kind}" >> beam.io.WriteToParquet(
+                    posixpath.join(self._output, kind, SHARD_PREFIX),
+                    SCHEMAS[kind],
+                    codec="zstd",
+                    file_name_suffix=".parquet",
+                    num_shards=self._num_shards,
+                )
+            )
+        all_tallies = tuple(tallies) | "AllTallies" >> beam.Flatten()
+        written_files = tuple(written) | "WrittenFiles" >> beam.Flatten()
+        return (
+            inputs["tallies"].pipeline
+            | "ManifestTrigger" >> beam.Create([None])
+            | "WriteManifest" >> beam.ParDo(
+                _WriteManifestFn(self._output, self._static, self._stage_order),
+                beam.pvalue.AsList(all_tallies),
+                beam.pvalue.AsList(written_files),
+            )
+        )
