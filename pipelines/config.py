@@ -1,0 +1,156 @@
+"""The run configuration: one frozen dataclass per section, composed from each stage's own config.
+
+The offline default (`pipelines/defaults.toml`, used when no file is given) needs no API key and no network: local LLM,
+local teacher, the built-in Python-stdlib corpus. A user file is layered over those defaults, then `--set` overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any, Literal
+
+from embedder.config import TrainConfig
+from pipelines.clients.factory import EmbedderSpec, LLMSpec
+from pipelines.config_loading import ConfigError, apply_overrides, build_config, read_config_file
+from pipelines.stages.embed_teacher import EmbedTeacherConfig
+from pipelines.stages.generate_counterfactuals import GenerateCounterfactualsConfig
+from pipelines.stages.generate_queries import GenerateQueriesConfig
+from pipelines.stages.grade_relevance import GradeRelevanceConfig
+from pipelines.stages.mine_negatives import MineNegativesConfig
+from pipelines.stages.read_corpus import ReadCorpusConfig
+
+GEMINI_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    runner: str = "DirectRunner"
+    #: DirectRunner modes; multi_processing is the check that every stage pickles as Dataflow requires.
+    direct_running_mode: Literal["in_memory", "multi_threading", "multi_processing"] = "in_memory"
+    direct_num_workers: int = 1
+    #: Extra Beam pipeline options, e.g. ["--project=P", "--region=R", "--temp_location=gs://b/tmp"].
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.direct_num_workers < 1:
+            raise ValueError(f"direct_num_workers must be >= 1, got {self.direct_num_workers}")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    #: Stop sending new LLM requests after this many calls over the whole run (cache hits are free).
+    max_llm_calls: int | None = None
+    #: Stop sending new LLM requests once their estimated cost reaches this many US dollars.
+    max_cost_usd: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_llm_calls is not None and self.max_llm_calls < 0:
+            raise ValueError(f"max_llm_calls must be >= 0, got {self.max_llm_calls}")
+        if self.max_cost_usd is not None and self.max_cost_usd < 0:
+            raise ValueError(f"max_cost_usd must be >= 0, got {self.max_cost_usd}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    output: str = "runs/offline"
+    #: Content-addressed cache of LLM answers and teacher embeddings; local path or gs://.
+    cache_dir: str = ".embforge-cache"
+    corpus: ReadCorpusConfig = field(default_factory=ReadCorpusConfig)
+    llm: LLMSpec = field(default_factory=LLMSpec)
+    teacher: EmbedderSpec = field(default_factory=EmbedderSpec)
+    embed: EmbedTeacherConfig = field(default_factory=EmbedTeacherConfig)
+    queries: GenerateQueriesConfig = field(default_factory=GenerateQueriesConfig)
+    grading: GradeRelevanceConfig = field(default_factory=GradeRelevanceConfig)
+    mining: MineNegativesConfig = field(default_factory=MineNegativesConfig)
+    #: Classification data from a task spec; off unless a spec is given.
+    counterfactuals: GenerateCounterfactualsConfig | None = None
+    beam: BeamConfig = field(default_factory=BeamConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    #: Run directory with the shards to train on; `embforge run` fills it with generate.output.
+    data: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    #: name -> model (Hub id, path or packaged:<name>); `embforge run` adds the base student and the trained one.
+    models: dict[str, str] = field(default_factory=dict)
+    #: BEIR-format folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) to evaluate retrieval on.
+    retrieval: tuple[str, ...] = ()
+    retrieval_split: str = "test"
+    #: Classification sets as "train_path,test_path" (CSV or JSONL with text and label columns).
+    classification: tuple[str, ...] = ()
+    text_field: str = "text"
+    label_field: str = "label"
+    dims: tuple[int, ...] = (384, 256, 128, 64)
+    int8: bool = True
+    output: str = "runs/offline/report"
+
+    def __post_init__(self) -> None:
+        if list(self.dims) != sorted(self.dims, reverse=True) or len(set(self.dims)) != len(self.dims):
+            raise ValueError(f"dims must be strictly descending, got {list(self.dims)}")
+        if any(dim < 1 for dim in self.dims):
+            raise ValueError(f"dims must be positive, got {list(self.dims)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def train_config(self) -> TrainConfig:
+        try:
+            return TrainConfig.from_dict(self.train.settings)
+        except ValueError as error:
+            raise ConfigError(f"train.settings: {error}") from error
+
+
+def default_config_data() -> dict[str, Any]:
+    return read_config_file(str(resources.files("pipelines") / "defaults.toml"))
+
+
+def _merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def check_environment(config: RunConfig) -> None:
+    """Problems only the environment reveals, reported before any work starts."""
+    uses_gemini = config.generate.llm.backend == "gemini" or config.generate.teacher.backend == "gemini"
+    if uses_gemini and not any(os.environ.get(name) for name in GEMINI_KEY_VARIABLES):
+        raise ConfigError(f"the gemini backend needs an API key in {' or '.join(GEMINI_KEY_VARIABLES)}")
+
+
+def load_run_config(path: str | None, overrides: list[str], beam_args: list[str] | None = None) -> RunConfig:
+    """Defaults, then the file, then overrides; every problem is one ConfigError naming the file and key."""
+    data = default_config_data()
+    source = "defaults"
+    if path:
+        data = _merge(data, read_config_file(path))
+        source = path
+    data = apply_overrides(data, overrides)
+    try:
+        config = build_config(RunConfig, data, where="")
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from error
+    if beam_args:
+        generate = config.generate
+        config = replace(config, generate=replace(
+            generate, beam=replace(generate.beam, options=generate.beam.options + tuple(beam_args))))
+    try:
+        check_environment(config)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from error
+    return config
