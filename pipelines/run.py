@@ -1,0 +1,305 @@
+"""Compose the stages into the generation pipeline, run it, and chain generate -> train -> evaluate.
+
+Every stage's kept and rejected rows are counted into tallies that `WriteShards` turns into the manifest; the run ends
+by checking that every stage balances (input + expanded = kept + rejected + skipped) and fails loudly if one does not.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import logging
+import posixpath
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from data_schemas import load_manifest
+from pipelines.clients.base import TaskType
+from pipelines.clients.factory import embedder_identity, llm_identity
+from pipelines.config import GenerateConfig, RunConfig
+from pipelines.config_loading import config_to_dict
+from pipelines.llm_calls import LLMAnswer
+from pipelines.pricing import estimated_cost_micro_usd
+from pipelines.stages.embed_teacher import EmbedTeacher
+from pipelines.stages.generate_counterfactuals import GenerateCounterfactuals
+from pipelines.stages.generate_queries import GenerateQueries
+from pipelines.stages.grade_relevance import GradeRelevance
+from pipelines.stages.mine_negatives import MineNegatives, ShardedTopK
+from pipelines.stages.read_corpus import ReadCorpus
+from pipelines.stages.write_shards import MANIFEST_NAME, WriteShards, clear_previous_output
+from prompts import prompt_versions
+
+LOGGER = logging.getLogger(__name__)
+
+STAGE_ORDER = ("read_corpus", "generate_queries", "embed_teacher", "grade_relevance", "mine_negatives",
+               "generate_counterfactuals")
+OUTPUT_KINDS = ("triplets", "pairs", "classification", "rejected")
+_VERSIONED_PACKAGES = ("apache-beam", "google-genai", "faiss-cpu", "pyarrow", "datasets", "torch", "transformers",
+                       "sentence-transformers", "pydantic")
+
+
+class GenerationFailed(RuntimeError):
+    """The pipeline ran but its accounting does not balance: some rows went missing."""
+
+
+def _count(pcoll, label: str, key: tuple[str, ...]):
+    return (
+        pcoll
+        | f"Count{label}" >> beam.combiners.Count.Globally()
+        | f"Tally{label}" >> beam.Map(lambda count: (key, count))
+    )
+
+
+def _answer_tallies(answer: LLMAnswer, stage: str, model: str):
+    yield ("llm", stage, "calls"), int(answer.source == "backend")
+    yield ("llm", stage, "cache_hits"), int(answer.source == "cache")
+    yield ("llm", stage, "skipped_by_budget"), int(answer.source == "budget")
+    if answer.source == "backend":
+        yield ("llm", stage, "input_tokens"), answer.usage.input_tokens
+        yield ("llm", stage, "output_tokens"), answer.usage.output_tokens
+        yield ("cost", stage), estimated_cost_micro_usd(model, answer.usage)
+        yield ("cache", "llm_calls"), 1
+    elif answer.source == "cache":
+        yield ("cache", "llm_hits"), 1
+
+
+def _attach_embeddings(element, stage: str):
+    """Join a graded pair with its query and positive teacher embeddings; a pair missing one is rejected."""
+    from pipelines.stages import rejected_row
+
+    _, grouped = element
+    embeddings = {item["task_type"]: item["embedding"] for item in grouped["embeddings"]}
+    for pair in grouped["pairs"]:
+        query_embedding = embeddings.get(TaskType.RETRIEVAL_QUERY.value)
+        if query_embedding is None:
+            yield beam.pvalue.TaggedOutput("rejected", rejected_row(
+                stage, "missing_embedding", pair, record_id=pair["pair_id"],
+                detail="the teacher embedding of this query failed (see embed_teacher rejections)"))
+            continue
+        yield {**pair, "query_embedding": query_embedding}
+
+
+def static_manifest(config: GenerateConfig) -> dict[str, Any]:
+    versions = {}
+    for package in _VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    llm_id, llm_version = llm_identity(config.llm)
+    teacher_id, teacher_version = embedder_identity(config.teacher)
+    budget = {key: float(value) for key, value in config_to_dict(config.budget).items() if value is not None}
+    return {
+        "run_id": uuid.uuid4().hex,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "embforge_version": importlib.metadata.version("embforge"),
+        "package_versions": versions,
+        "models": {"llm": f"{llm_id}@{llm_version}", "teacher": f"{teacher_id}@{teacher_version}"},
+        "prompt_versions": prompt_versions(),
+        "budget": budget,
+        "config": config_to_dict(config),
+    }
+
+
+def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> None:
+    """Add every generation stage, the shard writers and the manifest writer to `pipeline`."""
+    cache_dir = config.cache_dir or None
+    max_calls = config.budget.max_llm_calls
+    llm_model = config.llm.model_name
+    tallies = []
+    rejected = []
+
+    corpus = pipeline | "ReadCorpus" >> ReadCorpus(config.corpus)
+    passages = corpus["kept"]
+    rejected.append(corpus["rejected"])
+    tallies += [
+        _count(passages, "CorpusKept", ("stage", "read_corpus", "kept")),
+        _count(corpus["rows_read"], "CorpusRead", ("stage", "read_corpus", "input")),
+        _count(corpus["sampled_out"], "CorpusSampledOut", ("stage", "read_corpus", "skipped")),
+    ]
+
+    queries = passages | "GenerateQueries" >> GenerateQueries(config.queries, config.llm, cache_dir, max_calls)
+    pairs = queries["kept"]
+    rejected.append(queries["rejected"])
+    fan_out = config.queries.queries_per_passage - 1
+    tallies += [
+        _count(passages, "QueriesInput", ("stage", "generate_queries", "input")),
+        passages
+        | "QueriesFanOut" >> beam.combiners.Count.Globally()
+        | "TallyFanOut" >> beam.Map(lambda count: (("stage", "generate_queries", "expanded"), count * fan_out)),
+        _count(pairs, "QueriesKept", ("stage", "generate_queries", "kept")),
+        queries["answers"] | "QueryUsage" >> beam.FlatMap(_answer_tallies, "generate_queries", llm_model),
+    ]
+
+    texts = (
+        passages | "PassageTexts" >> beam.Map(
+            lambda row: {"id": row["passage_id"], "text": row["text"], "task_type": TaskType.RETRIEVAL_DOCUMENT.value}),
+        pairs | "QueryTexts" >> beam.Map(
+            lambda row: {"id": row["pair_id"], "text": row["query"], "task_type": TaskType.RETRIEVAL_QUERY.value}),
+    ) | "AllTexts" >> beam.Flatten()
+    embedded = texts | "EmbedTeacher" >> EmbedTeacher(config.teacher, config.embed, cache_dir)
+    rejected.append(embedded["rejected"])
+    tallies += [
+        _count(texts, "EmbedInput", ("stage", "embed_teacher", "input")),
+        _count(embedded["kept"], "EmbedKept", ("stage", "embed_teacher", "kept")),
+        embedded["texts_embedded"] | "TallyEmbedded" >> beam.Map(lambda n: (("cache", "embeddings_computed"), n)),
+        embedded["cache_hits"] | "TallyEmbedHits" >> beam.Map(lambda n: (("cache", "embedding_hits"), n)),
+    ]
+    vectors = embedded["kept"]
+    passage_vectors = (
+        vectors
+        | "PassageVectors" >> beam.Filter(lambda item: item["task_type"] == TaskType.RETRIEVAL_DOCUMENT.value)
+        | "KeyPassageVectors" >> beam.Map(lambda item: (item["id"], item["embedding"]))
+    )
+    query_vectors = (
+        vectors
+        | "QueryVectors" >> beam.Filter(lambda item: item["task_type"] == TaskType.RETRIEVAL_QUERY.value)
+        | "KeyQueryVectors" >> beam.Map(lambda item: (item["id"], item["embedding"]))
+    )
+
+    grading_inputs = {"pairs": pairs}
+    if config.grading.use_roundtrip:
+        hits = {"queries": query_vectors, "passages": passage_vectors} | "RoundTripSearch" >> ShardedTopK(
+            config.grading.roundtrip_top_k, config.mining.shard_size)
+        grading_inputs["ranks"] = (
+            ({"hits": hits, "pairs": pairs | "PairPositive" >> beam.Map(lambda p: (p["pair_id"], p["passage_id"]))})
+            | "JoinHits" >> beam.CoGroupByKey()
+            | "Rank" >> beam.FlatMap(_positive_rank)
+        )
+    graded = grading_inputs | "GradeRelevance" >> GradeRelevance(config.grading, config.llm, cache_dir, max_calls)
+    rejected.append(graded["rejected"])
+    tallies += [
+        _count(pairs, "GradeInput", ("stage", "grade_relevance", "input")),
+        _count(graded["kept"], "GradeKept", ("stage", "grade_relevance", "kept")),
+        graded["answers"] | "GradeUsage" >> beam.FlatMap(_answer_tallies, "grade_relevance", llm_model),
+    ]
+
+    with_embeddings = (
+        {
+            "pairs": graded["kept"] | "KeyGraded" >> beam.Map(lambda pair: (pair["pair_id"], pair)),
+            "embeddings": vectors
+            | "QueryItems" >> beam.Filter(lambda item: item["task_type"] == TaskType.RETRIEVAL_QUERY.value)
+            | "KeyQueryItems" >> beam.Map(lambda item: (item["id"], item)),
+        }
+        | "JoinQueryEmbeddings" >> beam.CoGroupByKey()
+        | "AttachEmbeddings" >> beam.FlatMap(_attach_embeddings, "mine_negatives").with_outputs(
+            "rejected", main="kept")
+    )
+    rejected.append(with_embeddings["rejected"])
+    passages_for_mining = (
+        {"passages": passages | "KeyPassages" >> beam.Map(lambda row: (row["passage_id"], row)),
+         "vectors": passage_vectors}
+        | "JoinPassageVectors" >> beam.CoGroupByKey()
+        | "PassageRows" >> beam.FlatMap(
+            lambda element: [{"passage_id": element[0], "text": passage["text"], "embedding": vector}
+                             for passage in element[1]["passages"] for vector in element[1]["vectors"][:1]])
+    )
+    teacher_model = "@".join(embedder_identity(config.teacher))
+    mined = {"queries": with_embeddings["kept"], "passages": passages_for_mining} | "MineNegatives" >> MineNegatives(
+        replace(config.mining, teacher_model=teacher_model), config.llm, cache_dir=cache_dir, max_calls=max_calls)
+    rejected.append(mined["rejected"])
+    tallies += [
+        _count(graded["kept"], "MineInput", ("stage", "mine_negatives", "input")),
+        _count(mined["kept"], "MineKept", ("stage", "mine_negatives", "kept")),
+        mined["answers"] | "MineUsage" >> beam.FlatMap(_answer_tallies, "mine_negatives", llm_model),
+        mined["statistics"],
+    ]
+
+    rows = {"triplets": mined["kept"], "pairs": graded["kept"]}
+    if config.counterfactuals is not None:
+        classification = pipeline | "GenerateCounterfactuals" >> GenerateCounterfactuals(
+            config.counterfactuals, config.llm, cache_dir=cache_dir, max_calls=max_calls)
+        rows["classification"] = classification["kept"]
+        rejected.append(classification["rejected"])
+        tallies += [
+            classification["tallies"],
+            classification["answers"] | "CounterfactualUsage" >> beam.FlatMap(
+                _answer_tallies, "generate_counterfactuals", llm_model),
+        ]
+    all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
+    rows["rejected"] = all_rejected
+    tallies.append(all_rejected | "ReasonTallies" >> beam.Map(lambda row: (("reason", row["stage"], row["reason"]), 1)))
+    all_tallies = tuple(tallies) | "AllTallies" >> beam.Flatten()
+    {"rows": rows, "tallies": all_tallies} | "WriteShards" >> WriteShards(
+        config.output, static_manifest(config), STAGE_ORDER)
+
+
+def _positive_rank(element):
+    pair_id, grouped = element
+    for passage_id in grouped["pairs"]:
+        ranked = [candidate for hits in grouped["hits"] for candidate, _ in hits]
+        yield pair_id, (ranked.index(passage_id) + 1 if passage_id in ranked else None)
+
+
+def pipeline_options(config: GenerateConfig) -> PipelineOptions:
+    flags = [f"--runner={config.beam.runner}", *config.beam.options]
+    if config.beam.runner in ("DirectRunner", "direct"):
+        flags += [f"--direct_running_mode={config.beam.direct_running_mode}",
+                  f"--direct_num_workers={config.beam.direct_num_workers}"]
+    return PipelineOptions(flags=flags)
+
+
+def generate(config: GenerateConfig) -> dict[str, Any]:
+    """Run the generation pipeline to completion; returns the manifest. Raises GenerationFailed if rows went missing."""
+    stale = clear_previous_output(config.output, OUTPUT_KINDS)
+    if stale:
+        LOGGER.info("removed %d files of an earlier run in %s", len(stale), config.output)
+    pipeline = beam.Pipeline(options=pipeline_options(config))
+    build_generate_pipeline(pipeline, config)
+    pipeline.run().wait_until_finish()
+    manifest = load_manifest(posixpath.join(config.output, MANIFEST_NAME))
+    _report(manifest)
+    if not manifest["balanced"]:
+        unbalanced = [stage["stage"] for stage in manifest["stages"] if not _balances(stage)]
+        raise GenerationFailed(f"row accounting does not balance in stage(s) {', '.join(unbalanced)}: "
+                               f"see {posixpath.join(config.output, MANIFEST_NAME)}")
+    return manifest
+
+
+def _balances(stage: dict[str, Any]) -> bool:
+    from data_schemas import stage_balances
+
+    return stage_balances(stage)
+
+
+def _report(manifest: dict[str, Any]) -> None:
+    LOGGER.info("stage balance (input + expanded = kept + rejected + skipped):")
+    for stage in manifest["stages"]:
+        LOGGER.info("  %-26s input %6d  +exp %5d  kept %6d  rejected %6d  skipped %6d  %s", stage["stage"],
+                    stage["input"], stage["expanded"], stage["kept"], stage["rejected"], stage["skipped"],
+                    json.dumps(stage["reasons"]))
+    LOGGER.info("outputs: %s; cache: %s", json.dumps(manifest["outputs"]), json.dumps(manifest["cache"]))
+
+
+def evaluate(config) -> dict[str, Any]:
+    from embedder.evaluate import ClassificationTask, RetrievalTask, evaluate_models
+    from pipelines.clients.factory import EmbedderSpec, build_embedder
+
+    tasks = [RetrievalTask(name=posixpath.basename(path.rstrip("/")), data_dir=path, split=config.retrieval_split)
+             for path in config.retrieval]
+    for spec in config.classification:
+        train_path, _, test_path = spec.partition(",")
+        tasks.append(ClassificationTask(name=posixpath.basename(train_path), train_path=train_path,
+                                        test_path=test_path, text_field=config.text_field,
+                                        label_field=config.label_field))
+    models = {name: build_embedder(EmbedderSpec(backend="local", model=path)) for name, path in config.models.items()}
+    return evaluate_models(models, tasks, config.dims, config.output, int8=config.int8)
+
+
+def run_all(config: RunConfig) -> dict[str, Any]:
+    """generate -> train -> evaluate with one configuration."""
+    from embedder.train import train
+
+    generate(config.generate)
+    model_dir = train(config.train_config(), config.generate.output)
+    evaluation = replace(config.evaluate, models={"base": config.train_config().model, "trained": model_dir,
+                                                  **config.evaluate.models})
+    if not FileSystems.exists(config.evaluate.output):
+        FileSystems.mkdirs(config.evaluate.output)
+    return evaluate(evaluation)
