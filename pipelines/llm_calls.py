@@ -15,6 +15,7 @@ from typing import Any, Literal
 import apache_beam as beam
 from pydantic import BaseModel
 
+from pipelines import progress
 from pipelines.cache import LLM_CACHE, CacheWriter, ReadCache
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
 from pipelines.clients.factory import LLMSpec, build_llm, llm_identity
@@ -149,6 +150,7 @@ class _CallMissesFn(beam.DoFn):
             if allowed_keys is not None and key not in allowed_keys:
                 yield from _budget_refusal(requests)
         first_answers = call_many(self._llm, [requests[0] for _, requests in to_call], self._spec.concurrency)
+        progress.advance(f"LLM calls: {self._stage}", len(to_call))
         for (key, requests), first in zip(to_call, first_answers, strict=True):
             self._calls.inc()
             if first.ok:
@@ -160,6 +162,7 @@ class _CallMissesFn(beam.DoFn):
     def finish_bundle(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+        progress.flush()
 
     def teardown(self) -> None:
         if self._writer is not None:

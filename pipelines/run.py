@@ -26,6 +26,7 @@ from pipelines.config import GenerateConfig, RunConfig
 from pipelines.config_loading import config_to_dict
 from pipelines.llm_calls import LLMAnswer
 from pipelines.pricing import estimated_cost_micro_usd
+from pipelines.progress import LiveProgress
 from pipelines.stages.embed_teacher import EmbedTeacher
 from pipelines.stages.generate_counterfactuals import GenerateCounterfactuals
 from pipelines.stages.generate_queries import GenerateQueries
@@ -252,7 +253,9 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         LOGGER.info("removed %d files of an earlier run in %s", len(stale), config.output)
     pipeline = beam.Pipeline(options=pipeline_options(config))
     build_generate_pipeline(pipeline, config)
-    pipeline.run().wait_until_finish()
+    local = config.beam.runner in ("DirectRunner", "direct")
+    with LiveProgress(f"embforge generate -> {config.output}", enabled=local):
+        pipeline.run().wait_until_finish()
     manifest = load_manifest(posixpath.join(config.output, MANIFEST_NAME))
     _report(manifest)
     if not manifest["balanced"]:

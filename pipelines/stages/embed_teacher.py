@@ -18,6 +18,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from pipelines import progress
 from pipelines.cache import EMBEDDING_CACHE, CacheWriter, ReadCache
 from pipelines.clients.base import Embedder, TaskType
 from pipelines.clients.factory import EmbedderSpec, build_embedder, embedder_identity
@@ -114,6 +115,7 @@ class _EmbedMissesFn(beam.DoFn):
                         )
                 continue
             self._calls.inc(len(texts))
+            progress.advance("teacher embeddings", len(texts))
             for (key, items), vector in zip(groups, vectors, strict=True):
                 self._writer.add(cache_entry(key, self._model_id, self._model_version, task_type, items[0]["text"],
                                              vector))
@@ -124,6 +126,7 @@ class _EmbedMissesFn(beam.DoFn):
     def finish_bundle(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+        progress.flush()
 
     def teardown(self) -> None:
         if self._writer is not None:
