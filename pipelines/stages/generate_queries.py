@@ -13,6 +13,7 @@ the tiny-model failure mode DESIGN.md describes), `duplicate_query` (the same qu
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def copies_passage(query: str, passage: str, config: GenerateQueriesConfig) -> b
 
 def few_shot_queries() -> frozenset[tuple[str, ...]]:
     """Normalized queries of every few-shot example the prompt can show."""
-    return frozenset(tuple(normalize(example["answer"]["query"])) for example in get_prompt(PROMPT_NAME).examples)
+    return frozenset(tuple(normalize(json.loads(example.answer)["query"])) for example in get_prompt(PROMPT_NAME).examples)
 
 
 def judge_answers(
