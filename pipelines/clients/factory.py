@@ -30,8 +30,15 @@ class LLMSpec:
     timeout_s: float = 60.0
     #: Attempts per call for transient failures (429, 5xx, timeouts), the first included.
     max_attempts: int = 6
+    #: Backoff between transient retries: exponential from `backoff_initial_s` with jitter, capped at `backoff_max_s`;
+    #: a server's Retry-After (or RetryInfo) hint replaces it, honoured up to the same cap.
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
     #: Attempts per call when the answer does not parse or violates the output schema.
     max_parse_attempts: int = 3
+    #: Gemini thinking budget in tokens; None keeps the model's default. On 2.5 Flash thinking tokens count against
+    #: max_output_tokens, so 0 (thinking off) keeps a short JSON answer from being cut off and costs less.
+    thinking_budget: int | None = None
     #: Requests in flight at once (API backends).
     concurrency: int = 8
     #: Local: torch device and the folder where converted weights are kept between runs.
@@ -51,6 +58,8 @@ class EmbedderSpec:
     api_version: str | None = None
     timeout_s: float = 60.0
     max_attempts: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
     concurrency: int = 8
     device: str = "cpu"
     cache_dir: str | None = None

@@ -117,7 +117,8 @@ def copies_passage(query: str, passage: str, config: GenerateQueriesConfig) -> b
 
 def few_shot_queries() -> frozenset[tuple[str, ...]]:
     """Normalized queries of every few-shot example the prompt can show."""
-    return frozenset(tuple(normalize(json.loads(example.answer)["query"])) for example in get_prompt(PROMPT_NAME).examples)
+    examples = get_prompt(PROMPT_NAME).examples
+    return frozenset(tuple(normalize(json.loads(example.answer)["query"])) for example in examples)
 
 
 def judge_answers(
