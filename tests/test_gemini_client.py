@@ -1,0 +1,440 @@
+"""GeminiLLM and GeminiEmbedder through the real google-genai SDK, against the local fake Gemini server.
+
+Every test talks HTTP to 127.0.0.1 only. Backoff and Retry-After values are fractions of a second so the file runs in
+seconds; fault choices are seeded, so which request fails is the same on every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pickle
+import traceback
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from google.genai import errors as genai_errors
+from pydantic import BaseModel
+
+from pipelines.clients.base import ChatMessage, GenerationConfig, TaskType
+from pipelines.clients.factory import EmbedderSpec, LLMSpec, build_embedder, build_llm
+from pipelines.clients.gemini import (
+    GeminiAuthError,
+    GeminiEmbedder,
+    GeminiLLM,
+    GeminiRequestError,
+    GeminiUnavailableError,
+    RetryPolicy,
+    retry_delay_from_error,
+)
+from tests.fake_gemini_server import FakeGeminiServer, FaultPlan, RecordedRequest, hash_vector
+
+KEY = "test-key-7f3a9c-must-never-leak"
+MAX_ATTEMPTS = 6
+
+
+class Query(BaseModel):
+    query: str
+    score: int
+
+
+@pytest.fixture(autouse=True)
+def gemini_environment(monkeypatch):
+    """A known key, nothing that could reroute the SDK (Vertex, API version) or send loopback traffic to a proxy."""
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    for name in (
+        "GOOGLE_API_KEY",
+        "GOOGLE_GENAI_USE_VERTEXAI",
+        "GOOGLE_GENAI_USE_ENTERPRISE",
+        "GOOGLE_GENAI_API_VERSION",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def echo_prompt(body) -> str:
+    """Answer with the last user turn as the query, so tests can tell which answer belongs to which request."""
+    return json.dumps({"query": body["contents"][-1]["parts"][0]["text"], "score": 1})
+
+
+def make_llm(server: FakeGeminiServer, **overrides) -> GeminiLLM:
+    options = dict(
+        backend="gemini",
+        base_url=server.base_url,
+        api_version="v1",
+        timeout_s=2.0,
+        max_attempts=MAX_ATTEMPTS,
+        backoff_initial_s=0.01,
+        backoff_max_s=1.0,
+        max_parse_attempts=3,
+    )
+    options.update(overrides)
+    llm = build_llm(LLMSpec(**options))
+    assert isinstance(llm, GeminiLLM)
+    return llm
+
+
+def make_embedder(server: FakeGeminiServer, **overrides) -> GeminiEmbedder:
+    options = dict(
+        backend="gemini",
+        base_url=server.base_url,
+        api_version="v1",
+        timeout_s=2.0,
+        max_attempts=MAX_ATTEMPTS,
+        backoff_initial_s=0.01,
+        backoff_max_s=1.0,
+        concurrency=4,
+    )
+    options.update(overrides)
+    embedder = build_embedder(EmbedderSpec(**options))
+    assert isinstance(embedder, GeminiEmbedder)
+    return embedder
+
+
+def prompt(i: int) -> list[ChatMessage]:
+    return [ChatMessage("system", "Write one search query."), ChatMessage("user", f"passage number {i}")]
+
+
+def by_prompt(records: list[RecordedRequest]) -> dict[str, list[RecordedRequest]]:
+    groups: dict[str, list[RecordedRequest]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: r.arrived):
+        groups[record.texts[-1]].append(record)
+    return groups
+
+
+# (1) the done-when test ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hint", ["retry_after_header", "retry_info_body"])
+def test_rate_limited_calls_all_succeed_and_wait_as_told(fake_gemini_server, hint):
+    server = fake_gemini_server
+    server.generate = echo_prompt
+    server.faults = FaultPlan(
+        seed=3,
+        errors={429: 0.2, 503: 0.1},
+        retry_after_s=0.25,
+        retry_after_header=hint == "retry_after_header",
+        retry_info_body=hint == "retry_info_body",
+    )
+    n = 40
+    with make_llm(server) as llm:
+        results = llm.generate_many([prompt(i) for i in range(n)], Query, GenerationConfig(), concurrency=8)
+        stats = llm.stats.as_dict()
+
+    assert [result.ok for result in results] == [True] * n
+    assert [result.value.query for result in results] == [f"passage number {i}" for i in range(n)]
+
+    records = server.requests
+    statuses = server.status_counts()
+    assert statuses[429] > 0 and statuses[503] > 0, "the seeded plan should inject both faults"
+    assert statuses[200] == n
+    groups = by_prompt(records)
+    assert len(groups) == n
+    for i, result in enumerate(results):
+        attempts = groups[f"passage number {i}"]
+        assert len(attempts) == result.attempts <= MAX_ATTEMPTS
+        assert attempts[-1].status == 200 and all(a.status in (429, 503) for a in attempts[:-1])
+        for failed, retry in zip(attempts, attempts[1:], strict=False):
+            # Server clock: the retry arrived no sooner than the announced delay after the failure was answered.
+            assert failed.retry_after == 0.25
+            assert retry.arrived - failed.answered >= failed.retry_after
+
+    # Usage: what the client summed is exactly what the server reported on its successful answers.
+    served_in = sum(r.prompt_tokens for r in records if r.status == 200)
+    served_out = sum(r.output_tokens for r in records if r.status == 200)
+    assert sum(result.usage.input_tokens for result in results) == served_in == stats["input_tokens"]
+    assert sum(result.usage.output_tokens for result in results) == served_out == stats["output_tokens"]
+    assert stats["calls"] == n and stats["failures"] == 0
+    assert stats["calls"] + stats["retries"] == len(records)
+
+
+def test_timeouts_are_retried(fake_gemini_server):
+    server = fake_gemini_server
+    server.generate = echo_prompt
+    server.faults = FaultPlan(seed=1, timeout=0.4, hang_s=5.0)
+    with make_llm(server, timeout_s=0.3) as llm:
+        results = llm.generate_many([prompt(i) for i in range(6)], Query)
+    assert all(result.ok for result in results)
+    assert server.status_counts()[0] > 0, "some requests should have hung past the client timeout"
+    assert llm.stats.retries == server.status_counts()[0]
+
+
+def test_retries_run_out_with_a_clear_error(fake_gemini_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    fake_gemini_server.faults = FaultPlan(errors={503: 1.0}, retry_after_s=0.01)
+    with make_llm(fake_gemini_server, max_attempts=3) as llm:
+        with pytest.raises(GeminiUnavailableError, match=r"503 UNAVAILABLE.*after 3 attempts") as raised:
+            llm.generate(prompt(0), Query)
+    assert raised.value.attempts == pickle.loads(pickle.dumps(raised.value)).attempts == 3
+    assert len(fake_gemini_server.requests) == 3
+    assert llm.stats.failures == 1 and llm.stats.retries == 2
+    assert KEY not in "".join(traceback.format_exception(raised.value)) + caplog.text
+
+
+# (2) embeddings -----------------------------------------------------------------------------------------------------
+
+
+def test_embeddings_one_request_per_text(fake_gemini_server):
+    server = fake_gemini_server
+    texts = [f"document {i} about topic {i % 3}" for i in range(7)]
+    with make_embedder(server) as embedder:
+        vectors = embedder.embed(texts, TaskType.RETRIEVAL_DOCUMENT, 256)
+
+    assert vectors.shape == (7, 256) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    for text, vector in zip(texts, vectors, strict=True):  # order kept; values are the server's, normalized
+        expected = np.asarray(hash_vector(text, "RETRIEVAL_DOCUMENT", 256), dtype=np.float32)
+        np.testing.assert_allclose(vector, expected / np.linalg.norm(expected), rtol=1e-5, atol=1e-6)
+
+    records = server.requests
+    assert len(records) == len(texts)
+    assert all(record.method == "batchEmbedContents" for record in records)
+    assert all(len(record.body["requests"]) == 1 for record in records)
+    assert sorted(text for record in records for text in record.texts) == sorted(texts)
+    for record in records:
+        entry = record.body["requests"][0]
+        assert entry["taskType"] == "RETRIEVAL_DOCUMENT"
+        assert entry["outputDimensionality"] == 256
+    assert embedder.stats.calls == len(texts)
+
+
+def test_embeddings_default_to_the_native_dimension_and_survive_faults(fake_gemini_server):
+    server = fake_gemini_server
+    server.faults = FaultPlan(seed=2, errors={429: 0.3}, retry_after_s=0.05, truncated_body=0.2)
+    with make_embedder(server) as embedder:
+        vectors = embedder.embed(["alpha", "beta", "gamma", "delta"], TaskType.RETRIEVAL_QUERY)
+        empty = embedder.embed([], TaskType.RETRIEVAL_QUERY, 64)
+    assert vectors.shape == (4, 3072)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    assert empty.shape == (0, 64) and empty.dtype == np.float32
+    faults = {record.fault for record in server.requests}
+    assert {"http_429", "truncated_body"} <= faults
+    assert embedder.stats.calls + embedder.stats.retries == len(server.requests)
+
+
+# (3) answers that are not answers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_part", "raw_check"),
+    [
+        ("truncated_body", "not complete JSON", lambda raw: raw.startswith('{"candidates"')),
+        ("truncated_answer", "not JSON (finish reason MAX_TOKENS)", lambda raw: raw.startswith('{"query"')),
+        ("schema_violation", "violates Query", lambda raw: "unexpected_field" in raw),
+        ("empty_candidates", "no candidates", lambda raw: raw == ""),
+        ("safety", "finish reason SAFETY", lambda raw: raw == ""),
+        ("prompt_blocked", "prompt blocked: SAFETY", lambda raw: raw == ""),
+    ],
+)
+def test_bad_answers_are_asked_again_then_returned_as_failures(fake_gemini_server, fault, error_part, raw_check):
+    server = fake_gemini_server
+    server.faults = FaultPlan(**{fault: 1.0})
+    with make_llm(server, max_parse_attempts=3) as llm:
+        result = llm.generate(prompt(0), Query, GenerationConfig(seed=7))
+    assert not result.ok and result.value is None
+    assert error_part in result.error and "after 3 asks" in result.error
+    assert raw_check(result.raw), result.raw
+    assert result.attempts == 3 == len(server.requests)
+    # Each re-ask moves the seed on, so a seeded request is not asked the same question three times.
+    assert [r.body["generationConfig"]["seed"] for r in server.requests] == [7, 8, 9]
+    assert llm.stats.as_dict()["failures"] == 1
+
+
+def test_a_bad_answer_then_a_good_one_succeeds(fake_gemini_server):
+    server = fake_gemini_server
+    server.faults = FaultPlan(seed=0, schema_violation=0.5)
+    with make_llm(server, max_parse_attempts=5) as llm:
+        results = llm.generate_many([prompt(i) for i in range(8)], Query)
+    assert all(result.ok for result in results)
+    assert any(result.attempts > 1 for result in results)
+    # Tokens of the rejected answers were paid for too.
+    records = server.requests
+    assert sum(result.usage.output_tokens for result in results) == sum(r.output_tokens for r in records)
+
+
+# (4) requests the service refuses -----------------------------------------------------------------------------------
+
+
+def test_400_is_not_retried(fake_gemini_server):
+    fake_gemini_server.faults = FaultPlan(errors={400: 1.0})
+    with make_llm(fake_gemini_server) as llm:
+        result = llm.generate(prompt(0), Query)
+    assert not result.ok and "400 INVALID_ARGUMENT" in result.error
+    assert result.attempts == 1 and len(fake_gemini_server.requests) == 1
+
+    fake_gemini_server.reset()
+    with make_embedder(fake_gemini_server) as embedder:
+        with pytest.raises(GeminiRequestError, match="400 INVALID_ARGUMENT") as raised:
+            embedder.embed(["x"], TaskType.CLASSIFICATION, 8)
+    assert raised.value.status == 400
+    assert pickle.loads(pickle.dumps(raised.value)).status == 400  # errors travel between Beam workers
+    assert len(fake_gemini_server.requests) == 1
+
+
+def test_404_raises_without_retrying(fake_gemini_server):
+    fake_gemini_server.faults = FaultPlan(errors={404: 1.0})
+    with make_llm(fake_gemini_server) as llm:
+        with pytest.raises(GeminiRequestError, match="404 NOT_FOUND"):
+            llm.generate(prompt(0), Query)
+    assert len(fake_gemini_server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_failures_raise_at_once(fake_gemini_server, status):
+    fake_gemini_server.faults = FaultPlan(errors={status: 1.0})
+    with make_llm(fake_gemini_server) as llm:
+        with pytest.raises(GeminiAuthError, match="GEMINI_API_KEY / GOOGLE_API_KEY") as raised:
+            llm.generate(prompt(0), Query)
+    assert len(fake_gemini_server.requests) == 1
+    assert KEY not in str(raised.value)
+
+
+# (5) the API key ----------------------------------------------------------------------------------------------------
+
+
+def test_missing_key_names_both_variables(fake_gemini_server, monkeypatch):
+    monkeypatch.delenv("GEMINI_API_KEY")
+    with pytest.raises(GeminiAuthError, match="GEMINI_API_KEY or GOOGLE_API_KEY"):
+        make_llm(fake_gemini_server)
+    monkeypatch.setenv("GOOGLE_API_KEY", "   ")  # blank counts as missing
+    with pytest.raises(GeminiAuthError, match="GEMINI_API_KEY or GOOGLE_API_KEY"):
+        make_embedder(fake_gemini_server)
+
+
+def test_the_key_never_shows(caplog):
+    caplog.set_level(logging.DEBUG)
+    with FakeGeminiServer(api_key="the-right-key") as server:
+        server.faults = FaultPlan(seed=5, errors={429: 0.5}, retry_after_s=0.01)
+        with make_llm(server) as llm:
+            texts = [repr(llm), str(llm), repr(llm.__dict__), repr(LLMSpec(backend="gemini"))]
+            with pytest.raises(GeminiAuthError, match="rejected the request's credentials") as raised:
+                llm.generate(prompt(0), Query)
+            # A server message that quotes the key is redacted before it reaches our errors.
+            quoting = genai_errors.ClientError(400, {"error": {"message": f"key {KEY} is odd", "status": "X"}})
+            texts.append(llm._connection.describe(quoting))
+        with make_embedder(server) as embedder:
+            texts += [repr(embedder), repr(embedder.__dict__)]
+            with pytest.raises(GeminiAuthError) as raised_embed:
+                embedder.embed(["x"], TaskType.RETRIEVAL_QUERY, 8)
+    for error in (raised.value, raised_embed.value):
+        texts += [str(error), repr(error), "".join(traceback.format_exception(error))]
+    texts.append(caplog.text)
+    texts += [str(record.args) for record in caplog.records]
+    assert all(KEY not in text for text in texts)
+    assert "[redacted]" in texts[4]
+    assert all(record.body for record in server.requests)  # the requests did reach the server
+
+
+# (6) API version ----------------------------------------------------------------------------------------------------
+
+
+def test_v1beta_works(fake_gemini_server):
+    server = fake_gemini_server
+    server.generate = echo_prompt
+    with make_llm(server, api_version="v1beta") as llm:
+        assert llm.generate(prompt(1), Query).value.query == "passage number 1"
+    with make_embedder(server, api_version="v1beta") as embedder:
+        assert embedder.embed(["x"], TaskType.RETRIEVAL_QUERY, 16).shape == (1, 16)
+    assert [(r.api_version, r.method) for r in server.requests] == [
+        ("v1beta", "generateContent"),
+        ("v1beta", "batchEmbedContents"),
+    ]
+
+
+# (7) concurrency ----------------------------------------------------------------------------------------------------
+
+
+def test_async_generate_many_keeps_order_and_bounds_concurrency(fake_gemini_server):
+    server = fake_gemini_server
+    server.generate = echo_prompt
+    server.faults = FaultPlan(latency_s=0.05)
+    with make_llm(server) as llm:
+        results = asyncio.run(llm.agenerate_many([prompt(i) for i in range(12)], Query, concurrency=3))
+    assert [result.value.query for result in results] == [f"passage number {i}" for i in range(12)]
+    assert 1 < server.max_in_flight <= 3
+
+
+def test_embed_bounds_concurrency(fake_gemini_server):
+    fake_gemini_server.faults = FaultPlan(latency_s=0.05)
+    with make_embedder(fake_gemini_server, concurrency=2) as embedder:
+        embedder.embed([f"t{i}" for i in range(6)], TaskType.CLUSTERING, 8)
+    assert 1 < fake_gemini_server.max_in_flight <= 2
+
+
+def test_sync_calls_work_inside_a_running_event_loop(fake_gemini_server):
+    fake_gemini_server.generate = echo_prompt
+
+    async def notebook_cell(llm: GeminiLLM):
+        return llm.generate(prompt(4), Query)  # a sync call from async code, as in a notebook
+
+    with make_llm(fake_gemini_server) as llm:
+        assert asyncio.run(notebook_cell(llm)).value.query == "passage number 4"
+
+
+# the request the SDK sends ------------------------------------------------------------------------------------------
+
+
+def test_chat_turns_and_config_reach_the_server(fake_gemini_server):
+    messages = [
+        ChatMessage("system", "You write queries."),
+        ChatMessage("user", "example passage"),
+        ChatMessage("assistant", '{"query": "example", "score": 2}'),
+        ChatMessage("user", "real passage"),
+    ]
+    with make_llm(fake_gemini_server, thinking_budget=0) as llm:
+        result = llm.generate(messages, Query, GenerationConfig(temperature=0.7, max_output_tokens=64, seed=11))
+    assert result.ok
+    body = fake_gemini_server.requests[0].body
+    assert body["systemInstruction"]["parts"] == [{"text": "You write queries."}]
+    assert [content["role"] for content in body["contents"]] == ["user", "model", "user"]
+    config = body["generationConfig"]
+    assert config["responseMimeType"] == "application/json"
+    assert set(config["responseSchema"]["properties"]) == {"query", "score"}
+    assert (config["temperature"], config["maxOutputTokens"], config["seed"]) == (0.7, 64, 11)
+    # google-genai 3.6 sends this one nested message in snake_case; the API's JSON parser accepts both spellings.
+    assert config["thinkingConfig"] in ({"thinkingBudget": 0}, {"thinking_budget": 0})
+    assert llm.model_version == llm.model_id == "gemini-2.5-flash"
+
+
+# retry policy, pure -------------------------------------------------------------------------------------------------
+
+
+class _Headers(dict):
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+
+class _Response:
+    def __init__(self, headers):
+        self.headers = _Headers(headers)
+
+
+def test_retry_delay_sources():
+    header = genai_errors.ClientError(429, {"error": {}}, _Response({"retry-after": "1.5"}))
+    assert retry_delay_from_error(header) == 1.5
+    body = genai_errors.ClientError(
+        429,
+        {"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "17s"}]}},
+    )
+    assert retry_delay_from_error(body) == 17.0
+    assert retry_delay_from_error(genai_errors.ServerError(503, {"error": {}})) is None
+    assert retry_delay_from_error(TimeoutError()) is None
+
+
+def test_backoff_is_capped_and_hints_are_honoured_up_to_the_cap():
+    policy = RetryPolicy(max_attempts=6, backoff_initial_s=0.5, backoff_max_s=4.0)
+    plain = genai_errors.ServerError(503, {"error": {}})
+    for attempt in range(1, 10):
+        ceiling = min(4.0, 0.5 * 2 ** (attempt - 1))
+        assert ceiling / 2 <= policy.delay(attempt, plain) <= ceiling
+    hinted = genai_errors.ClientError(429, {"error": {}}, _Response({"retry-after": "2"}))
+    assert 2.0 <= policy.delay(1, hinted) <= 2.2
+    too_long = genai_errors.ClientError(429, {"error": {}}, _Response({"retry-after": "3600"}))
+    assert 4.0 <= policy.delay(1, too_long) <= 4.4
