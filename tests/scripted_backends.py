@@ -1,0 +1,41 @@
+"""Factories for `LLMSpec(backend="custom", model="tests.scripted_backends:<name>")`: scripted answers, known in
+advance, built inside DoFn.setup() like any real backend."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.fakes import ScriptedLLM
+
+
+def _tagged(messages, tag: str) -> str:
+    match = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", messages[-1].content, re.S)
+    return match.group(1) if match else ""
+
+
+def _query_writer(messages, output_model) -> str:
+    """Writes "what is <last word of the passage> about" — except for passages that ask to be copied or broken."""
+    passage = _tagged(messages, "passage")
+    if "BROKEN" in passage:
+        return '{"task": "Given a'  # truncated JSON
+    if "COPYME" in passage:
+        return json.dumps({"task": "Given a question, retrieve passages", "query": passage})
+    last_word = passage.split()[-1].strip(".")
+    return json.dumps({"task": "Given a question, retrieve passages that answer it", "query": f"what is {last_word}?"})
+
+
+def query_writer() -> ScriptedLLM:
+    return ScriptedLLM(_query_writer)
+
+
+def _grader(messages, output_model) -> str:
+    """Relevance 3 when the query's last word appears in the passage, else 0."""
+    query, passage = _tagged(messages, "query"), _tagged(messages, "passage")
+    word = query.rstrip("?").split()[-1]
+    relevance = 3 if word in passage else 0
+    return json.dumps({"reason": f"mentions {word}" if relevance else "unrelated", "relevance": relevance})
+
+
+def grader() -> ScriptedLLM:
+    return ScriptedLLM(_grader)
