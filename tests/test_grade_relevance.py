@@ -12,7 +12,8 @@ from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfi
 
 def _pair(pair_id: str, query: str, passage: str) -> dict:
     return {"pair_id": pair_id, "query_id": pair_id, "query": query, "query_type": "question", "task": "t",
-            "passage_id": f"doc-{pair_id}", "passage": passage, "llm_model": "m", "prompt_version": "query_generation@1"}
+            "passage_id": f"doc-{pair_id}", "passage": passage, "llm_model": "m",
+            "prompt_version": "query_generation@1"}
 
 
 @pytest.mark.parametrize(("rank", "kept"), [(1, True), (3, True), (4, False), (None, False)])
@@ -39,7 +40,7 @@ def test_pipeline_with_llm_and_roundtrip_graders():
     with TestPipeline() as pipeline:
         outputs = {"pairs": pipeline | "Pairs" >> beam.Create(pairs),
                    "ranks": pipeline | "Ranks" >> beam.Create(ranks)} | GradeRelevance(config, spec)
-        assert_that(outputs["kept"] | "K" >> beam.Map(lambda r: (r["pair_id"], r["llm_relevance"], r["roundtrip_rank"])),
-                    equal_to([("good", 3.0, 1)]), label="Kept")
+        evidence = outputs["kept"] | "K" >> beam.Map(lambda r: (r["pair_id"], r["llm_relevance"], r["roundtrip_rank"]))
+        assert_that(evidence, equal_to([("good", 3.0, 1)]), label="Kept")
         assert_that(outputs["rejected"] | "R" >> beam.Map(lambda r: (r["record_id"], r["reason"])),
                     equal_to([("irrelevant", "llm_irrelevant"), ("far", "roundtrip_failed")]), label="Rejected")
