@@ -10,10 +10,24 @@ Conventions every stage follows, so `run.py` can account for every row:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from typing import Any
 
 import apache_beam as beam
+
+_WORDS = re.compile(r"\w+", re.UNICODE)
+
+
+def normalize(text: str) -> list[str]:
+    """Lower-cased words: the form texts are compared in when checking copies and duplicates."""
+    return _WORDS.findall(text.lower())
+
+
+def stable_hash(*parts: object) -> int:
+    """A 64-bit hash that is the same in every process and run (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
 
 
 def rejected_row(

@@ -65,8 +65,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
-from pipelines.stages import StageCounters, rejected_row
-from pipelines.stages.generate_queries import normalize, stable_hash
+from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from prompts import PromptSpec, get_prompt
 from prompts.example_generation import MAX_EXAMPLES
 

@@ -12,9 +12,7 @@ the tiny-model failure mode DESIGN.md describes), `duplicate_query` (the same qu
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +22,11 @@ import apache_beam as beam
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from prompts import get_prompt
 
 STAGE = "generate_queries"
 PROMPT_NAME = "query_generation"
-_WORDS = re.compile(r"\w+", re.UNICODE)
 
 
 @dataclass(frozen=True)
@@ -57,14 +54,6 @@ class GenerateQueriesConfig:
         unknown = [query_type for query_type in self.query_types if query_type not in QUERY_TYPES]
         if unknown:
             raise ValueError(f"query type {unknown[0]!r} is unknown (known: {', '.join(QUERY_TYPES)})")
-
-
-def normalize(text: str) -> list[str]:
-    return _WORDS.findall(text.lower())
-
-
-def stable_hash(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
 
 
 def query_types_for(passage_id: str, config: GenerateQueriesConfig) -> list[str]:

@@ -1,0 +1,981 @@
+"""Stage 6: mine hard negatives for each graded pair. Sharded exact faiss search, positive-aware filtering, optional LLM
+scoring.
+
+Input: a dict `{"queries": ..., "passages": ...}` (or a tuple `(queries, passages)`) of two PCollections:
+
+- `queries`: `data_schemas.GRADED_PAIR` rows, each extended with `query_embedding` and `positive_embedding` (teacher
+  vectors as `list[float]`, L2-normalized). Fields read: `pair_id` (must be unique), `query_id`, `query`, `task`,
+  `passage_id` and `passage` (the positive), plus the two embeddings.
+- `passages`: the corpus, dicts `{"passage_id", "text", "embedding"}`: unique ids, same teacher and dimension as the
+  queries, normalized. A passage without an embedding is a pipeline error (raised), not data.
+
+Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows}`. Every input query ends in exactly one of them. Reasons:
+`missing_field` (a required field or embedding is absent or empty), `embedding_mismatch` (query and positive
+embeddings differ in dimension), `duplicate_pair_id` (every row of a pair_id that
+occurs more than once: their searches cannot be told apart), `no_negatives` (fewer than `min_negatives` candidates
+survived the filters; `detail` counts what each filter dropped), `positive_judged_irrelevant` (LLM scoring graded the
+positive below `min_positive_grade` and found no better positive). Rejected payloads are the GRADED_PAIR row without
+its two embeddings: those are derived data that the embedding cache gives back at no cost, and they would make up most
+of rejected/.
+
+The steps, per query:
+
+1. Exact top-k inner-product search (faiss `IndexFlatIP`) over the corpus, sharded. Exact, not HNSW/IVF: their recall
+   depends on the data (DESIGN.md) and a missed neighbour here is a silently easier negative; the exact search is
+   also what makes sharded and unsharded runs identical. Teacher scores are recomputed exactly (see `search_shard`),
+   and ties are broken by passage_id, so the top-k does not depend on how the corpus was sharded.
+2. The positive is dropped, and so is any candidate whose text equals the positive's (a duplicate in the corpus is a
+   false negative too).
+3. Positive-aware threshold (NV-Retriever TopK-PercPos): candidates scoring above `max_negative_score_ratio` times the
+   positive's teacher score are dropped and counted as false negatives.
+4. Optional LLM scoring (Gecko) of the `llm_candidates` hardest survivors and of the positive, through `CallLLM`:
+   relevance classification (prompt `negative_scoring`) and, where the backend gives log-probabilities, query
+   likelihood log p(query | passage) (prompt `query_likelihood`), fused by reciprocal rank fusion. Candidates graded
+   relevant are dropped; a candidate clearly better than the positive becomes the positive (relabel).
+5. The `num_negatives` hardest survivors become the triplet's negatives, hardest first.
+
+How the sharded search runs in Beam (DESIGN.md: the index must not have to fit one worker):
+
+- The corpus size is counted once; `num_shards = ceil(size / shard_size)`. A passage goes to shard
+  `stable_hash(passage_id) % num_shards`: no global ordering is needed, and at the scale where sharding matters hash
+  shards are within a fraction of a percent of `shard_size` (1M ± ~1k).
+- Queries are split into `query_groups` groups by a stable hash of pair_id. The search unit is a (shard, query group)
+  key: every passage is sent once per query group and every query vector once per shard, then one GroupByKey puts a
+  shard's passages and a group's queries on the same worker, which builds the shard's index and searches the group's
+  queries in batches of `query_batch_size`. Only ids and float32 vector bytes travel through this shuffle.
+- Tradeoffs, for a corpus of P passages and Q queries of dimension d: the search shuffles
+  `4d * (P * query_groups + Q * num_shards)` bytes; a worker holds one shard (`4d * shard_size`, up to twice that while
+  faiss grows its storage) plus one group's query vectors (`4d * Q / query_groups`); parallelism is
+  `num_shards * query_groups`. Larger shards mean fewer query copies but more memory per worker; more query groups mean
+  more parallelism and smaller query buffers at the cost of more corpus copies. 10M passages x 768 dims with the
+  default 1M shards: 10 shards of ~3 GB, each query vector sent 10 times. The alternatives are worse: queries as a side
+  input broadcast all of them to every worker, and the index as a side input needs the whole corpus on every worker.
+- Per-shard top-k lists are merged per query by `CombinePerKey` with a bounded top-k (`merge_topk`), ties broken by
+  passage_id. The survivors are then joined with the corpus by passage_id to get their texts (and embeddings, when
+  `keep_embeddings`): that shuffles k candidates per query. A later optimization could join embeddings only for the
+  final negatives.
+
+LLM decisions, and why:
+
+- Relevance grades use the 0-3 scale of `negative_scoring`. A candidate graded `llm_relevant_grade` (2, "partially
+  answers") or more is a false negative and is dropped: contrastive training would push the query away from a passage
+  that answers it. Grade 1 ("on the topic but does not answer") is exactly the hard negative we want.
+- The positive is graded the same way. Relabel when the top fused candidate has grade >= `relabel_min_grade` (3),
+  a strictly higher grade than the positive and a strictly higher fused score: both signals and the absolute grade
+  must agree before a generated pair is changed. The old positive is then dropped, not kept as a negative: it was
+  written from and graded for this query, so as a negative it would almost surely be a false negative.
+- A candidate whose LLM answer failed (unparseable, off-schema, non-finite log-probability) is not used as a negative:
+  without a grade it cannot be ruled out as a false negative, and candidates are plentiful. Failures are counted
+  (`dropped.llm_failed`); when they leave too few negatives the rejection carries the first failed raw answer. A failed
+  grade of the positive disables relabelling and the positive check for that query (`positive_llm_failed`).
+- `negative_llm_scores` holds each negative's fused RRF score, sum over signals of 1 / (60 + rank) within this query's
+  judged passages (positive included), ranks 1-based with ties sharing the best rank. Higher means more relevant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import faiss
+import numpy as np
+
+from pipelines.clients.factory import LLMSpec
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
+from pipelines.stages import StageCounters, rejected_row
+from prompts import get_prompt
+
+STAGE = "mine_negatives"
+
+#: Reciprocal rank fusion constant: 60 is the standard value (Cormack et al., 2009), also used by Gecko.
+RRF_K = 60
+
+#: Faiss fetches this many hits beyond k at first, so scores near the k-th rarely need a second, larger search.
+_TIE_SLACK = 8
+#: Queries rescored together: bounds the float64 gather to 64 x fetch x d (about 16 MB at fetch 40, d 768).
+_RESCORE_BLOCK = 64
+#: Passages staged before they are added to a shard's index: the staging copy stays small next to the shard.
+_ADD_CHUNK = 16_384
+
+_PASSAGE_TAG = "p"
+_QUERY_TAG = "q"
+_RELEVANCE = "relevance"
+_LIKELIHOOD = "likelihood"
+_EMBEDDING_FIELDS = ("query_embedding", "positive_embedding")
+_REQUIRED_FIELDS = ("pair_id", "query_id", "query", "task", "passage_id", "passage", *_EMBEDDING_FIELDS)
+
+
+@dataclass(frozen=True)
+class MineNegativesConfig:
+    #: Name of the teacher embedding model that produced the vectors; written to every triplet.
+    teacher_model: str
+    #: Nearest neighbours retrieved per query (the positive usually among them).
+    k: int = 32
+    #: Negatives kept per triplet, hardest first (NV-Retriever and Gecko train with a handful of hard negatives).
+    num_negatives: int = 7
+    #: Fewer surviving negatives than this rejects the query as `no_negatives`.
+    min_negatives: int = 1
+    #: Drop candidates scoring above this fraction of the positive's score: 0.95 is NV-Retriever's best setting.
+    max_negative_score_ratio: float = 0.95
+    #: Also drop candidates whose text equals the positive's (whitespace and case ignored): corpus duplicates.
+    drop_positive_text_duplicates: bool = True
+    #: Passages per search shard. 1M x 768 float32 is about 3 GB: fits a standard worker with room for faiss.
+    shard_size: int = 1_000_000
+    #: Query groups per shard: the search runs once per (shard, group), see the module docstring for the tradeoff.
+    query_groups: int = 1
+    #: Queries per faiss search call inside a (shard, group): bounds the per-call result and rescoring buffers.
+    query_batch_size: int = 1024
+    #: faiss OpenMP threads per worker process; None keeps faiss's default (all cores).
+    faiss_threads: int | None = None
+    #: Write teacher embeddings into triplets (for embedding-matching distillation); False writes nulls.
+    keep_embeddings: bool = True
+    #: LLM scoring of candidates (Gecko). Off by default: it costs (llm_candidates + 1) calls per query per signal and
+    #: needs a capable model (a tiny local LLM grades at chance, DESIGN.md).
+    llm_scoring: bool = False
+    #: Add query likelihood (log p(query | passage)) to the LLM relevance grade; needs a backend with log-probabilities.
+    query_likelihood: bool = False
+    #: Hardest threshold survivors the LLM scores; only these can become negatives when LLM scoring is on.
+    #: 10 = the 7 negatives kept plus slack for the ones the LLM drops.
+    llm_candidates: int = 10
+    #: LLM grade (0-3) from which a candidate counts as relevant and is dropped: 2 = "partially answers".
+    llm_relevant_grade: int = 2
+    #: Swap in a candidate the LLM finds clearly more relevant than the positive.
+    relabel: bool = True
+    #: A candidate needs at least this grade to become the positive: 3 = "fully answers".
+    relabel_min_grade: int = 3
+    #: A positive graded below this (and not replaced) is rejected: 1 rejects only "irrelevant"; 0 disables the check.
+    min_positive_grade: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.teacher_model:
+            problems.append("teacher_model must name the teacher embedding model (it is written to every triplet)")
+        if self.k < 1:
+            problems.append(f"k must be >= 1, got {self.k}")
+        if not 1 <= self.num_negatives <= self.k - 1:
+            problems.append(
+                f"num_negatives must be in 1..k-1 = 1..{self.k - 1} (the positive is usually one of the k hits), "
+                f"got {self.num_negatives}; raise k or lower num_negatives"
+            )
+        if not 0 <= self.min_negatives <= self.num_negatives:
+            problems.append(f"min_negatives must be in 0..num_negatives = 0..{self.num_negatives}, "
+                            f"got {self.min_negatives}")
+        if not 0 < self.max_negative_score_ratio <= 1:
+            problems.append(f"max_negative_score_ratio must be in (0, 1], got {self.max_negative_score_ratio}")
+        for name in ("shard_size", "query_groups", "query_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.faiss_threads is not None and self.faiss_threads < 1:
+            problems.append(f"faiss_threads must be None or >= 1, got {self.faiss_threads}")
+        if self.query_likelihood and not self.llm_scoring:
+            problems.append("query_likelihood is part of LLM scoring: set llm_scoring=True too")
+        if self.llm_scoring and not self.num_negatives <= self.llm_candidates <= self.k - 1:
+            problems.append(
+                f"llm_candidates must be in num_negatives..k-1 = {self.num_negatives}..{self.k - 1} "
+                f"(only LLM-scored candidates become negatives), got {self.llm_candidates}"
+            )
+        if not 1 <= self.llm_relevant_grade <= 3:
+            problems.append(f"llm_relevant_grade must be in 1..3, got {self.llm_relevant_grade}")
+        if not self.llm_relevant_grade <= self.relabel_min_grade <= 3:
+            problems.append(f"relabel_min_grade must be in llm_relevant_grade..3 = {self.llm_relevant_grade}..3 "
+                            f"(a new positive must at least count as relevant), got {self.relabel_min_grade}")
+        if not 0 <= self.min_positive_grade <= 3:
+            problems.append(f"min_positive_grade must be in 0..3, got {self.min_positive_grade}")
+        if problems:
+            raise ValueError("MineNegativesConfig: " + "; ".join(problems))
+
+
+# --- Vectors and exact scores -----------------------------------------------------------------------------------------
+
+
+def pack_vector(vector: Sequence[float] | np.ndarray) -> bytes:
+    """A vector as float32 bytes: 4 bytes a component through shuffles instead of ~9 for pickled Python floats."""
+    return np.asarray(vector, dtype=np.float32).tobytes()
+
+
+def unpack_vector(blob: bytes) -> list[float]:
+    return np.frombuffer(blob, dtype=np.float32).tolist()
+
+
+def exact_scores(queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
+    """Inner products of float32 vectors, computed so the value of a pair never depends on what it is batched with.
+
+    Products of two float32 are exact in float64, and numpy sums each row along its contiguous last axis in the same
+    pairwise order whatever the other rows are. faiss's own float32 scores vary in the last bits with the batch shape
+    (BLAS or SIMD path, blocking), which would let shard boundaries change the order of near-ties.
+    `queries` (..., d) broadcasts against `passages` (..., d).
+    """
+    return (np.asarray(passages, dtype=np.float64) * np.asarray(queries, dtype=np.float64)).sum(axis=-1)
+
+
+def teacher_score(query_embedding: Sequence[float], passage_embedding: Sequence[float]) -> float:
+    """The teacher's score of one pair, bit-identical to the score the search gives the same two vectors."""
+    query = np.asarray(query_embedding, dtype=np.float32)
+    passage = np.asarray(passage_embedding, dtype=np.float32)
+    if query.shape != passage.shape:
+        raise ValueError(f"embedding dimensions differ: {query.shape[0]} vs {passage.shape[0]}")
+    return float(exact_scores(query, passage))
+
+
+def stable_bucket(key: str, buckets: int, salt: str = "") -> int:
+    """`key` -> 0..buckets-1, the same on every worker and every run (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(f"{salt}{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % buckets
+
+
+def num_shards_for(corpus_size: int, shard_size: int) -> int:
+    return max(1, math.ceil(corpus_size / shard_size))
+
+
+# --- Search -----------------------------------------------------------------------------------------------------------
+
+
+class Hit(NamedTuple):
+    score: float
+    passage_id: str
+
+
+def hit_order(hit: Hit) -> tuple[float, str]:
+    """Hardest first; equal scores by passage_id, so every sharding of the corpus gives the same order."""
+    return (-hit.score, hit.passage_id)
+
+
+class ShardIndex:
+    """One shard of the corpus: an exact inner-product faiss index, the passage ids by row, the largest vector norm."""
+
+    def __init__(self, dimension: int):
+        self.index = faiss.IndexFlatIP(dimension)
+        self.passage_ids: list[str] = []
+        self.max_norm = 0.0
+
+    @property
+    def dimension(self) -> int:
+        return self.index.d
+
+    @property
+    def size(self) -> int:
+        return len(self.passage_ids)
+
+    def add(self, passage_ids: Sequence[str], vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape != (len(passage_ids), self.dimension):
+            raise ValueError(f"expected {len(passage_ids)} passage vectors of dimension {self.dimension}, "
+                             f"got shape {vectors.shape}")
+        if not len(passage_ids):
+            return
+        self.index.add(vectors)
+        self.passage_ids.extend(passage_ids)
+        self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max()))
+
+
+def build_shard_index(passage_ids: Sequence[str], vectors: np.ndarray) -> ShardIndex:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    shard = ShardIndex(vectors.shape[1])
+    shard.add(passage_ids, vectors)
+    return shard
+
+
+def search_shard(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    """Exact top-k of each query within one shard, hardest first, ties by passage_id.
+
+    faiss ranks in float32; the hits are then rescored exactly (`exact_scores`) and re-sorted. To be sure no passage
+    faiss left out belongs in the exact top-k, faiss fetches more than k and the result is accepted only when the k-th
+    exact score beats the last fetched faiss score by more than float32's error bound (d * eps * |q| * max|p|);
+    otherwise that query is searched again with twice the fetch, up to the whole shard.
+    """
+    queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != shard.dimension:
+        raise ValueError(f"query vectors have shape {queries.shape}, the shard index has dimension {shard.dimension}: "
+                         "queries and passages must come from the same teacher at the same dimension")
+    results: list[list[Hit]] = [[] for _ in range(len(queries))]
+    size = shard.size
+    if size == 0 or len(queries) == 0:
+        return results
+    # Bound on |faiss float32 score - exact score|: d * u * |q| * |p| with u = eps / 2; eps doubles it for safety.
+    tolerance = queries.shape[1] * float(np.finfo(np.float32).eps) * np.linalg.norm(queries, axis=1) * shard.max_norm
+    pending = np.arange(len(queries))
+    fetch = min(size, k + _TIE_SLACK)
+    while pending.size:
+        faiss_scores, rows = shard.index.search(queries[pending], fetch)
+        unsettled: list[int] = []
+        for start in range(0, len(pending), _RESCORE_BLOCK):
+            block_rows = rows[start:start + _RESCORE_BLOCK]
+            block_queries = pending[start:start + _RESCORE_BLOCK]
+            vectors = shard.index.reconstruct_batch(block_rows.ravel()).reshape(*block_rows.shape, shard.dimension)
+            scores = exact_scores(queries[block_queries][:, None, :], vectors)
+            for offset, query_index in enumerate(block_queries):
+                found = zip(scores[offset], block_rows[offset], strict=True)
+                hits = sorted((Hit(float(score), shard.passage_ids[row]) for score, row in found), key=hit_order)[:k]
+                last_fetched = float(faiss_scores[start + offset, -1])
+                if fetch < size and hits[-1].score <= last_fetched + tolerance[query_index]:
+                    unsettled.append(int(query_index))
+                    continue
+                results[query_index] = hits
+        pending = np.asarray(unsettled, dtype=np.int64)
+        fetch = min(size, fetch * 2)
+    return results
+
+
+def merge_topk(hit_lists: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
+    """The global top-k from per-shard top-k lists: a bounded heap, same order and tie-breaking as `search_shard`."""
+    return heapq.nsmallest(k, (Hit(*hit) for hit in itertools.chain.from_iterable(hit_lists)), key=hit_order)
+
+
+# --- Candidate selection ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A passage as a positive or negative candidate of one query."""
+
+    passage_id: str
+    text: str
+    teacher_score: float
+    #: float32 bytes (`pack_vector`); None when the run does not keep embeddings.
+    embedding: bytes | None = None
+
+
+@dataclass(frozen=True)
+class CandidateSelection:
+    positive_score: float
+    #: Candidates scoring above this were dropped as false negatives.
+    max_negative_score: float
+    #: Survivors, hardest first.
+    candidates: tuple[Candidate, ...]
+    hits: int
+    dropped_positive: int
+    dropped_duplicates: tuple[str, ...]
+    dropped_false_negatives: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (
+            f"{self.hits} hits: {self.dropped_positive} the positive, {len(self.dropped_duplicates)} same text as the "
+            f"positive, {len(self.dropped_false_negatives)} above {self.max_negative_score:.4f} (ratio x positive "
+            f"score {self.positive_score:.4f}), {len(self.candidates)} left"
+        )
+
+
+def _normalized_text(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def select_candidates(
+    positive_id: str,
+    positive_text: str,
+    positive_score: float,
+    hits: Iterable[Candidate],
+    config: MineNegativesConfig,
+) -> CandidateSelection:
+    """Steps 2 and 3: drop the positive, its text duplicates and candidates above the positive-aware threshold."""
+    ordered = sorted(hits, key=lambda candidate: (-candidate.teacher_score, candidate.passage_id))
+    # With a non-positive positive score, ratio x score would sit above the positive: never keep what outscores it.
+    if positive_score > 0:
+        max_score = config.max_negative_score_ratio * positive_score
+    else:
+        max_score = positive_score
+    positive_key = _normalized_text(positive_text)
+    kept: list[Candidate] = []
+    dropped_positive = 0
+    duplicates: list[str] = []
+    false_negatives: list[str] = []
+    for candidate in ordered:
+        if candidate.passage_id == positive_id:
+            dropped_positive += 1
+        elif config.drop_positive_text_duplicates and _normalized_text(candidate.text) == positive_key:
+            duplicates.append(candidate.passage_id)
+        elif candidate.teacher_score > max_score:
+            false_negatives.append(candidate.passage_id)
+        else:
+            kept.append(candidate)
+    return CandidateSelection(
+        positive_score=positive_score,
+        max_negative_score=max_score,
+        candidates=tuple(kept),
+        hits=len(ordered),
+        dropped_positive=dropped_positive,
+        dropped_duplicates=tuple(duplicates),
+        dropped_false_negatives=tuple(false_negatives),
+    )
+
+
+def positive_candidate(row: Mapping[str, Any], positive_score: float, config: MineNegativesConfig) -> Candidate:
+    embedding = pack_vector(row["positive_embedding"]) if config.keep_embeddings else None
+    return Candidate(row["passage_id"], row["passage"], positive_score, embedding)
+
+
+# --- LLM scoring ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LLMJudgement:
+    """One LLM answer about one (query, passage), reduced to what the fusion needs."""
+
+    pair_id: str
+    passage_id: str
+    #: "relevance" (grade 0-3) or "likelihood" (log p(query | passage)).
+    signal: str
+    ok: bool
+    value: float | None
+    raw: str
+    error: str | None = None
+
+
+def build_llm_requests(
+    row: Mapping[str, Any], selection: CandidateSelection, config: MineNegativesConfig
+) -> list[LLMRequest]:
+    """Requests for the positive and the `llm_candidates` hardest candidates.
+
+    Each request's `context` is (pair_id, passage_id, signal): what `read_judgement` needs to re-join the answer.
+    """
+    pair_id, query = row["pair_id"], row["query"]
+    scored = [(row["passage_id"], row["passage"])]
+    scored += [(candidate.passage_id, candidate.text) for candidate in selection.candidates[: config.llm_candidates]]
+    grading = get_prompt("negative_scoring")
+    likelihood = get_prompt("query_likelihood") if config.query_likelihood else None
+    requests = []
+    for passage_id, text in scored:
+        requests.append(LLMRequest(
+            request_id=f"{pair_id}/{passage_id}/{_RELEVANCE}",
+            prompt_name=grading.name,
+            prompt_version=grading.version,
+            messages=grading.render(query=query, passage=text),
+            output_model=grading.output_model,
+            context=(pair_id, passage_id, _RELEVANCE),
+        ))
+        if likelihood is not None:
+            requests.append(LLMRequest(
+                request_id=f"{pair_id}/{passage_id}/{_LIKELIHOOD}",
+                prompt_name=likelihood.name,
+                prompt_version=likelihood.version,
+                messages=likelihood.render(passage=text),
+                mode="score",
+                continuations=(likelihood.format_answer({"query": query}),),
+                context=(pair_id, passage_id, _LIKELIHOOD),
+            ))
+    return requests
+
+
+def read_judgement(answer: LLMAnswer) -> LLMJudgement:
+    pair_id, passage_id, signal = answer.request.context
+    value: float | None = None
+    ok, error = answer.ok, answer.error
+    if ok and answer.value is not None:
+        value = float(answer.value["relevance"] if signal == _RELEVANCE else answer.value["logprobs"][0])
+        if not math.isfinite(value):
+            ok, error, value = False, f"non-finite {signal} {value}", None
+    elif ok:
+        ok, error = False, "answer has no value"
+    return LLMJudgement(pair_id, passage_id, signal, ok, value, answer.raw, error)
+
+
+def fuse_llm_scores(signals: Sequence[Mapping[str, float]], *, rrf_k: int = RRF_K) -> dict[str, float]:
+    """Reciprocal rank fusion: sum over signals of 1 / (rrf_k + rank), higher is more relevant.
+
+    Each signal maps passage_id -> score (higher = more relevant) over the same passages. Ranks are 1-based and equal
+    scores share the best rank (grades are 0-3, so ties are the rule): equal evidence gets equal credit.
+    """
+    if not signals:
+        return {}
+    items = set(signals[0])
+    for signal in signals[1:]:
+        if set(signal) != items:
+            raise ValueError("every signal must score the same passages")
+    fused = dict.fromkeys(items, 0.0)
+    for signal in signals:
+        ordered = sorted(signal.values(), reverse=True)
+        best_rank = {}
+        for rank, score in enumerate(ordered, start=1):
+            best_rank.setdefault(score, rank)
+        for passage_id, score in signal.items():
+            fused[passage_id] += 1.0 / (rrf_k + best_rank[score])
+    return fused
+
+
+def decide_relabel(
+    positive_id: str,
+    grades: Mapping[str, int],
+    fused: Mapping[str, float],
+    teacher_scores: Mapping[str, float],
+    *,
+    min_grade: int,
+) -> str | None:
+    """The passage_id that should replace the positive, or None.
+
+    The top fused candidate (ties: higher grade, higher teacher score, passage_id) replaces the positive only when its
+    grade is at least `min_grade`, strictly above the positive's, and its fused score is strictly above the positive's.
+    No grade for the positive (failed answer) means no relabel.
+    """
+    if positive_id not in grades:
+        return None
+    others = [passage_id for passage_id in grades if passage_id != positive_id]
+    if not others:
+        return None
+    best = min(others, key=lambda pid: (-fused[pid], -grades[pid], -teacher_scores.get(pid, 0.0), pid))
+    clearly_better = (
+        grades[best] >= min_grade and grades[best] > grades[positive_id] and fused[best] > fused[positive_id]
+    )
+    return best if clearly_better else None
+
+
+# --- Outcomes ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MiningOutcome:
+    """A query's result: a triplet, or a rejection reason; `counts` feed Beam metrics (name -> increment)."""
+
+    triplet: dict[str, Any] | None
+    reason: str | None = None
+    detail: str | None = None
+    raw_answer: str | None = None
+    counts: tuple[tuple[str, int], ...] = ()
+
+
+def build_triplet(
+    row: Mapping[str, Any],
+    positive: Candidate,
+    negatives: Sequence[Candidate],
+    llm_scores: Sequence[float] | None,
+    *,
+    relabeled: bool,
+    config: MineNegativesConfig,
+) -> dict[str, Any]:
+    """A TRIPLET row. triplet_id is the pair_id: one triplet per graded pair."""
+    keep = config.keep_embeddings
+    negative_embeddings = None
+    if keep and all(negative.embedding is not None for negative in negatives):
+        negative_embeddings = [unpack_vector(negative.embedding) for negative in negatives]  # type: ignore[arg-type]
+    return {
+        "triplet_id": row["pair_id"],
+        "task": row["task"],
+        "query_id": row["query_id"],
+        "query": row["query"],
+        "positive_id": positive.passage_id,
+        "positive": positive.text,
+        "positive_relabeled": relabeled,
+        "negative_ids": [negative.passage_id for negative in negatives],
+        "negatives": [negative.text for negative in negatives],
+        "positive_teacher_score": positive.teacher_score,
+        "negative_teacher_scores": [negative.teacher_score for negative in negatives],
+        "negative_llm_scores": list(llm_scores) if llm_scores is not None else None,
+        "query_embedding": unpack_vector(pack_vector(row["query_embedding"])) if keep else None,
+        "positive_embedding": unpack_vector(positive.embedding) if keep and positive.embedding is not None else None,
+        "negative_embeddings": negative_embeddings,
+        "teacher_model": config.teacher_model,
+    }
+
+
+def mine_without_llm(
+    row: Mapping[str, Any], selection: CandidateSelection, config: MineNegativesConfig
+) -> MiningOutcome:
+    """Step 5 without LLM scoring: the `num_negatives` hardest survivors."""
+    negatives = selection.candidates[: config.num_negatives]
+    if len(negatives) < config.min_negatives:
+        detail = f"{selection.describe()}; need at least {config.min_negatives}"
+        return MiningOutcome(None, "no_negatives", detail)
+    positive = positive_candidate(row, selection.positive_score, config)
+    return MiningOutcome(build_triplet(row, positive, negatives, None, relabeled=False, config=config))
+
+
+def judge_candidates(
+    row: Mapping[str, Any],
+    selection: CandidateSelection,
+    judgements: Iterable[LLMJudgement],
+    config: MineNegativesConfig,
+) -> MiningOutcome:
+    """Steps 4 and 5 with LLM scoring: fuse, relabel, drop what the LLM finds relevant, keep the hardest."""
+    positive = positive_candidate(row, selection.positive_score, config)
+    scored = selection.candidates[: config.llm_candidates]
+    signals = (_RELEVANCE, _LIKELIHOOD) if config.query_likelihood else (_RELEVANCE,)
+    answers = {(judgement.passage_id, judgement.signal): judgement for judgement in judgements}
+
+    complete: list[str] = []
+    failed: list[LLMJudgement | None] = []
+    for passage_id in (positive.passage_id, *(candidate.passage_id for candidate in scored)):
+        found = [answers.get((passage_id, signal)) for signal in signals]
+        bad = [judgement for judgement in found if judgement is None or not judgement.ok]
+        if bad:
+            failed.append(bad[0])
+        else:
+            complete.append(passage_id)
+    grades = {pid: int(answers[(pid, _RELEVANCE)].value) for pid in complete}  # type: ignore[arg-type]
+    signal_scores: list[Mapping[str, float]] = [grades]
+    if config.query_likelihood:
+        signal_scores.append({pid: answers[(pid, _LIKELIHOOD)].value for pid in complete})  # type: ignore[misc]
+    fused = fuse_llm_scores(signal_scores)
+    failed_raw = next((judgement.raw for judgement in failed if judgement is not None), None)
+    positive_failed = positive.passage_id not in grades
+    counts = {"positive_llm_failed": int(positive_failed), "dropped.llm_failed": len(failed) - int(positive_failed)}
+
+    new_positive_id = None
+    if config.relabel:
+        teacher = {candidate.passage_id: candidate.teacher_score for candidate in scored}
+        teacher[positive.passage_id] = positive.teacher_score
+        new_positive_id = decide_relabel(
+            positive.passage_id, grades, fused, teacher, min_grade=config.relabel_min_grade
+        )
+    if new_positive_id is None and not positive_failed and grades[positive.passage_id] < config.min_positive_grade:
+        positive_raw = answers[(positive.passage_id, _RELEVANCE)].raw
+        detail = (f"the LLM graded the positive {grades[positive.passage_id]} (< min_positive_grade "
+                  f"{config.min_positive_grade}) and no candidate qualified as a better positive")
+        return MiningOutcome(None, "positive_judged_irrelevant", detail, positive_raw, tuple(counts.items()))
+    if new_positive_id is not None:
+        positive = next(candidate for candidate in scored if candidate.passage_id == new_positive_id)
+        counts["relabeled"] = 1
+
+    negatives: list[Candidate] = []
+    llm_relevant = 0
+    for candidate in scored:
+        if candidate.passage_id == new_positive_id or candidate.passage_id not in grades:
+            continue
+        if grades[candidate.passage_id] >= config.llm_relevant_grade:
+            llm_relevant += 1
+        else:
+            negatives.append(candidate)
+    counts["dropped.llm_relevant"] = llm_relevant
+    negatives = negatives[: config.num_negatives]
+    if len(negatives) < config.min_negatives:
+        detail = (
+            f"{selection.describe()}; of the {len(scored)} LLM-scored: {llm_relevant} graded relevant "
+            f"(>= {config.llm_relevant_grade}), {counts['dropped.llm_failed']} failed answers"
+            f"{', 1 promoted to positive' if new_positive_id else ''}; need at least {config.min_negatives}"
+        )
+        return MiningOutcome(None, "no_negatives", detail, failed_raw, tuple(counts.items()))
+    triplet = build_triplet(
+        row,
+        positive,
+        negatives,
+        [fused[candidate.passage_id] for candidate in negatives],
+        relabeled=new_positive_id is not None,
+        config=config,
+    )
+    return MiningOutcome(triplet, counts=tuple(counts.items()))
+
+
+def rejected_payload(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The query row without its embeddings (derived data the embedding cache gives back for free)."""
+    return {key: value for key, value in row.items() if key not in _EMBEDDING_FIELDS}
+
+
+# --- DoFns ------------------------------------------------------------------------------------------------------------
+
+_KEPT = "kept"
+_REJECTED = "rejected"
+_VECTORS = "vectors"
+_PENDING = "pending"
+_REQUESTS = "requests"
+
+
+def _missing_fields(row: Mapping[str, Any]) -> list[str]:
+    return [name for name in _REQUIRED_FIELDS if row.get(name) is None or len(row[name]) == 0]
+
+
+class _KeyQueriesFn(beam.DoFn):
+    """Checks a query row; emits it keyed by pair_id, and its vector once per shard for the search."""
+
+    def __init__(self, config: MineNegativesConfig):
+        self._config = config
+        self._counters = StageCounters(STAGE)
+
+    def process(self, row: dict[str, Any], num_shards: int) -> Iterator[Any]:
+        self._counters.input.inc()
+        missing = _missing_fields(row)
+        if missing:
+            self._counters.reject("missing_field")
+            yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
+                STAGE, "missing_field", rejected_payload(row), record_id=row.get("pair_id"),
+                detail=f"query row lacks {', '.join(missing)} (empty or null)",
+            ))
+            return
+        pair_id = row["pair_id"]
+        if len(row["query_embedding"]) != len(row["positive_embedding"]):
+            self._counters.reject("embedding_mismatch")
+            yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
+                STAGE, "embedding_mismatch", rejected_payload(row), record_id=pair_id,
+                detail=f"query_embedding has {len(row['query_embedding'])} dimensions, positive_embedding "
+                       f"{len(row['positive_embedding'])}: both must come from the same teacher at the same dimension",
+            ))
+            return
+        yield pair_id, row
+        group = stable_bucket(pair_id, self._config.query_groups, salt="query-group:")
+        blob = pack_vector(row["query_embedding"])
+        for shard in range(num_shards):
+            yield beam.pvalue.TaggedOutput(_VECTORS, ((shard, group), (_QUERY_TAG, pair_id, blob)))
+
+
+def _passage_vector(passage: Mapping[str, Any]) -> bytes:
+    embedding = passage.get("embedding")
+    if embedding is None or len(embedding) == 0:
+        raise ValueError(f"passage {passage.get('passage_id')!r} has no 'embedding': embed the corpus with the "
+                         "teacher (EmbedTeacher) before MineNegatives")
+    return pack_vector(embedding)
+
+
+class _ShardPassagesFn(beam.DoFn):
+    """Sends each passage vector to its shard, once per query group."""
+
+    def __init__(self, config: MineNegativesConfig):
+        self._config = config
+
+    def process(self, passage: dict[str, Any], num_shards: int) -> Iterator[Any]:
+        passage_id = passage["passage_id"]
+        shard = stable_bucket(passage_id, num_shards, salt="shard:")
+        blob = _passage_vector(passage)
+        for group in range(self._config.query_groups):
+            yield (shard, group), (_PASSAGE_TAG, passage_id, blob)
+
+
+class _SearchShardFn(beam.DoFn):
+    """One (shard, query group): builds the shard's index from its passages, searches the group's queries."""
+
+    def __init__(self, config: MineNegativesConfig):
+        self._config = config
+        self._searched = beam.metrics.Metrics.counter(f"embforge.{STAGE}", "shard_searches")
+
+    def setup(self) -> None:
+        if self._config.faiss_threads is not None:
+            faiss.omp_set_num_threads(self._config.faiss_threads)
+
+    def process(self, element: tuple[tuple[int, int], Iterable[tuple[str, str, bytes]]]) -> Iterator[Any]:
+        _, items = element
+        shard: ShardIndex | None = None
+        staged_ids: list[str] = []
+        staged: list[bytes] = []
+        query_ids: list[str] = []
+        query_blobs: list[bytes] = []
+
+        def flush() -> ShardIndex:
+            vectors = np.frombuffer(b"".join(staged), dtype=np.float32).reshape(len(staged), -1)
+            index = shard if shard is not None else ShardIndex(vectors.shape[1])
+            index.add(staged_ids, vectors)
+            staged_ids.clear()
+            staged.clear()
+            return index
+
+        for tag, item_id, blob in items:
+            if tag == _QUERY_TAG:
+                query_ids.append(item_id)
+                query_blobs.append(blob)
+                continue
+            staged_ids.append(item_id)
+            staged.append(blob)
+            if len(staged) >= _ADD_CHUNK:
+                shard = flush()
+        if staged:
+            shard = flush()
+        if shard is None or not query_ids:
+            return
+        self._searched.inc()
+        batch = self._config.query_batch_size
+        for start in range(0, len(query_ids), batch):
+            blobs = query_blobs[start:start + batch]
+            vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
+            if vectors.shape[1] != shard.dimension:
+                raise ValueError(f"query {query_ids[start]!r} has dimension {vectors.shape[1]}, the passages "
+                                 f"{shard.dimension}: embed queries and passages with the same teacher and dimension")
+            yield from zip(query_ids[start:start + batch], search_shard(shard, vectors, self._config.k), strict=True)
+
+
+class _TopHitsFn(beam.CombineFn):
+    """Per query: the global top-k of the per-shard top-k lists."""
+
+    def __init__(self, k: int):
+        self._k = k
+
+    def create_accumulator(self) -> list[Hit]:
+        return []
+
+    def add_input(self, accumulator: list[Hit], hits: list[Hit]) -> list[Hit]:
+        return merge_topk([accumulator, hits], self._k)
+
+    def merge_accumulators(self, accumulators: Iterable[list[Hit]]) -> list[Hit]:
+        return merge_topk(accumulators, self._k)
+
+    def extract_output(self, accumulator: list[Hit]) -> list[Hit]:
+        return accumulator
+
+
+def _hits_by_passage(element: tuple[str, list[Hit]]) -> Iterator[tuple[str, tuple[str, float]]]:
+    pair_id, hits = element
+    for score, passage_id in hits:
+        yield passage_id, (pair_id, score)
+
+
+def _key_passage(passage: Mapping[str, Any], keep_embeddings: bool) -> tuple[str, tuple[str, bytes | None]]:
+    return passage["passage_id"], (passage["text"], _passage_vector(passage) if keep_embeddings else None)
+
+
+def _attach_passage(element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[tuple[str, Candidate]]:
+    passage_id, grouped = element
+    if not grouped["hits"]:
+        return
+    # passage_ids are unique by contract; if not, every hit takes the same (first by text) copy, deterministically.
+    text, embedding = min(grouped["passage"], key=lambda item: item[0])
+    for pair_id, score in grouped["hits"]:
+        yield pair_id, Candidate(passage_id, text, score, embedding)
+
+
+class _OutcomeCounting(beam.DoFn):
+    """Shared by the DoFns that finish a query: turns a MiningOutcome into a kept or a rejected row, and counts."""
+
+    def __init__(self, config: MineNegativesConfig):
+        self._config = config
+        self._counters = StageCounters(STAGE)
+
+    def _count(self, name: str, value: int = 1) -> None:
+        if value:
+            beam.metrics.Metrics.counter(self._counters.namespace, name).inc(value)
+
+    def _finish(self, row: Mapping[str, Any], outcome: MiningOutcome) -> Iterator[Any]:
+        for name, value in outcome.counts:
+            self._count(name, value)
+        if outcome.triplet is not None:
+            self._counters.kept.inc()
+            yield outcome.triplet
+            return
+        assert outcome.reason is not None
+        self._counters.reject(outcome.reason)
+        yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
+            STAGE, outcome.reason, rejected_payload(row), record_id=row["pair_id"], raw_answer=outcome.raw_answer,
+            detail=outcome.detail,
+        ))
+
+
+class _SelectFn(_OutcomeCounting):
+    """Joins a query with its hits, applies steps 2-3, then finishes it (no LLM) or emits its LLM requests."""
+
+    def __init__(self, config: MineNegativesConfig, llm: bool):
+        super().__init__(config)
+        self._llm = llm
+
+    def process(self, element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
+        pair_id, grouped = element
+        rows, hits = grouped["query"], grouped["candidates"]
+        if len(rows) > 1:
+            for row in rows:
+                self._counters.reject("duplicate_pair_id")
+                yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
+                    STAGE, "duplicate_pair_id", rejected_payload(row), record_id=pair_id,
+                    detail=f"{len(rows)} query rows share pair_id {pair_id!r}; pair_id must be unique",
+                ))
+            return
+        if not rows:
+            # Hits exist only for queries that were keyed, so this does not happen.
+            return
+        row = rows[0]
+        config = self._config
+        positive_score = teacher_score(row["query_embedding"], row["positive_embedding"])
+        selection = select_candidates(row["passage_id"], row["passage"], positive_score, hits, config)
+        self._count("dropped.positive", selection.dropped_positive)
+        self._count("dropped.duplicate_text", len(selection.dropped_duplicates))
+        self._count("dropped.teacher_threshold", len(selection.dropped_false_negatives))
+        if not self._llm:
+            yield from self._finish(row, mine_without_llm(row, selection, config))
+        elif len(selection.candidates) < config.min_negatives:
+            # The LLM can only remove candidates, so there is nothing to ask it.
+            yield from self._finish(row, mine_without_llm(row, selection, config))
+        else:
+            yield beam.pvalue.TaggedOutput(_PENDING, (pair_id, (row, selection)))
+            for request in build_llm_requests(row, selection, config):
+                yield beam.pvalue.TaggedOutput(_REQUESTS, request)
+
+
+def _key_judgement(answer: LLMAnswer) -> tuple[str, LLMJudgement]:
+    judgement = read_judgement(answer)
+    return judgement.pair_id, judgement
+
+
+class _JudgeFn(_OutcomeCounting):
+    """Joins a pending query with its LLM judgements and finishes it."""
+
+    def process(self, element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
+        _, grouped = element
+        for row, selection in grouped["pending"]:
+            yield from self._finish(row, judge_candidates(row, selection, grouped["judgements"], self._config))
+
+
+# --- The transform ----------------------------------------------------------------------------------------------------
+
+
+class MineNegatives(beam.PTransform):
+    """{"queries": graded pairs + embeddings, "passages": corpus + embeddings} -> {"kept": triplets, "rejected": ...}.
+
+    See the module docstring for the input contract, the sharded search and the LLM decisions. `llm_spec` is needed
+    only with `config.llm_scoring`; it is ignored otherwise.
+    """
+
+    def __init__(self, config: MineNegativesConfig, llm_spec: LLMSpec | None = None):
+        super().__init__()
+        if config.llm_scoring and llm_spec is None:
+            raise ValueError("MineNegatives: llm_scoring=True needs an llm_spec (or set llm_scoring=False)")
+        if config.query_likelihood and llm_spec is not None and llm_spec.backend == "gemini":
+            raise ValueError("MineNegatives: query_likelihood needs log-probabilities, which the Gemini backend does "
+                             "not give; use backend='local' or set query_likelihood=False")
+        self._config = config
+        self._llm_spec = llm_spec if config.llm_scoring else None
+
+    def expand(self, inputs: Any) -> dict[str, beam.PCollection]:
+        if isinstance(inputs, Mapping):
+            queries, passages = inputs["queries"], inputs["passages"]
+        else:
+            queries, passages = inputs
+        config = self._config
+
+        num_shards = (
+            passages
+            | "CountPassages" >> beam.combiners.Count.Globally()
+            | "NumShards" >> beam.Map(num_shards_for, config.shard_size)
+        )
+        keyed = queries | "KeyQueries" >> beam.ParDo(
+            _KeyQueriesFn(config), beam.pvalue.AsSingleton(num_shards)
+        ).with_outputs(_VECTORS, _REJECTED, main="rows")
+        passage_vectors = passages | "ShardPassages" >> beam.ParDo(
+            _ShardPassagesFn(config), beam.pvalue.AsSingleton(num_shards)
+        )
+        top_hits = (
+            (keyed[_VECTORS], passage_vectors)
+            | "UnionForSearch" >> beam.Flatten()
+            | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
+            | "SearchShards" >> beam.ParDo(_SearchShardFn(config))
+            | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(config.k))
+        )
+        candidates = (
+            {
+                "passage": passages | "KeyPassages" >> beam.Map(_key_passage, config.keep_embeddings),
+                "hits": top_hits | "KeyHitsByPassage" >> beam.FlatMap(_hits_by_passage),
+            }
+            | "JoinPassageTexts" >> beam.CoGroupByKey()
+            | "AttachPassages" >> beam.FlatMap(_attach_passage)
+        )
+        selected = (
+            {"query": keyed["rows"], "candidates": candidates}
+            | "JoinQueriesWithHits" >> beam.CoGroupByKey()
+            | "SelectCandidates" >> beam.ParDo(_SelectFn(config, llm=self._llm_spec is not None)).with_outputs(
+                _REJECTED, _PENDING, _REQUESTS, main=_KEPT
+            )
+        )
+        kept = [selected[_KEPT]]
+        rejected = [keyed[_REJECTED], selected[_REJECTED]]
+        if self._llm_spec is not None:
+            judgements = (
+                selected[_REQUESTS]
+                | "ScoreCandidates" >> CallLLM(self._llm_spec, stage=STAGE)
+                | "KeyJudgements" >> beam.Map(_key_judgement)
+            )
+            judged = (
+                {"pending": selected[_PENDING], "judgements": judgements}
+                | "JoinJudgements" >> beam.CoGroupByKey()
+                | "JudgeCandidates" >> beam.ParDo(_JudgeFn(config)).with_outputs(_REJECTED, main=_KEPT)
+            )
+            kept.append(judged[_KEPT])
+            rejected.append(judged[_REJECTED])
+        return {
+            "kept": tuple(kept) | "FlattenKept" >> beam.Flatten(),
+            "rejected": tuple(rejected) | "FlattenRejected" >> beam.Flatten(),
+        }
