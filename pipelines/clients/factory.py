@@ -44,6 +44,9 @@ class LLMSpec:
     #: Local: torch device and the folder where converted weights are kept between runs.
     device: str = "cpu"
     cache_dir: str | None = None
+    #: Local: torch intra-op threads (default: $EMBFORGE_TORCH_THREADS, else the CPUs available). With Beam's
+    #: multi_processing runner keep workers x threads <= cores.
+    torch_threads: int | None = None
 
     @property
     def model_name(self) -> str:
@@ -64,6 +67,10 @@ class EmbedderSpec:
     device: str = "cpu"
     cache_dir: str | None = None
     batch_size: int = 32
+    #: Local: as `LLMSpec.torch_threads`.
+    torch_threads: int | None = None
+    #: Local: (task type, prompt prefix) pairs overriding the model's own prompts; a tuple so the spec stays hashable.
+    task_prompts: tuple[tuple[str, str], ...] = ()
 
     @property
     def model_name(self) -> str:
@@ -112,9 +119,9 @@ def llm_identity(spec: LLMSpec) -> tuple[str, str]:
         return spec.model_name, spec.model_name
     if spec.backend == "custom":
         return spec.model_name, "custom"
-    from pipelines.clients.packaged_models import model_version
+    from pipelines.clients.packaged_models import resolve_model
 
-    return spec.model_name, model_version(spec.model_name)
+    return spec.model_name, resolve_model(spec.model_name, spec.cache_dir).model_version
 
 
 def embedder_identity(spec: EmbedderSpec) -> tuple[str, str]:
@@ -122,6 +129,6 @@ def embedder_identity(spec: EmbedderSpec) -> tuple[str, str]:
         return spec.model_name, spec.model_name
     if spec.backend == "custom":
         return spec.model_name, "custom"
-    from pipelines.clients.packaged_models import model_version
+    from pipelines.clients.packaged_models import resolve_model
 
-    return spec.model_name, model_version(spec.model_name)
+    return spec.model_name, resolve_model(spec.model_name, spec.cache_dir).model_version

@@ -1,0 +1,568 @@
+"""`LocalLLM`: a transformers causal LM on this machine, with structured output by construction.
+
+Small local models do not follow "answer in JSON" reliably, so the JSON is not left to them: the answer is decoded
+field by field, in the output model's declaration order, with the JSON skeleton written by us and only the values
+written (or chosen) by the model:
+
+    {"task": "   <- prefilled; the model writes until an unescaped quote (or a newline, which JSON strings can't hold)
+    ", "relevance":  <- prefilled; then one of the allowed values, chosen by log-probability (no free text at all)
+
+- `str`: free text, ended by the closing quote, a newline, a special token (end of turn), or the token budget.
+- `Literal[...]`, `Enum`, `bool`, `int` with both bounds: each allowed value is scored as a continuation and the most
+  likely one is taken (sampled in proportion to its probability when temperature > 0).
+- `list[str]`: a JSON array whose items are free text as above; before each item, "another item" is weighed against
+  "close the list", within the field's min/max length (at most `DEFAULT_MAX_LIST_ITEMS` when it sets none).
+
+Values are re-encoded with `json.dumps`, so the assembled answer is valid JSON whatever the model wrote; pydantic then
+validates it (lengths, patterns, validators), and a violation is a failed `GenerationResult` with the raw answer kept.
+
+The packaged default (SmolLM2-135M-Instruct, Q4_1 GGUF) is dequantized once into the model cache (about 20 s on 2 busy
+CPU cores with transformers 5) and loaded from there afterwards (under a second once transformers is imported).
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import hashlib
+import inspect
+import json
+import re
+import threading
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, ValidationError
+
+from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, GenerationResult, OutputT, Usage
+from pipelines.clients.factory import DEFAULT_LOCAL_LLM
+from pipelines.clients.packaged_models import (
+    ResolvedModel,
+    cap_torch_threads,
+    hub_version,
+    materialize_once,
+    model_cache_dir,
+    resolve_model,
+    unavailable_error,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipelines.clients.factory import LLMSpec
+
+#: Items a `list[str]` field may get when its model sets no max_length: enough for keywords or sub-queries, few
+#: enough that a small model stuck in a loop ends quickly.
+DEFAULT_MAX_LIST_ITEMS = 8
+#: Most allowed values a choice field may have: each is scored, so `int` ranges must stay small (a 1-5 grade).
+MAX_CHOICES = 101
+#: Continuations scored per forward pass in `score` and choice fields: bounds the (batch x length x vocabulary)
+#: logits tensor, about 16 x 32 x 49k floats = 100 MB for SmolLM2.
+SCORE_BATCH_SIZE = 16
+
+
+# --- the answer's shape: pure functions, tested without a model -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldPlan:
+    """How one field of the output model is decoded."""
+
+    #: The JSON key (the field's alias when it has one, as pydantic validates by alias).
+    key: str
+    kind: Literal["string", "choice", "string_list"]
+    #: choice: each allowed value as JSON text (`"relevant"`, `3`, `true`), in declaration order.
+    choices: tuple[str, ...] = ()
+    min_items: int = 0
+    max_items: int = DEFAULT_MAX_LIST_ITEMS
+
+
+def plan_fields(output_model: type[BaseModel]) -> tuple[FieldPlan, ...]:
+    """One `FieldPlan` per field, in declaration order; TypeError for a field constrained decoding cannot produce."""
+    plans = []
+    for name, info in output_model.model_fields.items():
+        key = info.alias or name
+        annotation = info.annotation
+        where = f"{output_model.__name__}.{name}"
+        if annotation is str:
+            plans.append(FieldPlan(key, "string"))
+        elif annotation is bool:
+            plans.append(FieldPlan(key, "choice", ("true", "false")))
+        elif annotation is int:
+            low, high = _int_bounds(info.metadata, where)
+            if high - low + 1 > MAX_CHOICES:
+                raise TypeError(
+                    f"{where}: {high - low + 1} allowed values; constrained decoding scores at most "
+                    f"{MAX_CHOICES}, narrow the ge/le bounds"
+                )
+            plans.append(FieldPlan(key, "choice", tuple(str(value) for value in range(low, high + 1))))
+        elif typing.get_origin(annotation) is Literal:
+            plans.append(FieldPlan(key, "choice", _json_choices(typing.get_args(annotation), where)))
+        elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            plans.append(FieldPlan(key, "choice", _json_choices([member.value for member in annotation], where)))
+        elif typing.get_origin(annotation) is list and typing.get_args(annotation) == (str,):
+            min_items = max((m.min_length for m in info.metadata if isinstance(m, annotated_types.MinLen)), default=0)
+            declared_max = [m.max_length for m in info.metadata if isinstance(m, annotated_types.MaxLen)]
+            max_items = min(declared_max) if declared_max else DEFAULT_MAX_LIST_ITEMS
+            plans.append(FieldPlan(key, "string_list", min_items=min_items, max_items=max(max_items, min_items)))
+        else:
+            raise TypeError(
+                f"{where}: {annotation!r} is not supported by LocalLLM's constrained decoding; use str, bool, "
+                f"int with ge/le bounds, Literal[...], an Enum or list[str]"
+            )
+    if not plans:
+        raise TypeError(f"{output_model.__name__} has no fields to generate")
+    return tuple(plans)
+
+
+def _int_bounds(metadata: Sequence[Any], where: str) -> tuple[int, int]:
+    low = high = None
+    for item in metadata:
+        if isinstance(item, annotated_types.Ge):
+            low = int(item.ge)
+        elif isinstance(item, annotated_types.Gt):
+            low = int(item.gt) + 1
+        elif isinstance(item, annotated_types.Le):
+            high = int(item.le)
+        elif isinstance(item, annotated_types.Lt):
+            high = int(item.lt) - 1
+    if low is None or high is None:
+        raise TypeError(f"{where}: an int field needs both bounds (Field(ge=..., le=...)) so its value can be chosen")
+    if low > high:
+        raise TypeError(f"{where}: empty range {low}..{high}")
+    return low, high
+
+
+def _json_choices(values: Sequence[Any], where: str) -> tuple[str, ...]:
+    if not values or not all(isinstance(value, str | int | bool) for value in values):
+        raise TypeError(f"{where}: choices must be str, int or bool values, got {list(values)!r}")
+    if len(values) > MAX_CHOICES:
+        raise TypeError(f"{where}: {len(values)} choices; constrained decoding scores at most {MAX_CHOICES}")
+    return tuple(json.dumps(value, ensure_ascii=False) for value in values)
+
+
+def key_text(index: int, key: str) -> str:
+    """The skeleton before field `index`'s value: `{"key":` for the first field, `, "key":` after."""
+    return ("{" if index == 0 else ", ") + json.dumps(key, ensure_ascii=False) + ":"
+
+
+def find_string_end(text: str) -> int | None:
+    """Index of the first unescaped `"` or raw newline in generated string content, or None if it is still open.
+
+    A raw newline ends the string because a JSON string cannot contain one, and small models use it to start rambling.
+    """
+    escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in '"\n':
+            return index
+    return None
+
+
+_JSON_ESCAPE = re.compile(r'\\(["\\/bfnrt]|u[0-9a-fA-F]{4})|\\')
+
+
+def decode_string_content(content: str) -> str:
+    """Generated string content (JSON-escaped as the model wrote it) -> the Python string.
+
+    Invalid escapes (a lone backslash, `\\x`) are kept as literal text rather than failing the whole answer.
+    """
+    # strict=False: a raw tab or other control character is kept rather than rejected.
+    decoder = json.JSONDecoder(strict=False)
+    try:
+        return decoder.decode(f'"{content}"')
+    except json.JSONDecodeError:
+        # Double every backslash that does not start a valid JSON escape, then decode again. Valid escapes are
+        # matched whole, so the second half of an escaped backslash is never taken for the start of another escape.
+        repaired = _JSON_ESCAPE.sub(lambda match: match.group(0) if match.group(1) else "\\\\", content)
+        try:
+            return decoder.decode(f'"{repaired}"')
+        except json.JSONDecodeError:
+            return content
+
+
+def list_text(items: Sequence[str]) -> str:
+    """A JSON array from already JSON-encoded items, spaced as `json.dumps` spaces it."""
+    return "[" + ", ".join(items) + "]"
+
+
+def render_fallback_chat(messages: Sequence[ChatMessage]) -> str:
+    """Prompt for tokenizers without a chat template (base models): one `Role: text` paragraph per message."""
+    turns = [f"{message.role.capitalize()}: {message.content}" for message in messages]
+    return "\n\n".join([*turns, "Assistant: "])
+
+
+# --- the model -------------------------------------------------------------------------------------------------------
+
+
+class AnswerTooLongError(Exception):
+    """A string field was still open when the token budget ran out."""
+
+
+class LocalLLM(LLM):
+    """A transformers causal LM (any Hub id or path; default SmolLM2-135M-Instruct from its packaged GGUF)."""
+
+    supports_logprobs = True
+
+    def __init__(
+        self,
+        model: str = DEFAULT_LOCAL_LLM,
+        *,
+        device: str = "cpu",
+        cache_dir: str | None = None,
+        torch_threads: int | None = None,
+    ):
+        super().__init__()
+        self.torch_threads = cap_torch_threads(torch_threads)
+        resolved = resolve_model(model, cache_dir)
+        #: True when this construction dequantized a GGUF file (False: the cached conversion was reused).
+        self.converted = False
+        self.loaded_from = self._load(resolved, model_cache_dir(cache_dir), device)
+        self.model_id = model
+        self.model_version = (
+            hub_version(resolved.location) if resolved.model_version == "hub-unresolved" else resolved.model_version
+        )
+        self.device = device
+        parameters = inspect.signature(self._model.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes away in 5.40).
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._keeps_last_logits = "logits_to_keep" in parameters
+        self._stop_ids = self._special_token_ids()
+        # One call at a time: torch already uses every thread it is given, and interleaved calls only thrash.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_spec(cls, spec: LLMSpec) -> LocalLLM:
+        return cls(spec.model_name, device=spec.device, cache_dir=spec.cache_dir, torch_threads=spec.torch_threads)
+
+    # --- loading ---
+
+    def _load(self, resolved: ResolvedModel, cache_root: Path, device: str) -> str:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        location = resolved.location
+        if resolved.gguf_file:
+            location = str(self._dequantized_copy(resolved, cache_root))
+        local = Path(location).is_dir()
+        dtype: dict[str, Any] = {}
+        if device == "cpu":
+            import torch
+            import transformers
+
+            # Hub checkpoints are often bfloat16, which most CPUs multiply far slower than float32.
+            # (transformers 5 renamed `torch_dtype` to `dtype`.)
+            dtype_argument = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+            dtype[dtype_argument] = torch.float32
+        try:
+            # local_files_only for folders: never ask the Hub about a path.
+            self._tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
+            self._model = AutoModelForCausalLM.from_pretrained(location, local_files_only=local, **dtype)
+        except OSError as error:
+            raise unavailable_error(resolved, error) from error
+        self._model.to(device)
+        self._model.eval()
+        return location
+
+    def _dequantized_copy(self, resolved: ResolvedModel, cache_root: Path) -> Path:
+        """Dequantize a GGUF checkpoint once into `cache_root`; later constructions load the saved copy (<1 s)."""
+        assert resolved.gguf_file is not None
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(resolved.gguf_file).stem).strip("-").lower()
+        # The version is in the folder name so that a new package version converts beside the old one.
+        slug = hashlib.sha256(f"{resolved.model_version}/{resolved.gguf_file}".encode()).hexdigest()[:10]
+        target = cache_root / f"{name}-{slug}-dequantized"
+
+        def convert(staging: Path) -> None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            kwargs: dict[str, Any] = {"gguf_file": resolved.gguf_file}
+            try:
+                from transformers import GgufConfig
+
+                # transformers >= 5 keeps GGUF weights packed (not saveable) unless told to dequantize.
+                kwargs["quantization_config"] = GgufConfig(dequantize=True)
+            except ImportError:  # transformers 4.x always dequantizes GGUF
+                pass
+            tokenizer = AutoTokenizer.from_pretrained(resolved.location, gguf_file=resolved.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            self.converted = True
+
+        return materialize_once(target, convert)
+
+    def _special_token_ids(self) -> frozenset[int]:
+        """Token ids that end free text: end of turn / text and every other special token (none belongs in a value)."""
+        ids = set(self._tokenizer.all_special_ids)
+        for source in (self._tokenizer.eos_token_id, getattr(self._model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return frozenset(ids)
+
+    # --- public API ---
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        output_model: type[OutputT],
+        config: GenerationConfig = GenerationConfig(),
+    ) -> GenerationResult[OutputT]:
+        """Constrained decoding of `output_model` (see the module docstring).
+
+        A model answer that fails validation or runs out of tokens is a failed result; an output model with a field
+        this decoder cannot produce (float, Optional, nested models, unbounded int) is a programming error: TypeError.
+        """
+        plans = plan_fields(output_model)
+        import torch
+
+        prompt_ids = self._encode(self._render_prompt(messages))
+        generator = None
+        if config.temperature > 0:
+            # Seeded per call, never the global RNG; without a seed the prompt picks it, so the same request samples
+            # the same answer (what the content-addressed cache assumes).
+            seed = config.seed if config.seed is not None else _seed_from(prompt_ids)
+            generator = torch.Generator().manual_seed(seed)
+        with self._lock, torch.inference_mode():
+            raw, error = self._decode(prompt_ids, plans, config, generator)
+        usage = Usage(input_tokens=len(prompt_ids), output_tokens=len(self._encode(raw)))
+        if error is None:
+            try:
+                value = output_model.model_validate_json(raw)
+            except ValidationError as validation_error:
+                error = f"answer violates {output_model.__name__}: {validation_error}"
+        if error is not None:
+            self.stats.record(usage=usage, failed=True)
+            return GenerationResult(ok=False, value=None, raw=raw, error=error, usage=usage)
+        self.stats.record(usage=usage)
+        return GenerationResult(ok=True, value=value, raw=raw, usage=usage)
+
+    def score(self, messages: Sequence[ChatMessage], continuations: Sequence[str]) -> list[float]:
+        """Natural-log probability of each continuation as the start of the assistant's answer to `messages`.
+
+        The end-of-turn token is not included, so "Yes" and "Yes, because ..." are both scored as answers beginning
+        that way; the prompt is computed once and the continuations in batches of `SCORE_BATCH_SIZE`.
+        """
+        if not continuations:
+            return []
+        import torch
+
+        prompt = self._render_prompt(messages)
+        with self._lock, torch.inference_mode():
+            prefix_ids, suffixes = self._split_continuations(prompt, [prompt + text for text in continuations])
+            prefix = _DecodeState(self, prefix_ids, GenerationConfig(), None)
+            scores = self._continuation_logprobs(prefix.cache, prefix.logits, suffixes)
+        tokens = len(prefix_ids) + sum(len(suffix) for suffix in suffixes)
+        self.stats.record(usage=Usage(input_tokens=tokens))
+        return scores
+
+    def close(self) -> None:
+        self._model = None  # type: ignore[assignment] - drop the weights; the client is unusable afterwards
+
+    # --- decoding ---
+
+    def _render_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        if not getattr(self._tokenizer, "chat_template", None):
+            return render_fallback_chat(messages)
+        chat = [{"role": message.role, "content": message.content} for message in messages]
+        return self._tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, text: str) -> list[int]:
+        # The chat template already wrote any special tokens the model expects.
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _decode(
+        self,
+        prompt_ids: list[int],
+        plans: Sequence[FieldPlan],
+        config: GenerationConfig,
+        generator: torch.Generator | None,
+    ) -> tuple[str, str | None]:
+        """Assemble the answer field by field; returns (raw JSON text, error or None)."""
+        state = _DecodeState(self, prompt_ids, config, generator)
+        answer = ""
+        for index, plan in enumerate(plans):
+            answer += key_text(index, plan.key)
+            try:
+                if plan.kind == "choice":
+                    # What follows the value is scored with it: the tokenizer merges a closing quote with it (`",`),
+                    # and scoring a lone `"` would rank options by an unnatural split.
+                    after = "," if index + 1 < len(plans) else "}"
+                    options = [" " + choice for choice in plan.choices]
+                    answer += options[self._choose(state, answer, options, after)]
+                elif plan.kind == "string":
+                    answer += " " + self._free_string(state, answer + ' "')
+                else:
+                    answer += " " + self._string_list(state, answer, plan)
+            except AnswerTooLongError as cut:
+                return str(cut), f"answer cut at max_output_tokens={config.max_output_tokens}"
+        return answer + "}", None
+
+    def _choose(self, state: _DecodeState, answer: str, options: Sequence[str], after: str = "") -> int:
+        """Index of the option most likely to follow `answer` (sampled by probability when temperature > 0)."""
+        import torch
+
+        answer_ids, suffixes = self._split_continuations(answer, [answer + option + after for option in options])
+        state.sync(state.prompt_ids + answer_ids)
+        scores = self._continuation_logprobs(state.cache, state.logits, suffixes)
+        if state.config.temperature <= 0:
+            return max(range(len(options)), key=scores.__getitem__)
+        weights = torch.softmax(torch.tensor(scores) / state.config.temperature, dim=0)
+        return int(torch.multinomial(weights, 1, generator=state.generator))
+
+    def _free_string(self, state: _DecodeState, prefilled: str) -> str:
+        """Generate the content of the JSON string opened at the end of `prefilled`; return it JSON-encoded."""
+        import torch
+
+        state.sync(state.prompt_ids + self._encode(prefilled))
+        generated: list[int] = []
+        text = ""
+        while True:
+            if state.config.temperature <= 0:
+                token = int(torch.argmax(state.logits))
+            else:
+                probabilities = torch.softmax(state.logits.float() / state.config.temperature, dim=-1)
+                token = int(torch.multinomial(probabilities, 1, generator=state.generator))
+            if token in self._stop_ids:
+                break
+            generated.append(token)
+            state.remaining_tokens -= 1
+            text = self._tokenizer.decode(generated)
+            end = find_string_end(text)
+            if end is not None:
+                text = text[:end]
+                break
+            if state.remaining_tokens <= 0:
+                raise AnswerTooLongError(prefilled + text)
+            state.feed([token])
+        return json.dumps(decode_string_content(text), ensure_ascii=False)
+
+    def _string_list(self, state: _DecodeState, answer: str, plan: FieldPlan) -> str:
+        """A JSON array of free-text strings; before each item, "another item" is weighed against "close the list"."""
+        items: list[str] = []
+        while len(items) < plan.max_items:
+            so_far = answer + " " + list_text(items)[:-1]
+            opener = ', "' if items else '"'
+            if len(items) >= plan.min_items and self._choose(state, so_far, [opener, "]"]) == 1:
+                break
+            items.append(self._free_string(state, so_far + opener))
+        return list_text(items)
+
+    # --- scoring ---
+
+    def _split_continuations(self, prefix: str, full_texts: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+        """Tokenize each full text; return the token prefix they all share with `prefix`, and each one's remainder.
+
+        Scoring from the shortest shared prefix keeps options comparable when one merges with the prefix's last token
+        and another does not.
+        """
+        prefix_ids = self._encode(prefix)
+        fulls = [self._encode(text) for text in full_texts]
+        shared = min([len(prefix_ids), *(_common_prefix(prefix_ids, full) for full in fulls)])
+        return prefix_ids[:shared], [full[shared:] for full in fulls]
+
+    def _continuation_logprobs(
+        self, cache: Any, last_logits: torch.Tensor, suffixes: Sequence[list[int]]
+    ) -> list[float]:
+        """Sum of log-probabilities of each suffix after the cached prefix; one forward pass per batch of suffixes.
+
+        `cache` is copied, never changed, so the caller's decoding state stays valid.
+        """
+        import torch
+
+        scores: list[float] = []
+        first = torch.log_softmax(last_logits.float(), dim=-1)
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        for start in range(0, len(suffixes), SCORE_BATCH_SIZE):
+            batch = suffixes[start : start + SCORE_BATCH_SIZE]
+            longest = max(len(suffix) for suffix in batch)
+            following = None
+            if longest > 1:
+                # Right padding: pads come after each row's real tokens, and causal attention keeps them out of view.
+                ids = torch.tensor([suffix + [pad] * (longest - len(suffix)) for suffix in batch], device=self.device)
+                batch_cache = copy.deepcopy(cache)
+                batch_cache.batch_repeat_interleave(len(batch))
+                following = torch.log_softmax(self._forward(ids[:, :-1], batch_cache).float(), dim=-1)
+            for row, suffix in enumerate(batch):
+                total = float(first[suffix[0]]) if suffix else 0.0
+                if len(suffix) > 1 and following is not None:
+                    targets = torch.tensor(suffix[1:], device=following.device)
+                    total += float(following[row, : len(suffix) - 1].gather(-1, targets[:, None]).sum())
+                scores.append(total)
+        return scores
+
+    def _forward(self, ids: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self._cache_argument: cache, "use_cache": True}
+        if last_only and self._keeps_last_logits:
+            # Skips the vocabulary projection for every prompt token but the last (~10% of a prompt's compute).
+            kwargs["logits_to_keep"] = 1
+        return self._model(input_ids=ids, **kwargs).logits
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        if "config" in inspect.signature(DynamicCache.__init__).parameters:
+            return DynamicCache(config=self._model.config)
+        return DynamicCache()
+
+
+class _DecodeState:
+    """One answer being decoded: token ids fed so far, their KV cache, the logits for the next token, the budget.
+
+    `sync` moves to new ids by keeping the longest shared prefix and feeding only the rest: re-tokenizing the
+    canonical answer after each value costs a token or two, not the whole prompt.
+    """
+
+    def __init__(
+        self, llm: LocalLLM, prompt_ids: list[int], config: GenerationConfig, generator: torch.Generator | None
+    ):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: there is nothing to condition the answer on")
+        self._llm = llm
+        self.prompt_ids = list(prompt_ids)
+        self.config = config
+        self.generator = generator
+        #: Free-text tokens left for this answer, shared by all its string values.
+        self.remaining_tokens = config.max_output_tokens
+        self.ids: list[int] = []
+        self.cache = llm._new_cache()
+        self.logits: torch.Tensor = self._forward(self.prompt_ids)
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        import torch
+
+        logits = self._llm._forward(torch.tensor([ids], device=self._llm.device), self.cache, last_only=True)
+        self.ids.extend(ids)
+        return logits[0, -1]
+
+    def feed(self, ids: list[int]) -> None:
+        if ids:
+            self.logits = self._forward(ids)
+
+    def sync(self, target: list[int]) -> None:
+        # At least one token is re-fed: the logits after the kept prefix are not stored.
+        keep = min(_common_prefix(self.ids, target), len(target) - 1)
+        if keep < len(self.ids):
+            self.cache.crop(-(len(self.ids) - keep))  # a negative count works on transformers 4.x and 5.x
+            del self.ids[keep:]
+        self.feed(target[keep:])
+
+
+def _common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
+    length = 0
+    for a, b in zip(left, right, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def _seed_from(ids: Sequence[int]) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(list(ids)).encode()).digest()[:8], "big")
