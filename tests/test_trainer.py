@@ -1,0 +1,403 @@
+"""Trainer tests: config validation, shard reading, the batch sampler and the losses (fast), then real training of the
+packaged MiniLM on a synthetic run directory (slow): every loss term, exact resume, sentence-transformers loading, soup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_schemas import TRIPLET, SchemaError
+from embedder.config import TrainConfig
+from embedder.data import TaskBatchSampler, read_run
+from embedder.losses import (
+    EmbeddingMatching,
+    global_orthogonal_regularization,
+    info_nce,
+    label_classification,
+    matryoshka,
+    truncate,
+)
+from embedder.train import lr_multiplier, total_optimizer_steps
+from tests.shard_factory import classification_rows, triplet_rows, write_run, write_shard
+
+# ---- config ----------------------------------------------------------------------------------------------------------
+
+
+def test_default_config_is_valid_and_pickles():
+    config = TrainConfig().validate()
+    assert pickle.loads(pickle.dumps(config)) == config
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"batch_size": 1}, "batch_size: 1"),
+    ({"matryoshka_dims": (128, 256)}, "strictly descending"),
+    ({"matryoshka_dims": (128, 128)}, "strictly descending"),
+    ({"matryoshka_dims": (64, 0)}, "positive integer"),
+    ({"projection_dim": 32, "matryoshka_dims": (64, 32)}, "larger than projection_dim 32"),
+    ({"infonce_weight": 0.0, "distillation_weight": 0.0, "spread_out_weight": 0.0, "classification_weight": 0.0},
+     "every loss weight is 0"),
+    ({"spread_out_weight": -1.0}, "spread_out_weight: must be >= 0"),
+    ({"precision": "fp8"}, "precision: 'fp8'"),
+    ({"warmup_ratio": 1.0}, "warmup_ratio"),
+    ({"max_steps": 0}, "max_steps: 0"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"task_prompts": {"SEARCH": "q: "}}, "unknown task types ['SEARCH']"),
+    ({"task_types": {"my task": "SEARCH"}}, "task_types: unknown task types ['my task=SEARCH']"),
+    ({"default_prompt_name": "query"}, "default_prompt_name"),
+    ({"lr_schedule": "step"}, "lr_schedule"),
+])
+def test_config_rejects_impossible_values(changes, message):
+    with pytest.raises(ValueError, match="invalid TrainConfig") as error:
+        TrainConfig(**changes).validate()
+    assert message in str(error.value)
+
+
+def test_config_reports_every_problem_at_once():
+    with pytest.raises(ValueError) as error:
+        TrainConfig(batch_size=0, learning_rate=-1.0).validate()
+    assert "batch_size" in str(error.value) and "learning_rate" in str(error.value)
+
+
+def test_from_dict_names_unknown_keys():
+    with pytest.raises(ValueError, match=r"'batchsize' \(did you mean 'batch_size'\?\)"):
+        TrainConfig.from_dict({"batchsize": 8})
+    config = TrainConfig.from_dict({"matryoshka_dims": [128, 64], "task_types": {"nli": "SEMANTIC_SIMILARITY"}})
+    assert config.matryoshka_dims == (128, 64)
+    assert config.query_task_type("nli", classification=False) == "SEMANTIC_SIMILARITY"
+    assert config.query_task_type("other", classification=False) == "RETRIEVAL_QUERY"
+    assert config.query_task_type("other", classification=True) == "CLASSIFICATION"
+
+
+def test_epochs_set_the_number_of_optimizer_steps(run_dir):
+    data = read_run(run_dir)
+    sampler = TaskBatchSampler.for_data(data, batch_size=4, seed=0)
+    batches = len(sampler.epoch_batches(0)) + len(sampler.epoch_batches(1))
+    config = TrainConfig(batch_size=4, seed=0, epochs=2, grad_accumulation=2)
+    assert total_optimizer_steps(config, sampler) == math.ceil(batches / 2)
+    assert total_optimizer_steps(TrainConfig(max_steps=7), sampler) == 7
+
+
+def test_lr_schedule_warms_up_then_decays():
+    linear = [lr_multiplier(step, 10, 2, "linear") for step in range(10)]
+    assert linear[:2] == [0.5, 1.0]
+    assert all(later < earlier for earlier, later in zip(linear[1:], linear[2:], strict=False))
+    assert linear[-1] > 0
+    cosine = [lr_multiplier(step, 10, 0, "cosine") for step in range(10)]
+    assert 0.95 < cosine[0] < 1.0 and 0 < cosine[-1] < 0.05
+    assert all(later < earlier for earlier, later in zip(cosine, cosine[1:], strict=False))
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> str:
+    return write_run(str(tmp_path_factory.mktemp("run")))
+
+
+def test_read_run_reads_every_row_and_accepts_empty_shards(run_dir):
+    data = read_run(run_dir)
+    assert len(data.triplets) == 24 and len(data.classification) == 12
+    assert data.counts["triplets_empty_shards"] == 1 and data.counts["classification_empty_shards"] == 1
+    assert data.teacher_dim == 32
+    assert data.triplets[0].negative_embeddings.shape == (2, 32)
+    assert data.label_text("sentiment", "neutral").startswith("The text states facts")
+    assert data.label_text("sentiment", "unseen") == "unseen"
+
+
+def test_read_run_names_file_row_and_column_of_a_bad_shard(tmp_path):
+    rows = triplet_rows(3)
+    rows[2]["negative_embeddings"] = rows[2]["negative_embeddings"][:1]
+    path = write_shard(str(tmp_path / "triplets" / "part-0.parquet"), rows, TRIPLET)
+    with pytest.raises(SchemaError, match=r"part-0.parquet row 2, column 'negative_embeddings'"):
+        read_run(str(tmp_path))
+    # A type error the schema catches: a string where a list of negatives belongs.
+    os.remove(path)
+    table = pa.Table.from_pylist(triplet_rows(2)).set_column(
+        TRIPLET.get_field_index("negatives"), "negatives", pa.array(["a", "b"]))
+    pq.write_table(table, str(tmp_path / "triplets" / "part-1.parquet"))
+    with pytest.raises(SchemaError, match=r"part-1.parquet row 0, column 'negatives'"):
+        read_run(str(tmp_path))
+
+
+def test_read_run_refuses_a_run_without_rows(tmp_path):
+    write_shard(str(tmp_path / "triplets" / "empty.parquet"), [], TRIPLET)
+    with pytest.raises(ValueError, match="no training rows"):
+        read_run(str(tmp_path))
+
+
+def test_reader_drops_negatives_that_repeat_the_positive(tmp_path):
+    rows = triplet_rows(2)
+    rows[0]["negatives"] = [rows[0]["positive"], rows[0]["negatives"][1]]
+    write_run(str(tmp_path), triplets=rows, classification=[])
+    data = read_run(str(tmp_path))
+    assert data.triplets[0].negatives == (rows[0]["negatives"][1],)
+    assert data.triplets[0].negative_embeddings.shape == (1, 32)
+    assert data.counts["dropped_duplicate_negative"] == 1
+
+
+# ---- sampler ---------------------------------------------------------------------------------------------------------
+
+
+def test_batches_hold_one_task_and_no_repeated_text(run_dir):
+    data = read_run(run_dir)
+    examples = data.examples
+    sampler = TaskBatchSampler.for_data(data, batch_size=4, seed=0)
+    for epoch in range(3):
+        batches = sampler.epoch_batches(epoch)
+        seen = []
+        for batch in batches:
+            assert 1 <= len(batch.indices) <= 4
+            tasks = {(type(examples[index]).__name__, examples[index].task) for index in batch.indices}
+            assert len(tasks) == 1
+            texts = [text for index in batch.indices for text in examples[index].texts]
+            assert len(texts) == len(set(texts)), f"repeated text in {batch}"
+            seen += batch.indices
+        assert sorted(seen) == list(range(len(examples))), "every example exactly once per epoch"
+    # The synthetic negatives repeat across rows, so some examples had to wait: batches are not all full.
+    assert any(len(batch.indices) < 4 for batch in sampler.epoch_batches(0))
+
+
+def test_sampler_is_deterministic_and_resumes_exactly(run_dir):
+    data = read_run(run_dir)
+    first = TaskBatchSampler.for_data(data, batch_size=4, seed=7)
+    again = TaskBatchSampler.for_data(data, batch_size=4, seed=7)
+    other = TaskBatchSampler.for_data(data, batch_size=4, seed=8)
+    assert first.epoch_batches(0) == again.epoch_batches(0)
+    assert first.epoch_batches(0) != other.epoch_batches(0)
+    assert first.epoch_batches(0) != first.epoch_batches(1)
+    # Run past an epoch boundary, save the state, and continue in a new sampler.
+    for _ in range(len(first) + 3):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["epoch"] == 1 and state["position"] == 3
+    resumed = TaskBatchSampler.for_data(data, batch_size=4, seed=7)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(20)] == [first.next_batch() for _ in range(20)]
+    with pytest.raises(ValueError, match="batch_size"):
+        TaskBatchSampler.for_data(data, batch_size=5, seed=7).load_state_dict(state)
+
+
+# ---- losses ----------------------------------------------------------------------------------------------------------
+
+
+def _unit(rows: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_info_nce_rewards_matching_pairs_and_counts_hard_negatives():
+    queries = _unit(4, 16, 0)
+    matched = info_nce(queries, queries.clone(), torch.zeros(0, 16), temperature=0.05)
+    shuffled = info_nce(queries, queries.roll(1, dims=0), torch.zeros(0, 16), temperature=0.05)
+    assert matched < 0.01 < shuffled
+    # A hard negative as close as the positive takes half the probability mass: loss ~ log 2.
+    with_copy = info_nce(queries, queries.clone(), queries[:1].clone(), temperature=0.05)
+    assert with_copy > matched + math.log(2) / 4 - 1e-3
+
+
+def test_matryoshka_averages_the_loss_over_truncations():
+    queries, positives = _unit(4, 16, 1), _unit(4, 16, 2)
+    total, per_dim = matryoshka(info_nce, (16, 8, 4), queries, positives, torch.zeros(0, 16), temperature=0.1)
+    assert sorted(per_dim) == [4, 8, 16]
+    expected = info_nce(truncate(queries, 8), truncate(positives, 8), torch.zeros(0, 8), temperature=0.1)
+    assert torch.allclose(per_dim[8], expected)
+    assert torch.allclose(total, torch.stack(list(per_dim.values())).mean())
+
+
+def test_spread_out_is_zero_for_orthogonal_and_high_for_collapsed_embeddings():
+    orthogonal = torch.eye(8)
+    assert global_orthogonal_regularization(orthogonal).item() == pytest.approx(0.0)
+    collapsed = torch.nn.functional.normalize(torch.ones(8, 8), dim=-1)
+    assert global_orthogonal_regularization(collapsed).item() > 1.0
+    assert global_orthogonal_regularization(collapsed[:1]).item() == 0.0
+
+
+def test_embedding_matching_projects_only_when_dims_differ():
+    student = _unit(5, 16, 3)
+    assert EmbeddingMatching(16, 16).projection is None
+    assert EmbeddingMatching(16, 16)(student, student.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    head = EmbeddingMatching(16, 4)
+    assert head.projection.weight.shape == (4, 16)
+    loss = head(student, _unit(5, 4, 4))
+    loss.backward()
+    assert 0 < loss.item() <= 2 and head.projection.weight.grad is not None
+
+
+def test_label_classification_picks_the_text_label():
+    labels = _unit(3, 8, 5)
+    texts = labels[[2, 0, 1, 2]]
+    targets = torch.tensor([2, 0, 1, 2])
+    assert label_classification(texts, labels, targets, 0.05) < 0.01
+    assert label_classification(texts, labels, targets.roll(1), 0.05) > 1.0
+
+
+# ---- training (slow: real MiniLM on CPU) -----------------------------------------------------------------------------
+
+TERMS = ("infonce", "distillation", "spread_out", "classification")
+
+
+def _config(output_dir: str, **changes) -> TrainConfig:
+    # Tiny settings: 2 shared CPU cores. projection_dim exercises the Dense module; the teacher's 32 dims the
+    # distillation head.
+    values = dict(max_seq_length=32, batch_size=4, max_steps=6, checkpoint_every=3, learning_rate=5e-5,
+                  projection_dim=64, matryoshka_dims=(64, 32, 16), output_dir=output_dir, progress=False, seed=3)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _history(run: str) -> list[dict]:
+    with open(os.path.join(run, "losses.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _weights(model_dir: str) -> dict[str, torch.Tensor]:
+    weights = {f"transformer.{k}": v for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
+    dense = os.path.join(model_dir, "2_Dense", "model.safetensors")
+    if os.path.isfile(dense):
+        weights.update({f"dense.{k}": v for k, v in load_file(dense).items()})
+    return weights
+
+
+@pytest.fixture(scope="module")
+def trained_run(run_dir, tmp_path_factory) -> str:
+    from embedder.train import train
+
+    output = str(tmp_path_factory.mktemp("trained"))
+    model_dir = train(_config(output), run_dir)
+    assert model_dir == os.path.join(output, "model")
+    return output
+
+
+@pytest.mark.slow
+def test_training_logs_every_loss_term(trained_run):
+    history = _history(trained_run)
+    assert [line["step"] for line in history] == [1, 2, 3, 4, 5, 6]
+    for term in TERMS:
+        values = [(line[term], line["examples"]) for line in history if term in line]
+        assert values, f"{term} never computed"
+        assert all(math.isfinite(value) for value, _ in values), (term, values)
+        # A batch of one example (its texts clashed with every other example) has no pair to spread out.
+        assert all(value > 0 for value, examples in values if examples > 1), (term, values)
+    assert all(math.isfinite(line["loss"]) and line["examples_per_s"] > 0 for line in history)
+    assert {"infonce@64", "infonce@16"} <= set().union(*history)
+    assert os.path.getsize(os.path.join(trained_run, "losses.png")) > 0
+    checkpoint_names = sorted(os.listdir(os.path.join(trained_run, "checkpoints")))
+    assert checkpoint_names == ["step-0000003", "step-0000006"]
+    summary = json.load(open(os.path.join(trained_run, "train_summary.json"), encoding="utf-8"))
+    assert summary["steps"] == 6 and summary["teacher_dim"] == 32 and summary["distillation_head"]
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained_run, run_dir, tmp_path):
+    from embedder.train import train
+
+    resumed_dir = str(tmp_path / "resumed")
+    checkpoint = os.path.join(trained_run, "checkpoints", "step-0000003")
+    train(_config(resumed_dir), run_dir, resume=checkpoint)
+    expected, actual = _weights(os.path.join(trained_run, "model")), _weights(os.path.join(resumed_dir, "model"))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    drop = ("examples_per_s",)
+    assert ([{k: v for k, v in line.items() if k not in drop} for line in _history(resumed_dir)]
+            == [{k: v for k, v in line.items() if k not in drop} for line in _history(trained_run)])
+
+
+@pytest.mark.slow
+def test_resume_guards(trained_run, run_dir, tmp_path):
+    from embedder.train import train
+
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(_config(trained_run), run_dir)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(_config(str(tmp_path / "other"), learning_rate=1e-4), run_dir, resume=trained_run)
+    # resume=True on a finished run: nothing left to train, the same model comes back.
+    again = train(_config(str(tmp_path / "again")), run_dir, resume=trained_run)
+    expected = _weights(os.path.join(trained_run, "model"))
+    assert all(torch.equal(value, expected[name]) for name, value in _weights(again).items())
+
+
+@pytest.mark.slow
+def test_sentence_transformers_loads_the_student_with_its_prompts(trained_run):
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.model import StudentEncoder
+
+    model_dir = os.path.join(trained_run, "model")
+    texts = ["how do the telescope and the galaxy relate?", "a recipe for bread", "short"]
+    student = StudentEncoder.load(model_dir)
+    reference = SentenceTransformer(model_dir, device="cpu")
+    assert reference.encode(texts[:1]).shape == (1, student.dimension) == (1, 64)
+    for prompt_name in ("RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "CLASSIFICATION"):
+        ours = student.encode(texts, prompt_name)
+        theirs = reference.encode(texts, prompt_name=prompt_name, convert_to_numpy=True)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    np.testing.assert_allclose(student.encode(texts, "RETRIEVAL_QUERY"), reference.encode_query(texts), atol=1e-5)
+    truncated = student.encode(texts, "RETRIEVAL_QUERY", dimension=16)
+    assert truncated.shape == (3, 16) and truncated.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(truncated, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_overfitting_one_batch_lowers_the_loss(tmp_path):
+    from embedder.train import train
+
+    # Four triplets of one task with distinct texts: every step sees the same batch. No projection here, so the
+    # saved model has no Dense module and the distillation head maps 384 -> 32.
+    run = write_run(str(tmp_path / "tiny"), triplets=triplet_rows(4, tasks=("one task",), shared_negatives=False),
+                    classification=[])
+    output = str(tmp_path / "out")
+    train(_config(output, max_steps=5, grad_accumulation=2, checkpoint_every=0, learning_rate=1e-4, warmup_ratio=0.0,
+                  projection_dim=None, matryoshka_dims=(384, 128)), run)
+    history = _history(output)
+    assert [line["examples"] for line in history] == [8] * 5, "two micro-batches of four per step"
+    losses = [line["loss"] for line in history]
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    assert not os.path.isdir(os.path.join(output, "model", "2_Dense"))
+
+
+@pytest.mark.slow
+def test_soup_averages_weights(trained_run, tmp_path):
+    from embedder.soup import soup
+
+    first = os.path.join(trained_run, "checkpoints", "step-0000003")
+    second = trained_run
+    souped = soup([first, second], [3.0, 1.0], str(tmp_path / "soup"))
+    a, b, mixed = _weights(os.path.join(first, "model")), _weights(os.path.join(second, "model")), _weights(souped)
+    for name in a:
+        if a[name].is_floating_point():
+            torch.testing.assert_close(mixed[name], 0.75 * a[name] + 0.25 * b[name], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sum to more than 0"):
+        soup([first, second], [0.0, 0.0], str(tmp_path / "never"))
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        soup([str(tmp_path)], None, str(tmp_path / "never"))
+
+
+@pytest.mark.slow
+def test_soup_refuses_models_of_different_shapes(trained_run, tmp_path):
+    from embedder.model import StudentEncoder
+    from embedder.soup import soup
+
+    other = StudentEncoder.load(os.path.join(trained_run, "model"))
+    other.projection = torch.nn.Linear(other.hidden_size, 48)
+    other.save(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="not compatible.*differ in shape"):
+        soup([os.path.join(trained_run, "model"), str(tmp_path / "other")], None, str(tmp_path / "never"))
+
+
+def test_classification_rows_follow_the_schema():
+    # The factory validates what it writes; this guards the factory itself for other tests reusing it.
+    assert len({row["text"] for row in classification_rows(30)}) == 30
