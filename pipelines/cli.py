@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from pipelines.config_loading import ConfigError
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a student from a run's shards")
     _add_config_arguments(train)
-    train.add_argument("--data", help="run directory written by generate; overrides train.data")
+    train.add_argument("--data", help="run directory written by generate (default: generate.output)")
     train.add_argument("--output", help="model directory; overrides train.output_dir")
     train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                        help="resume from the latest checkpoint in the output directory, or from CHECKPOINT")
@@ -126,16 +127,19 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     overrides = list(args.overrides)
     if args.command in ("generate", "run"):
         overrides += _generate_overrides(args)
-    if args.command == "train":
-        overrides += [f"train.{key}={value}" for key, value in
-                      (("data", args.data), ("output_dir", args.output)) if value is not None]
-    if args.command == "evaluate":
-        if args.model:
-            overrides.append("evaluate.models={" + ", ".join(
-                f"{name!s}: {path!s}" for name, _, path in (spec.partition("=") for spec in args.model)) + "}")
-        if args.output:
-            overrides.append(f"evaluate.output={args.output}")
+    if args.command == "train" and args.output:
+        overrides.append(f"train.output_dir={args.output}")
+    if args.command == "evaluate" and args.output:
+        overrides.append(f"evaluate.output={args.output}")
     config = load_run_config(args.config, overrides, beam_args)
+    if args.command == "evaluate" and args.model:
+        models = {}
+        for spec in args.model:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--model {spec!r}: expected NAME=PATH")
+            models[name] = path
+        config = replace(config, evaluate=replace(config.evaluate, models=models))
 
     if args.command == "generate":
         from pipelines.run import generate
@@ -144,7 +148,7 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     elif args.command == "train":
         from embedder.train import train
 
-        print(train(config.train_config(), config.train.data, resume=args.resume))
+        print(train(config.train_config(), args.data or config.generate.output, resume=args.resume))
     elif args.command == "evaluate":
         from pipelines.run import evaluate
 

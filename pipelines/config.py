@@ -71,13 +71,6 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
-class TrainSection:
-    #: Run directory with the shards to train on; `embforge run` fills it with generate.output.
-    data: str = ""
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class EvaluateConfig:
     #: name -> model (Hub id, path or packaged:<name>); `embforge run` adds the base student and the trained one.
     models: dict[str, str] = field(default_factory=dict)
@@ -90,6 +83,8 @@ class EvaluateConfig:
     label_field: str = "label"
     dims: tuple[int, ...] = (384, 256, 128, 64)
     int8: bool = True
+    #: `embforge run`: share of generated queries held out of training and evaluated as a BEIR set (0 = none).
+    holdout_fraction: float = 0.2
     output: str = "runs/offline/report"
 
     def __post_init__(self) -> None:
@@ -97,19 +92,22 @@ class EvaluateConfig:
             raise ValueError(f"dims must be strictly descending, got {list(self.dims)}")
         if any(dim < 1 for dim in self.dims):
             raise ValueError(f"dims must be positive, got {list(self.dims)}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    train: TrainSection = field(default_factory=TrainSection)
+    #: TrainConfig's fields (embedder/config.py); validated by TrainConfig itself.
+    train: dict[str, Any] = field(default_factory=dict)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def train_config(self) -> TrainConfig:
         try:
-            return TrainConfig.from_dict(self.train.settings)
-        except ValueError as error:
-            raise ConfigError(f"train.settings: {error}") from error
+            return TrainConfig.from_dict(self.train).validate()
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"train: {error}") from error
 
 
 def default_config_data() -> dict[str, Any]:
@@ -143,6 +141,7 @@ def load_run_config(path: str | None, overrides: list[str], beam_args: list[str]
     data = apply_overrides(data, overrides)
     try:
         config = build_config(RunConfig, data, where="")
+        config.train_config()
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from error
     if beam_args:

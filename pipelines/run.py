@@ -16,7 +16,6 @@ from dataclasses import replace
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_schemas import load_manifest
@@ -40,7 +39,7 @@ LOGGER = logging.getLogger(__name__)
 
 STAGE_ORDER = ("read_corpus", "generate_queries", "embed_teacher", "grade_relevance", "mine_negatives",
                "generate_counterfactuals")
-OUTPUT_KINDS = ("triplets", "pairs", "classification", "rejected")
+OUTPUT_KINDS = ("triplets", "pairs", "passages", "classification", "rejected")
 _VERSIONED_PACKAGES = ("apache-beam", "google-genai", "faiss-cpu", "pyarrow", "datasets", "torch", "transformers",
                        "sentence-transformers", "pydantic")
 
@@ -212,7 +211,7 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
         mined["statistics"],
     ]
 
-    rows = {"triplets": mined["kept"], "pairs": graded["kept"]}
+    rows = {"triplets": mined["kept"], "pairs": graded["kept"], "passages": passages}
     if config.counterfactuals is not None:
         classification = pipeline | "GenerateCounterfactuals" >> GenerateCounterfactuals(
             config.counterfactuals, config.llm, cache_dir=cache_dir, max_calls=max_calls)
@@ -296,13 +295,22 @@ def evaluate(config) -> dict[str, Any]:
 
 
 def run_all(config: RunConfig) -> dict[str, Any]:
-    """generate -> train -> evaluate with one configuration."""
+    """generate -> train (on all but the held-out queries) -> evaluate base vs trained, held-out queries included."""
     from embedder.train import train
+    from pipelines.holdout import split_run
 
     generate(config.generate)
-    model_dir = train(config.train_config(), config.generate.output)
-    evaluation = replace(config.evaluate, models={"base": config.train_config().model, "trained": model_dir,
-                                                  **config.evaluate.models})
-    if not FileSystems.exists(config.evaluate.output):
-        FileSystems.mkdirs(config.evaluate.output)
-    return evaluate(evaluation)
+    train_config = config.train_config()
+    data_dir = config.generate.output
+    retrieval = config.evaluate.retrieval
+    if config.evaluate.holdout_fraction > 0:
+        split = split_run(config.generate.output, config.evaluate.holdout_fraction, train_config.seed)
+        LOGGER.info("held out %d queries for evaluation; training on %d triplets", split.eval_queries,
+                    split.train_triplets)
+        data_dir, retrieval = split.train_dir, (split.eval_dir, *retrieval)
+    model_dir = train(train_config, data_dir)
+    evaluation = replace(config.evaluate, retrieval=retrieval,
+                         models={"base": train_config.student, "trained": model_dir, **config.evaluate.models})
+    report = evaluate(evaluation)
+    LOGGER.info("report: %s", posixpath.join(config.evaluate.output, "report.md"))
+    return report

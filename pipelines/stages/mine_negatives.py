@@ -3,20 +3,23 @@ scoring.
 
 Input: a dict `{"queries": ..., "passages": ...}` (or a tuple `(queries, passages)`) of two PCollections:
 
-- `queries`: `data_schemas.GRADED_PAIR` rows, each extended with `query_embedding` and `positive_embedding` (teacher
-  vectors as `list[float]`, L2-normalized). Fields read: `pair_id` (must be unique), `query_id`, `query`, `task`,
-  `passage_id` and `passage` (the positive), plus the two embeddings.
+- `queries`: `data_schemas.GRADED_PAIR` rows, each extended with `query_embedding` (teacher vector, `list[float]`,
+  L2-normalized) and optionally `positive_embedding` (absent or null: looked up from `passages` by the positive's
+  passage_id). Fields read: `pair_id` (must be unique), `query_id`, `query`, `task`, `passage_id` and `passage` (the
+  positive), plus the embeddings.
 - `passages`: the corpus, dicts `{"passage_id", "text", "embedding"}`: unique ids, same teacher and dimension as the
-  queries, normalized. A passage without an embedding is a pipeline error (raised), not data.
+  queries, normalized. A passage without an embedding, or of another dimension than the queries, is a pipeline error
+  (raised), not data.
 
-Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows}`. Every input query ends in exactly one of them. Reasons:
-`missing_field` (a required field or embedding is absent or empty), `embedding_mismatch` (query and positive
-embeddings differ in dimension), `duplicate_pair_id` (every row of a pair_id that
-occurs more than once: their searches cannot be told apart), `no_negatives` (fewer than `min_negatives` candidates
-survived the filters; `detail` counts what each filter dropped), `positive_judged_irrelevant` (LLM scoring graded the
-positive below `min_positive_grade` and found no better positive). Rejected payloads are the GRADED_PAIR row without
-its two embeddings: those are derived data that the embedding cache gives back at no cost, and they would make up most
-of rejected/.
+Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows, "answers": LLMAnswer, "statistics": tallies}` (see
+`MineNegatives`). Every input query ends in exactly one of kept and rejected. Reasons: `missing_field` (a required
+field is absent or empty), `missing_embedding` (no query_embedding, or no positive_embedding and the positive is not in
+the corpus), `embedding_mismatch` (query and positive embeddings differ in dimension), `duplicate_pair_id` (every row
+of a pair_id that occurs more than once: their searches cannot be told apart), `no_negatives` (fewer than
+`min_negatives` candidates survived the filters; `detail` counts what each filter dropped), `positive_judged_irrelevant`
+(LLM scoring graded the positive below `min_positive_grade` and found no better positive). Rejected payloads are the
+GRADED_PAIR row without its embeddings: those are derived data that the embedding cache gives back at no cost, and they
+would make up most of rejected/.
 
 The steps, per query:
 
@@ -24,8 +27,8 @@ The steps, per query:
    depends on the data (DESIGN.md) and a missed neighbour here is a silently easier negative; the exact search is
    also what makes sharded and unsharded runs identical. Teacher scores are recomputed exactly (see `search_shard`),
    and ties are broken by passage_id, so the top-k does not depend on how the corpus was sharded.
-2. The positive is dropped, and so is any candidate whose text equals the positive's (a duplicate in the corpus is a
-   false negative too).
+2. The positive is dropped, and so is any candidate whose words equal the positive's (`stages.normalize`): a duplicate
+   in the corpus is a false negative too.
 3. Positive-aware threshold (NV-Retriever TopK-PercPos): candidates scoring above `max_negative_score_ratio` times the
    positive's teacher score are dropped and counted as false negatives.
 4. Optional LLM scoring (Gecko) of the `llm_candidates` hardest survivors and of the positive, through `CallLLM`:
@@ -36,9 +39,10 @@ The steps, per query:
 
 How the sharded search runs in Beam (DESIGN.md: the index must not have to fit one worker):
 
-- The corpus size is counted once; `num_shards = ceil(size / shard_size)`. A passage goes to shard
-  `stable_hash(passage_id) % num_shards`: no global ordering is needed, and at the scale where sharding matters hash
-  shards are within a fraction of a percent of `shard_size` (1M ± ~1k).
+- `ShardedTopK` does the search (the round-trip relevance check reuses it). The corpus size is counted once, and
+  `num_shards = ceil(size / shard_size)`. A passage goes to shard `stable_hash("shard", passage_id) % num_shards`: no
+  global ordering is needed, and at the scale where sharding matters hash shards are within a fraction of a percent of
+  `shard_size` (1M ± ~1k).
 - Queries are split into `query_groups` groups by a stable hash of pair_id. The search unit is a (shard, query group)
   key: every passage is sent once per query group and every query vector once per shard, then one GroupByKey puts a
   shard's passages and a group's queries on the same worker, which builds the shard's index and searches the group's
@@ -66,15 +70,15 @@ LLM decisions, and why:
   written from and graded for this query, so as a negative it would almost surely be a false negative.
 - A candidate whose LLM answer failed (unparseable, off-schema, non-finite log-probability) is not used as a negative:
   without a grade it cannot be ruled out as a false negative, and candidates are plentiful. Failures are counted
-  (`dropped.llm_failed`); when they leave too few negatives the rejection carries the first failed raw answer. A failed
-  grade of the positive disables relabelling and the positive check for that query (`positive_llm_failed`).
+  (`dropped.llm_failed`; `dropped.llm_skipped` when CallLLM's `max_calls` budget left the request uncalled); when they
+  leave too few negatives the rejection carries the first failed raw answer. A failed grade of the positive disables
+  relabelling and the positive check for that query (`positive_llm_failed`).
 - `negative_llm_scores` holds each negative's fused RRF score, sum over signals of 1 / (60 + rank) within this query's
   judged passages (positive included), ranks 1-based with ties sharing the best rank. Higher means more relevant.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
 import math
@@ -88,7 +92,7 @@ import numpy as np
 
 from pipelines.clients.factory import LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from prompts import get_prompt
 
 STAGE = "mine_negatives"
@@ -108,13 +112,14 @@ _QUERY_TAG = "q"
 _RELEVANCE = "relevance"
 _LIKELIHOOD = "likelihood"
 _EMBEDDING_FIELDS = ("query_embedding", "positive_embedding")
-_REQUIRED_FIELDS = ("pair_id", "query_id", "query", "task", "passage_id", "passage", *_EMBEDDING_FIELDS)
+_REQUIRED_FIELDS = ("pair_id", "query_id", "query", "task", "passage_id", "passage")
 
 
 @dataclass(frozen=True)
 class MineNegativesConfig:
-    #: Name of the teacher embedding model that produced the vectors; written to every triplet.
-    teacher_model: str
+    #: Name of the teacher embedding model that produced the vectors; written to every triplet. Required by
+    #: MineNegatives; the default is empty so run configs can fill it from the teacher spec.
+    teacher_model: str = ""
     #: Nearest neighbours retrieved per query (the positive usually among them).
     k: int = 32
     #: Negatives kept per triplet, hardest first (NV-Retriever and Gecko train with a handful of hard negatives).
@@ -123,7 +128,7 @@ class MineNegativesConfig:
     min_negatives: int = 1
     #: Drop candidates scoring above this fraction of the positive's score: 0.95 is NV-Retriever's best setting.
     max_negative_score_ratio: float = 0.95
-    #: Also drop candidates whose text equals the positive's (whitespace and case ignored): corpus duplicates.
+    #: Also drop candidates whose words equal the positive's (`stages.normalize`: case and punctuation ignored).
     drop_positive_text_duplicates: bool = True
     #: Passages per search shard. 1M x 768 float32 is about 3 GB: fits a standard worker with room for faiss.
     shard_size: int = 1_000_000
@@ -154,8 +159,6 @@ class MineNegativesConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.teacher_model:
-            problems.append("teacher_model must name the teacher embedding model (it is written to every triplet)")
         if self.k < 1:
             problems.append(f"k must be >= 1, got {self.k}")
         if not 1 <= self.num_negatives <= self.k - 1:
@@ -223,12 +226,6 @@ def teacher_score(query_embedding: Sequence[float], passage_embedding: Sequence[
     return float(exact_scores(query, passage))
 
 
-def stable_bucket(key: str, buckets: int, salt: str = "") -> int:
-    """`key` -> 0..buckets-1, the same on every worker and every run (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b(f"{salt}{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % buckets
-
-
 def num_shards_for(corpus_size: int, shard_size: int) -> int:
     return max(1, math.ceil(corpus_size / shard_size))
 
@@ -237,8 +234,8 @@ def num_shards_for(corpus_size: int, shard_size: int) -> int:
 
 
 class Hit(NamedTuple):
-    score: float
     passage_id: str
+    score: float
 
 
 def hit_order(hit: Hit) -> tuple[float, str]:
@@ -311,7 +308,7 @@ def search_shard(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> list[l
             scores = exact_scores(queries[block_queries][:, None, :], vectors)
             for offset, query_index in enumerate(block_queries):
                 found = zip(scores[offset], block_rows[offset], strict=True)
-                hits = sorted((Hit(float(score), shard.passage_ids[row]) for score, row in found), key=hit_order)[:k]
+                hits = sorted((Hit(shard.passage_ids[row], float(score)) for score, row in found), key=hit_order)[:k]
                 last_fetched = float(faiss_scores[start + offset, -1])
                 if fetch < size and hits[-1].score <= last_fetched + tolerance[query_index]:
                     unsettled.append(int(query_index))
@@ -361,10 +358,6 @@ class CandidateSelection:
         )
 
 
-def _normalized_text(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def select_candidates(
     positive_id: str,
     positive_text: str,
@@ -374,12 +367,10 @@ def select_candidates(
 ) -> CandidateSelection:
     """Steps 2 and 3: drop the positive, its text duplicates and candidates above the positive-aware threshold."""
     ordered = sorted(hits, key=lambda candidate: (-candidate.teacher_score, candidate.passage_id))
-    # With a non-positive positive score, ratio x score would sit above the positive: never keep what outscores it.
-    if positive_score > 0:
-        max_score = config.max_negative_score_ratio * positive_score
-    else:
-        max_score = positive_score
-    positive_key = _normalized_text(positive_text)
+    # ratio x score for a positive score; for a negative one, ratio x score would sit above the positive, so the margin
+    # is taken from |score| instead (sentence-transformers' relative_margin does the same).
+    max_score = positive_score - abs(positive_score) * (1.0 - config.max_negative_score_ratio)
+    positive_key = normalize(positive_text)
     kept: list[Candidate] = []
     dropped_positive = 0
     duplicates: list[str] = []
@@ -387,7 +378,7 @@ def select_candidates(
     for candidate in ordered:
         if candidate.passage_id == positive_id:
             dropped_positive += 1
-        elif config.drop_positive_text_duplicates and _normalized_text(candidate.text) == positive_key:
+        elif config.drop_positive_text_duplicates and normalize(candidate.text) == positive_key:
             duplicates.append(candidate.passage_id)
         elif candidate.teacher_score > max_score:
             false_negatives.append(candidate.passage_id)
@@ -424,6 +415,8 @@ class LLMJudgement:
     value: float | None
     raw: str
     error: str | None = None
+    #: Not called because the run's LLM call budget was spent (`LLMAnswer.source == "budget"`).
+    skipped: bool = False
 
 
 def build_llm_requests(
@@ -471,7 +464,7 @@ def read_judgement(answer: LLMAnswer) -> LLMJudgement:
             ok, error, value = False, f"non-finite {signal} {value}", None
     elif ok:
         ok, error = False, "answer has no value"
-    return LLMJudgement(pair_id, passage_id, signal, ok, value, answer.raw, error)
+    return LLMJudgement(pair_id, passage_id, signal, ok, value, answer.raw, error, answer.source == "budget")
 
 
 def fuse_llm_scores(signals: Sequence[Mapping[str, float]], *, rrf_k: int = RRF_K) -> dict[str, float]:
@@ -609,9 +602,15 @@ def judge_candidates(
     if config.query_likelihood:
         signal_scores.append({pid: answers[(pid, _LIKELIHOOD)].value for pid in complete})  # type: ignore[misc]
     fused = fuse_llm_scores(signal_scores)
-    failed_raw = next((judgement.raw for judgement in failed if judgement is not None), None)
+    failed_raw = next((judgement.raw for judgement in failed if judgement is not None and judgement.raw), None)
     positive_failed = positive.passage_id not in grades
-    counts = {"positive_llm_failed": int(positive_failed), "dropped.llm_failed": len(failed) - int(positive_failed)}
+    failed_candidates = failed[1:] if positive_failed else failed  # the positive is judged first
+    skipped = sum(1 for judgement in failed_candidates if judgement is not None and judgement.skipped)
+    counts = {
+        "positive_llm_failed": int(positive_failed),
+        "dropped.llm_failed": len(failed_candidates) - skipped,
+        "dropped.llm_skipped": skipped,
+    }
 
     new_positive_id = None
     if config.relabel:
@@ -643,7 +642,8 @@ def judge_candidates(
     if len(negatives) < config.min_negatives:
         detail = (
             f"{selection.describe()}; of the {len(scored)} LLM-scored: {llm_relevant} graded relevant "
-            f"(>= {config.llm_relevant_grade}), {counts['dropped.llm_failed']} failed answers"
+            f"(>= {config.llm_relevant_grade}), {counts['dropped.llm_failed']} failed answers, {skipped} not "
+            f"called (LLM budget spent)"
             f"{', 1 promoted to positive' if new_positive_id else ''}; need at least {config.min_negatives}"
         )
         return MiningOutcome(None, "no_negatives", detail, failed_raw, tuple(counts.items()))
@@ -670,77 +670,51 @@ _REJECTED = "rejected"
 _VECTORS = "vectors"
 _PENDING = "pending"
 _REQUESTS = "requests"
+_STATISTICS = "statistics"
+_LOOKUPS = "positive_lookups"
+_POSITIVES = "positive_vectors"
+#: Tally keys of the manifest's "mining" section: (("mining", name), count).
+_TALLY = "mining"
 
 
-def _missing_fields(row: Mapping[str, Any]) -> list[str]:
-    return [name for name in _REQUIRED_FIELDS if row.get(name) is None or len(row[name]) == 0]
+def _as_vector_bytes(vector: bytes | Sequence[float] | np.ndarray) -> bytes:
+    return vector if isinstance(vector, bytes) else pack_vector(vector)
 
 
-class _KeyQueriesFn(beam.DoFn):
-    """Checks a query row; emits it keyed by pair_id, and its vector once per shard for the search."""
-
-    def __init__(self, config: MineNegativesConfig):
-        self._config = config
-        self._counters = StageCounters(STAGE)
-
-    def process(self, row: dict[str, Any], num_shards: int) -> Iterator[Any]:
-        self._counters.input.inc()
-        missing = _missing_fields(row)
-        if missing:
-            self._counters.reject("missing_field")
-            yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
-                STAGE, "missing_field", rejected_payload(row), record_id=row.get("pair_id"),
-                detail=f"query row lacks {', '.join(missing)} (empty or null)",
-            ))
-            return
-        pair_id = row["pair_id"]
-        if len(row["query_embedding"]) != len(row["positive_embedding"]):
-            self._counters.reject("embedding_mismatch")
-            yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
-                STAGE, "embedding_mismatch", rejected_payload(row), record_id=pair_id,
-                detail=f"query_embedding has {len(row['query_embedding'])} dimensions, positive_embedding "
-                       f"{len(row['positive_embedding'])}: both must come from the same teacher at the same dimension",
-            ))
-            return
-        yield pair_id, row
-        group = stable_bucket(pair_id, self._config.query_groups, salt="query-group:")
-        blob = pack_vector(row["query_embedding"])
-        for shard in range(num_shards):
-            yield beam.pvalue.TaggedOutput(_VECTORS, ((shard, group), (_QUERY_TAG, pair_id, blob)))
+def _to_shard_groups(
+    element: tuple[str, bytes | Sequence[float]], num_shards: int, query_groups: int
+) -> Iterator[tuple[tuple[int, int], tuple[str, str, bytes]]]:
+    """A passage vector goes to its shard, once per query group."""
+    passage_id, vector = element
+    shard = stable_hash("shard", passage_id) % num_shards
+    blob = _as_vector_bytes(vector)
+    for group in range(query_groups):
+        yield (shard, group), (_PASSAGE_TAG, passage_id, blob)
 
 
-def _passage_vector(passage: Mapping[str, Any]) -> bytes:
-    embedding = passage.get("embedding")
-    if embedding is None or len(embedding) == 0:
-        raise ValueError(f"passage {passage.get('passage_id')!r} has no 'embedding': embed the corpus with the "
-                         "teacher (EmbedTeacher) before MineNegatives")
-    return pack_vector(embedding)
-
-
-class _ShardPassagesFn(beam.DoFn):
-    """Sends each passage vector to its shard, once per query group."""
-
-    def __init__(self, config: MineNegativesConfig):
-        self._config = config
-
-    def process(self, passage: dict[str, Any], num_shards: int) -> Iterator[Any]:
-        passage_id = passage["passage_id"]
-        shard = stable_bucket(passage_id, num_shards, salt="shard:")
-        blob = _passage_vector(passage)
-        for group in range(self._config.query_groups):
-            yield (shard, group), (_PASSAGE_TAG, passage_id, blob)
+def _to_every_shard(
+    element: tuple[str, bytes | Sequence[float]], num_shards: int, query_groups: int
+) -> Iterator[tuple[tuple[int, int], tuple[str, str, bytes]]]:
+    """A query vector goes to its query group, once per shard."""
+    query_id, vector = element
+    group = stable_hash("query-group", query_id) % query_groups
+    blob = _as_vector_bytes(vector)
+    for shard in range(num_shards):
+        yield (shard, group), (_QUERY_TAG, query_id, blob)
 
 
 class _SearchShardFn(beam.DoFn):
     """One (shard, query group): builds the shard's index from its passages, searches the group's queries."""
 
-    def __init__(self, config: MineNegativesConfig):
-        self._config = config
+    def __init__(self, k: int, query_batch_size: int, faiss_threads: int | None):
+        self._k = k
+        self._query_batch_size = query_batch_size
+        self._faiss_threads = faiss_threads
         self._searched = beam.metrics.Metrics.counter(f"embforge.{STAGE}", "shard_searches")
 
     def setup(self) -> None:
-        if self._config.faiss_threads is not None:
-            faiss.omp_set_num_threads(self._config.faiss_threads)
+        if self._faiss_threads is not None:
+            faiss.omp_set_num_threads(self._faiss_threads)
 
     def process(self, element: tuple[tuple[int, int], Iterable[tuple[str, str, bytes]]]) -> Iterator[Any]:
         _, items = element
@@ -758,6 +732,7 @@ class _SearchShardFn(beam.DoFn):
             staged.clear()
             return index
 
+        # A GroupByKey gives no order: passages go into the index as they come, queries wait for the whole shard.
         for tag, item_id, blob in items:
             if tag == _QUERY_TAG:
                 query_ids.append(item_id)
@@ -772,14 +747,14 @@ class _SearchShardFn(beam.DoFn):
         if shard is None or not query_ids:
             return
         self._searched.inc()
-        batch = self._config.query_batch_size
+        batch = self._query_batch_size
         for start in range(0, len(query_ids), batch):
             blobs = query_blobs[start:start + batch]
             vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
             if vectors.shape[1] != shard.dimension:
                 raise ValueError(f"query {query_ids[start]!r} has dimension {vectors.shape[1]}, the passages "
                                  f"{shard.dimension}: embed queries and passages with the same teacher and dimension")
-            yield from zip(query_ids[start:start + batch], search_shard(shard, vectors, self._config.k), strict=True)
+            yield from zip(query_ids[start:start + batch], search_shard(shard, vectors, self._k), strict=True)
 
 
 class _TopHitsFn(beam.CombineFn):
@@ -801,53 +776,110 @@ class _TopHitsFn(beam.CombineFn):
         return accumulator
 
 
+def _passage_vector(passage: Mapping[str, Any]) -> bytes:
+    embedding = passage.get("embedding")
+    if embedding is None or len(embedding) == 0:
+        raise ValueError(f"passage {passage.get('passage_id')!r} has no 'embedding': embed the corpus with the "
+                         "teacher (EmbedTeacher) before MineNegatives")
+    return _as_vector_bytes(embedding)
+
+
+def _passage_search_vector(passage: Mapping[str, Any]) -> tuple[str, bytes]:
+    return passage["passage_id"], _passage_vector(passage)
+
+
+def _passage_payload(passage: Mapping[str, Any]) -> tuple[str, tuple[str, bytes]]:
+    return passage["passage_id"], (passage["text"], _passage_vector(passage))
+
+
 def _hits_by_passage(element: tuple[str, list[Hit]]) -> Iterator[tuple[str, tuple[str, float]]]:
     pair_id, hits = element
-    for score, passage_id in hits:
+    for passage_id, score in hits:
         yield passage_id, (pair_id, score)
 
 
-def _key_passage(passage: Mapping[str, Any], keep_embeddings: bool) -> tuple[str, tuple[str, bytes | None]]:
-    return passage["passage_id"], (passage["text"], _passage_vector(passage) if keep_embeddings else None)
+class _AttachPassagesFn(beam.DoFn):
+    """Per passage_id: the passage's text (and vector) for every query that hit it or needs it as its positive."""
+
+    def __init__(self, keep_embeddings: bool):
+        self._keep_embeddings = keep_embeddings
+
+    def process(self, element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
+        passage_id, grouped = element
+        if not grouped["passage"]:
+            return
+        # passage_ids are unique by contract; if not, every query takes the same (first by text) copy.
+        text, blob = min(grouped["passage"], key=lambda item: item[0])
+        embedding = blob if self._keep_embeddings else None
+        for pair_id, score in grouped["hits"]:
+            yield pair_id, Candidate(passage_id, text, score, embedding)
+        for pair_id in grouped["positives"]:
+            yield beam.pvalue.TaggedOutput(_POSITIVES, (pair_id, blob))
 
 
-def _attach_passage(element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[tuple[str, Candidate]]:
-    passage_id, grouped = element
-    if not grouped["hits"]:
-        return
-    # passage_ids are unique by contract; if not, every hit takes the same (first by text) copy, deterministically.
-    text, embedding = min(grouped["passage"], key=lambda item: item[0])
-    for pair_id, score in grouped["hits"]:
-        yield pair_id, Candidate(passage_id, text, score, embedding)
+def _missing_fields(row: Mapping[str, Any]) -> list[str]:
+    return [name for name in _REQUIRED_FIELDS if row.get(name) is None or len(row[name]) == 0]
 
 
-class _OutcomeCounting(beam.DoFn):
-    """Shared by the DoFns that finish a query: turns a MiningOutcome into a kept or a rejected row, and counts."""
+class _OutcomeFn(beam.DoFn):
+    """Base of the DoFns that take queries: rejects with counters, counts statistics (metrics and manifest tallies)."""
 
     def __init__(self, config: MineNegativesConfig):
         self._config = config
         self._counters = StageCounters(STAGE)
 
-    def _count(self, name: str, value: int = 1) -> None:
-        if value:
-            beam.metrics.Metrics.counter(self._counters.namespace, name).inc(value)
+    def _statistics(self, counts: Iterable[tuple[str, int]]) -> Iterator[Any]:
+        for name, value in counts:
+            if value:
+                beam.metrics.Metrics.counter(self._counters.namespace, name).inc(value)
+                yield beam.pvalue.TaggedOutput(_STATISTICS, ((_TALLY, name), value))
 
-    def _finish(self, row: Mapping[str, Any], outcome: MiningOutcome) -> Iterator[Any]:
-        for name, value in outcome.counts:
-            self._count(name, value)
-        if outcome.triplet is not None:
-            self._counters.kept.inc()
-            yield outcome.triplet
-            return
-        assert outcome.reason is not None
-        self._counters.reject(outcome.reason)
-        yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
-            STAGE, outcome.reason, rejected_payload(row), record_id=row["pair_id"], raw_answer=outcome.raw_answer,
-            detail=outcome.detail,
+    def _reject(self, row: Mapping[str, Any], reason: str, detail: str | None, raw_answer: str | None = None):
+        self._counters.reject(reason)
+        return beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
+            STAGE, reason, rejected_payload(row), record_id=row.get("pair_id"), raw_answer=raw_answer, detail=detail,
         ))
 
+    def _finish(self, row: Mapping[str, Any], outcome: MiningOutcome) -> Iterator[Any]:
+        yield from self._statistics(outcome.counts)
+        if outcome.triplet is None:
+            assert outcome.reason is not None
+            yield self._reject(row, outcome.reason, outcome.detail, outcome.raw_answer)
+            return
+        self._counters.kept.inc()
+        negatives = len(outcome.triplet["negative_ids"])
+        yield from self._statistics([("negatives", negatives),
+                                     ("short_triplets", int(negatives < self._config.num_negatives))])
+        yield outcome.triplet
 
-class _SelectFn(_OutcomeCounting):
+
+class _KeyQueriesFn(_OutcomeFn):
+    """Checks a query row; emits it keyed by pair_id, its vector for the search, and a lookup of its positive's
+    vector when the row carries none."""
+
+    def process(self, row: dict[str, Any]) -> Iterator[Any]:
+        self._counters.input.inc()
+        missing = _missing_fields(row)
+        if missing:
+            yield self._reject(row, "missing_field", f"query row lacks {', '.join(missing)} (empty or null)")
+            return
+        if row.get("query_embedding") is None or len(row["query_embedding"]) == 0:
+            yield self._reject(row, "missing_embedding", "query row has no query_embedding")
+            return
+        pair_id = row["pair_id"]
+        positive = row.get("positive_embedding")
+        if positive is not None and len(positive) != len(row["query_embedding"]):
+            detail = (f"query_embedding has {len(row['query_embedding'])} dimensions, positive_embedding "
+                      f"{len(positive)}: both must come from the same teacher at the same dimension")
+            yield self._reject(row, "embedding_mismatch", detail)
+            return
+        yield pair_id, row
+        yield beam.pvalue.TaggedOutput(_VECTORS, (pair_id, pack_vector(row["query_embedding"])))
+        if positive is None or len(positive) == 0:
+            yield beam.pvalue.TaggedOutput(_LOOKUPS, (row["passage_id"], pair_id))
+
+
+class _SelectFn(_OutcomeFn):
     """Joins a query with its hits, applies steps 2-3, then finishes it (no LLM) or emits its LLM requests."""
 
     def __init__(self, config: MineNegativesConfig, llm: bool):
@@ -858,32 +890,39 @@ class _SelectFn(_OutcomeCounting):
         pair_id, grouped = element
         rows, hits = grouped["query"], grouped["candidates"]
         if len(rows) > 1:
+            detail = f"{len(rows)} query rows share pair_id {pair_id!r}; pair_id must be unique"
             for row in rows:
-                self._counters.reject("duplicate_pair_id")
-                yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
-                    STAGE, "duplicate_pair_id", rejected_payload(row), record_id=pair_id,
-                    detail=f"{len(rows)} query rows share pair_id {pair_id!r}; pair_id must be unique",
-                ))
+                yield self._reject(row, "duplicate_pair_id", detail)
             return
         if not rows:
-            # Hits exist only for queries that were keyed, so this does not happen.
+            # Hits and lookups exist only for queries that were keyed, so this does not happen.
             return
         row = rows[0]
+        if row.get("positive_embedding") is not None and len(row["positive_embedding"]) > 0:
+            positive_vector: bytes | None = pack_vector(row["positive_embedding"])
+        else:
+            positive_vector = grouped["positive_vector"][0] if grouped["positive_vector"] else None
+        if positive_vector is None:
+            detail = f"no positive_embedding in the row, and the positive {row['passage_id']!r} is not in the corpus"
+            yield self._reject(row, "missing_embedding", detail)
+            return
+        row = {**row, "positive_embedding": unpack_vector(positive_vector)}
         config = self._config
         positive_score = teacher_score(row["query_embedding"], row["positive_embedding"])
         selection = select_candidates(row["passage_id"], row["passage"], positive_score, hits, config)
-        self._count("dropped.positive", selection.dropped_positive)
-        self._count("dropped.duplicate_text", len(selection.dropped_duplicates))
-        self._count("dropped.teacher_threshold", len(selection.dropped_false_negatives))
-        if not self._llm:
+        yield from self._statistics([
+            ("hits", selection.hits),
+            ("dropped.positive", selection.dropped_positive),
+            ("dropped.duplicate_text", len(selection.dropped_duplicates)),
+            ("dropped.teacher_threshold", len(selection.dropped_false_negatives)),
+        ])
+        # Without LLM scoring, or with too few candidates for it to matter (the LLM only ever removes candidates).
+        if not self._llm or len(selection.candidates) < config.min_negatives:
             yield from self._finish(row, mine_without_llm(row, selection, config))
-        elif len(selection.candidates) < config.min_negatives:
-            # The LLM can only remove candidates, so there is nothing to ask it.
-            yield from self._finish(row, mine_without_llm(row, selection, config))
-        else:
-            yield beam.pvalue.TaggedOutput(_PENDING, (pair_id, (row, selection)))
-            for request in build_llm_requests(row, selection, config):
-                yield beam.pvalue.TaggedOutput(_REQUESTS, request)
+            return
+        yield beam.pvalue.TaggedOutput(_PENDING, (pair_id, (row, selection)))
+        for request in build_llm_requests(row, selection, config):
+            yield beam.pvalue.TaggedOutput(_REQUESTS, request)
 
 
 def _key_judgement(answer: LLMAnswer) -> tuple[str, LLMJudgement]:
@@ -891,7 +930,7 @@ def _key_judgement(answer: LLMAnswer) -> tuple[str, LLMJudgement]:
     return judgement.pair_id, judgement
 
 
-class _JudgeFn(_OutcomeCounting):
+class _JudgeFn(_OutcomeFn):
     """Joins a pending query with its LLM judgements and finishes it."""
 
     def process(self, element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
@@ -900,18 +939,79 @@ class _JudgeFn(_OutcomeCounting):
             yield from self._finish(row, judge_candidates(row, selection, grouped["judgements"], self._config))
 
 
-# --- The transform ----------------------------------------------------------------------------------------------------
+# --- The transforms ---------------------------------------------------------------------------------------------------
+
+
+class ShardedTopK(beam.PTransform):
+    """{"queries": (query_id, vector), "passages": (passage_id, vector)} -> (query_id, [Hit(passage_id, score)]).
+
+    Exact inner-product top-k over a corpus sharded into `ceil(size / shard_size)` shards, hardest first, ties by
+    passage_id: the result does not depend on `shard_size` or `query_groups` (see the module docstring for how the
+    shards and query groups are paired, and the tradeoffs). Vectors are float lists, numpy arrays or `pack_vector`
+    bytes. A query with no passage at all gets no output row. MineNegatives uses it; so does the round-trip check.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        shard_size: int,
+        *,
+        query_groups: int = 1,
+        query_batch_size: int = 1024,
+        faiss_threads: int | None = None,
+    ):
+        super().__init__()
+        if k < 1 or shard_size < 1 or query_groups < 1 or query_batch_size < 1:
+            raise ValueError(f"ShardedTopK: k, shard_size, query_groups and query_batch_size must be >= 1, got "
+                             f"{k}, {shard_size}, {query_groups}, {query_batch_size}")
+        self._k = k
+        self._shard_size = shard_size
+        self._query_groups = query_groups
+        self._query_batch_size = query_batch_size
+        self._faiss_threads = faiss_threads
+
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
+        queries, passages = inputs["queries"], inputs["passages"]
+        num_shards = beam.pvalue.AsSingleton(
+            passages
+            | "CountPassages" >> beam.combiners.Count.Globally()
+            | "NumShards" >> beam.Map(num_shards_for, self._shard_size)
+        )
+        passage_items = passages | "ToShardGroups" >> beam.FlatMap(_to_shard_groups, num_shards, self._query_groups)
+        query_items = queries | "ToEveryShard" >> beam.FlatMap(_to_every_shard, num_shards, self._query_groups)
+        return (
+            (passage_items, query_items)
+            | "UnionForSearch" >> beam.Flatten()
+            | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
+            | "SearchShards" >> beam.ParDo(_SearchShardFn(self._k, self._query_batch_size, self._faiss_threads))
+            | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(self._k))
+        )
 
 
 class MineNegatives(beam.PTransform):
-    """{"queries": graded pairs + embeddings, "passages": corpus + embeddings} -> {"kept": triplets, "rejected": ...}.
+    """{"queries": graded pairs + embeddings, "passages": corpus + embeddings} -> kept / rejected / answers /
+    statistics.
 
-    See the module docstring for the input contract, the sharded search and the LLM decisions. `llm_spec` is needed
-    only with `config.llm_scoring`; it is ignored otherwise.
+    Outputs: "kept" TRIPLET rows; "rejected" REJECTED rows; "answers" the LLMAnswers of LLM scoring (empty without
+    it), for usage accounting; "statistics" (("mining", name), count) tallies for the manifest (names as the Beam
+    counters: hits, dropped.positive, dropped.duplicate_text, dropped.teacher_threshold, dropped.llm_relevant,
+    dropped.llm_failed, dropped.llm_skipped, positive_llm_failed, relabeled, negatives, short_triplets), summed.
+    See the module docstring for the input contract, the sharded search and the LLM decisions. `llm_spec`,
+    `cache_dir` and `max_calls` are used only with `config.llm_scoring`, and go to `CallLLM`.
     """
 
-    def __init__(self, config: MineNegativesConfig, llm_spec: LLMSpec | None = None):
+    def __init__(
+        self,
+        config: MineNegativesConfig,
+        llm_spec: LLMSpec | None = None,
+        *,
+        cache_dir: str | None = None,
+        max_calls: int | None = None,
+    ):
         super().__init__()
+        if not config.teacher_model:
+            raise ValueError("MineNegatives: config.teacher_model is empty; set it to the teacher embedder's name "
+                             "(it is written to every triplet)")
         if config.llm_scoring and llm_spec is None:
             raise ValueError("MineNegatives: llm_scoring=True needs an llm_spec (or set llm_scoring=False)")
         if config.query_likelihood and llm_spec is not None and llm_spec.backend == "gemini":
@@ -919,6 +1019,8 @@ class MineNegatives(beam.PTransform):
                              "not give; use backend='local' or set query_likelihood=False")
         self._config = config
         self._llm_spec = llm_spec if config.llm_scoring else None
+        self._cache_dir = cache_dir
+        self._max_calls = max_calls
 
     def expand(self, inputs: Any) -> dict[str, beam.PCollection]:
         if isinstance(inputs, Mapping):
@@ -926,56 +1028,58 @@ class MineNegatives(beam.PTransform):
         else:
             queries, passages = inputs
         config = self._config
+        pipeline = queries.pipeline
 
-        num_shards = (
-            passages
-            | "CountPassages" >> beam.combiners.Count.Globally()
-            | "NumShards" >> beam.Map(num_shards_for, config.shard_size)
+        keyed = queries | "KeyQueries" >> beam.ParDo(_KeyQueriesFn(config)).with_outputs(
+            _VECTORS, _LOOKUPS, _REJECTED, _STATISTICS, main="rows"
         )
-        keyed = queries | "KeyQueries" >> beam.ParDo(
-            _KeyQueriesFn(config), beam.pvalue.AsSingleton(num_shards)
-        ).with_outputs(_VECTORS, _REJECTED, main="rows")
-        passage_vectors = passages | "ShardPassages" >> beam.ParDo(
-            _ShardPassagesFn(config), beam.pvalue.AsSingleton(num_shards)
+        top_hits = {
+            "queries": keyed[_VECTORS],
+            "passages": passages | "PassageVectors" >> beam.Map(_passage_search_vector),
+        } | "Search" >> ShardedTopK(
+            config.k, config.shard_size, query_groups=config.query_groups, query_batch_size=config.query_batch_size,
+            faiss_threads=config.faiss_threads,
         )
-        top_hits = (
-            (keyed[_VECTORS], passage_vectors)
-            | "UnionForSearch" >> beam.Flatten()
-            | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
-            | "SearchShards" >> beam.ParDo(_SearchShardFn(config))
-            | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(config.k))
-        )
-        candidates = (
+        attached = (
             {
-                "passage": passages | "KeyPassages" >> beam.Map(_key_passage, config.keep_embeddings),
+                "passage": passages | "KeyPassages" >> beam.Map(_passage_payload),
                 "hits": top_hits | "KeyHitsByPassage" >> beam.FlatMap(_hits_by_passage),
+                "positives": keyed[_LOOKUPS],
             }
-            | "JoinPassageTexts" >> beam.CoGroupByKey()
-            | "AttachPassages" >> beam.FlatMap(_attach_passage)
+            | "JoinPassages" >> beam.CoGroupByKey()
+            | "AttachPassages" >> beam.ParDo(_AttachPassagesFn(config.keep_embeddings)).with_outputs(
+                _POSITIVES, main="candidates"
+            )
         )
         selected = (
-            {"query": keyed["rows"], "candidates": candidates}
+            {"query": keyed["rows"], "candidates": attached["candidates"], "positive_vector": attached[_POSITIVES]}
             | "JoinQueriesWithHits" >> beam.CoGroupByKey()
             | "SelectCandidates" >> beam.ParDo(_SelectFn(config, llm=self._llm_spec is not None)).with_outputs(
-                _REJECTED, _PENDING, _REQUESTS, main=_KEPT
+                _REJECTED, _PENDING, _REQUESTS, _STATISTICS, main=_KEPT
             )
         )
         kept = [selected[_KEPT]]
         rejected = [keyed[_REJECTED], selected[_REJECTED]]
+        statistics = [keyed[_STATISTICS], selected[_STATISTICS]]
         if self._llm_spec is not None:
-            judgements = (
-                selected[_REQUESTS]
-                | "ScoreCandidates" >> CallLLM(self._llm_spec, stage=STAGE)
-                | "KeyJudgements" >> beam.Map(_key_judgement)
+            answers = selected[_REQUESTS] | "ScoreCandidates" >> CallLLM(
+                self._llm_spec, STAGE, self._cache_dir, self._max_calls
             )
             judged = (
-                {"pending": selected[_PENDING], "judgements": judgements}
+                {"pending": selected[_PENDING], "judgements": answers | "KeyJudgements" >> beam.Map(_key_judgement)}
                 | "JoinJudgements" >> beam.CoGroupByKey()
-                | "JudgeCandidates" >> beam.ParDo(_JudgeFn(config)).with_outputs(_REJECTED, main=_KEPT)
+                | "JudgeCandidates" >> beam.ParDo(_JudgeFn(config)).with_outputs(_REJECTED, _STATISTICS, main=_KEPT)
             )
             kept.append(judged[_KEPT])
             rejected.append(judged[_REJECTED])
+            statistics.append(judged[_STATISTICS])
+        else:
+            answers = pipeline | "NoAnswers" >> beam.Create([])
         return {
             "kept": tuple(kept) | "FlattenKept" >> beam.Flatten(),
             "rejected": tuple(rejected) | "FlattenRejected" >> beam.Flatten(),
+            "answers": answers,
+            "statistics": (
+                tuple(statistics) | "FlattenStatistics" >> beam.Flatten() | "SumStatistics" >> beam.CombinePerKey(sum)
+            ),
         }
