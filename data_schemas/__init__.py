@@ -13,11 +13,11 @@ from data_schemas.records import (
 )
 from data_schemas.validate import SchemaError, schema_id, validate_rows, validate_table
 
-#: Record kind (as used in shard folder names) -> schema.
+#: Record kind, as used in shard folder names -> schema. The `pairs` a run publishes are the graded ones (PAIR is the
+#: shape between GenerateQueries and GradeRelevance and is never written).
 SCHEMAS = {
     "passages": PASSAGE,
-    "pairs": PAIR,
-    "graded_pairs": GRADED_PAIR,
+    "pairs": GRADED_PAIR,
     "classification": CLASSIFICATION_EXAMPLE,
     "triplets": TRIPLET,
     "rejected": REJECTED,

@@ -55,8 +55,10 @@ MANIFEST = versioned("manifest", 1, [
     pa.field("outputs", pa.map_(pa.string(), _COUNT), nullable=False),
     pa.field("mining", pa.map_(pa.string(), _COUNT), nullable=False),
     pa.field("budget", pa.map_(pa.string(), pa.float64()), nullable=False),
-    # True when every stage's input equals kept + rejected (minus expansion); a run with False fails.
+    # True when every stage balances (input + expanded = kept + rejected + skipped); a run with False fails.
     pa.field("balanced", pa.bool_(), nullable=False),
+    # Shard files written, relative to the run directory.
+    pa.field("files", pa.list_(pa.string()), nullable=False),
 ])
 
 FREE_FORM_KEYS = ("config",)

@@ -111,13 +111,12 @@ class _SplitHitsFn(beam.DoFn):
 
     def process(self, element):
         key, grouped = element
+        # A key with cache entries but no requests is an entry this run does not need: it yields nothing.
         requests = sorted(grouped["requests"], key=lambda request: request.request_id)
-        if not requests:
-            return  # a cache entry no request of this run needs
         cached = list(grouped["cached"])
-        if cached:
+        if requests and cached:
             yield from answers_from_cache(requests, cached[0])
-        else:
+        elif requests:
             yield beam.pvalue.TaggedOutput(self.MISSES, (key, requests))
 
 

@@ -226,8 +226,9 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
     rows["rejected"] = all_rejected
     tallies.append(all_rejected | "ReasonTallies" >> beam.Map(lambda row: (("reason", row["stage"], row["reason"]), 1)))
     all_tallies = tuple(tallies) | "AllTallies" >> beam.Flatten()
+    stage_order = STAGE_ORDER if config.counterfactuals is not None else STAGE_ORDER[:-1]
     {"rows": rows, "tallies": all_tallies} | "WriteShards" >> WriteShards(
-        config.output, static_manifest(config), STAGE_ORDER)
+        config.output, static_manifest(config), stage_order)
 
 
 def _positive_rank(element):
@@ -237,9 +238,18 @@ def _positive_rank(element):
         yield pair_id, (ranked.index(passage_id) + 1 if passage_id in ranked else None)
 
 
+LOCAL_RUNNERS = ("DirectRunner", "direct", "FnApiRunner")
+
+
 def pipeline_options(config: GenerateConfig) -> PipelineOptions:
-    flags = [f"--runner={config.beam.runner}", *config.beam.options]
-    if config.beam.runner in ("DirectRunner", "direct"):
+    runner = config.beam.runner
+    if runner in LOCAL_RUNNERS:
+        # Beam's DirectRunner first tries to download the Prism runner binary from GitHub, then falls back to the
+        # in-process FnApiRunner. Going to the FnApiRunner directly keeps local runs off the network; it honours the
+        # same direct_running_mode / direct_num_workers options.
+        runner = "FnApiRunner"
+    flags = [f"--runner={runner}", *config.beam.options]
+    if runner == "FnApiRunner":
         flags += [f"--direct_running_mode={config.beam.direct_running_mode}",
                   f"--direct_num_workers={config.beam.direct_num_workers}"]
     return PipelineOptions(flags=flags)
@@ -252,7 +262,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         LOGGER.info("removed %d files of an earlier run in %s", len(stale), config.output)
     pipeline = beam.Pipeline(options=pipeline_options(config))
     build_generate_pipeline(pipeline, config)
-    local = config.beam.runner in ("DirectRunner", "direct")
+    local = config.beam.runner in LOCAL_RUNNERS
     with LiveProgress(f"embforge generate -> {config.output}", enabled=local):
         pipeline.run().wait_until_finish()
     manifest = load_manifest(posixpath.join(config.output, MANIFEST_NAME))

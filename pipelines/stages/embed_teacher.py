@@ -68,10 +68,10 @@ class _SplitHitsFn(beam.DoFn):
     def process(self, element):
         key, grouped = element
         items = list(grouped["items"])
-        if not items:
-            return
         cached = list(grouped["cached"])
-        if cached:
+        if not items:
+            pass  # a cache entry no item of this run needs
+        elif cached:
             for item in items:
                 yield {"id": item["id"], "task_type": item["task_type"], "embedding": cached[0]["embedding"]}
         else:

@@ -95,20 +95,20 @@ class _GradeFn(beam.DoFn):
         self._counters = StageCounters(STAGE)
 
     def process(self, element) -> Iterator[Any]:
-        pair_id, grouped = element
-        pairs = list(grouped["pairs"])
-        if not pairs:
-            return  # evidence for a pair this stage was not given
+        _, grouped = element
         answers = list(grouped["answers"])
         ranks = list(grouped["ranks"])
-        self._counters.input.inc()
-        outcome, row = grade_pair(pairs[0], answers[0] if answers else None, ranks[0] if ranks else None, self._config)
-        if outcome == "kept":
-            self._counters.kept.inc()
-            yield row
-        else:
-            self._counters.reject(row["reason"])
-            yield beam.pvalue.TaggedOutput("rejected", row)
+        # Evidence without a pair (a key only in answers or ranks) yields nothing: the loop does not run.
+        for pair in list(grouped["pairs"])[:1]:
+            self._counters.input.inc()
+            outcome, row = grade_pair(pair, answers[0] if answers else None, ranks[0] if ranks else None,
+                                      self._config)
+            if outcome == "kept":
+                self._counters.kept.inc()
+                yield row
+            else:
+                self._counters.reject(row["reason"])
+                yield beam.pvalue.TaggedOutput("rejected", row)
 
 
 class GradeRelevance(beam.PTransform):

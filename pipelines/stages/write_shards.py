@@ -48,7 +48,7 @@ class _ValidateFn(beam.DoFn):
 
 
 def assemble_manifest(tallies: Mapping[tuple[str, ...], int], static: Mapping[str, Any],
-                      stage_order: Iterable[str]) -> dict[str, Any]:
+                      stage_order: Iterable[str], files: Iterable[str] = ()) -> dict[str, Any]:
     """Build the manifest from summed tallies.
 
     Tally keys: ("stage", stage, field) for input/kept/expanded/skipped; ("reason", stage, reason) for rejections;
@@ -80,6 +80,7 @@ def assemble_manifest(tallies: Mapping[tuple[str, ...], int], static: Mapping[st
         "outputs": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "outputs"},
         "mining": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "mining"},
         "balanced": all(stage_balances(stage) for stage in stages),
+        "files": sorted(files),
     }
     validate_manifest(manifest)
     return manifest
@@ -95,8 +96,8 @@ class _WriteManifestFn(beam.DoFn):
         summed: dict[tuple[str, ...], int] = {}
         for key, count in tallies:
             summed[key] = summed.get(key, 0) + count
-        manifest = assemble_manifest(summed, self._static, self._stage_order)
-        manifest["files"] = sorted(posixpath.relpath(path, self._output) for path in written_files)
+        files = [posixpath.relpath(path, self._output) for path in written_files]
+        manifest = assemble_manifest(summed, self._static, self._stage_order, files)
         path = posixpath.join(self._output, MANIFEST_NAME)
         with FileSystems.create(path) as handle:
             handle.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))
