@@ -5,8 +5,9 @@ validating every shard with `data_schemas.validate_table`, so a bad shard fails 
 shards are fine (Beam's WriteToParquet can leave one). Rows are kept in memory: a CPU-scale run holds a few thousand.
 
 `TaskBatchSampler` yields batches that
-  1. hold examples of one task only (a triplet `task` or a classification `task_name`): in-batch negatives from
-     another task would be trivially easy, and the prompts differ per task;
+  1. hold examples of one task only: triplets of one query task type (the prompt in front of their queries; a
+     triplet's free-text `task` is the LLM's per-example instruction, so it does not split batches), or one
+     classification `task_name`: in-batch negatives from another task would be trivially easy, and prompts differ;
   2. never repeat a text (query, positive, negative or text to classify): a text twice in a batch is a false
      in-batch negative, so an example that would repeat one waits for a later batch;
   3. are a pure function of (seed, epoch), so the state (epoch, position) restores the exact stream.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import glob
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_schemas import CLASSIFICATION_EXAMPLE, TRIPLET, SchemaError, validate_table
+from pipelines.clients.base import TaskType
 
 
 @dataclass(frozen=True)
@@ -207,9 +209,12 @@ class SamplerState:
     position: int = 0
 
 
-def example_task(example: TripletExample | ClassificationExample) -> tuple[str, str]:
-    kind = "triplet" if isinstance(example, TripletExample) else "classification"
-    return kind, example.task
+def example_task(example: TripletExample | ClassificationExample,
+                 triplet_task_type: Callable[[str], str]) -> tuple[str, str]:
+    """The batch key: ("triplet", query task type) or ("classification", task name)."""
+    if isinstance(example, TripletExample):
+        return "triplet", triplet_task_type(example.task)
+    return "classification", example.task
 
 
 class TaskBatchSampler:
@@ -230,10 +235,12 @@ class TaskBatchSampler:
         self._cache: tuple[int, list[Batch]] | None = None
 
     @classmethod
-    def for_data(cls, data: TrainingData, batch_size: int, seed: int) -> TaskBatchSampler:
+    def for_data(cls, data: TrainingData, batch_size: int, seed: int,
+                 triplet_task_type: Callable[[str], str] = lambda task: TaskType.RETRIEVAL_QUERY.value,
+                 ) -> TaskBatchSampler:
         examples = data.examples
-        return cls([example_task(example) for example in examples], [example.texts for example in examples],
-                   batch_size, seed)
+        return cls([example_task(example, triplet_task_type) for example in examples],
+                   [example.texts for example in examples], batch_size, seed)
 
     def epoch_batches(self, epoch: int) -> list[Batch]:
         """All batches of `epoch`, in order. Deterministic in (seed, epoch); nothing is left out."""

@@ -169,7 +169,8 @@ def batch_losses(embed: Callable[[list[str], str], torch.Tensor], head: Embeddin
     rows = [examples[index] for index in batch.indices]
     terms: dict[str, torch.Tensor] = {}
     if kind == "triplet":
-        queries = embed([row.query for row in rows], config.query_task_type(task, classification=False))
+        # A triplet batch's task is its query task type (see TaskBatchSampler).
+        queries = embed([row.query for row in rows], task)
         documents = embed([row.positive for row in rows] + [text for row in rows for text in row.negatives], DOCUMENT)
         positives, negatives = documents[:len(rows)], documents[len(rows):]
         if config.infonce_weight > 0:
@@ -321,7 +322,8 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
         logger.warning("distillation_weight=%s but no triplet row has teacher embeddings: distillation is off",
                        config.distillation_weight)
     examples = data.examples
-    sampler = TaskBatchSampler.for_data(data, config.batch_size, config.seed)
+    sampler = TaskBatchSampler.for_data(
+        data, config.batch_size, config.seed, lambda task: config.query_task_type(task, classification=False))
     total_steps = total_optimizer_steps(config, sampler)
     warmup_steps = round(config.warmup_ratio * total_steps)
 

@@ -161,8 +161,10 @@ def test_batches_hold_one_task_and_no_repeated_text(run_dir):
         seen = []
         for batch in batches:
             assert 1 <= len(batch.indices) <= 4
-            tasks = {(type(examples[index]).__name__, examples[index].task) for index in batch.indices}
-            assert len(tasks) == 1
+            kinds = {type(examples[index]).__name__ for index in batch.indices}
+            assert len(kinds) == 1
+            if kinds == {"ClassificationExample"}:
+                assert len({examples[index].task for index in batch.indices}) == 1
             texts = [text for index in batch.indices for text in examples[index].texts]
             assert len(texts) == len(set(texts)), f"repeated text in {batch}"
             seen += batch.indices
@@ -401,3 +403,14 @@ def test_soup_refuses_models_of_different_shapes(trained_run, tmp_path):
 def test_classification_rows_follow_the_schema():
     # The factory validates what it writes; this guards the factory itself for other tests reusing it.
     assert len({row["text"] for row in classification_rows(30)}) == 30
+
+
+def test_triplets_with_different_free_text_tasks_share_batches(tmp_path):
+    # Each generated triplet carries its own LLM-written task sentence; batching by that sentence would give batches
+    # of one example and no in-batch negatives.
+    rows = triplet_rows(8, tasks=tuple(f"Given a question {index}, retrieve passages" for index in range(8)),
+                        shared_negatives=False)
+    data = read_run(write_run(str(tmp_path / "run"), triplets=rows, classification=[]))
+    batches = TaskBatchSampler.for_data(data, batch_size=4, seed=0).epoch_batches(0)
+    assert [len(batch.indices) for batch in batches] == [4, 4]
+    assert {batch.task for batch in batches} == {("triplet", "RETRIEVAL_QUERY")}
