@@ -32,8 +32,8 @@ def _generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", choices=("local", "gemini"),
                         help="teacher embedding backend; overrides generate.teacher.backend")
     parser.add_argument("--sample", type=int, help="use at most this many passages; overrides generate.corpus.sample")
-    parser.add_argument("--max-llm-calls", type=int, help="stop new LLM calls after this many (cache hits are free)")
-    parser.add_argument("--max-cost", type=float, metavar="USD", help="stop new LLM calls at this estimated cost")
+    parser.add_argument("--max-llm-calls", type=int,
+                        help="at most this many new LLM calls per LLM stage (cache hits are free)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +90,6 @@ def _generate_overrides(args: argparse.Namespace) -> list[str]:
         "generate.teacher.backend": args.teacher,
         "generate.corpus.sample": args.sample,
         "generate.budget.max_llm_calls": args.max_llm_calls,
-        "generate.budget.max_cost_usd": args.max_cost,
     }
     return [f"{key}={value}" for key, value in flags.items() if value is not None]
 

@@ -40,16 +40,13 @@ class BeamConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    #: Stop sending new LLM requests after this many calls over the whole run (cache hits are free).
+    #: Stop sending new LLM requests after this many calls in each LLM stage (cache hits are free). Exact on any
+    #: runner: the calls made are a deterministic subset of the misses; the rest become rejected rows.
     max_llm_calls: int | None = None
-    #: Stop sending new LLM requests once their estimated cost reaches this many US dollars.
-    max_cost_usd: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_llm_calls is not None and self.max_llm_calls < 0:
             raise ValueError(f"max_llm_calls must be >= 0, got {self.max_llm_calls}")
-        if self.max_cost_usd is not None and self.max_cost_usd < 0:
-            raise ValueError(f"max_cost_usd must be >= 0, got {self.max_cost_usd}")
 
 
 @dataclass(frozen=True)
