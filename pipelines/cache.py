@@ -119,3 +119,40 @@ class CacheWriter:
         if self._pending and self._cache_dir is not None:
             write_cache_file(self._cache_dir, self._kind, self._pending)
             self._pending = []
+
+
+class _SplitByCacheFn(beam.DoFn):
+    MISSES = "misses"
+
+    def process(self, element):
+        key, grouped = element
+        # A key with entries but no items is an entry this run does not need: it yields nothing.
+        items = list(grouped["items"])
+        entries = list(grouped["entries"])
+        if items and entries:
+            yield items, entries[0]
+        elif items:
+            yield beam.pvalue.TaggedOutput(self.MISSES, (key, items))
+
+
+class SplitByCache(beam.PTransform):
+    """(key, item) -> {"hits": (items, cache entry), "misses": (key, items)}, items grouped by their key.
+
+    Grouping by key is what makes identical requests of one run share one call. `read_label` names the cache-reading
+    root transform, which must be unique in the pipeline.
+    """
+
+    def __init__(self, cache_dir: str | None, kind: str, read_label: str):
+        super().__init__()
+        self._cache_dir = cache_dir
+        self._kind = kind
+        self._read_label = read_label
+
+    def expand(self, keyed_items):
+        entries = keyed_items.pipeline | self._read_label >> ReadCache(self._cache_dir, self._kind)
+        split = (
+            {"items": keyed_items, "entries": entries}
+            | "Join" >> beam.CoGroupByKey()
+            | "Split" >> beam.ParDo(_SplitByCacheFn()).with_outputs(_SplitByCacheFn.MISSES, main="hits")
+        )
+        return {"hits": split["hits"], "misses": split[_SplitByCacheFn.MISSES]}

@@ -16,7 +16,7 @@ import apache_beam as beam
 from pydantic import BaseModel
 
 from pipelines import progress
-from pipelines.cache import LLM_CACHE, CacheWriter, ReadCache
+from pipelines.cache import LLM_CACHE, CacheWriter, SplitByCache
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
 from pipelines.clients.factory import LLMSpec, build_llm, llm_identity
 
@@ -102,22 +102,6 @@ def answers_for_group(first: LLMAnswer, requests: list[LLMRequest]) -> list[LLMA
     """One call serves every identical request of the run; only the first answer counts as a call."""
     rest = [replace(first, request=request, source="duplicate") for request in requests[1:]]
     return [first, *rest]
-
-
-class _SplitHitsFn(beam.DoFn):
-    """(key, {"requests": [...], "cached": [...]}) -> answers for hits (main), (key, requests) for misses."""
-
-    MISSES = "misses"
-
-    def process(self, element):
-        key, grouped = element
-        # A key with cache entries but no requests is an entry this run does not need: it yields nothing.
-        requests = sorted(grouped["requests"], key=lambda request: request.request_id)
-        cached = list(grouped["cached"])
-        if requests and cached:
-            yield from answers_from_cache(requests, cached[0])
-        elif requests:
-            yield beam.pvalue.TaggedOutput(self.MISSES, (key, requests))
 
 
 def _budget_refusal(requests: list[LLMRequest]) -> list[LLMAnswer]:
@@ -206,13 +190,11 @@ class CallLLM(beam.PTransform):
     def expand(self, requests):
         model_id, model_version = self._identity
         keyed = requests | "Key" >> beam.Map(lambda request: (request.cache_key(model_id, model_version), request))
-        cached = requests.pipeline | f"ReadCache{self._stage}" >> ReadCache(self._cache_dir, LLM_CACHE)
-        split = (
-            {"requests": keyed, "cached": cached}
-            | "Join" >> beam.CoGroupByKey()
-            | "Split" >> beam.ParDo(_SplitHitsFn()).with_outputs(_SplitHitsFn.MISSES, main="hits")
-        )
-        misses = split[_SplitHitsFn.MISSES]
+        split = keyed | "Cache" >> SplitByCache(self._cache_dir, LLM_CACHE, f"ReadCache{self._stage}")
+        hits = split["hits"] | "FromCache" >> beam.FlatMap(
+            lambda hit: answers_from_cache(sorted(hit[0], key=lambda request: request.request_id), hit[1]))
+        misses = split["misses"] | "SortGroups" >> beam.MapTuple(
+            lambda key, group: (key, sorted(group, key=lambda request: request.request_id)))
         allowed = None
         if self._max_calls is not None:
             allowed = beam.pvalue.AsSingleton(
@@ -227,4 +209,4 @@ class CallLLM(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=max(1, 2 * self._spec.concurrency))
             | "Call" >> beam.ParDo(_CallMissesFn(self._spec, self._stage, self._cache_dir), allowed)
         )
-        return (split["hits"], called) | "Answers" >> beam.Flatten()
+        return (hits, called) | "Answers" >> beam.Flatten()

@@ -19,7 +19,7 @@ from typing import Any
 import apache_beam as beam
 
 from pipelines import progress
-from pipelines.cache import EMBEDDING_CACHE, CacheWriter, ReadCache
+from pipelines.cache import EMBEDDING_CACHE, CacheWriter, SplitByCache
 from pipelines.clients.base import Embedder, TaskType
 from pipelines.clients.factory import EmbedderSpec, build_embedder, embedder_identity
 from pipelines.stages import StageCounters, rejected_row
@@ -60,22 +60,6 @@ def cache_entry(key: str, model_id: str, model_version: str, task_type: str, tex
         "text_sha256": text_sha256(text),
         "embedding": [float(x) for x in vector],
     }
-
-
-class _SplitHitsFn(beam.DoFn):
-    MISSES = "misses"
-
-    def process(self, element):
-        key, grouped = element
-        items = list(grouped["items"])
-        cached = list(grouped["cached"])
-        if not items:
-            pass  # a cache entry no item of this run needs
-        elif cached:
-            for item in items:
-                yield {"id": item["id"], "task_type": item["task_type"], "embedding": cached[0]["embedding"]}
-        else:
-            yield beam.pvalue.TaggedOutput(self.MISSES, (key, items))
 
 
 class _EmbedMissesFn(beam.DoFn):
@@ -153,22 +137,20 @@ class EmbedTeacher(beam.PTransform):
             lambda item: (embedding_cache_key(model_id, model_version, item["task_type"], dimension, item["text"]),
                           item)
         )
-        cached = items.pipeline | "ReadEmbeddingCache" >> ReadCache(self._cache_dir, EMBEDDING_CACHE)
-        split = (
-            {"items": keyed, "cached": cached}
-            | "Join" >> beam.CoGroupByKey()
-            | "Split" >> beam.ParDo(_SplitHitsFn()).with_outputs(_SplitHitsFn.MISSES, main="hits")
-        )
+        split = keyed | "Cache" >> SplitByCache(self._cache_dir, EMBEDDING_CACHE, "ReadEmbeddingCache")
+        hits = split["hits"] | "FromCache" >> beam.FlatMap(
+            lambda hit: [{"id": item["id"], "task_type": item["task_type"], "embedding": hit[1]["embedding"]}
+                         for item in hit[0]])
         embedded = (
-            split[_SplitHitsFn.MISSES]
+            split["misses"]
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._config.batch_size)
             | "Embed" >> beam.ParDo(_EmbedMissesFn(self._spec, self._config, self._cache_dir)).with_outputs(
                 "rejected", main="kept")
         )
         return {
-            "kept": (split["hits"], embedded["kept"]) | "Embeddings" >> beam.Flatten(),
+            "kept": (hits, embedded["kept"]) | "Embeddings" >> beam.Flatten(),
             "rejected": embedded["rejected"],
             # Distinct texts sent to the backend, and items answered from the cache.
-            "texts_embedded": split[_SplitHitsFn.MISSES] | "CountMisses" >> beam.combiners.Count.Globally(),
-            "cache_hits": split["hits"] | "CountHits" >> beam.combiners.Count.Globally(),
+            "texts_embedded": split["misses"] | "CountMisses" >> beam.combiners.Count.Globally(),
+            "cache_hits": hits | "CountHits" >> beam.combiners.Count.Globally(),
         }
