@@ -5,7 +5,7 @@
   classification data.
 - A second run with the same inputs makes zero LLM and zero embedding calls.
 - Every stage balances in the manifest (input + expanded = kept + rejected + skipped).
-- The same run in multi_processing mode (everything pickles, as Dataflow requires).
+- The same run in multi_threading and multi_processing modes (everything pickles, as Dataflow requires).
 - The offline default (local LLM, local teacher, stdlib corpus), then a few training steps on its shards.
 """
 
@@ -193,8 +193,10 @@ def test_second_run_with_the_same_inputs_makes_zero_llm_and_embedding_calls(tmp_
 
 
 @pytest.mark.slow
-def test_pipeline_runs_in_multi_processing_mode(tmp_path, gemini):
-    config = gemini_config(tmp_path, gemini, direct_running_mode="multi_processing", direct_num_workers=2)
+@pytest.mark.parametrize("mode", ["multi_threading", "multi_processing"])
+def test_pipeline_runs_in_every_local_running_mode(tmp_path, gemini, mode):
+    # multi_processing pickles every DoFn and its spec into worker processes, as Dataflow does.
+    config = gemini_config(tmp_path, gemini, direct_running_mode=mode, direct_num_workers=2)
     manifest = generate(config)
     check_run(config.output, manifest)
     assert manifest["outputs"]["triplets"] > 0
