@@ -1,7 +1,7 @@
 """`embforge`: generate training data, train a student, evaluate it, average checkpoints, publish, or run it all.
 
-Configuration comes from one file (TOML or YAML) with a section per command (`[generate]`, `[train]`, `[evaluate]`,
-`[publish]`), then `--set section.key=value` overrides, then the command's own flags. Everything is checked before any
+Configuration comes from one file (TOML or YAML) with a section per command (`[generate]`, `[train]`, `[evaluate]`),
+then `--set section.key=value` overrides, then the command's own flags. Everything is checked before any
 work starts; a problem is one line on stderr and exit status 2.
 """
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--private", action="store_true")
     publish.add_argument("--revision", help="branch to upload to (default: main)")
     publish.add_argument("--include-rejected", action="store_true", help="also upload rejected rows (dataset)")
+    publish.add_argument("--license", default="other",
+                         help="license id for the card, e.g. cc-by-4.0 (default: other; say which in the card)")
+    publish.add_argument("--report", help="report.json or its folder for the model card (default: found beside it)")
 
     run = commands.add_parser("run", help="generate -> train -> evaluate with one configuration")
     _add_config_arguments(run)
@@ -120,7 +123,7 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         from pipelines.publish import publish
 
         print(publish(args.kind, args.path, repo_id=args.repo_id, private=args.private, revision=args.revision,
-                      include_rejected=args.include_rejected))
+                      include_rejected=args.include_rejected, license=args.license, report=args.report))
         return 0
 
     overrides = list(args.overrides)
