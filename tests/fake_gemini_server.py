@@ -265,6 +265,12 @@ class FakeGeminiServer:
         with self._lock:
             return list(self._requests)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered right now (a killed client's requests finish on the server side)."""
+        with self._lock:
+            return self._in_flight
+
     def status_counts(self) -> Counter[int]:
         return Counter(record.status for record in self.requests)
 
