@@ -16,13 +16,14 @@ from dataclasses import replace
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_schemas import load_manifest
 from pipelines.clients.base import TaskType
 from pipelines.clients.factory import embedder_identity, llm_identity
 from pipelines.config import GenerateConfig, RunConfig
-from pipelines.config_loading import config_to_dict
+from pipelines.config_loading import ConfigError, config_to_dict
 from pipelines.llm_calls import LLMAnswer
 from pipelines.pricing import estimated_cost_micro_usd
 from pipelines.progress import LiveProgress
@@ -255,8 +256,24 @@ def pipeline_options(config: GenerateConfig) -> PipelineOptions:
     return PipelineOptions(flags=flags)
 
 
+def check_writable(path: str, key: str) -> None:
+    """Create `path` and write a probe file there, so an unreachable output fails before any model is loaded."""
+    probe = posixpath.join(path, f".embforge-write-check-{uuid.uuid4().hex}")
+    try:
+        if not FileSystems.exists(path):
+            FileSystems.mkdirs(path)
+        with FileSystems.create(probe) as handle:
+            handle.write(b"ok")
+        FileSystems.delete([probe])
+    except Exception as error:  # noqa: BLE001 - any filesystem's failure means the same to the user
+        raise ConfigError(f"{key}: cannot write to {path!r} ({type(error).__name__}: {error})") from error
+
+
 def generate(config: GenerateConfig) -> dict[str, Any]:
     """Run the generation pipeline to completion; returns the manifest. Raises GenerationFailed if rows went missing."""
+    check_writable(config.output, "generate.output")
+    if config.cache_dir:
+        check_writable(config.cache_dir, "generate.cache_dir")
     stale = clear_previous_output(config.output, OUTPUT_KINDS)
     if stale:
         LOGGER.info("removed %d files of an earlier run in %s", len(stale), config.output)

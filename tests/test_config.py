@@ -54,6 +54,9 @@ def test_toml_and_yaml_files_layer_over_defaults_and_overrides_win(tmp_path):
     (["generate.llm.backend=openai"], "generate.llm.backend: must be one of"),
     (["evaluate.dims=[64, 128]"], "dims must be strictly descending"),
     (["generate.beam.direct_running_mode=threads"], "direct_running_mode: must be one of"),
+    (["generate.mining.num_negatives=40"], "num_negatives"),  # more negatives than k - 1 candidates
+    (["train.matryoshka_dims=[64, 128]"], "matryoshka_dims"),
+    (["generate.corpus.sample=0"], "sample"),
     (["nonsense=1"], "nonsense: unknown key"),
 ])
 def test_bad_values_fail_with_one_message_naming_the_key(overrides, message):
@@ -92,3 +95,11 @@ def test_overrides_parse_values_as_yaml():
     assert data == {"a": {"b": 2, "c": [1, 2], "d": True}, "e": {"f": "text"}}
     with pytest.raises(ConfigError, match="expected section.key=value"):
         apply_overrides({}, ["novalue"])
+
+
+def test_unreachable_output_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["generate", "--output", str(blocker / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "generate.output: cannot write to" in error and str(blocker) in error
