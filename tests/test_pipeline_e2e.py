@@ -29,7 +29,7 @@ from pipelines.stages.generate_counterfactuals import GenerateCounterfactualsCon
 from pipelines.stages.grade_relevance import GradeRelevanceConfig
 from pipelines.stages.mine_negatives import MineNegativesConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
-from tests.fake_gemini_server import FakeGeminiServer
+from tests.fake_gemini_server import FakeGeminiServer, FaultPlan
 from tests.fakes import KeywordEmbedder
 
 VOCABULARY = ("json", "csv", "heap", "zip", "regex", "date", "socket", "thread")
@@ -97,7 +97,7 @@ def gemini(monkeypatch):
 def gemini_config(tmp_path, server, corpus_rows=CORPUS, **beam) -> GenerateConfig:
     corpus = tmp_path / "passages.jsonl"
     corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n" for pid, text in corpus_rows))
-    fast_retries = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
+    fast_retries = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 2.0}
     return GenerateConfig(
         output=str(tmp_path / "run"),
         cache_dir=str(tmp_path / "cache"),
@@ -190,6 +190,33 @@ def test_second_run_with_the_same_inputs_makes_zero_llm_and_embedding_calls(tmp_
     assert second["cache"]["embeddings_computed"] == 0
     assert all(row["calls"] == 0 and row["cache_hits"] > 0 for row in second["llm_usage"])
     assert second["outputs"] == first["outputs"]
+
+
+def test_pipeline_completes_under_service_faults(tmp_path, gemini):
+    # About 30% of calls fail with 429 (Retry-After) or 5xx, some time out, some answers are truncated, violate the
+    # schema, have no candidates or are safety-blocked. Transient failures are retried within the bound; what stays
+    # broken lands in rejected/ with the raw answer; every stage still balances.
+    gemini.faults = FaultPlan(seed=7, errors={429: 0.15, 500: 0.05, 503: 0.1}, retry_after_s=0.05, timeout=0.02,
+                              hang_s=3.0, truncated_body=0.03, truncated_answer=0.03, schema_violation=0.03,
+                              empty_candidates=0.02, safety=0.02)
+    config = gemini_config(tmp_path, gemini)
+    manifest = generate(config)
+    check_run(config.output, manifest)
+    statuses = gemini.status_counts()
+    assert statuses[429] and statuses[503] and statuses[200], statuses
+    faults = {request.fault for request in gemini.requests if request.fault}
+    assert {"timeout", "schema_violation"} <= faults, faults
+    assert manifest["outputs"]["triplets"] > 0
+    rejected = {row["record_id"]: row for row in read_kind(config.output, "rejected") if row["record_id"]}
+    # Its last attempt may have met a transport fault too: the raw answer is whatever came back last.
+    assert rejected["socket-broken::q0"]["reason"] == "llm_failed"
+    assert "Given a" in rejected["socket-broken::q0"]["raw_answer"]
+    per_call = {}
+    for request in gemini.requests:
+        digest = json.dumps(request.body, sort_keys=True)
+        per_call[digest] = per_call.get(digest, 0) + 1
+    # Transport retries x answer re-asks bound the requests any one call can make.
+    assert max(per_call.values()) <= config.llm.max_attempts * config.llm.max_parse_attempts
 
 
 @pytest.mark.slow
