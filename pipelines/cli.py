@@ -104,11 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.run import GenerationFailed
+
     try:
         return _dispatch(args, beam_args)
     except ConfigError as error:
         print(f"embforge: error: {error}", file=sys.stderr)
         return 2
+    except GenerationFailed as error:
+        print(f"embforge: failed: {error}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:

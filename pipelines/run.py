@@ -284,6 +284,8 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         pipeline.run().wait_until_finish()
     manifest = load_manifest(posixpath.join(config.output, MANIFEST_NAME))
     _report(manifest)
+    if manifest["stages"][0]["input"] == 0:
+        raise GenerationFailed(f"the corpus {config.corpus.path!r} holds no rows: nothing to generate from")
     if not manifest["balanced"]:
         unbalanced = [stage["stage"] for stage in manifest["stages"] if not _balances(stage)]
         raise GenerationFailed(f"row accounting does not balance in stage(s) {', '.join(unbalanced)}: "
