@@ -47,6 +47,7 @@ CORPUS = [
     ("regex-main", "regex regex regex regex"),
     ("date-main", "date date date date"),
     ("socket-broken", "socket [broken] socket socket"),
+    ("thread-offtopic", "thread [offtopic] thread thread"),  # its query misses it: rejected by LLM grading
 ]
 KEY = "sentinel-key-for-e2e"
 
@@ -66,6 +67,8 @@ def scripted_gemini(body) -> str:
             return '{"task": "Given a'
         if "[noquery]" in passage:
             return json.dumps({"task": "Given a keyword, retrieve passages about it"})
+        if "[offtopic]" in passage:
+            return json.dumps({"task": "Given a keyword, retrieve passages about it", "query": "regex"})
         return json.dumps({"task": "Given a keyword, retrieve passages about it", "query": passage.split()[0]})
     if system.startswith("You grade search results"):
         return json.dumps({"reason": "on topic", "relevance": 3 if query in passage else 0})
@@ -146,6 +149,8 @@ def test_gemini_pipeline_relabels_drops_false_negatives_and_reruns_from_cache(tm
     assert all(row["negative_llm_scores"] is not None for row in triplets.values())
 
     rejected = {row["record_id"]: row for row in read_kind(config.output, "rejected") if row["record_id"]}
+    assert rejected["thread-offtopic::q0"]["reason"] == "llm_irrelevant"
+    assert '"llm_relevance": 0.0' in rejected["thread-offtopic::q0"]["payload"]
     for failed, raw in (("socket-broken::q0", '{"task": "Given a'), ("json-best::q0", '"task"')):
         assert rejected[failed]["reason"] == "llm_failed"
         assert raw in rejected[failed]["raw_answer"]
