@@ -20,7 +20,7 @@ import pytest
 from data_schemas import stage_balances
 from pipelines.cache import LLM_CACHE, cache_files, read_cache_file
 from tests.fake_gemini_server import FakeGeminiServer, FaultPlan
-from tests.test_pipeline_e2e import keyword_vector
+from tests.test_pipeline_e2e import keyword_vector, write_gemini_toml
 
 PASSAGES = 48
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,28 +44,10 @@ def test_sigkill_during_llm_stage_then_rerun_completes_from_cache(tmp_path):
     cache_dir, output = tmp_path / "cache", tmp_path / "run"
     # Slow answers give the kill a window inside the LLM stage.
     with FakeGeminiServer(generate=_answer, embed=keyword_vector, faults=FaultPlan(latency_s=0.3)) as server:
-        config = tmp_path / "run.toml"
-        config.write_text(f"""
-[generate]
-output = "{output}"
-cache_dir = "{cache_dir}"
-[generate.corpus]
-path = "{corpus}"
-[generate.llm]
-backend = "gemini"
-base_url = "{server.base_url}"
-concurrency = 2
-[generate.teacher]
-backend = "gemini"
-base_url = "{server.base_url}"
-[generate.embed]
-dimension = 64
-[generate.mining]
-k = 8
-num_negatives = 3
-""")
+        config = write_gemini_toml(tmp_path / "run.toml", server, output=output, cache_dir=cache_dir, corpus=corpus,
+                                   llm_concurrency=2)
         env = {**os.environ, "GEMINI_API_KEY": "sentinel-kill-key", "HF_HUB_OFFLINE": "1"}
-        first = _generate(str(config), env)
+        first = _generate(config, env)
         deadline = time.monotonic() + 240
         while not cache_files(str(cache_dir), LLM_CACHE):
             assert first.poll() is None, f"generate ended before the kill: {first.stderr.read().decode()[-2000:]}"
@@ -82,7 +64,7 @@ num_negatives = 3
             assert time.monotonic() < deadline, "the server never drained"
             time.sleep(0.05)
         server.reset()
-        second = _generate(str(config), env)
+        second = _generate(config, env)
         _, stderr = second.communicate(timeout=600)
         assert second.returncode == 0, stderr.decode()[-3000:]
         resent = [request for request in server.requests if request.method == "generateContent"]

@@ -117,6 +117,30 @@ def gemini_config(tmp_path, server, corpus_rows=CORPUS, **beam) -> GenerateConfi
     )
 
 
+def write_gemini_toml(path, server, *, output, cache_dir, corpus, llm_concurrency: int = 8) -> str:
+    """A config file for `embforge generate --config` on the fake Gemini server (for CLI and subprocess runs)."""
+    path.write_text(f"""
+[generate]
+output = "{output}"
+cache_dir = "{cache_dir}"
+[generate.corpus]
+path = "{corpus}"
+[generate.llm]
+backend = "gemini"
+base_url = "{server.base_url}"
+concurrency = {llm_concurrency}
+[generate.teacher]
+backend = "gemini"
+base_url = "{server.base_url}"
+[generate.embed]
+dimension = 64
+[generate.mining]
+k = 8
+num_negatives = 3
+""")
+    return str(path)
+
+
 def read_kind(run_dir: str, kind: str) -> list[dict]:
     rows = []
     for path in sorted(glob.glob(os.path.join(run_dir, kind, "*.parquet"))):

@@ -11,39 +11,22 @@ import pytest
 from pipelines.cli import main
 from pipelines.config import load_run_config
 from pipelines.run import pipeline_options
-from tests.test_pipeline_e2e import KEY, gemini, gemini_config  # noqa: F401 - gemini is a fixture
+from tests.test_pipeline_e2e import KEY, gemini, gemini_config, write_gemini_toml  # noqa: F401 - gemini is a fixture
 from tests.test_publish import SENTINEL_TOKEN, hub  # noqa: F401 - hub is a fixture
 
 
 def test_generate_and_publish_never_reveal_the_keys(tmp_path, gemini, hub, capfd, caplog):
     caplog.set_level(logging.DEBUG)
     config = gemini_config(tmp_path, gemini)
-    toml = tmp_path / "run.toml"
-    toml.write_text(f"""
-[generate]
-output = "{config.output}"
-cache_dir = "{config.cache_dir}"
-[generate.corpus]
-path = "{config.corpus.path}"
-[generate.llm]
-backend = "gemini"
-base_url = "{gemini.base_url}"
-[generate.teacher]
-backend = "gemini"
-base_url = "{gemini.base_url}"
-[generate.embed]
-dimension = 64
-[generate.mining]
-k = 8
-num_negatives = 3
-""")
-    assert main(["-v", "generate", "--config", str(toml)]) == 0
+    toml = write_gemini_toml(tmp_path / "run.toml", gemini, output=config.output, cache_dir=config.cache_dir,
+                             corpus=config.corpus.path)
+    assert main(["-v", "generate", "--config", toml]) == 0
     assert main(["publish", "dataset", config.output, "--repo-id", "org/secret-check"]) == 0
 
     # The key travelled only as an HTTP header; the token likewise.
     assert all(record.status for record in gemini.requests)
     assert set(hub.authorizations) == {f"Bearer {SENTINEL_TOKEN}"}
-    options = pipeline_options(load_run_config(str(toml), []).generate).get_all_options()
+    options = pipeline_options(load_run_config(toml, []).generate).get_all_options()
     captured = capfd.readouterr()
     for secret in (KEY, SENTINEL_TOKEN):
         for text in (captured.out, captured.err, caplog.text, repr(options)):
