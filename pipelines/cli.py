@@ -122,7 +122,10 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.command == "soup":
         from embedder.soup import soup
 
-        print(soup(args.models, args.weights, args.output))
+        try:
+            print(soup(args.models, args.weights, args.output))
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from error
         return 0
     if args.command == "publish":
         from pipelines.publish import publish
@@ -155,7 +158,12 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     elif args.command == "train":
         from embedder.train import train
 
-        print(train(config.train_config(), args.data or config.generate.output, resume=args.resume))
+        train_config = config.train_config()
+        try:
+            print(train(train_config, args.data or config.generate.output, resume=args.resume))
+        except FileExistsError as error:
+            raise ConfigError(f"{train_config.output_dir} already has checkpoints: add --resume to continue that run, "
+                              "or give another --output") from error
     elif args.command == "evaluate":
         from pipelines.run import evaluate
 

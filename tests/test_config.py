@@ -103,3 +103,9 @@ def test_unreachable_output_fails_before_any_work(tmp_path, capsys):
     assert main(["generate", "--output", str(blocker / "run")]) == 2
     error = capsys.readouterr().err
     assert "generate.output: cannot write to" in error and str(blocker) in error
+
+
+def test_soup_of_missing_models_is_one_line(tmp_path, capsys):
+    assert main(["soup", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "c")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("embforge: error:") and "\n" not in error
