@@ -38,11 +38,14 @@ def advance(task: str, amount: int = 1) -> None:
         if now - _last_write < _WRITE_INTERVAL_S:
             return
         _last_write = now
-        snapshot = dict(_counts)
-    path = Path(folder) / _file_name
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(snapshot))
-    temporary.replace(path)
+        # Written under the lock: threads of one process (multi_threading mode) share the file name.
+        path = Path(folder) / _file_name
+        temporary = path.with_suffix(".tmp")
+        try:
+            temporary.write_text(json.dumps(dict(_counts)))
+            temporary.replace(path)
+        except OSError:
+            pass  # the display is cosmetic: a folder removed or a full disk must not fail the pipeline
 
 
 def flush() -> None:
