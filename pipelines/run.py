@@ -19,7 +19,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_schemas import load_manifest
+from data_schemas import load_manifest, stage_balances
 from pipelines.clients.base import TaskType
 from pipelines.clients.factory import embedder_identity, llm_identity
 from pipelines.config import GenerateConfig, RunConfig
@@ -27,6 +27,7 @@ from pipelines.config_loading import ConfigError, config_to_dict
 from pipelines.llm_calls import LLMAnswer
 from pipelines.pricing import estimated_cost_micro_usd
 from pipelines.progress import LiveProgress
+from pipelines.stages import rejected_row
 from pipelines.stages.embed_teacher import EmbedTeacher
 from pipelines.stages.generate_counterfactuals import GenerateCounterfactuals
 from pipelines.stages.generate_queries import GenerateQueries
@@ -71,19 +72,16 @@ def _answer_tallies(answer: LLMAnswer, stage: str, model: str):
 
 
 def _attach_embeddings(element, stage: str):
-    """Join a graded pair with its query and positive teacher embeddings; a pair missing one is rejected."""
-    from pipelines.stages import rejected_row
-
+    """Join a graded pair with its query's teacher embedding; a pair whose query has none is rejected."""
     _, grouped = element
-    embeddings = {item["task_type"]: item["embedding"] for item in grouped["embeddings"]}
+    vectors = list(grouped["vectors"])
     for pair in grouped["pairs"]:
-        query_embedding = embeddings.get(TaskType.RETRIEVAL_QUERY.value)
-        if query_embedding is None:
+        if not vectors:
             yield beam.pvalue.TaggedOutput("rejected", rejected_row(
                 stage, "missing_embedding", pair, record_id=pair["pair_id"],
                 detail="the teacher embedding of this query failed (see embed_teacher rejections)"))
             continue
-        yield {**pair, "query_embedding": query_embedding}
+        yield {**pair, "query_embedding": vectors[0]}
 
 
 def static_manifest(config: GenerateConfig) -> dict[str, Any]:
@@ -184,9 +182,7 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
     with_embeddings = (
         {
             "pairs": graded["kept"] | "KeyGraded" >> beam.Map(lambda pair: (pair["pair_id"], pair)),
-            "embeddings": vectors
-            | "QueryItems" >> beam.Filter(lambda item: item["task_type"] == TaskType.RETRIEVAL_QUERY.value)
-            | "KeyQueryItems" >> beam.Map(lambda item: (item["id"], item)),
+            "vectors": query_vectors,
         }
         | "JoinQueryEmbeddings" >> beam.CoGroupByKey()
         | "AttachEmbeddings" >> beam.FlatMap(_attach_embeddings, "mine_negatives").with_outputs(
@@ -287,16 +283,10 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     if manifest["stages"][0]["input"] == 0:
         raise GenerationFailed(f"the corpus {config.corpus.path!r} holds no rows: nothing to generate from")
     if not manifest["balanced"]:
-        unbalanced = [stage["stage"] for stage in manifest["stages"] if not _balances(stage)]
+        unbalanced = [stage["stage"] for stage in manifest["stages"] if not stage_balances(stage)]
         raise GenerationFailed(f"row accounting does not balance in stage(s) {', '.join(unbalanced)}: "
                                f"see {posixpath.join(config.output, MANIFEST_NAME)}")
     return manifest
-
-
-def _balances(stage: dict[str, Any]) -> bool:
-    from data_schemas import stage_balances
-
-    return stage_balances(stage)
 
 
 def _report(manifest: dict[str, Any]) -> None:
