@@ -33,7 +33,7 @@ LLM_USAGE = pa.struct([
     pa.field("stage", pa.string(), nullable=False),
     pa.field("calls", _COUNT, nullable=False),
     pa.field("cache_hits", _COUNT, nullable=False),
-    # Requests not sent because the stage reached the run's max_llm_calls.
+    # Requests not sent because the run's LLM budget (max_llm_calls / max_cost_usd) was spent.
     pa.field("skipped_by_budget", _COUNT, nullable=False),
     pa.field("input_tokens", _COUNT, nullable=False),
     pa.field("output_tokens", _COUNT, nullable=False),

@@ -33,7 +33,11 @@ def _generate_flags(parser: argparse.ArgumentParser) -> None:
                         help="teacher embedding backend; overrides generate.teacher.backend")
     parser.add_argument("--sample", type=int, help="use at most this many passages; overrides generate.corpus.sample")
     parser.add_argument("--max-llm-calls", type=int,
-                        help="at most this many new LLM calls per LLM stage (cache hits are free)")
+                        help="at most this many new LLM calls in the whole run (cache hits are free); "
+                             "overrides generate.budget.max_llm_calls")
+    parser.add_argument("--max-cost", type=float, metavar="USD",
+                        help="stop new LLM calls before their estimated cost (list prices, worst case per call) "
+                             "would pass this many US dollars; overrides generate.budget.max_cost_usd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +97,7 @@ def _generate_overrides(args: argparse.Namespace) -> list[str]:
         "generate.teacher.backend": args.teacher,
         "generate.corpus.sample": args.sample,
         "generate.budget.max_llm_calls": args.max_llm_calls,
+        "generate.budget.max_cost_usd": args.max_cost,
     }
     return [f"{key}={value}" for key, value in flags.items() if value is not None]
 

@@ -40,13 +40,22 @@ class BeamConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    #: Stop sending new LLM requests after this many calls in each LLM stage (cache hits are free). Exact on any
-    #: runner: the calls made are a deterministic subset of the misses; the rest become rejected rows.
+    """Limits on the whole run's new LLM calls (cache hits are free), across every LLM stage.
+
+    Exact on any runner: each stage calls a deterministic subset of its cache misses that fits what earlier stages
+    left, and the rest become rejected rows counted as skipped_by_budget (pipelines/llm_calls.py says how).
+    """
+
     max_llm_calls: int | None = None
+    #: Estimated USD at list prices (pipelines/pricing.py); each call is planned at its worst case (prompt at
+    #: bytes / 3 tokens, answer at max_output_tokens), so the estimated spend stays under it. Local models cost 0.
+    max_cost_usd: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_llm_calls is not None and self.max_llm_calls < 0:
             raise ValueError(f"max_llm_calls must be >= 0, got {self.max_llm_calls}")
+        if self.max_cost_usd is not None and self.max_cost_usd < 0:
+            raise ValueError(f"max_cost_usd must be >= 0, got {self.max_cost_usd}")
 
 
 @dataclass(frozen=True)

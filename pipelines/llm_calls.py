@@ -3,6 +3,12 @@
 Stages build `LLMRequest`s with pure functions, run them through `CallLLM`, and interpret the `LLMAnswer`s with pure
 functions. Keeping the call in one transform is what lets the content-addressed cache, budgets and usage accounting
 live in one place for every stage.
+
+A `RunBudget` caps the whole run's new calls and estimated cost. Beam has no global counter a worker could check before
+each call, so the budget is planned instead: each stage's cache misses are sorted by cache key and the longest prefix
+whose worst-case cost fits what is left is called; the rest are answered as skipped. What a stage actually spent
+reaches the next LLM stage as a side input, so later stages plan with real figures, not reservations. The result is
+exact and deterministic on any runner.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pipelines import progress
 from pipelines.cache import LLM_CACHE, CacheWriter, SplitByCache
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
 from pipelines.clients.factory import LLMSpec, build_llm, llm_identity
+from pipelines.pricing import estimated_cost_micro_usd
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,16 @@ class LLMAnswer:
     source: Literal["backend", "cache", "duplicate", "budget"] = "backend"
 
 
+#: Rejection reason of a row whose LLM request the run's budget left uncalled: re-running without the budget (or with
+#: a larger one) calls exactly these, since everything paid for before comes from the cache.
+BUDGET_REASON = "skipped_by_budget"
+
+
+def failure_reason(answer: LLMAnswer, reason: str) -> str:
+    """The rejection reason for a failed answer: the stage's own `reason`, or BUDGET_REASON if it was never called."""
+    return BUDGET_REASON if answer.source == "budget" else reason
+
+
 def call_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
     """One request against one backend; a bad answer is a failed `LLMAnswer`, never an exception."""
     if request.mode == "score":
@@ -104,18 +121,127 @@ def answers_for_group(first: LLMAnswer, requests: list[LLMRequest]) -> list[LLMA
     return [first, *rest]
 
 
-def _budget_refusal(requests: list[LLMRequest]) -> list[LLMAnswer]:
-    reason = "skipped: the run's LLM call budget (max_llm_calls) is spent"
+#: Prose and code rarely pack more than one token into three bytes of UTF-8 (English averages about four characters a
+#: token), so bytes / 3 over-estimates a prompt's tokens: the budget errs on the side of stopping early.
+BYTES_PER_TOKEN_LOWER_BOUND = 3
+
+
+def worst_case_micro_usd(model: str, request: LLMRequest) -> int:
+    """An upper estimate of one call's cost: the prompt at bytes / 3 tokens, the answer at its max_output_tokens cap.
+
+    Gemini counts thinking tokens inside max_output_tokens, so the cap bounds them too.
+    """
+    texts = [message.content for message in request.messages] + list(request.continuations)
+    prompt_tokens = -(-sum(len(text.encode()) for text in texts) // BYTES_PER_TOKEN_LOWER_BOUND)
+    output_tokens = request.config.max_output_tokens if request.mode == "generate" else 0
+    return estimated_cost_micro_usd(model, Usage(prompt_tokens, output_tokens))
+
+
+@dataclass(frozen=True)
+class Spend:
+    """New calls made and their estimated cost in micro-dollars (integers: sums are exact across workers)."""
+
+    calls: int = 0
+    micro_usd: int = 0
+
+    def __add__(self, other: Spend) -> Spend:
+        return Spend(self.calls + other.calls, self.micro_usd + other.micro_usd)
+
+
+def add_spends(spends) -> Spend:
+    return sum(spends, Spend())
+
+
+def cheapest_prefix(candidates: list[tuple[str, int]], max_calls: int | None, max_micro_usd: int | None):
+    """The smallest keys, in key order, while their count and summed worst-case cost stay within the limits."""
+    prefix = []
+    total = 0
+    for key, cost in sorted(candidates):
+        if max_calls is not None and len(prefix) >= max_calls:
+            break
+        if max_micro_usd is not None and total + cost > max_micro_usd:
+            break
+        prefix.append((key, cost))
+        total += cost
+    return prefix
+
+
+class _PrefixWithinLimits(beam.CombineFn):
+    """`cheapest_prefix` of every (key, worst-case cost) of a stage, holding only what could still be in it.
+
+    A pair cut from a partial prefix is never in the whole one: more keys below it only raise the count and cost
+    before it. So trimming as inputs arrive keeps memory bounded by the limits, not by the number of misses.
+    """
+
+    _TRIM_EVERY = 4096
+
+    def __init__(self, max_calls: int | None, max_micro_usd: int | None):
+        self._max_calls = max_calls
+        self._max_micro_usd = max_micro_usd
+
+    def _trim(self, candidates):
+        return cheapest_prefix(candidates, self._max_calls, self._max_micro_usd)
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, accumulator, candidate):
+        accumulator.append(candidate)
+        return self._trim(accumulator) if len(accumulator) % self._TRIM_EVERY == 0 else accumulator
+
+    def merge_accumulators(self, accumulators):
+        return self._trim([candidate for accumulator in accumulators for candidate in accumulator])
+
+    def extract_output(self, accumulator):
+        return self._trim(accumulator)
+
+
+class RunBudget:
+    """The run's LLM limits, shared by its LLM stages in the order the pipeline applies them.
+
+    Built once per pipeline and handed to every `CallLLM`; each one plans against what the stages applied before it
+    have spent (`spent`, a one-element PCollection of `Spend`) and then adds its own. It lives only while the pipeline
+    is constructed: workers receive plain numbers, never this object.
+    """
+
+    def __init__(self, max_calls: int | None = None, max_cost_usd: float | None = None):
+        if max_calls is not None and max_calls < 0:
+            raise ValueError(f"max_calls must be >= 0, got {max_calls}")
+        if max_cost_usd is not None and max_cost_usd < 0:
+            raise ValueError(f"max_cost_usd must be >= 0, got {max_cost_usd}")
+        self.max_calls = max_calls
+        self.max_micro_usd = None if max_cost_usd is None else round(max_cost_usd * 1_000_000)
+        self.spent = None
+
+    def describe(self) -> str:
+        limits = []
+        if self.max_calls is not None:
+            limits.append(f"max_llm_calls={self.max_calls}")
+        if self.max_micro_usd is not None:
+            limits.append(f"max_cost_usd={self.max_micro_usd / 1_000_000:g}")
+        return ", ".join(limits)
+
+
+def keys_within_remaining(candidates, spent: Spend, max_calls: int | None, max_micro_usd: int | None) -> frozenset:
+    """The keys of the stage's prefix that fit what the earlier stages left of the run's limits."""
+    remaining_calls = None if max_calls is None else max(0, max_calls - spent.calls)
+    remaining_micro_usd = None if max_micro_usd is None else max(0, max_micro_usd - spent.micro_usd)
+    return frozenset(key for key, _ in cheapest_prefix(candidates, remaining_calls, remaining_micro_usd))
+
+
+def _budget_refusal(requests: list[LLMRequest], limits: str) -> list[LLMAnswer]:
+    reason = f"skipped: the run's LLM budget ({limits}) is spent"
     return [LLMAnswer(request, False, None, "", reason, Usage(), source="budget") for request in requests]
 
 
 class _CallMissesFn(beam.DoFn):
     """Calls the backend for a batch of cache misses, with the backend's own concurrency, and caches successes."""
 
-    def __init__(self, spec: LLMSpec, stage: str, cache_dir: str | None):
+    def __init__(self, spec: LLMSpec, stage: str, cache_dir: str | None, budget_limits: str = ""):
         self._spec = spec
         self._stage = stage
         self._cache_dir = cache_dir
+        self._budget_limits = budget_limits
         self._llm: LLM | None = None
         self._writer: CacheWriter | None = None
         self._calls = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_calls")
@@ -131,7 +257,7 @@ class _CallMissesFn(beam.DoFn):
         to_call = [(key, requests) for key, requests in batch if allowed_keys is None or key in allowed_keys]
         for key, requests in batch:
             if allowed_keys is not None and key not in allowed_keys:
-                yield from _budget_refusal(requests)
+                yield from _budget_refusal(requests, self._budget_limits)
         first_answers = call_many(self._llm, [requests[0] for _, requests in to_call], self._spec.concurrency)
         progress.advance(f"LLM calls: {self._stage}", len(to_call))
         for (key, requests), first in zip(to_call, first_answers, strict=True):
@@ -175,16 +301,16 @@ class CallLLM(beam.PTransform):
     """PCollection[LLMRequest] -> PCollection[LLMAnswer]: exactly one answer per request, failures included.
 
     Requests are keyed by content address and joined with the LLM cache: hits are answered from the cache, identical
-    requests share one call, and only the rest reach the backend. With `max_calls`, a deterministic subset of the
-    misses (smallest keys) is called and the others are answered as skipped, so a budget is exact on any runner.
+    requests share one call, and only the rest reach the backend. With a `RunBudget`, the misses called are the
+    smallest keys that fit what the run has left (see the module docstring); the others are answered as skipped.
     """
 
-    def __init__(self, spec: LLMSpec, stage: str, cache_dir: str | None = None, max_calls: int | None = None):
+    def __init__(self, spec: LLMSpec, stage: str, cache_dir: str | None = None, budget: RunBudget | None = None):
         super().__init__()
         self._spec = spec
         self._stage = stage
         self._cache_dir = cache_dir
-        self._max_calls = max_calls
+        self._budget = budget
         self._identity = llm_identity(spec)
 
     def expand(self, requests):
@@ -195,18 +321,40 @@ class CallLLM(beam.PTransform):
             lambda hit: answers_from_cache(sorted(hit[0], key=lambda request: request.request_id), hit[1]))
         misses = split["misses"] | "SortGroups" >> beam.MapTuple(
             lambda key, group: (key, sorted(group, key=lambda request: request.request_id)))
-        allowed = None
-        if self._max_calls is not None:
-            allowed = beam.pvalue.AsSingleton(
-                misses
-                | "MissKeys" >> beam.Keys()
-                | "Allowed" >> beam.combiners.Top.Smallest(self._max_calls)
-                | "AsSet" >> beam.Map(frozenset)
-            )
+        allowed = None if self._budget is None else beam.pvalue.AsSingleton(self._plan(misses))
         # Batches of the backend's concurrency keep that many requests in flight per worker.
         called = (
             misses
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=max(1, 2 * self._spec.concurrency))
-            | "Call" >> beam.ParDo(_CallMissesFn(self._spec, self._stage, self._cache_dir), allowed)
+            | "Call" >> beam.ParDo(
+                _CallMissesFn(self._spec, self._stage, self._cache_dir,
+                              self._budget.describe() if self._budget else ""), allowed)
         )
+        if self._budget is not None:
+            self._record_spend(called)
         return (hits, called) | "Answers" >> beam.Flatten()
+
+    def _plan(self, misses):
+        """The set of miss keys this stage may call, once the earlier stages' spending is known."""
+        budget = self._budget
+        model = self._spec.model_name
+        candidates = (
+            misses
+            | "WorstCase" >> beam.MapTuple(lambda key, group: (key, worst_case_micro_usd(model, group[0])))
+            | "PrefixWithinLimits" >> beam.CombineGlobally(_PrefixWithinLimits(budget.max_calls, budget.max_micro_usd))
+        )
+        spent_before = beam.pvalue.AsSingleton(budget.spent) if budget.spent is not None else Spend()
+        return candidates | "Allowed" >> beam.Map(
+            keys_within_remaining, spent_before, budget.max_calls, budget.max_micro_usd)
+
+    def _record_spend(self, called) -> None:
+        model = self._spec.model_name
+        spent_here = (
+            called
+            | "Paid" >> beam.Filter(lambda answer: answer.source == "backend")
+            | "Price" >> beam.Map(lambda answer: Spend(1, estimated_cost_micro_usd(model, answer.usage)))
+            | "StageSpend" >> beam.CombineGlobally(add_spends)
+        )
+        spent = [spent_here] if self._budget.spent is None else [self._budget.spent, spent_here]
+        self._budget.spent = tuple(spent) | "RunSpend" >> beam.Flatten() | "SumSpend" >> beam.CombineGlobally(
+            add_spends)

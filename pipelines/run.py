@@ -24,7 +24,7 @@ from pipelines.clients.base import TaskType
 from pipelines.clients.factory import embedder_identity, llm_identity
 from pipelines.config import GenerateConfig, RunConfig
 from pipelines.config_loading import ConfigError, config_to_dict
-from pipelines.llm_calls import LLMAnswer
+from pipelines.llm_calls import LLMAnswer, RunBudget
 from pipelines.pricing import estimated_cost_micro_usd
 from pipelines.progress import LiveProgress
 from pipelines.stages import rejected_row
@@ -109,7 +109,10 @@ def static_manifest(config: GenerateConfig) -> dict[str, Any]:
 def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> None:
     """Add every generation stage, the shard writers and the manifest writer to `pipeline`."""
     cache_dir = config.cache_dir or None
-    max_calls = config.budget.max_llm_calls
+    budget = None
+    if config.budget.max_llm_calls is not None or config.budget.max_cost_usd is not None:
+        # One budget for the run: each LLM stage plans against what the stages applied before it spent.
+        budget = RunBudget(config.budget.max_llm_calls, config.budget.max_cost_usd)
     llm_model = config.llm.model_name
     tallies = []
     rejected = []
@@ -123,7 +126,7 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
         _count(corpus["sampled_out"], "CorpusSampledOut", ("stage", "read_corpus", "skipped")),
     ]
 
-    queries = passages | "GenerateQueries" >> GenerateQueries(config.queries, config.llm, cache_dir, max_calls)
+    queries = passages | "GenerateQueries" >> GenerateQueries(config.queries, config.llm, cache_dir, budget)
     pairs = queries["kept"]
     rejected.append(queries["rejected"])
     fan_out = config.queries.queries_per_passage - 1
@@ -171,7 +174,7 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
             | "JoinHits" >> beam.CoGroupByKey()
             | "Rank" >> beam.FlatMap(_positive_rank)
         )
-    graded = grading_inputs | "GradeRelevance" >> GradeRelevance(config.grading, config.llm, cache_dir, max_calls)
+    graded = grading_inputs | "GradeRelevance" >> GradeRelevance(config.grading, config.llm, cache_dir, budget)
     rejected.append(graded["rejected"])
     tallies += [
         _count(pairs, "GradeInput", ("stage", "grade_relevance", "input")),
@@ -199,7 +202,7 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
     )
     teacher_model = "@".join(embedder_identity(config.teacher))
     mined = {"queries": with_embeddings["kept"], "passages": passages_for_mining} | "MineNegatives" >> MineNegatives(
-        replace(config.mining, teacher_model=teacher_model), config.llm, cache_dir=cache_dir, max_calls=max_calls)
+        replace(config.mining, teacher_model=teacher_model), config.llm, cache_dir=cache_dir, max_calls=budget)
     rejected.append(mined["rejected"])
     tallies += [
         _count(graded["kept"], "MineInput", ("stage", "mine_negatives", "input")),
@@ -211,7 +214,7 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
     rows = {"triplets": mined["kept"], "pairs": graded["kept"], "passages": passages}
     if config.counterfactuals is not None:
         classification = pipeline | "GenerateCounterfactuals" >> GenerateCounterfactuals(
-            config.counterfactuals, config.llm, cache_dir=cache_dir, max_calls=max_calls)
+            config.counterfactuals, config.llm, cache_dir=cache_dir, budget=budget)
         rows["classification"] = classification["kept"]
         rejected.append(classification["rejected"])
         tallies += [

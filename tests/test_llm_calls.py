@@ -1,4 +1,4 @@
-"""CallLLM: the cache join, shared identical requests, and the exact call budget."""
+"""CallLLM: the cache join, shared identical requests, and the run's exact call and cost budget."""
 
 from __future__ import annotations
 
@@ -7,8 +7,18 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.cache import LLM_CACHE, cache_files
+from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import LLMSpec, llm_identity
-from pipelines.llm_calls import CallLLM, LLMRequest
+from pipelines.llm_calls import (
+    CallLLM,
+    LLMRequest,
+    RunBudget,
+    Spend,
+    _PrefixWithinLimits,
+    cheapest_prefix,
+    keys_within_remaining,
+    worst_case_micro_usd,
+)
 from prompts import get_prompt
 
 SPEC = LLMSpec(backend="custom", model="tests.scripted_backends:grader")
@@ -26,8 +36,9 @@ REQUESTS = [_request("a", "what is json?"), _request("a-again", "what is json?")
 
 
 def _assert_sources(cache_dir, max_calls, expected: dict[str, str]) -> None:
+    budget = None if max_calls is None else RunBudget(max_calls=max_calls)
     with TestPipeline() as pipeline:
-        answers = pipeline | beam.Create(REQUESTS) | CallLLM(SPEC, "test", str(cache_dir), max_calls)
+        answers = pipeline | beam.Create(REQUESTS) | CallLLM(SPEC, "test", str(cache_dir), budget)
         assert_that(answers | beam.Map(lambda answer: (answer.request.request_id, answer.source)),
                     equal_to(list(expected.items())))
 
@@ -52,3 +63,63 @@ def test_identical_requests_share_a_key_and_the_model_version_is_part_of_it():
     assert REQUESTS[0].cache_key("m", "v") == REQUESTS[1].cache_key("m", "v")
     assert REQUESTS[0].cache_key("m", "v") != REQUESTS[2].cache_key("m", "v")
     assert REQUESTS[0].cache_key("m", "v") != REQUESTS[0].cache_key("m", "v2")
+
+
+def _count_sources(answers, label: str):
+    return answers | f"{label}Sources" >> beam.Map(lambda answer: answer.source) | f"{label}Count" >> (
+        beam.combiners.Count.PerElement())
+
+
+def test_later_stages_get_only_what_earlier_stages_left_of_the_run_budget(tmp_path):
+    budget = RunBudget(max_calls=5)
+    later = [_request(f"later-{index}", f"what is module {index}?") for index in range(4)]
+    with TestPipeline() as pipeline:
+        first = pipeline | "First" >> beam.Create(REQUESTS) | "CallFirst" >> CallLLM(SPEC, "a", str(tmp_path), budget)
+        second = pipeline | "Second" >> beam.Create(later) | "CallSecond" >> CallLLM(SPEC, "b", str(tmp_path), budget)
+        # The first stage has 4 distinct requests and calls them all; the second may call only 1 of its 4.
+        assert_that(_count_sources(first, "First"), equal_to([("backend", 4), ("duplicate", 1)]), label="FirstStage")
+        assert_that(_count_sources(second, "Second"), equal_to([("backend", 1), ("budget", 3)]), label="SecondStage")
+        assert_that(budget.spent | beam.Map(lambda spent: spent.calls), equal_to([5]), label="RunSpend")
+
+
+def test_cheapest_prefix_takes_the_smallest_keys_within_both_limits():
+    candidates = [("c", 30), ("a", 10), ("d", 5), ("b", 20)]
+    assert cheapest_prefix(candidates, None, None) == [("a", 10), ("b", 20), ("c", 30), ("d", 5)]
+    assert cheapest_prefix(candidates, 2, None) == [("a", 10), ("b", 20)]
+    # Cost stops at the first key that does not fit, even if a later one would: the choice must not depend on costs
+    # of keys beyond the prefix, or workers seeing different subsets could disagree.
+    assert cheapest_prefix(candidates, None, 59) == [("a", 10), ("b", 20)]
+    assert cheapest_prefix(candidates, None, 60) == [("a", 10), ("b", 20), ("c", 30)]
+    assert cheapest_prefix(candidates, 0, None) == []
+
+
+def test_remaining_budget_subtracts_what_earlier_stages_spent():
+    candidates = [("a", 10), ("b", 20), ("c", 30)]
+    assert keys_within_remaining(candidates, Spend(calls=1, micro_usd=0), 3, None) == {"a", "b"}
+    assert keys_within_remaining(candidates, Spend(calls=0, micro_usd=45), None, 75) == {"a", "b"}
+    assert keys_within_remaining(candidates, Spend(calls=9, micro_usd=0), 3, None) == frozenset()
+    assert keys_within_remaining(candidates, Spend(calls=0, micro_usd=100), None, 75) == frozenset()
+
+
+def test_partial_prefixes_merge_to_the_prefix_of_everything():
+    combine = _PrefixWithinLimits(max_calls=None, max_micro_usd=100)
+    rows = [(f"key-{index:03d}", 7 + index % 5) for index in range(200)]
+    parts = [rows[0::3], rows[1::3], rows[2::3]]
+    accumulators = []
+    for part in parts:
+        accumulator = combine.create_accumulator()
+        for row in part:
+            accumulator = combine.add_input(accumulator, row)
+        accumulators.append(accumulator)
+    assert combine.extract_output(combine.merge_accumulators(accumulators)) == cheapest_prefix(rows, None, 100)
+
+
+def test_worst_case_cost_bounds_the_prompt_and_the_output_cap():
+    request = LLMRequest(request_id="r", prompt_name="p", prompt_version="1",
+                         messages=GRADING.render(query="what is json?", passage="json " * 300),
+                         output_model=GRADING.output_model, config=GenerationConfig(max_output_tokens=100))
+    prompt_bytes = sum(len(message.content.encode()) for message in request.messages)
+    input_price, output_price = 0.30, 2.50  # gemini-2.5-flash, USD per million tokens = micro-USD per token
+    expected = round(-(-prompt_bytes // 3) * input_price + 100 * output_price)
+    assert worst_case_micro_usd("gemini-2.5-flash", request) == expected
+    assert worst_case_micro_usd("packaged:smollm2-135m-instruct", request) == 0

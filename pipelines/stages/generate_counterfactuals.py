@@ -31,8 +31,9 @@ names the file, line and field, so nothing is silently dropped and the rest of t
 
 Rejects (reason codes). Seed rows: `malformed_row` (unparseable JSONL line, CSV row with the wrong number of columns,
 a non-string field), `empty_text`, `missing_label`, `unknown_label`, `duplicate_seed` (same normalized text as an
-earlier seed). LLM output: `llm_failed` (no valid answer; raw answer kept), `surplus` (an answer listed more examples
-than asked), `empty_text` (no words left after normalization), `unchanged` (a counterfactual identical to its seed),
+earlier seed). LLM output: `llm_failed` (no valid answer; raw answer kept), `skipped_by_budget` (never called: the
+run's LLM budget was spent), `surplus` (an answer listed more examples than asked), `empty_text` (no words left after
+normalization), `unchanged` (a counterfactual identical to its seed),
 `copies_example` (repeats a text the prompt showed as a few-shot example), `duplicate` (repeats a seed or an earlier
 generated example), `conflicting_labels` (the same text generated for two different labels: all copies go, since the
 text cannot be trusted for either), `not_minimal` (a counterfactual that rewrote most of the seed).
@@ -64,7 +65,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from prompts import PromptSpec, get_prompt
 from prompts.example_generation import MAX_EXAMPLES
@@ -643,7 +644,8 @@ def judge_answer(
     if not answer.ok or answer.value is None:
         payload = {"request_id": request_id, "kind": unit.kind, "label": unit.label, "count": unit.count,
                    "seed_id": unit.seed_id, "target_label": unit.target}
-        return [("rejected", rejected_row(STAGE, "llm_failed", payload, record_id=request_id, raw_answer=answer.raw,
+        reason = failure_reason(answer, "llm_failed")
+        return [("rejected", rejected_row(STAGE, reason, payload, record_id=request_id, raw_answer=answer.raw,
                                           detail=answer.error))]
     prompt_version = f"{answer.request.prompt_name}@{answer.request.prompt_version}"
     shown = {text_key(text) for text in answer.request.context["shown"]}
@@ -796,12 +798,12 @@ class GenerateCounterfactuals(beam.PTransform):
     """
 
     def __init__(self, config: GenerateCounterfactualsConfig, llm: LLMSpec, cache_dir: str | None = None,
-                 max_calls: int | None = None):
+                 budget: RunBudget | None = None):
         super().__init__()
         self._config = config
         self._llm = llm
         self._cache_dir = cache_dir
-        self._max_calls = max_calls
+        self._budget = budget
 
     def expand(self, pbegin):
         spec = load_task_spec(self._config.task_spec)
@@ -814,7 +816,7 @@ class GenerateCounterfactuals(beam.PTransform):
             pbegin
             | "Units" >> beam.Create(plan_units(spec, self._config))
             | "Requests" >> beam.Map(build_request, spec, self._config)
-            | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._max_calls)
+            | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
         )
         judged = answers | "Judge" >> beam.ParDo(
             _JudgeFn(spec, self._config, self._llm.model_name)).with_outputs(REJECTED, TALLIES, main="candidates")

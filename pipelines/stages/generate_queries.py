@@ -5,7 +5,8 @@ Input: PASSAGE rows. Output: `{"kept": PAIR rows, "rejected": REJECTED rows}`. E
 hash of the passage id, so a corpus gets an even mix of types and re-runs make the same requests (and hit the cache).
 So per passage, kept + rejected = queries_per_passage (the manifest reports the fan-out as `expanded`).
 
-Rejects (reason codes): `llm_failed` (no valid answer after the backend's retries; raw answer kept), `copies_example`
+Rejects (reason codes): `llm_failed` (no valid answer after the backend's retries; raw answer kept),
+`skipped_by_budget` (never called: the run's LLM budget was spent), `copies_example`
 (the query repeats a few-shot example of the prompt), `copies_passage` (the query is a verbatim stretch of the passage,
 the tiny-model failure mode DESIGN.md describes), `duplicate_query` (the same query as an earlier slot of the passage).
 """
@@ -21,7 +22,7 @@ import apache_beam as beam
 
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from prompts import get_prompt
 
@@ -122,8 +123,9 @@ def judge_answers(
         record = {"request_id": answer.request.request_id, "query_type": context["query_type"], "passage": passage,
                   "answer": answer.value}
         if not answer.ok or answer.value is None:
-            yield "rejected", rejected_row(STAGE, "llm_failed", record, record_id=answer.request.request_id,
-                                           raw_answer=answer.raw, detail=answer.error)
+            yield "rejected", rejected_row(STAGE, failure_reason(answer, "llm_failed"), record,
+                                           record_id=answer.request.request_id, raw_answer=answer.raw,
+                                           detail=answer.error)
             continue
         query = answer.value["query"]
         words = tuple(normalize(query))
@@ -173,18 +175,18 @@ class GenerateQueries(beam.PTransform):
     """PASSAGE rows -> {"kept": PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer (for usage accounting)}."""
 
     def __init__(self, config: GenerateQueriesConfig, llm: LLMSpec, cache_dir: str | None = None,
-                 max_calls: int | None = None):
+                 budget: RunBudget | None = None):
         super().__init__()
         self._config = config
         self._llm = llm
         self._cache_dir = cache_dir
-        self._max_calls = max_calls
+        self._budget = budget
 
     def expand(self, passages):
         answers = (
             passages
             | "Requests" >> beam.FlatMap(build_requests, self._config)
-            | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._max_calls)
+            | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
         )
         judged = (
             answers

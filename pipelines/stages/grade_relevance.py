@@ -9,7 +9,8 @@ one of kept / rejected, and a rejected pair keeps the scores and reasons that re
 - Round-trip consistency (Promptagator): the positive must rank in the teacher's top `roundtrip_top_k` for its own
   query; the ranks come from the same exact faiss search the mining stage uses (`ranks` input).
 
-Rejects: `llm_grading_failed` (raw answer kept), `llm_irrelevant`, `roundtrip_failed`.
+Rejects: `llm_grading_failed` (raw answer kept), `skipped_by_budget` (never graded: the run's LLM budget was spent),
+`llm_irrelevant`, `roundtrip_failed`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import apache_beam as beam
 
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, rejected_row
 from prompts import get_prompt
 
@@ -70,8 +71,9 @@ def grade_pair(
     graded = {**pair, "llm_relevance": None, "llm_reason": None, "roundtrip_rank": None}
     if config.use_llm:
         if answer is None or not answer.ok or answer.value is None:
+            reason = failure_reason(answer, "llm_grading_failed") if answer else "llm_grading_failed"
             return "rejected", rejected_row(
-                STAGE, "llm_grading_failed", graded, record_id=pair["pair_id"],
+                STAGE, reason, graded, record_id=pair["pair_id"],
                 raw_answer=answer.raw if answer else None, detail=answer.error if answer else "no grading answer")
         graded["llm_relevance"] = float(answer.value["relevance"])
         graded["llm_reason"] = answer.value["reason"]
@@ -115,14 +117,14 @@ class GradeRelevance(beam.PTransform):
     """{"pairs": PAIR rows, "ranks": (pair_id, rank | None)} -> kept / rejected / answers."""
 
     def __init__(self, config: GradeRelevanceConfig, llm: LLMSpec | None = None, cache_dir: str | None = None,
-                 max_calls: int | None = None):
+                 budget: RunBudget | None = None):
         super().__init__()
         if config.use_llm and llm is None:
             raise ValueError("GradeRelevance: use_llm needs an LLM spec")
         self._config = config
         self._llm = llm
         self._cache_dir = cache_dir
-        self._max_calls = max_calls
+        self._budget = budget
 
     def expand(self, inputs):
         pairs = inputs["pairs"]
@@ -132,7 +134,7 @@ class GradeRelevance(beam.PTransform):
             answers = (
                 pairs
                 | "Requests" >> beam.Map(build_request, self._config)
-                | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._max_calls)
+                | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
             )
         else:
             answers = pipeline | "NoAnswers" >> beam.Create([])
