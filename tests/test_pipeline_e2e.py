@@ -17,13 +17,15 @@ import os
 import re
 from dataclasses import replace
 
+import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 
 from data_schemas import SCHEMAS, stage_balances, validate_table
 from pipelines.clients.factory import EmbedderSpec, LLMSpec
 from pipelines.config import BeamConfig, GenerateConfig, load_run_config
-from pipelines.run import generate
+from pipelines.run import GenerationFailed, generate
+from pipelines.stages import grade_relevance
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.generate_counterfactuals import GenerateCounterfactualsConfig
 from pipelines.stages.grade_relevance import GradeRelevanceConfig
@@ -246,6 +248,27 @@ def test_pipeline_completes_under_service_faults(tmp_path, gemini):
         per_call[digest] = per_call.get(digest, 0) + 1
     # Transport retries x answer re-asks bound the requests any one call can make.
     assert max(per_call.values()) <= config.llm.max_attempts * config.llm.max_parse_attempts
+
+
+def test_a_stage_that_loses_a_row_fails_the_run_loudly(tmp_path, gemini, monkeypatch):
+    # A bug that drops a row without a rejection: the stage's counts no longer balance, so the run must fail, name the
+    # stage, and leave a manifest that says balanced = false.
+    original = grade_relevance._GradeFn.process
+
+    def losing_one_pair(self, element):
+        for output in original(self, element):
+            row = output.value if isinstance(output, beam.pvalue.TaggedOutput) else output
+            if row.get("pair_id") != "csv-main::q0":
+                yield output
+
+    monkeypatch.setattr(grade_relevance._GradeFn, "process", losing_one_pair)
+    config = gemini_config(tmp_path, gemini, corpus_rows=[row for row in CORPUS if "[" not in row[1]])
+    with pytest.raises(GenerationFailed, match="does not balance in stage.s. grade_relevance"):
+        generate(config)
+    manifest = json.load(open(os.path.join(config.output, "manifest.json")))
+    assert manifest["balanced"] is False
+    grading = next(stage for stage in manifest["stages"] if stage["stage"] == "grade_relevance")
+    assert grading["input"] == grading["kept"] + grading["rejected"] + 1
 
 
 @pytest.mark.slow
