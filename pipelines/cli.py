@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("kind", choices=("dataset", "model"))
     publish.add_argument("path", help="run directory (dataset) or model directory (model)")
     publish.add_argument("--repo-id", required=True, metavar="ORG/NAME")
-    publish.add_argument("--private", action="store_true")
+    publish.add_argument("--private", action="store_true",
+                         help="create the repo private, or make an existing public one private before uploading")
     publish.add_argument("--revision", help="branch to upload to (default: main)")
     publish.add_argument("--include-rejected", action="store_true", help="also upload rejected rows (dataset)")
     publish.add_argument("--license", default="other",

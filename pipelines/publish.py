@@ -301,6 +301,11 @@ def _upload(repo_id: str, repo_type: str, files: list[_LocalFile], *, private: b
 
     api = HfApi(token=_token())
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    # create_repo leaves an existing repo's visibility alone; --private must not upload into a public repo. The
+    # reverse is not done: publishing without --private never makes a private repo public.
+    if private and not api.repo_info(repo_id, repo_type=repo_type).private:
+        api.update_repo_settings(repo_id, repo_type=repo_type, private=True)
+        LOGGER.warning("%s %s was public; made it private before uploading (--private)", repo_type, repo_id)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, repo_type=repo_type, revision=revision,

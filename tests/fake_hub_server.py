@@ -387,6 +387,17 @@ def _make_handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
                              for path, stored in sorted(commit.files.items())],
             })
 
+        def settings(self, params: dict[str, str], query: dict[str, list[str]], body: bytes) -> None:
+            self._require_token()
+            repo = self._repo(params)
+            visibility = json.loads(body).get("visibility")
+            if visibility not in (None, "private", "public"):
+                raise _Failure(400, f"invalid visibility {visibility!r}")
+            with hub._lock:
+                if visibility is not None:
+                    repo.private = visibility == "private"
+            self._json(200, {})
+
         def tree(self, params: dict[str, str], query: dict[str, list[str]], body: bytes) -> None:
             repo = self._repo(params)
             commit = self._commit(repo, params["rev"])
@@ -468,6 +479,7 @@ def _make_handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
         (("GET",), rf"{api}/refs", Handler.refs),
         (("POST",), rf"{api}/branch/(?P<branch>[^/]+)", Handler.branch),
         (("GET",), rf"{api}/revision/(?P<rev>[^/]+)", Handler.info),
+        (("PUT",), rf"{api}/settings", Handler.settings),
         (("GET",), rf"{api}", Handler.info),
         (("POST",), rf"{prefixed}\.git/info/lfs/objects/batch", Handler.lfs_batch),
         (("PUT",), r"/lfs-upload/(?P<oid>[0-9a-f]{64})", Handler.lfs_put),

@@ -212,6 +212,16 @@ def test_an_interrupted_upload_completes_when_run_again(hub: FakeHubServer, run_
     assert sum(method == "PUT" for method, _ in hub.requests) == puts_before
 
 
+def test_private_makes_an_existing_public_repo_private_and_never_the_reverse(hub: FakeHubServer, run_dir: Path):
+    publish("dataset", str(run_dir), repo_id=DATASET_REPO)
+    repo = hub.repo(DATASET_REPO, "dataset")
+    assert not repo.private
+    publish("dataset", str(run_dir), repo_id=DATASET_REPO, private=True)
+    assert repo.private
+    publish("dataset", str(run_dir), repo_id=DATASET_REPO)
+    assert repo.private, "publishing without --private must not expose a private repo"
+
+
 def test_publish_to_a_branch_and_rejected_config(hub: FakeHubServer, run_dir: Path):
     from data_schemas import REJECTED
     from tests.shard_factory import write_shard
