@@ -154,6 +154,20 @@ def parameter_groups(encoder: nn.Module, heads: list[nn.Module], config: TrainCo
     return [group for group in groups if group["params"]]
 
 
+def adamw(groups: list[dict], learning_rate: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch has one for the parameters' device (CPU since torch 2.4).
+
+    The default implementation on CPU loops in Python over every tensor with a dozen small ops each: measured here, it
+    took 0.3-1.6 s per update of MiniLM's 22.7M weights on 2 busy cores, a large share of a training step; fused ~30 ms.
+    sentence-transformers' trainer (transformers' default `adamw_torch_fused`) uses the fused kernel too.
+    """
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+    except RuntimeError:
+        # Older torch, or a device without the fused kernel: the per-tensor loop computes the same update.
+        return torch.optim.AdamW(groups, lr=learning_rate)
+
+
 # ---- one batch -------------------------------------------------------------------------------------------------------
 
 
@@ -353,7 +367,7 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
     if head is not None:
         head.to(device)
     heads = [module for module in (model.projection, head) if module is not None]
-    optimizer = torch.optim.AdamW(parameter_groups(model.transformer, heads, config), lr=config.learning_rate)
+    optimizer = adamw(parameter_groups(model.transformer, heads, config), config.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, config.lr_schedule))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)

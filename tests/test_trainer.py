@@ -29,7 +29,7 @@ from embedder.losses import (
     matryoshka,
     truncate,
 )
-from embedder.train import lr_multiplier, total_optimizer_steps
+from embedder.train import adamw, lr_multiplier, total_optimizer_steps
 from tests.shard_factory import classification_rows, triplet_rows, write_run, write_shard
 
 # ---- config ----------------------------------------------------------------------------------------------------------
@@ -98,6 +98,21 @@ def test_lr_schedule_warms_up_then_decays():
     cosine = [lr_multiplier(step, 10, 0, "cosine") for step in range(10)]
     assert 0.95 < cosine[0] < 1.0 and 0 < cosine[-1] < 0.05
     assert all(later < earlier for earlier, later in zip(cosine, cosine[1:], strict=False))
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_per_tensor_update():
+    weights = [torch.nn.Parameter(torch.randn(8, 4, generator=torch.Generator().manual_seed(seed))) for seed in (0, 1)]
+    copies = [torch.nn.Parameter(weight.detach().clone()) for weight in weights]
+    fused = adamw([{"params": weights, "weight_decay": 0.01}], 1e-3)
+    reference = torch.optim.AdamW([{"params": copies, "weight_decay": 0.01}], lr=1e-3, fused=False, foreach=False)
+    assert fused.param_groups[0]["fused"]
+    for _ in range(3):
+        for optimizer, parameters in ((fused, weights), (reference, copies)):
+            for parameter in parameters:
+                parameter.grad = parameter.detach() ** 2
+            optimizer.step()
+    for weight, copy in zip(weights, copies, strict=True):
+        torch.testing.assert_close(weight, copy)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
