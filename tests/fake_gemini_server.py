@@ -12,20 +12,29 @@ seen), so which attempt of which request fails does not depend on thread schedul
 
     with FakeGeminiServer(faults=FaultPlan(errors={429: 0.3}, retry_after_s=0.2)) as server:
         llm = GeminiLLM(base_url=server.base_url, api_version="v1")
+
+Benchmarks run it in a process of its own, so its request handling does not share a GIL with the client it measures:
+`serve_over_stdio` prints the base URL as one JSON line, then answers `stats` / `reset` lines on stdin
+(`python -m tests.fake_gemini_server --latency 0.2` serves the default answers that way; `ServerProcess`
+starts and drives that from the benchmark).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TextIO
 
 #: Google's canonical status names, as the error bodies carry them.
 _STATUS_NAMES = {
@@ -231,7 +240,7 @@ class FakeGeminiServer:
         if self._httpd is not None:
             return self
         # Loopback only, port 0: the OS picks a free port, nothing outside this machine can connect.
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = _Server(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fake-gemini", daemon=True)
         self._thread.start()
@@ -313,6 +322,12 @@ class FakeGeminiServer:
             self._stopping.wait(seconds)
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a client opening dozens of connections at once (concurrency 32) overflows
+    # it, and the kernel resets some of them. The real service accepts them all.
+    request_queue_size = 256
+
+
 def _choose_fault(plan: FaultPlan, draw: float, *, generate: bool) -> str | None:
     cumulative = 0.0
     for name, fraction in plan.kinds(generate=generate):
@@ -364,6 +379,11 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
         # (~40 ms a request on Linux).
         disable_nagle_algorithm = True
 
+        #: Called just before an answer's body is written (set per request by do_POST): the request is recorded
+        #: before the client can have read the whole answer, so a test that reads `server.requests` right after
+        #: a call returns always finds it there.
+        _before_body: Callable[[], None] | None = None
+
         def log_message(self, format: str, *args: Any) -> None:
             pass  # keep test output clean; everything is in server.requests
 
@@ -377,6 +397,8 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
+            if self._before_body is not None:
+                self._before_body()
             self.wfile.write(data)
 
         def do_POST(self) -> None:
@@ -394,6 +416,14 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw_body or b"{}")
             except json.JSONDecodeError:
                 body = {}
+
+            def record_now() -> None:
+                nonlocal recorded
+                if not recorded:
+                    server._record(_record(index, match, method, body, arrived, status, fault, retry_after, tokens))
+                    recorded = True
+
+            self._before_body = record_now
             try:
                 server.sleep(plan.latency_s)
                 if match is None or method not in ("generateContent", "batchEmbedContents", "embedContent"):
@@ -493,3 +523,110 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
             return {"embeddings": embeddings}
 
     return Handler
+
+
+# --- serving another process ------------------------------------------------------------------------------------------
+
+
+def request_stats(requests: Sequence[RecordedRequest]) -> dict[str, Any]:
+    """Counts and timing of recorded requests, as plain JSON: per method and status, tokens, first arrival and last
+    answer (`time.monotonic()`, which on Linux is one clock for every process of the machine)."""
+    return {
+        "requests": len(requests),
+        "by_method": dict(Counter(record.method for record in requests)),
+        "by_status": {str(status): count for status, count in Counter(record.status for record in requests).items()},
+        "texts_embedded": sum(len(record.texts) for record in requests if record.method != "generateContent"),
+        "prompt_tokens": sum(record.prompt_tokens for record in requests),
+        "output_tokens": sum(record.output_tokens for record in requests),
+        "first_arrival": min((record.arrived for record in requests), default=None),
+        "last_answer": max((record.answered for record in requests), default=None),
+    }
+
+
+def serve_over_stdio(server: FakeGeminiServer, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Run `server` for a parent process: one JSON line `{"base_url": ...}`, then one JSON line per command read from
+    `stdin`: `stats` (`request_stats`, `max_in_flight` and the server process's CPU seconds so far), `reset` (forget
+    recorded requests). Stops at end of input or `stop`."""
+    with server:
+        print(json.dumps({"base_url": server.base_url}), file=stdout, flush=True)
+        for line in stdin:
+            command = line.strip()
+            if command == "stats":
+                answer = {**request_stats(server.requests), "max_in_flight": server.max_in_flight,
+                          "cpu_seconds": time.process_time()}
+            elif command == "reset":
+                server.reset()
+                answer = {"ok": True}
+            elif command == "stop":
+                break
+            else:
+                answer = {"error": f"unknown command {command!r}: expected stats, reset or stop"}
+            print(json.dumps(answer), file=stdout, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the fake Gemini API on 127.0.0.1 for another process.")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    parser.add_argument("--native-dimension", type=int, default=3072)
+    parser.add_argument("--generate", help="answer text for generateContent bodies, as package.module:function")
+    args = parser.parse_args()
+    generate = default_generate
+    if args.generate:
+        module_name, _, attribute = args.generate.partition(":")
+        generate = getattr(importlib.import_module(module_name), attribute)
+    server = FakeGeminiServer(generate=generate, faults=FaultPlan(latency_s=args.latency),
+                              native_dimension=args.native_dimension)
+    serve_over_stdio(server)
+
+
+class ServerProcess:
+    """The fake server in a child process (`python -m tests.fake_gemini_server`), for benchmarks.
+
+        with ServerProcess(latency_s=0.2) as server:
+            spec = LLMSpec(backend="gemini", base_url=server.base_url)
+            ...
+            server.stats()["by_method"]
+    """
+
+    def __init__(self, latency_s: float = 0.0, generate: str | None = None, cwd: str | None = None):
+        command = [sys.executable, "-m", "tests.fake_gemini_server", "--latency", str(latency_s)]
+        if generate:
+            command += ["--generate", generate]
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd)
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fake Gemini server exited with {self._process.wait()} before it served")
+        self.base_url: str = json.loads(line)["base_url"]
+
+    def _ask(self, command: str) -> dict[str, Any]:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+        return json.loads(self._process.stdout.readline())
+
+    def stats(self) -> dict[str, Any]:
+        return self._ask("stats")
+
+    def reset(self) -> None:
+        self._ask("reset")
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()  # end of input stops it
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    main()

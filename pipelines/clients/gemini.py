@@ -84,8 +84,10 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        # RemoteProtocolError: the server closed the connection without a (complete) answer.
-        found += [module.TimeoutException, module.ConnectError, module.RemoteProtocolError]
+        # NetworkError: connect, read, write or close failed (ReadError is a connection reset mid-answer, e.g. when a
+        # server's accept queue overflows under many concurrent new connections). RemoteProtocolError: the server
+        # closed the connection without a (complete) answer.
+        found += [module.TimeoutException, module.NetworkError, module.RemoteProtocolError]
     try:
         aiohttp = importlib.import_module("aiohttp")
     except ImportError:

@@ -143,7 +143,11 @@ class EmbedTeacher(beam.PTransform):
                          for item in hit[0]])
         embedded = (
             split["misses"]
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._config.batch_size)
+            # Fixed-size batches, not BatchElements' default ramp from 1: on a busy CPU a forward pass of 1-2 texts
+            # costs nearly as much as one of 32 (torch's threads wait on each other at every op), and an API
+            # backend keeps only a batch's worth of requests in flight. The last batch of a bundle may be smaller.
+            | "Batch" >> beam.BatchElements(min_batch_size=self._config.batch_size,
+                                            max_batch_size=self._config.batch_size)
             | "Embed" >> beam.ParDo(_EmbedMissesFn(self._spec, self._config, self._cache_dir)).with_outputs(
                 "rejected", main="kept")
         )
