@@ -202,7 +202,7 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
     )
     teacher_model = "@".join(embedder_identity(config.teacher))
     mined = {"queries": with_embeddings["kept"], "passages": passages_for_mining} | "MineNegatives" >> MineNegatives(
-        replace(config.mining, teacher_model=teacher_model), config.llm, cache_dir=cache_dir, max_calls=budget)
+        replace(config.mining, teacher_model=teacher_model), config.llm, cache_dir=cache_dir, budget=budget)
     rejected.append(mined["rejected"])
     tallies += [
         _count(graded["kept"], "MineInput", ("stage", "mine_negatives", "input")),

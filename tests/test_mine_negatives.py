@@ -14,12 +14,13 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
+from apache_beam.transforms.window import GlobalWindow
 
 from data_schemas import REJECTED, TRIPLET, validate_rows
 from pipelines.clients.base import Usage
 from pipelines.clients.factory import LLMSpec
 from pipelines.llm_calls import LLMAnswer
-from pipelines.stages import rejected_row
+from pipelines.stages import rejected_row, stable_hash
 from pipelines.stages.mine_negatives import (
     RRF_K,
     STAGE,
@@ -29,6 +30,9 @@ from pipelines.stages.mine_negatives import (
     MineNegatives,
     MineNegativesConfig,
     ShardedTopK,
+    _BlockFn,
+    _route_passages,
+    _route_queries,
     _SearchShardFn,
     build_llm_requests,
     build_shard_index,
@@ -165,19 +169,69 @@ def test_sharded_top_k_transform_equals_brute_force() -> None:
         assert_that(hits, equal_to(expected))
 
 
-def test_search_dofn_builds_the_shard_from_its_passages_and_searches_its_queries() -> None:
+def test_search_dofn_builds_the_shard_from_its_passage_blocks_and_searches_its_query_blocks() -> None:
     rng = np.random.default_rng(3)
     vectors = _normalized(rng, 50, 8)
     queries = _normalized(rng, 3, 8)
-    items = [("p", f"p{index:02d}", pack_vector(vector)) for index, vector in enumerate(vectors)]
-    items += [("q", f"pair{index}", pack_vector(query)) for index, query in enumerate(queries)]
-    items = [items[i] for i in rng.permutation(len(items))]  # a GroupByKey gives no order
-    fn = _SearchShardFn(k=5, query_batch_size=2, faiss_threads=1)
-    fn.setup()
-    output = dict(fn.process(((0, 0), items)))
     ids = [f"p{index:02d}" for index in range(50)]
-    assert output == {f"pair{i}": _brute_force(ids, vectors, query, 5) for i, query in enumerate(queries)}
-    assert list(fn.process(((1, 0), items[:0]))) == []
+    texts = [f"text of {pid}" for pid in ids]
+    # A GroupByKey gives no order: a query block may come before the passage blocks it must be searched against.
+    blocks = [
+        ("q", ["pair0"], ["p07"], queries[:1].tobytes()),
+        ("p", ids[:20], texts[:20], vectors[:20].tobytes()),
+        ("q", ["pair1", "pair2"], [None, "not-here"], queries[1:].tobytes()),
+        ("p", ids[20:], texts[20:], vectors[20:].tobytes()),
+    ]
+    fn = _SearchShardFn(k=5, query_batch_size=2, faiss_threads=1, keep_embeddings=True)
+    fn.setup()
+    output = dict(fn.process(((0, 0), blocks)))
+    assert sorted(output) == ["pair0", "pair1", "pair2"]
+    for index, query in enumerate(queries):
+        hits, _ = output[f"pair{index}"]
+        assert [Hit(passage_id, score) for passage_id, _, score, _ in hits] == _brute_force(ids, vectors, query, 5)
+        for passage_id, text, _, embedding in hits:
+            assert text == f"text of {passage_id}"
+            assert embedding == pack_vector(vectors[ids.index(passage_id)])
+    # The positive's vector comes back from the shard that holds it, and only when the query asked for it.
+    assert [output[pair][1] for pair in ("pair0", "pair1", "pair2")] == [pack_vector(vectors[7]), None, None]
+    assert list(fn.process(((1, 0), blocks[:1]))) == []  # a shard without passages
+
+
+def _blocks(items: list[tuple[str, list[float], Any]], kind: str) -> list[Any]:
+    """What `_BlockFn` makes of items arriving in one bundle."""
+    blocker = _BlockFn(kind)
+    blocker.start_bundle()
+    blocks = [block for item in items for block in blocker.process(item, GlobalWindow())]
+    return blocks + [value.value for value in blocker.finish_bundle()]
+
+
+def test_blocks_go_to_their_shards_once_per_query_group_and_queries_to_every_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pipelines.stages.mine_negatives._BLOCK_ROWS", 3)
+    items = [(f"p{index}", [float(index), 1.0], f"text {index}") for index in range(10)]
+    blocks = _blocks(items, "passage")
+    assert [len(ids) for ids, _, _ in blocks] == [3, 3, 3, 1]
+    received: dict[int, list[tuple[str, list[float], str]]] = {0: [], 1: []}
+    for block in blocks:
+        for (shard, group), (tag, ids, texts, blob) in _route_passages(block, 4, 2):
+            assert tag == "p"
+            assert {stable_hash("shard", passage_id) % 4 for passage_id in ids} == {shard}
+            vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), 2).tolist()
+            received[group].extend(zip(ids, vectors, texts, strict=True))
+    assert sorted(received[0]) == sorted(received[1]) == sorted(items)
+
+    per_shard: dict[tuple[int, int], list[str]] = {}
+    for block in _blocks([(f"q{index}", [0.0, 1.0], None) for index in range(4)], "query"):
+        for destination, (tag, ids, lookups, _) in _route_queries(block, 3, 1):
+            assert tag == "q" and lookups is None  # no query asked for its positive's vector
+            per_shard.setdefault(destination, []).extend(ids)
+    assert per_shard == {(shard, 0): ["q0", "q1", "q2", "q3"] for shard in range(3)}
+
+
+def test_a_block_of_vectors_of_different_dimensions_names_the_odd_one() -> None:
+    with pytest.raises(ValueError, match="passage 'b' has dimension 3, passage 'a' 2"):
+        _blocks([("a", [1.0, 0.0], None), ("b", [1.0, 0.0, 0.0], None)], "passage")
 
 
 # --- Selection and triplets -------------------------------------------------------------------------------------------

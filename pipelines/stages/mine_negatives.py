@@ -25,8 +25,8 @@ The steps, per query:
 
 1. Exact top-k inner-product search (faiss `IndexFlatIP`) over the corpus, sharded. Exact, not HNSW/IVF: their recall
    depends on the data (DESIGN.md) and a missed neighbour here is a silently easier negative; the exact search is
-   also what makes sharded and unsharded runs identical. Teacher scores are recomputed exactly (see `search_shard`),
-   and ties are broken by passage_id, so the top-k does not depend on how the corpus was sharded.
+   also what makes sharded and unsharded runs identical. Teacher scores are recomputed exactly (see
+   `search_shard_rows`), and ties are broken by passage_id, so the top-k does not depend on how the corpus was sharded.
 2. The positive is dropped, and so is any candidate whose words equal the positive's (`stages.normalize`): a duplicate
    in the corpus is a false negative too.
 3. Positive-aware threshold (NV-Retriever TopK-PercPos): candidates scoring above `max_negative_score_ratio` times the
@@ -39,25 +39,32 @@ The steps, per query:
 
 How the sharded search runs in Beam (DESIGN.md: the index must not have to fit one worker):
 
-- `ShardedTopK` does the search (the round-trip relevance check reuses it). The corpus size is counted once, and
-  `num_shards = ceil(size / shard_size)`. A passage goes to shard `stable_hash("shard", passage_id) % num_shards`: no
-  global ordering is needed, and at the scale where sharding matters hash shards are within a fraction of a percent of
-  `shard_size` (1M ± ~1k).
+- Passages and queries are first gathered into blocks of up to 2,048 rows (ids, texts or looked-up positive ids, one
+  float32 byte string of vectors), fused with the step that produced them: from there on the search moves a few large
+  elements, not one per passage and per query. Beam's per-element cost (coding, bookkeeping) of 384-d vectors was most
+  of the stage's time on one machine before; faiss is now.
+- The corpus size is counted (from the block sizes), and `num_shards = ceil(size / shard_size)`. A passage goes to
+  shard `stable_hash("shard", passage_id) % num_shards`: no global ordering is needed, and at the scale where sharding
+  matters hash shards are within a fraction of a percent of `shard_size` (1M ± ~1k). Blocks are split by shard.
 - Queries are split into `query_groups` groups by a stable hash of pair_id. The search unit is a (shard, query group)
   key: every passage is sent once per query group and every query vector once per shard, then one GroupByKey puts a
   shard's passages and a group's queries on the same worker, which builds the shard's index and searches the group's
-  queries in batches of `query_batch_size`. Only ids and float32 vector bytes travel through this shuffle.
-- Tradeoffs, for a corpus of P passages and Q queries of dimension d: the search shuffles
-  `4d * (P * query_groups + Q * num_shards)` bytes; a worker holds one shard (`4d * shard_size`, up to twice that while
-  faiss grows its storage) plus one group's query vectors (`4d * Q / query_groups`); parallelism is
-  `num_shards * query_groups`. Larger shards mean fewer query copies but more memory per worker; more query groups mean
-  more parallelism and smaller query buffers at the cost of more corpus copies. 10M passages x 768 dims with the
-  default 1M shards: 10 shards of ~3 GB, each query vector sent 10 times. The alternatives are worse: queries as a side
-  input broadcast all of them to every worker, and the index as a side input needs the whole corpus on every worker.
-- Per-shard top-k lists are merged per query by `CombinePerKey` with a bounded top-k (`merge_topk`), ties broken by
-  passage_id. The survivors are then joined with the corpus by passage_id to get their texts (and embeddings, when
-  `keep_embeddings`): that shuffles k candidates per query. A later optimization could join embeddings only for the
-  final negatives.
+  queries in batches of `query_batch_size`.
+- Passages enter the search with their texts (and the search hands out hits with them, plus their vectors when
+  `keep_embeddings`), and a query that carries no positive_embedding asks for its positive's vector, which the shard
+  holding it returns: no join of hits with the corpus afterwards (that join shuffled k hits per query, one element
+  each, and the whole corpus once more).
+- Tradeoffs, for a corpus of P passages of T bytes of text and Q queries of dimension d: the search shuffles
+  `(4d + T) * P * query_groups + 4d * Q * num_shards` bytes; a worker holds one shard (`(4d + T) * shard_size`) plus
+  one group's query vectors (`4d * Q / query_groups`); parallelism is `num_shards * query_groups`. Larger shards mean
+  fewer query copies but more memory per worker; more query groups mean more parallelism and smaller query buffers at
+  the cost of more corpus copies. 10M passages x 768 dims with the default 1M shards: 10 shards of ~3 GB of vectors
+  (plus ~1 GB of text at 1 kB a passage), each query vector sent 10 times. The alternatives are worse: queries as a
+  side input broadcast all of them to every worker, and the index as a side input needs the whole corpus on every
+  worker.
+- Each (shard, group) emits, per query, its shard's top-k; they are merged per query (`merge_topk` order, ties by
+  passage_id) in the one join with the query rows, keyed by pair_id. `ShardedTopK`, the same search for the
+  round-trip relevance check, merges them with a `CombinePerKey` instead.
 
 LLM decisions, and why:
 
@@ -70,7 +77,7 @@ LLM decisions, and why:
   written from and graded for this query, so as a negative it would almost surely be a false negative.
 - A candidate whose LLM answer failed (unparseable, off-schema, non-finite log-probability) is not used as a negative:
   without a grade it cannot be ruled out as a false negative, and candidates are plentiful. Failures are counted
-  (`dropped.llm_failed`; `dropped.llm_skipped` when CallLLM's `max_calls` budget left the request uncalled); when they
+  (`dropped.llm_failed`; `dropped.llm_skipped` when the run's LLM budget left the request uncalled); when they
   leave too few negatives the rejection carries the first failed raw answer. A failed grade of the positive disables
   relabelling and the positive check for that query (`positive_llm_failed`).
 - `negative_llm_scores` holds each negative's fused RRF score, sum over signals of 1 / (60 + rank) within this query's
@@ -89,9 +96,10 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import faiss
 import numpy as np
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.clients.factory import LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget
 from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from prompts import get_prompt
 
@@ -104,8 +112,11 @@ RRF_K = 60
 _TIE_SLACK = 8
 #: Queries rescored together: bounds the float64 gather to 64 x fetch x d (about 16 MB at fetch 40, d 768).
 _RESCORE_BLOCK = 64
-#: Passages staged before they are added to a shard's index: the staging copy stays small next to the shard.
-_ADD_CHUNK = 16_384
+#: Queries per faiss search call (see MineNegativesConfig.query_batch_size).
+DEFAULT_QUERY_BATCH_SIZE = 16_384
+#: Rows per block through the search shuffle: few elements for Beam to handle, and 2,048 x 768 float32 (6 MB) stays
+#: small next to a shard.
+_BLOCK_ROWS = 2048
 
 _PASSAGE_TAG = "p"
 _QUERY_TAG = "q"
@@ -130,12 +141,15 @@ class MineNegativesConfig:
     max_negative_score_ratio: float = 0.95
     #: Also drop candidates whose words equal the positive's (`stages.normalize`: case and punctuation ignored).
     drop_positive_text_duplicates: bool = True
-    #: Passages per search shard. 1M x 768 float32 is about 3 GB: fits a standard worker with room for faiss.
+    #: Passages per search shard. 1M x 768 float32 is about 3 GB (plus the shard's texts): fits a standard worker with
+    #: room for faiss.
     shard_size: int = 1_000_000
     #: Query groups per shard: the search runs once per (shard, group), see the module docstring for the tradeoff.
     query_groups: int = 1
-    #: Queries per faiss search call inside a (shard, group): bounds the per-call result and rescoring buffers.
-    query_batch_size: int = 1024
+    #: Queries per faiss search call inside a (shard, group): bounds the per-call result buffers (16k x 40 hits, 8 MB).
+    #: Large on purpose: faiss runs its exact search as GEMMs over blocks of 4,096 queries, and 1,024 per call took 1.7x
+    #: the time of 10k per call here (100k x 384 passages).
+    query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE
     #: faiss OpenMP threads per worker process; None keeps faiss's default (all cores).
     faiss_threads: int | None = None
     #: Write teacher embeddings into triplets (for embedding-matching distillation); False writes nulls.
@@ -244,11 +258,13 @@ def hit_order(hit: Hit) -> tuple[float, str]:
 
 
 class ShardIndex:
-    """One shard of the corpus: an exact inner-product faiss index, the passage ids by row, the largest vector norm."""
+    """One shard of the corpus: an exact inner-product faiss index, the passage ids (and texts, when the search hands
+    them out with its hits) by row, the largest vector norm."""
 
     def __init__(self, dimension: int):
         self.index = faiss.IndexFlatIP(dimension)
         self.passage_ids: list[str] = []
+        self.texts: list[str] = []
         self.max_norm = 0.0
 
     @property
@@ -259,16 +275,29 @@ class ShardIndex:
     def size(self) -> int:
         return len(self.passage_ids)
 
-    def add(self, passage_ids: Sequence[str], vectors: np.ndarray) -> None:
+    def add(self, passage_ids: Sequence[str], vectors: np.ndarray, texts: Sequence[str] | None = None) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(passage_ids), self.dimension):
             raise ValueError(f"expected {len(passage_ids)} passage vectors of dimension {self.dimension}, "
                              f"got shape {vectors.shape}")
+        if texts is not None and len(texts) != len(passage_ids):
+            raise ValueError(f"expected {len(passage_ids)} passage texts, got {len(texts)}")
+        if self.size and (texts is not None) != (len(self.texts) == self.size):
+            raise ValueError("ShardIndex.add: give texts with every batch of passages or with none")
         if not len(passage_ids):
             return
         self.index.add(vectors)
         self.passage_ids.extend(passage_ids)
+        if texts is not None:
+            self.texts.extend(texts)
         self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max()))
+
+    def vectors(self) -> np.ndarray:
+        """The stored vectors, (size, dimension), read in place (no copy): valid until the next `add`."""
+        if self.size == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        stored = faiss.rev_swig_ptr(self.index.get_xb(), self.size * self.dimension)
+        return stored.reshape(self.size, self.dimension)
 
 
 def build_shard_index(passage_ids: Sequence[str], vectors: np.ndarray) -> ShardIndex:
@@ -278,45 +307,64 @@ def build_shard_index(passage_ids: Sequence[str], vectors: np.ndarray) -> ShardI
     return shard
 
 
-def search_shard(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
-    """Exact top-k of each query within one shard, hardest first, ties by passage_id.
+def search_shard_rows(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query within one shard, as shard rows and exact scores, both (queries, min(k, size)),
+    hardest first, ties by passage_id.
 
     faiss ranks in float32; the hits are then rescored exactly (`exact_scores`) and re-sorted. To be sure no passage
     faiss left out belongs in the exact top-k, faiss fetches more than k and the result is accepted only when the k-th
     exact score beats the last fetched faiss score by more than float32's error bound (d * eps * |q| * max|p|);
-    otherwise that query is searched again with twice the fetch, up to the whole shard.
+    otherwise that query is searched again with twice the fetch, up to the whole shard. Sorting is vectorized; only a
+    query with two equal exact scores among its top k + 1 is re-sorted in Python, to break the tie by passage_id.
     """
     queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != shard.dimension:
         raise ValueError(f"query vectors have shape {queries.shape}, the shard index has dimension {shard.dimension}: "
                          "queries and passages must come from the same teacher at the same dimension")
-    results: list[list[Hit]] = [[] for _ in range(len(queries))]
     size = shard.size
-    if size == 0 or len(queries) == 0:
-        return results
+    keep = min(k, size)
+    found_rows = np.zeros((len(queries), keep), dtype=np.int64)
+    found_scores = np.zeros((len(queries), keep), dtype=np.float64)
+    if keep == 0 or len(queries) == 0:
+        return found_rows, found_scores
+    stored = shard.vectors()
     # Bound on |faiss float32 score - exact score|: d * u * |q| * |p| with u = eps / 2; eps doubles it for safety.
     tolerance = queries.shape[1] * float(np.finfo(np.float32).eps) * np.linalg.norm(queries, axis=1) * shard.max_norm
     pending = np.arange(len(queries))
     fetch = min(size, k + _TIE_SLACK)
     while pending.size:
-        faiss_scores, rows = shard.index.search(queries[pending], fetch)
-        unsettled: list[int] = []
+        faiss_scores, fetched = shard.index.search(queries[pending], fetch)
+        unsettled: list[np.ndarray] = []
         for start in range(0, len(pending), _RESCORE_BLOCK):
-            block_rows = rows[start:start + _RESCORE_BLOCK]
-            block_queries = pending[start:start + _RESCORE_BLOCK]
-            vectors = shard.index.reconstruct_batch(block_rows.ravel()).reshape(*block_rows.shape, shard.dimension)
-            scores = exact_scores(queries[block_queries][:, None, :], vectors)
-            for offset, query_index in enumerate(block_queries):
-                found = zip(scores[offset], block_rows[offset], strict=True)
-                hits = sorted((Hit(shard.passage_ids[row], float(score)) for score, row in found), key=hit_order)[:k]
-                last_fetched = float(faiss_scores[start + offset, -1])
-                if fetch < size and hits[-1].score <= last_fetched + tolerance[query_index]:
-                    unsettled.append(int(query_index))
-                    continue
-                results[query_index] = hits
-        pending = np.asarray(unsettled, dtype=np.int64)
+            block = pending[start:start + _RESCORE_BLOCK]
+            block_rows = fetched[start:start + _RESCORE_BLOCK]
+            scores = exact_scores(queries[block][:, None, :], stored[block_rows])
+            order = np.argsort(-scores, axis=1, kind="stable")
+            head = np.take_along_axis(scores, order[:, :keep + 1], axis=1)
+            for tied in np.flatnonzero((head[:, 1:] == head[:, :-1]).any(axis=1)):
+                row_scores, rows = scores[tied], block_rows[tied]
+                order[tied] = sorted(range(fetch), key=lambda j: (-row_scores[j], shard.passage_ids[rows[j]]))
+            top = order[:, :keep]
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            settled = top_scores[:, -1] > faiss_scores[start:start + _RESCORE_BLOCK, -1] + tolerance[block]
+            if fetch >= size:
+                settled[:] = True
+            found_rows[block[settled]] = np.take_along_axis(block_rows[settled], top[settled], axis=1)
+            found_scores[block[settled]] = top_scores[settled]
+            unsettled.append(block[~settled])
+        pending = np.concatenate(unsettled)
         fetch = min(size, fetch * 2)
-    return results
+    return found_rows, found_scores
+
+
+def search_shard(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    """Exact top-k of each query within one shard, hardest first, ties by passage_id (see `search_shard_rows`)."""
+    rows, scores = search_shard_rows(shard, query_vectors, k)
+    ids = shard.passage_ids
+    return [
+        [Hit(ids[row], score) for row, score in zip(query_rows, query_scores, strict=True)]
+        for query_rows, query_scores in zip(rows.tolist(), scores.tolist(), strict=True)
+    ]
 
 
 def merge_topk(hit_lists: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
@@ -667,98 +715,193 @@ def rejected_payload(row: Mapping[str, Any]) -> dict[str, Any]:
 
 _KEPT = "kept"
 _REJECTED = "rejected"
-_VECTORS = "vectors"
+_SEARCH = "search"
 _PENDING = "pending"
 _REQUESTS = "requests"
 _STATISTICS = "statistics"
-_LOOKUPS = "positive_lookups"
-_POSITIVES = "positive_vectors"
 #: Tally keys of the manifest's "mining" section: (("mining", name), count).
 _TALLY = "mining"
+
+#: A hit as `_SearchShardFn` emits it: (passage_id, text or None, exact score, float32 embedding bytes or None).
+_ShardHit = tuple[str, "str | None", float, "bytes | None"]
 
 
 def _as_vector_bytes(vector: bytes | Sequence[float] | np.ndarray) -> bytes:
     return vector if isinstance(vector, bytes) else pack_vector(vector)
 
 
-def _to_shard_groups(
-    element: tuple[str, bytes | Sequence[float]], num_shards: int, query_groups: int
-) -> Iterator[tuple[tuple[int, int], tuple[str, str, bytes]]]:
-    """A passage vector goes to its shard, once per query group."""
-    passage_id, vector = element
-    shard = stable_hash("shard", passage_id) % num_shards
-    blob = _as_vector_bytes(vector)
-    for group in range(query_groups):
-        yield (shard, group), (_PASSAGE_TAG, passage_id, blob)
+def _vector_block(item_ids: Sequence[str], vectors: Sequence[bytes | Sequence[float] | np.ndarray], kind: str) -> bytes:
+    """A block's vectors as float32 bytes, row after row (converted together: one numpy call for the block)."""
+    try:
+        matrix = np.asarray(
+            [np.frombuffer(vector, dtype=np.float32) if isinstance(vector, bytes) else vector for vector in vectors],
+            dtype=np.float32,
+        )
+    except ValueError:  # ragged: at least two dimensions
+        matrix = None
+    if matrix is None or matrix.ndim != 2:
+        dimensions = [len(_as_vector_bytes(vector)) // 4 for vector in vectors]
+        other = next(index for index, dimension in enumerate(dimensions) if dimension != dimensions[0])
+        raise ValueError(f"{kind} {item_ids[other]!r} has dimension {dimensions[other]}, {kind} {item_ids[0]!r} "
+                         f"{dimensions[0]}: embed queries and passages with the same teacher and dimension")
+    return matrix.tobytes()
 
 
-def _to_every_shard(
-    element: tuple[str, bytes | Sequence[float]], num_shards: int, query_groups: int
-) -> Iterator[tuple[tuple[int, int], tuple[str, str, bytes]]]:
-    """A query vector goes to its query group, once per shard."""
-    query_id, vector = element
-    group = stable_hash("query-group", query_id) % query_groups
-    blob = _as_vector_bytes(vector)
-    for shard in range(num_shards):
-        yield (shard, group), (_QUERY_TAG, query_id, blob)
+class _BlockFn(beam.DoFn):
+    """Search items (id, vector, extra) -> blocks (ids, extras or None when all are None, float32 vector bytes) of up to
+    `_BLOCK_ROWS` rows, per window. Extras are passage texts, or the positive passage_ids queries ask the search for.
+
+    Blocking comes first, fused with whatever produced the items: from there on the search moves a few large elements
+    instead of one per passage and per query (Beam's per-element cost, coding included, was most of the stage's time,
+    not faiss). A block never waits beyond its bundle (finish_bundle flushes), so blocks are smaller where bundles are.
+    """
+
+    def __init__(self, kind: str):
+        self._kind = kind
+
+    def start_bundle(self) -> None:
+        self._buffers: dict[Any, list[tuple[str, Any, Any]]] = {}
+
+    def process(self, item: tuple[str, Any, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        buffer = self._buffers.setdefault(window, [])
+        buffer.append(item)
+        if len(buffer) >= _BLOCK_ROWS:
+            del self._buffers[window]
+            yield self._block(buffer)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for window, buffer in self._buffers.items():
+            yield WindowedValue(self._block(buffer), window.max_timestamp(), (window,))
+        self._buffers = {}
+
+    def _block(self, items: list[tuple[str, Any, Any]]) -> tuple[list[str], list[Any] | None, bytes]:
+        ids = [item[0] for item in items]
+        extras = [item[2] for item in items]
+        vectors = _vector_block(ids, [item[1] for item in items], self._kind)
+        return ids, None if all(extra is None for extra in extras) else extras, vectors
+
+
+def _split_block(block: tuple[list[str], list[Any] | None, bytes], destinations: list[int]) -> Iterator[Any]:
+    """(destination, sub-block) for each destination that rows of the block go to."""
+    ids, extras, blob = block
+    if len(set(destinations)) == 1:
+        yield destinations[0], block
+        return
+    vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), -1)
+    rows_by_destination: dict[int, list[int]] = {}
+    for row, destination in enumerate(destinations):
+        rows_by_destination.setdefault(destination, []).append(row)
+    for destination, rows in sorted(rows_by_destination.items()):
+        sub_extras = None if extras is None else [extras[row] for row in rows]
+        yield destination, ([ids[row] for row in rows], sub_extras, vectors[rows].tobytes())
+
+
+def _route_passages(block: Any, num_shards: int, query_groups: int) -> Iterator[tuple[tuple[int, int], Any]]:
+    """A passage block's rows go to their shards, once per query group: ((shard, group), ("p", ids, texts, vectors))."""
+    ids = block[0]
+    # No global ordering needed: a stable hash spreads passages over shards the same way in every run.
+    shards = (
+        [0] * len(ids) if num_shards == 1 else [stable_hash("shard", passage_id) % num_shards for passage_id in ids]
+    )
+    for shard, sub_block in _split_block(block, shards):
+        for group in range(query_groups):
+            yield (shard, group), (_PASSAGE_TAG, *sub_block)
+
+
+def _route_queries(block: Any, num_shards: int, query_groups: int) -> Iterator[tuple[tuple[int, int], Any]]:
+    """A query block's rows go to their query groups, once per shard: ((shard, group), ("q", ids, lookups, vectors))."""
+    ids = block[0]
+    groups = [0] * len(ids) if query_groups == 1 else [stable_hash("query-group", qid) % query_groups for qid in ids]
+    for group, sub_block in _split_block(block, groups):
+        for shard in range(num_shards):
+            yield (shard, group), (_QUERY_TAG, *sub_block)
+
+
+def _block_size(block: tuple[list[str], Any, bytes]) -> int:
+    return len(block[0])
 
 
 class _SearchShardFn(beam.DoFn):
-    """One (shard, query group): builds the shard's index from its passages, searches the group's queries."""
+    """One (shard, query group): builds the shard's index from its passage blocks, searches the group's query blocks.
 
-    def __init__(self, k: int, query_batch_size: int, faiss_threads: int | None):
+    Emits, per query, (query_id, (hits, positive_vector)): the shard's top-k as (passage_id, text, score, embedding)
+    tuples, hardest first (text None when the passages came without; embedding the float32 bytes with
+    `keep_embeddings`, else None), and the vector of the query's positive when the query asked for it and the shard
+    holds it (else None). Plain tuples, not Hit or Candidate: Beam codes them without pickling.
+    """
+
+    def __init__(self, k: int, query_batch_size: int, faiss_threads: int | None, keep_embeddings: bool = False):
         self._k = k
         self._query_batch_size = query_batch_size
         self._faiss_threads = faiss_threads
+        self._keep_embeddings = keep_embeddings
         self._searched = beam.metrics.Metrics.counter(f"embforge.{STAGE}", "shard_searches")
 
     def setup(self) -> None:
         if self._faiss_threads is not None:
             faiss.omp_set_num_threads(self._faiss_threads)
 
-    def process(self, element: tuple[tuple[int, int], Iterable[tuple[str, str, bytes]]]) -> Iterator[Any]:
-        _, items = element
+    def process(self, element: tuple[tuple[int, int], Iterable[tuple[Any, ...]]]) -> Iterator[Any]:
+        _, blocks = element
         shard: ShardIndex | None = None
-        staged_ids: list[str] = []
-        staged: list[bytes] = []
-        query_ids: list[str] = []
-        query_blobs: list[bytes] = []
-
-        def flush() -> ShardIndex:
-            vectors = np.frombuffer(b"".join(staged), dtype=np.float32).reshape(len(staged), -1)
-            index = shard if shard is not None else ShardIndex(vectors.shape[1])
-            index.add(staged_ids, vectors)
-            staged_ids.clear()
-            staged.clear()
-            return index
-
+        query_blocks = []
         # A GroupByKey gives no order: passages go into the index as they come, queries wait for the whole shard.
-        for tag, item_id, blob in items:
-            if tag == _QUERY_TAG:
-                query_ids.append(item_id)
-                query_blobs.append(blob)
+        for block in blocks:
+            if block[0] == _QUERY_TAG:
+                query_blocks.append(block)
                 continue
-            staged_ids.append(item_id)
-            staged.append(blob)
-            if len(staged) >= _ADD_CHUNK:
-                shard = flush()
-        if staged:
-            shard = flush()
-        if shard is None or not query_ids:
+            _, passage_ids, texts, blob = block
+            vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(passage_ids), -1)
+            if shard is None:
+                shard = ShardIndex(vectors.shape[1])
+            shard.add(passage_ids, vectors, texts)
+        if shard is None or not query_blocks:
             return
         self._searched.inc()
-        batch = self._query_batch_size
-        for start in range(0, len(query_ids), batch):
-            blobs = query_blobs[start:start + batch]
-            vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
-            if vectors.shape[1] != shard.dimension:
-                raise ValueError(f"query {query_ids[start]!r} has dimension {vectors.shape[1]}, the passages "
+        stored = shard.vectors()
+        positive_rows = self._positive_rows(shard, query_blocks)
+        texts = shard.texts or None
+        for _, query_ids, lookups, blob in query_blocks:
+            lookups = lookups or [None] * len(query_ids)
+            queries = np.frombuffer(blob, dtype=np.float32).reshape(len(query_ids), -1)
+            if queries.shape[1] != shard.dimension:
+                raise ValueError(f"query {query_ids[0]!r} has dimension {queries.shape[1]}, the passages "
                                  f"{shard.dimension}: embed queries and passages with the same teacher and dimension")
-            yield from zip(query_ids[start:start + batch], search_shard(shard, vectors, self._k), strict=True)
+            for start in range(0, len(query_ids), self._query_batch_size):
+                rows, scores = search_shard_rows(shard, queries[start:start + self._query_batch_size], self._k)
+                for offset, (query_rows, query_scores) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True)):
+                    hits = [
+                        (shard.passage_ids[row], texts[row] if texts else None, score,
+                         stored[row].tobytes() if self._keep_embeddings else None)
+                        for row, score in zip(query_rows, query_scores, strict=True)
+                    ]
+                    positive_row = positive_rows.get(lookups[start + offset])
+                    positive = None if positive_row is None else stored[positive_row].tobytes()
+                    yield query_ids[start + offset], (hits, positive)
+
+    @staticmethod
+    def _positive_rows(shard: ShardIndex, query_blocks: list[tuple[Any, ...]]) -> dict[str | None, int]:
+        """Shard row of every positive a query of the group asked for and this shard holds."""
+        wanted = {passage_id for block in query_blocks for passage_id in block[2] or () if passage_id is not None}
+        if not wanted:
+            return {}
+        # passage_ids are unique by contract; a duplicate id resolves to its first copy in this shard.
+        rows: dict[str | None, int] = {}
+        for row, passage_id in enumerate(shard.passage_ids):
+            if passage_id in wanted and passage_id not in rows:
+                rows[passage_id] = row
+        return rows
+
+
+def _merge_shard_hits(hit_lists: Sequence[list[_ShardHit]], k: int) -> list[_ShardHit]:
+    """The global top-k of per-shard hits, ordered as `merge_topk` orders them."""
+    if len(hit_lists) == 1:
+        return hit_lists[0]
+    return heapq.nsmallest(k, itertools.chain.from_iterable(hit_lists), key=lambda hit: (-hit[2], hit[0]))
 
 
 class _TopHitsFn(beam.CombineFn):
-    """Per query: the global top-k of the per-shard top-k lists."""
+    """Per query: the global top-k (as Hits) of the per-shard results of `_SearchShardFn`."""
 
     def __init__(self, k: int):
         self._k = k
@@ -766,8 +909,9 @@ class _TopHitsFn(beam.CombineFn):
     def create_accumulator(self) -> list[Hit]:
         return []
 
-    def add_input(self, accumulator: list[Hit], hits: list[Hit]) -> list[Hit]:
-        return merge_topk([accumulator, hits], self._k)
+    def add_input(self, accumulator: list[Hit], shard_result: tuple[list[_ShardHit], bytes | None]) -> list[Hit]:
+        hits, _ = shard_result
+        return merge_topk([accumulator, ((passage_id, score) for passage_id, _, score, _ in hits)], self._k)
 
     def merge_accumulators(self, accumulators: Iterable[list[Hit]]) -> list[Hit]:
         return merge_topk(accumulators, self._k)
@@ -776,45 +920,18 @@ class _TopHitsFn(beam.CombineFn):
         return accumulator
 
 
-def _passage_vector(passage: Mapping[str, Any]) -> bytes:
+def _passage_search_item(passage: Mapping[str, Any]) -> tuple[str, bytes | Sequence[float], str]:
     embedding = passage.get("embedding")
     if embedding is None or len(embedding) == 0:
         raise ValueError(f"passage {passage.get('passage_id')!r} has no 'embedding': embed the corpus with the "
                          "teacher (EmbedTeacher) before MineNegatives")
-    return _as_vector_bytes(embedding)
+    return passage["passage_id"], embedding, passage["text"]
 
 
-def _passage_search_vector(passage: Mapping[str, Any]) -> tuple[str, bytes]:
-    return passage["passage_id"], _passage_vector(passage)
-
-
-def _passage_payload(passage: Mapping[str, Any]) -> tuple[str, tuple[str, bytes]]:
-    return passage["passage_id"], (passage["text"], _passage_vector(passage))
-
-
-def _hits_by_passage(element: tuple[str, list[Hit]]) -> Iterator[tuple[str, tuple[str, float]]]:
-    pair_id, hits = element
-    for passage_id, score in hits:
-        yield passage_id, (pair_id, score)
-
-
-class _AttachPassagesFn(beam.DoFn):
-    """Per passage_id: the passage's text (and vector) for every query that hit it or needs it as its positive."""
-
-    def __init__(self, keep_embeddings: bool):
-        self._keep_embeddings = keep_embeddings
-
-    def process(self, element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
-        passage_id, grouped = element
-        if not grouped["passage"]:
-            return
-        # passage_ids are unique by contract; if not, every query takes the same (first by text) copy.
-        text, blob = min(grouped["passage"], key=lambda item: item[0])
-        embedding = blob if self._keep_embeddings else None
-        for pair_id, score in grouped["hits"]:
-            yield pair_id, Candidate(passage_id, text, score, embedding)
-        for pair_id in grouped["positives"]:
-            yield beam.pvalue.TaggedOutput(_POSITIVES, (pair_id, blob))
+def _bare_search_item(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, bytes | Sequence[float], None]:
+    """An (id, vector) pair as a search item with nothing attached: no passage text, no positive to look up."""
+    item_id, vector = item
+    return item_id, vector, None
 
 
 def _missing_fields(row: Mapping[str, Any]) -> list[str]:
@@ -854,8 +971,9 @@ class _OutcomeFn(beam.DoFn):
 
 
 class _KeyQueriesFn(_OutcomeFn):
-    """Checks a query row; emits it keyed by pair_id, its vector for the search, and a lookup of its positive's
-    vector when the row carries none."""
+    """Checks a query row; emits it keyed by pair_id (embeddings as `pack_vector` bytes), and its search item: its
+    vector, and its positive's passage_id when the row carries no positive_embedding (the search looks the vector up
+    in the shard that holds it)."""
 
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
         self._counters.input.inc()
@@ -873,14 +991,17 @@ class _KeyQueriesFn(_OutcomeFn):
                       f"{len(positive)}: both must come from the same teacher at the same dimension")
             yield self._reject(row, "embedding_mismatch", detail)
             return
-        yield pair_id, row
-        yield beam.pvalue.TaggedOutput(_VECTORS, (pair_id, pack_vector(row["query_embedding"])))
-        if positive is None or len(positive) == 0:
-            yield beam.pvalue.TaggedOutput(_LOOKUPS, (row["passage_id"], pair_id))
+        query_vector = pack_vector(row["query_embedding"])
+        positive_vector = pack_vector(positive) if positive is not None and len(positive) > 0 else None
+        # The embeddings travel to the join as float32 bytes: 4 bytes a component instead of a Python float object.
+        yield pair_id, {**row, "query_embedding": query_vector, "positive_embedding": positive_vector}
+        lookup = row["passage_id"] if positive_vector is None else None
+        yield beam.pvalue.TaggedOutput(_SEARCH, (pair_id, query_vector, lookup))
 
 
 class _SelectFn(_OutcomeFn):
-    """Joins a query with its hits, applies steps 2-3, then finishes it (no LLM) or emits its LLM requests."""
+    """Joins a query with its per-shard search results, merges them, applies steps 2-3, then finishes it (no LLM) or
+    emits its LLM requests."""
 
     def __init__(self, config: MineNegativesConfig, llm: bool):
         super().__init__(config)
@@ -888,27 +1009,31 @@ class _SelectFn(_OutcomeFn):
 
     def process(self, element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
         pair_id, grouped = element
-        rows, hits = grouped["query"], grouped["candidates"]
+        rows, results = grouped["query"], grouped["results"]
         if len(rows) > 1:
             detail = f"{len(rows)} query rows share pair_id {pair_id!r}; pair_id must be unique"
             for row in rows:
                 yield self._reject(row, "duplicate_pair_id", detail)
             return
         if not rows:
-            # Hits and lookups exist only for queries that were keyed, so this does not happen.
+            # Search results exist only for queries that were keyed, so this does not happen.
             return
         row = rows[0]
-        if row.get("positive_embedding") is not None and len(row["positive_embedding"]) > 0:
-            positive_vector: bytes | None = pack_vector(row["positive_embedding"])
-        else:
-            positive_vector = grouped["positive_vector"][0] if grouped["positive_vector"] else None
+        # A row without positive_embedding asked the search for it: only the shard that holds the positive returns it.
+        found = (vector for _, vector in results if vector is not None)
+        positive_vector = row["positive_embedding"] or next(found, None)
         if positive_vector is None:
             detail = f"no positive_embedding in the row, and the positive {row['passage_id']!r} is not in the corpus"
             yield self._reject(row, "missing_embedding", detail)
             return
-        row = {**row, "positive_embedding": unpack_vector(positive_vector)}
+        row = {
+            **row,
+            "query_embedding": unpack_vector(row["query_embedding"]),
+            "positive_embedding": unpack_vector(positive_vector),
+        }
         config = self._config
         positive_score = teacher_score(row["query_embedding"], row["positive_embedding"])
+        hits = [Candidate(*hit) for hit in _merge_shard_hits([shard_hits for shard_hits, _ in results], config.k)]
         selection = select_candidates(row["passage_id"], row["passage"], positive_score, hits, config)
         yield from self._statistics([
             ("hits", selection.hits),
@@ -942,13 +1067,54 @@ class _JudgeFn(_OutcomeFn):
 # --- The transforms ---------------------------------------------------------------------------------------------------
 
 
+class _SearchShards(beam.PTransform):
+    """{"queries": (query_id, vector, positive passage_id | None), "passages": (passage_id, vector, text | None)} ->
+    (query_id, (hits, positive_vector)), once per query and shard (see `_SearchShardFn`).
+
+    Gathers passages and queries into blocks, counts the corpus for `num_shards`, routes the blocks' rows to their
+    (shard, query group) pairs, pairs every shard with every query group in one GroupByKey, and searches each pair.
+    Merging the per-shard results is left to the caller, so MineNegatives can do it in the join with its query rows.
+    """
+
+    def __init__(self, k: int, shard_size: int, query_groups: int, query_batch_size: int, faiss_threads: int | None,
+                 *, keep_embeddings: bool = False):
+        super().__init__()
+        self._k = k
+        self._shard_size = shard_size
+        self._query_groups = query_groups
+        self._query_batch_size = query_batch_size
+        self._faiss_threads = faiss_threads
+        self._keep_embeddings = keep_embeddings
+
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
+        passage_blocks = inputs["passages"] | "BlockPassages" >> beam.ParDo(_BlockFn("passage"))
+        query_blocks = inputs["queries"] | "BlockQueries" >> beam.ParDo(_BlockFn("query"))
+        num_shards = beam.pvalue.AsSingleton(
+            passage_blocks
+            | "BlockSizes" >> beam.Map(_block_size)
+            | "CountPassages" >> beam.CombineGlobally(sum)
+            | "NumShards" >> beam.Map(num_shards_for, self._shard_size)
+        )
+        routed_passages = passage_blocks | "RoutePassages" >> beam.FlatMap(
+            _route_passages, num_shards, self._query_groups)
+        routed_queries = query_blocks | "RouteQueries" >> beam.FlatMap(_route_queries, num_shards, self._query_groups)
+        return (
+            (routed_passages, routed_queries)
+            | "UnionForSearch" >> beam.Flatten()
+            | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
+            | "SearchShards" >> beam.ParDo(_SearchShardFn(
+                self._k, self._query_batch_size, self._faiss_threads, self._keep_embeddings))
+        )
+
+
 class ShardedTopK(beam.PTransform):
     """{"queries": (query_id, vector), "passages": (passage_id, vector)} -> (query_id, [Hit(passage_id, score)]).
 
     Exact inner-product top-k over a corpus sharded into `ceil(size / shard_size)` shards, hardest first, ties by
     passage_id: the result does not depend on `shard_size` or `query_groups` (see the module docstring for how the
     shards and query groups are paired, and the tradeoffs). Vectors are float lists, numpy arrays or `pack_vector`
-    bytes. A query with no passage at all gets no output row. MineNegatives uses it; so does the round-trip check.
+    bytes. A query with no passage at all gets no output row. The round-trip relevance check uses it; MineNegatives
+    runs the same search and merges the shards' results in its join with the query rows instead.
     """
 
     def __init__(
@@ -957,7 +1123,7 @@ class ShardedTopK(beam.PTransform):
         shard_size: int,
         *,
         query_groups: int = 1,
-        query_batch_size: int = 1024,
+        query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE,
         faiss_threads: int | None = None,
     ):
         super().__init__()
@@ -965,27 +1131,14 @@ class ShardedTopK(beam.PTransform):
             raise ValueError(f"ShardedTopK: k, shard_size, query_groups and query_batch_size must be >= 1, got "
                              f"{k}, {shard_size}, {query_groups}, {query_batch_size}")
         self._k = k
-        self._shard_size = shard_size
-        self._query_groups = query_groups
-        self._query_batch_size = query_batch_size
-        self._faiss_threads = faiss_threads
+        self._search = _SearchShards(k, shard_size, query_groups, query_batch_size, faiss_threads)
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
-        queries, passages = inputs["queries"], inputs["passages"]
-        num_shards = beam.pvalue.AsSingleton(
-            passages
-            | "CountPassages" >> beam.combiners.Count.Globally()
-            | "NumShards" >> beam.Map(num_shards_for, self._shard_size)
-        )
-        passage_items = passages | "ToShardGroups" >> beam.FlatMap(_to_shard_groups, num_shards, self._query_groups)
-        query_items = queries | "ToEveryShard" >> beam.FlatMap(_to_every_shard, num_shards, self._query_groups)
-        return (
-            (passage_items, query_items)
-            | "UnionForSearch" >> beam.Flatten()
-            | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
-            | "SearchShards" >> beam.ParDo(_SearchShardFn(self._k, self._query_batch_size, self._faiss_threads))
-            | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(self._k))
-        )
+        items = {
+            "queries": inputs["queries"] | "QueryItems" >> beam.Map(_bare_search_item),
+            "passages": inputs["passages"] | "PassageItems" >> beam.Map(_bare_search_item),
+        }
+        return items | "Search" >> self._search | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(self._k))
 
 
 class MineNegatives(beam.PTransform):
@@ -997,7 +1150,7 @@ class MineNegatives(beam.PTransform):
     counters: hits, dropped.positive, dropped.duplicate_text, dropped.teacher_threshold, dropped.llm_relevant,
     dropped.llm_failed, dropped.llm_skipped, positive_llm_failed, relabeled, negatives, short_triplets), summed.
     See the module docstring for the input contract, the sharded search and the LLM decisions. `llm_spec`,
-    `cache_dir` and `max_calls` are used only with `config.llm_scoring`, and go to `CallLLM`.
+    `cache_dir` and `budget` are used only with `config.llm_scoring`, and go to `CallLLM`.
     """
 
     def __init__(
@@ -1006,7 +1159,7 @@ class MineNegatives(beam.PTransform):
         llm_spec: LLMSpec | None = None,
         *,
         cache_dir: str | None = None,
-        max_calls: int | None = None,
+        budget: RunBudget | None = None,
     ):
         super().__init__()
         if not config.teacher_model:
@@ -1020,7 +1173,7 @@ class MineNegatives(beam.PTransform):
         self._config = config
         self._llm_spec = llm_spec if config.llm_scoring else None
         self._cache_dir = cache_dir
-        self._max_calls = max_calls
+        self._budget = budget
 
     def expand(self, inputs: Any) -> dict[str, beam.PCollection]:
         if isinstance(inputs, Mapping):
@@ -1031,28 +1184,18 @@ class MineNegatives(beam.PTransform):
         pipeline = queries.pipeline
 
         keyed = queries | "KeyQueries" >> beam.ParDo(_KeyQueriesFn(config)).with_outputs(
-            _VECTORS, _LOOKUPS, _REJECTED, _STATISTICS, main="rows"
+            _SEARCH, _REJECTED, _STATISTICS, main="rows"
         )
-        top_hits = {
-            "queries": keyed[_VECTORS],
-            "passages": passages | "PassageVectors" >> beam.Map(_passage_search_vector),
-        } | "Search" >> ShardedTopK(
-            config.k, config.shard_size, query_groups=config.query_groups, query_batch_size=config.query_batch_size,
-            faiss_threads=config.faiss_threads,
-        )
-        attached = (
-            {
-                "passage": passages | "KeyPassages" >> beam.Map(_passage_payload),
-                "hits": top_hits | "KeyHitsByPassage" >> beam.FlatMap(_hits_by_passage),
-                "positives": keyed[_LOOKUPS],
-            }
-            | "JoinPassages" >> beam.CoGroupByKey()
-            | "AttachPassages" >> beam.ParDo(_AttachPassagesFn(config.keep_embeddings)).with_outputs(
-                _POSITIVES, main="candidates"
-            )
+        # Passages enter the search with their texts, so hits come out with them: no join of hits with the corpus.
+        shard_results = {
+            "queries": keyed[_SEARCH],
+            "passages": passages | "PassageItems" >> beam.Map(_passage_search_item),
+        } | "Search" >> _SearchShards(
+            config.k, config.shard_size, config.query_groups, config.query_batch_size, config.faiss_threads,
+            keep_embeddings=config.keep_embeddings,
         )
         selected = (
-            {"query": keyed["rows"], "candidates": attached["candidates"], "positive_vector": attached[_POSITIVES]}
+            {"query": keyed["rows"], "results": shard_results}
             | "JoinQueriesWithHits" >> beam.CoGroupByKey()
             | "SelectCandidates" >> beam.ParDo(_SelectFn(config, llm=self._llm_spec is not None)).with_outputs(
                 _REJECTED, _PENDING, _REQUESTS, _STATISTICS, main=_KEPT
@@ -1063,7 +1206,7 @@ class MineNegatives(beam.PTransform):
         statistics = [keyed[_STATISTICS], selected[_STATISTICS]]
         if self._llm_spec is not None:
             answers = selected[_REQUESTS] | "ScoreCandidates" >> CallLLM(
-                self._llm_spec, STAGE, self._cache_dir, self._max_calls
+                self._llm_spec, STAGE, self._cache_dir, self._budget
             )
             judged = (
                 {"pending": selected[_PENDING], "judgements": answers | "KeyJudgements" >> beam.Map(_key_judgement)}
