@@ -16,10 +16,11 @@ Columns:
 - `max in flight`: the most requests the server held at once.
 - `client / server CPU ms/call`: CPU time of this process (Beam and google-genai) and of the server process per call.
 
-`--what-if-batch K` adds rows where CallLLM's batches are fixed at K x concurrency (BatchElements patched for those
-rows only), to show what the batching in pipelines/llm_calls.py costs; the other rows run the code as it is.
+`--what-if-batch K` adds rows where CallLLM's batches are fixed at K x concurrency instead of the 8 x concurrency of
+pipelines/llm_calls.py (BatchElements patched for those rows only), to show what the batch size costs; the other rows
+run the code as it is.
 
-    python benchmarks/llm_concurrency.py --latency 0.2 --concurrency 1 8 32 --what-if-batch 8
+    python benchmarks/llm_concurrency.py --latency 0.2 --concurrency 1 8 32
 """
 
 from __future__ import annotations
