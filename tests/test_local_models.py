@@ -38,6 +38,7 @@ from pipelines.clients.packaged_models import (
     materialize_once,
     resolve_model,
 )
+from prompts import get_prompt
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,6 +74,12 @@ class Everything(BaseModel):
     flag: bool
     color: Color
     aliased: str = Field(alias="query_text")
+
+
+def test_list_items_with_validators_decode_as_strings():
+    # The example_generation prompt's answer: list items carry a validator (prompts.NonEmptyText).
+    plans = plan_fields(get_prompt("example_generation").output_model)
+    assert [(plan.key, plan.kind) for plan in plans] == [("examples", "string_list")]
 
 
 def test_plan_fields_keeps_declaration_order_and_encodes_choices_as_json():

@@ -81,6 +81,11 @@ class FieldPlan:
     max_items: int = DEFAULT_MAX_LIST_ITEMS
 
 
+def _unannotated(annotation: Any) -> Any:
+    """`Annotated[str, validator]` -> str: item validators (e.g. prompts.NonEmptyText) run when the answer is parsed."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
+
+
 def plan_fields(output_model: type[BaseModel]) -> tuple[FieldPlan, ...]:
     """One `FieldPlan` per field, in declaration order; TypeError for a field constrained decoding cannot produce."""
     plans = []
@@ -104,7 +109,7 @@ def plan_fields(output_model: type[BaseModel]) -> tuple[FieldPlan, ...]:
             plans.append(FieldPlan(key, "choice", _json_choices(typing.get_args(annotation), where)))
         elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
             plans.append(FieldPlan(key, "choice", _json_choices([member.value for member in annotation], where)))
-        elif typing.get_origin(annotation) is list and typing.get_args(annotation) == (str,):
+        elif typing.get_origin(annotation) is list and tuple(map(_unannotated, typing.get_args(annotation))) == (str,):
             min_items = max((m.min_length for m in info.metadata if isinstance(m, annotated_types.MinLen)), default=0)
             declared_max = [m.max_length for m in info.metadata if isinstance(m, annotated_types.MaxLen)]
             max_items = min(declared_max) if declared_max else DEFAULT_MAX_LIST_ITEMS
