@@ -156,9 +156,8 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
                 raise EvalDataError(f"{path} line {number}: not UTF-8 ({error})") from error
 
 
-def _read_jsonl(path: str, required: Sequence[str], optional: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
-    """JSON objects of a JSON Lines file with their line numbers; blank lines are skipped. String fields only (an
-    integer `_id` is taken as its decimal string, since qrels name ids as text)."""
+def _json_objects(path: str) -> Iterator[tuple[int, dict]]:
+    """The JSON objects of a JSON Lines file with their line numbers; blank lines are skipped."""
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -168,6 +167,13 @@ def _read_jsonl(path: str, required: Sequence[str], optional: Sequence[str] = ()
             raise EvalDataError(f"{path} line {number}: invalid JSON ({error.msg})") from error
         if not isinstance(record, dict):
             raise EvalDataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def _read_jsonl(path: str, required: Sequence[str], optional: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+    """`_json_objects` reduced to the named fields, string values only (an integer `_id` is taken as its decimal
+    string, since qrels name ids as text)."""
+    for number, record in _json_objects(path):
         fields: dict[str, str] = {}
         for name in (*required, *optional):
             value = record.get(name)
@@ -281,16 +287,10 @@ def load_labeled(path: str, text_field: str = "text", label_field: str = "label"
             if not labels[-1].strip():
                 raise EvalDataError(f'{path} line {number}: empty "{label_field}"')
     elif base.endswith((".jsonl", ".json")):
-        for number, line in _lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise EvalDataError(f"{path} line {number}: invalid JSON ({error.msg})") from error
-            if not isinstance(record, dict) or record.get(text_field) is None or record.get(label_field) is None:
-                name = text_field if not isinstance(record, dict) or record.get(text_field) is None else label_field
-                raise EvalDataError(f'{path} line {number}: missing "{name}"')
+        for number, record in _json_objects(path):
+            for name in (text_field, label_field):
+                if record.get(name) is None:
+                    raise EvalDataError(f'{path} line {number}: missing "{name}"')
             if not isinstance(record[text_field], str):
                 raise EvalDataError(f'{path} line {number}: "{text_field}" must be a string')
             texts.append(record[text_field])
