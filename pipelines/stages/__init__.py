@@ -69,3 +69,11 @@ class StageCounters:
     def reject(self, reason: str) -> None:
         self.rejected.inc()
         beam.metrics.Metrics.counter(self.namespace, f"rejected.{reason}").inc()
+
+    def route(self, outcome: str, row: dict[str, Any]) -> Any:
+        """Count a ("kept" | "rejected", row) outcome; return the row for the main output, or tagged "rejected"."""
+        if outcome == "kept":
+            self.kept.inc()
+            return row
+        self.reject(row["reason"])
+        return beam.pvalue.TaggedOutput("rejected", row)

@@ -163,12 +163,7 @@ class _JudgeFn(beam.DoFn):
     def process(self, element):
         _, answers = element
         for outcome, row in judge_answers(answers, self._config, self._llm_model):
-            if outcome == "kept":
-                self._counters.kept.inc()
-                yield row
-            else:
-                self._counters.reject(row["reason"])
-                yield beam.pvalue.TaggedOutput("rejected", row)
+            yield self._counters.route(outcome, row)
 
 
 class GenerateQueries(beam.PTransform):

@@ -103,14 +103,8 @@ class _GradeFn(beam.DoFn):
         # Evidence without a pair (a key only in answers or ranks) yields nothing: the loop does not run.
         for pair in list(grouped["pairs"])[:1]:
             self._counters.input.inc()
-            outcome, row = grade_pair(pair, answers[0] if answers else None, ranks[0] if ranks else None,
-                                      self._config)
-            if outcome == "kept":
-                self._counters.kept.inc()
-                yield row
-            else:
-                self._counters.reject(row["reason"])
-                yield beam.pvalue.TaggedOutput("rejected", row)
+            yield self._counters.route(*grade_pair(pair, answers[0] if answers else None,
+                                                   ranks[0] if ranks else None, self._config))
 
 
 class GradeRelevance(beam.PTransform):
