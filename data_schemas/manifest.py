@@ -40,7 +40,20 @@ LLM_USAGE = pa.struct([
     pa.field("estimated_cost_usd", pa.float64(), nullable=False),
 ])
 
-MANIFEST = versioned("manifest", 1, [
+EMBEDDING_USAGE = pa.struct([
+    pa.field("stage", pa.string(), nullable=False),
+    # Distinct texts sent to the embedding backend, and texts answered from the cache.
+    pa.field("texts_embedded", _COUNT, nullable=False),
+    pa.field("cache_hits", _COUNT, nullable=False),
+    # Texts left unembedded because the run's max_cost_usd was spent.
+    pa.field("skipped_by_budget", _COUNT, nullable=False),
+    # The embedding API reports no token counts: the texts sent at UTF-8 bytes / 3, an upper estimate.
+    pa.field("estimated_input_tokens", _COUNT, nullable=False),
+    pa.field("estimated_cost_usd", pa.float64(), nullable=False),
+])
+
+#: Version 2 added `embedding_usage` and the top-level `estimated_cost_usd`; `load_manifest` reads version 1 too.
+MANIFEST = versioned("manifest", 2, [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("created_at", pa.string(), nullable=False),
     pa.field("embforge_version", pa.string(), nullable=False),
@@ -51,6 +64,10 @@ MANIFEST = versioned("manifest", 1, [
     pa.field("stages", pa.list_(STAGE_COUNTS), nullable=False),
     pa.field("cache", pa.map_(pa.string(), _COUNT), nullable=False),
     pa.field("llm_usage", pa.list_(LLM_USAGE), nullable=False),
+    # Teacher embeddings (EmbedTeacher), priced like LLM calls; a local teacher costs 0.
+    pa.field("embedding_usage", pa.list_(EMBEDDING_USAGE), nullable=False),
+    # LLM and embedding cost together: what max_cost_usd caps.
+    pa.field("estimated_cost_usd", pa.float64(), nullable=False),
     # record kind -> rows written
     pa.field("outputs", pa.map_(pa.string(), _COUNT), nullable=False),
     pa.field("mining", pa.map_(pa.string(), _COUNT), nullable=False),
@@ -92,5 +109,19 @@ def load_manifest(path: str) -> dict[str, Any]:
             document = json.loads(handle.read().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise SchemaError(f"not valid JSON: {error}", source=path) from error
-    validate_manifest(document, source=path)
+    validate_manifest(_from_version_1(document), source=path)
+    return document
+
+
+def _from_version_1(document: Any) -> Any:
+    """A version-1 manifest (written before teacher embeddings were priced) with the version-2 fields filled in: no
+    embedding usage recorded, and the LLM cost as the whole estimate. Anything else is returned as it is."""
+    if not isinstance(document, dict) or "embedding_usage" in document or "estimated_cost_usd" in document:
+        return document
+    usage = document.get("llm_usage")
+    if not isinstance(usage, list):
+        return document
+    document["embedding_usage"] = []
+    document["estimated_cost_usd"] = float(sum(row.get("estimated_cost_usd", 0.0) for row in usage
+                                               if isinstance(row, Mapping)))
     return document

@@ -169,6 +169,8 @@ class TrainConfig:
             found.append(f"keep_checkpoints: {self.keep_checkpoints} (must be >= 0; 0 = keep all)")
         if not self.output_dir:
             found.append("output_dir: empty")
+        elif "://" in self.output_dir:
+            found.append(f"output_dir: {self.output_dir!r} (must be a local folder: the student is saved with torch)")
         return found
 
     def validate(self) -> TrainConfig:

@@ -2,7 +2,9 @@
 
 `read_run(data_dir)` reads `triplets/*.parquet` (TRIPLET) and `classification/*.parquet` (CLASSIFICATION_EXAMPLE),
 validating every shard with `data_schemas.validate_table`, so a bad shard fails with its file, row and column. Empty
-shards are fine (Beam's WriteToParquet can leave one). Rows are kept in memory: a CPU-scale run holds a few thousand.
+shards are fine (Beam's WriteToParquet can leave one). Shards are found and read through Beam's `FileSystems`, as
+`embforge generate` wrote them: a run on gs://, s3:// or any registered filesystem trains where it lies. Rows are kept
+in memory: a CPU-scale run holds a few thousand.
 
 `TaskBatchSampler` yields batches that
   1. hold examples of one task only: triplets of one query task type (the prompt in front of their queries; a
@@ -15,18 +17,16 @@ shards are fine (Beam's WriteToParquet can leave one). Rows are kept in memory: 
 
 from __future__ import annotations
 
-import glob
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from data_schemas import CLASSIFICATION_EXAMPLE, TRIPLET, SchemaError, validate_table
+from data_schemas import CLASSIFICATION_EXAMPLE, TRIPLET, SchemaError
 from pipelines.clients.base import TaskType
+from pipelines.run_layout import read_shard, shard_paths
 
 
 @dataclass(frozen=True)
@@ -81,23 +81,6 @@ class TrainingData:
     def label_text(self, task: str, label: str) -> str:
         # A negative label never seen as a positive has no description: its name is the best text there is.
         return self.label_descriptions.get(task, {}).get(label, label)
-
-
-def _shards(data_dir: str, kind: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(data_dir, kind, "*.parquet")))
-
-
-def _read_shard(path: str, schema: pa.Schema) -> pa.Table | None:
-    """The validated table, or None for an empty shard. An empty shard with columns must still match the schema (a
-    shard of another schema version is refused even without rows); one without any column is simply empty."""
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise SchemaError(f"not a readable Parquet file: {error}", source=path) from error
-    if table.num_rows == 0 and table.num_columns == 0:
-        return None
-    table = validate_table(table, schema, source=path)
-    return table if table.num_rows else None
 
 
 def _vectors(values: list | None, path: str, row: int, column: str, dim: int | None) -> np.ndarray | None:
@@ -177,10 +160,10 @@ def read_run(data_dir: str) -> TrainingData:
     data = TrainingData(triplets=[], classification=[], label_descriptions={}, teacher_dim=None)
     for kind, schema, add in (("triplets", TRIPLET, _triplets), ("classification", CLASSIFICATION_EXAMPLE,
                                                                   _classification)):
-        for path in _shards(data_dir, kind):
+        for path in shard_paths(data_dir, kind):
             data.counts[f"{kind}_shards"] += 1
-            table = _read_shard(path, schema)
-            if table is None:
+            table = read_shard(path, schema)
+            if table.num_rows == 0:
                 data.counts[f"{kind}_empty_shards"] += 1
                 continue
             add(path, table, data)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from embedder.model import StudentEncoder
+from pipelines.outputs import remove_tree, replace_folder, sibling_staging_path
 
 
 def model_directory(path: str) -> str:
@@ -60,7 +61,12 @@ def soup(model_dirs: Sequence[str], weights: Sequence[float] | None = None, outp
                 raise ValueError(f"soup: {directory} differs from {directories[0]} in non-float buffer {name!r}")
     base.load_state_dict({name: averaged[name].to(value.dtype) if name in averaged else value
                           for name, value in base_state.items()})
-    return base.save(output_dir)
+    # Written aside and swapped in: an earlier model in `output_dir` is replaced only by a complete one.
+    staging = sibling_staging_path(output_dir)
+    remove_tree(staging)
+    base.save(staging)
+    replace_folder(staging, output_dir)
+    return output_dir
 
 
 def _check_compatible(first_dir: str, first: StudentEncoder, other_dir: str, other: StudentEncoder) -> None:

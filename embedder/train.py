@@ -43,6 +43,7 @@ from embedder.losses import (
 from embedder.model import StudentEncoder
 from pipelines.clients.base import TaskType
 from pipelines.clients.packaged_models import cap_torch_threads, resolve_model, unavailable_error
+from pipelines.outputs import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -120,23 +121,42 @@ def checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(root, name) for name in names]
 
 
-def find_checkpoint(config: TrainConfig, resume: bool | str) -> str | None:
-    if resume is False:
-        existing = checkpoints(config.output_dir)
-        if existing:
-            raise FileExistsError(f"{config.output_dir} already has checkpoints (latest {existing[-1]}): pass "
-                                  "resume=True to continue that run, or choose another output_dir")
-        return None
+def find_checkpoint(config: TrainConfig, resume: bool | str) -> tuple[str, str | None]:
+    """(the folder this run works in, the checkpoint it starts from or None).
+
+    A new run works in a staging folder beside `output_dir` and replaces `output_dir` only when it has finished, so an
+    earlier student survives a run that fails. `resume=True` continues the run a kill interrupted (its checkpoints are
+    in the staging folder), else the finished run in `output_dir` in place, else starts afresh; a path resumes from that
+    checkpoint (or that run's latest).
+    """
+    staging = staging_directory(config.output_dir)
     if resume is True:
-        existing = checkpoints(config.output_dir)
-        # Nothing to resume yet (a preempted job that never reached its first checkpoint): start from scratch.
-        return existing[-1] if existing else None
-    if os.path.isfile(os.path.join(resume, "trainer_state.pt")):
-        return resume
-    existing = checkpoints(resume)
-    if not existing:
-        raise FileNotFoundError(f"{resume}: neither a checkpoint (no trainer_state.pt) nor a run with checkpoints")
-    return existing[-1]
+        interrupted = checkpoints(staging)
+        if interrupted:
+            return staging, interrupted[-1]
+        finished = checkpoints(config.output_dir)
+        if finished:
+            return config.output_dir, finished[-1]
+        checkpoint = None
+    elif resume is False:
+        checkpoint = None
+    elif os.path.isfile(os.path.join(resume, "trainer_state.pt")):
+        checkpoint = resume
+    else:
+        existing = checkpoints(resume)
+        if not existing:
+            raise FileNotFoundError(f"{resume}: neither a checkpoint (no trainer_state.pt) nor a run with checkpoints")
+        checkpoint = existing[-1]
+    if checkpoint is None or not os.path.abspath(checkpoint).startswith(os.path.abspath(staging) + os.sep):
+        # What a staging folder holds is a run that never finished, and it is not the one being continued.
+        shutil.rmtree(staging, ignore_errors=True)
+    return staging, checkpoint
+
+
+def staging_directory(output_dir: str) -> str:
+    """Where a new run works until it has finished: `runs/x/student` -> `runs/x/.student.staging`."""
+    parent, name = os.path.split(os.path.normpath(output_dir))
+    return os.path.join(parent, f".{name}.staging")
 
 
 def parameter_groups(encoder: nn.Module, heads: list[nn.Module], config: TrainConfig) -> list[dict]:
@@ -310,9 +330,10 @@ def save_checkpoint(output_dir: str, step: int, model: StudentEncoder, trainer_s
 def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str:
     """Train a student on the shards under `data_dir`; returns the saved model directory (`output_dir/model`).
 
-    `resume=True` continues from the latest checkpoint in `config.output_dir` (from scratch if there is none); a path
-    resumes from that checkpoint (or that run's latest). Resumption is exact: same batches, same dropout masks, same
-    weights as a run that was never interrupted.
+    A new run (the default) trains from the start and replaces what `config.output_dir` held only once it has finished.
+    `resume=True` continues the latest interrupted run (from scratch if there is none); a path resumes from that
+    checkpoint (or that run's latest); see `find_checkpoint`. Resumption is exact: same batches, same dropout masks,
+    same weights as a run that was never interrupted.
     """
     config.validate()
     device = pick_device(config.device)
@@ -342,7 +363,7 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
     warmup_steps = round(config.warmup_ratio * total_steps)
 
     # 2. model, heads, optimizer
-    checkpoint = find_checkpoint(config, resume)
+    work_dir, checkpoint = find_checkpoint(config, resume)
     state = None
     if checkpoint is not None:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu", weights_only=False)
@@ -375,7 +396,7 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
                "spread_out": config.spread_out_weight, "classification": config.classification_weight}
 
     step, history, elapsed = 0, [], 0.0
-    os.makedirs(config.output_dir, exist_ok=True)
+    os.makedirs(work_dir, exist_ok=True)
     if state is not None:
         if head is not None:
             head.load_state_dict(state["head"])
@@ -387,9 +408,9 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
         history = read_losses(os.path.join(checkpoint, "losses.jsonl"))
         # Last: model loading above may have drawn random numbers.
         restore_rng_states(state["rng"])
-    with open(os.path.join(config.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(work_dir, "train_config.json"), "w", encoding="utf-8") as handle:
         json.dump(config.to_dict(), handle, indent=2)
-    losses_path = os.path.join(config.output_dir, "losses.jsonl")
+    losses_path = os.path.join(work_dir, "losses.jsonl")
     write_losses(losses_path, history)
 
     def trainer_state() -> dict:
@@ -459,19 +480,21 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
                     progress.update(bar, completed=step, loss=line.get("loss", float("nan")),
                                     rate=line["examples_per_s"])
                 if step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                    save_checkpoint(config.output_dir, step, model, trainer_state(), history, config.keep_checkpoints)
-                    plot_losses(history, os.path.join(config.output_dir, "losses.png"))
+                    save_checkpoint(work_dir, step, model, trainer_state(), history, config.keep_checkpoints)
+                    plot_losses(history, os.path.join(work_dir, "losses.png"))
     finally:
         if progress is not None:
             progress.stop()
 
     # 5. final model
-    model_dir = model.save(os.path.join(config.output_dir, "model"))
-    plot_losses(history, os.path.join(config.output_dir, "losses.png"))
-    with open(os.path.join(config.output_dir, "train_summary.json"), "w", encoding="utf-8") as handle:
+    model.save(os.path.join(work_dir, "model"))
+    plot_losses(history, os.path.join(work_dir, "losses.png"))
+    with open(os.path.join(work_dir, "train_summary.json"), "w", encoding="utf-8") as handle:
         json.dump({"steps": step, "total_steps": total_steps, "epochs_started": sampler.state.epoch + 1,
                    "examples_seen": sum(line["examples"] for line in history), "elapsed_s": elapsed,
                    "device": str(device), "precision": str(amp_dtype or torch.float32),
                    "teacher_dim": data.teacher_dim, "distillation_head": head is not None,
                    "data": dict(data.counts)}, handle, indent=2)
-    return model_dir
+    if work_dir != config.output_dir:
+        replace_folder(work_dir, config.output_dir)
+    return os.path.join(config.output_dir, "model")

@@ -18,7 +18,7 @@ import io
 import logging
 import posixpath
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from data_schemas import EMBEDDING_CACHE_ENTRY, LLM_CACHE_ENTRY, validate_table
+from pipelines.outputs import ensure_folder
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ def write_cache_file(cache_dir: str, kind: str, rows: list[dict[str, Any]]) -> s
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     folder = posixpath.join(cache_dir, kind)
-    if not FileSystems.exists(folder):
-        FileSystems.mkdirs(folder)
+    ensure_folder(folder)
     name = uuid.uuid4().hex
     temporary = posixpath.join(folder, f".{name}.tmp")
     final = posixpath.join(folder, f"{name}.parquet")
@@ -110,10 +110,6 @@ class CacheWriter:
         self._pending.append(row)
         if len(self._pending) >= self._flush_every:
             self.flush()
-
-    def add_all(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            self.add(row)
 
     def flush(self) -> None:
         if self._pending and self._cache_dir is not None:

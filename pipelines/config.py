@@ -7,6 +7,7 @@ local teacher, the built-in Python-stdlib corpus. A user file is layered over th
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Literal
@@ -80,10 +81,12 @@ class GenerateConfig:
 class EvaluateConfig:
     #: name -> model (Hub id, path or packaged:<name>); `embforge run` adds the base student and the trained one.
     models: dict[str, str] = field(default_factory=dict)
-    #: BEIR-format folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) to evaluate retrieval on.
+    #: BEIR-format folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) to evaluate retrieval on, each as
+    #: "DIR" or "NAME=DIR" (the name heads its table in the report; default: the folder's name).
     retrieval: tuple[str, ...] = ()
     retrieval_split: str = "test"
-    #: Classification sets as "train_path,test_path" (CSV or JSONL with text and label columns).
+    #: Classification sets as "TRAIN,TEST" or "NAME=TRAIN,TEST": CSV, TSV or JSON Lines files, gzipped or not, with
+    #: `text_field` and `label_field` columns.
     classification: tuple[str, ...] = ()
     text_field: str = "text"
     label_field: str = "label"
@@ -91,7 +94,8 @@ class EvaluateConfig:
     int8: bool = True
     #: `embforge run`: share of generated queries held out of training and evaluated as a BEIR set (0 = none).
     holdout_fraction: float = 0.2
-    output: str = "runs/offline/report"
+    #: Report folder (any Beam filesystem); empty: `<generate.output>/report`.
+    output: str = ""
 
     def __post_init__(self) -> None:
         if list(self.dims) != sorted(self.dims, reverse=True) or len(set(self.dims)) != len(self.dims):
@@ -110,8 +114,10 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def train_config(self) -> TrainConfig:
+        """The trainer's config; its output_dir defaults to `<generate.output>/student`."""
         try:
-            return TrainConfig.from_dict(self.train).validate()
+            values = {"output_dir": posixpath.join(self.generate.output, "student"), **self.train}
+            return TrainConfig.from_dict(values).validate()
         except (TypeError, ValueError) as error:
             raise ConfigError(f"train: {error}") from error
 
@@ -150,6 +156,9 @@ def load_run_config(path: str | None, overrides: list[str], beam_args: list[str]
         config.train_config()
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from error
+    if not config.evaluate.output:
+        config = replace(config, evaluate=replace(config.evaluate,
+                                                  output=posixpath.join(config.generate.output, "report")))
     if beam_args:
         generate = config.generate
         config = replace(config, generate=replace(

@@ -1,23 +1,31 @@
-"""Split a generated run into training triplets and a held-out BEIR retrieval set.
+"""Split a generated run into training data and a held-out BEIR retrieval set.
 
 `embforge run` on the offline default has no labelled benchmark on a fresh machine, so it holds out a fraction of the
 generated queries (by a stable hash of the query id, so the split is the same on every re-run), trains on the rest, and
 evaluates base vs trained on the held-out queries against the run's whole corpus. Where real data is at hand, name a
 BEIR folder in `evaluate.retrieval` as well.
+
+Everything goes through Beam filesystems (the run may live on gs://), and the split is written aside and swapped in
+(pipelines/outputs.py), so a failed split never leaves half of one.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
+import posixpath
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
 
-from data_schemas import PASSAGE, TRIPLET, validate_table
+from data_schemas import CLASSIFICATION_EXAMPLE, PASSAGE, TRIPLET
+from pipelines.outputs import promote, remove_tree
+from pipelines.run_layout import read_kind, write_table
 from pipelines.stages import stable_hash
+
+TRAIN_SPLIT = "train_split"
+HOLDOUT_EVAL = "holdout_eval"
 
 
 @dataclass(frozen=True)
@@ -25,44 +33,46 @@ class HoldoutSplit:
     train_dir: str
     eval_dir: str
     train_triplets: int
+    train_classification: int
     eval_queries: int
-
-
-def _read_kind(run_dir: str, kind: str, schema: pa.Schema) -> pa.Table:
-    paths = sorted(glob.glob(os.path.join(run_dir, kind, "*.parquet")))
-    tables = [validate_table(pq.read_table(path), schema, source=path) for path in paths]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def is_held_out(query_id: str, fraction: float, seed: int) -> bool:
     return stable_hash(seed, query_id) % 10_000 < fraction * 10_000
 
 
+def _write_lines(path: str, lines: list[str]) -> None:
+    with FileSystems.create(path) as handle:
+        handle.write("".join(line + "\n" for line in lines).encode("utf-8"))
+
+
 def split_run(run_dir: str, fraction: float = 0.2, seed: int = 0) -> HoldoutSplit:
-    """Write `<run>/train_split/triplets/` and `<run>/holdout_eval/` (corpus.jsonl, queries.jsonl, qrels/test.tsv)."""
+    """Write `<run>/train_split/` (triplets not held out, every classification example) and `<run>/holdout_eval/`
+    (corpus.jsonl of every passage, queries.jsonl and qrels/test.tsv of the held-out queries)."""
     if not 0 < fraction < 1:
         raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
-    triplets = _read_kind(run_dir, "triplets", TRIPLET)
-    passages = _read_kind(run_dir, "passages", PASSAGE)
-    held = [is_held_out(query_id, fraction, seed) for query_id in triplets.column("query_id").to_pylist()]
-    mask = pa.array(held, type=pa.bool_())
-    train = triplets.filter(pa.compute.invert(mask))
-    held_out = triplets.filter(mask)
+    triplets = read_kind(run_dir, "triplets", TRIPLET)
+    passages = read_kind(run_dir, "passages", PASSAGE)
+    classification = read_kind(run_dir, "classification", CLASSIFICATION_EXAMPLE)
+    held = pa.array([is_held_out(query_id, fraction, seed) for query_id in triplets.column("query_id").to_pylist()],
+                    type=pa.bool_())
+    train, held_out = triplets.filter(pc.invert(held)), triplets.filter(held)
 
-    train_dir = os.path.join(run_dir, "train_split")
-    os.makedirs(os.path.join(train_dir, "triplets"), exist_ok=True)
-    pq.write_table(train, os.path.join(train_dir, "triplets", "part-00000-of-00001.parquet"), compression="zstd")
-
-    eval_dir = os.path.join(run_dir, "holdout_eval")
-    os.makedirs(os.path.join(eval_dir, "qrels"), exist_ok=True)
-    with open(os.path.join(eval_dir, "corpus.jsonl"), "w", encoding="utf-8") as corpus:
-        for row in passages.to_pylist():
-            corpus.write(json.dumps({"_id": row["passage_id"], "title": row["title"] or "", "text": row["text"]},
-                                    ensure_ascii=False) + "\n")
-    with open(os.path.join(eval_dir, "queries.jsonl"), "w", encoding="utf-8") as queries, \
-            open(os.path.join(eval_dir, "qrels", "test.tsv"), "w", encoding="utf-8") as qrels:
-        qrels.write("query-id\tcorpus-id\tscore\n")
-        for row in held_out.to_pylist():
-            queries.write(json.dumps({"_id": row["query_id"], "text": row["query"]}, ensure_ascii=False) + "\n")
-            qrels.write(f"{row['query_id']}\t{row['positive_id']}\t1\n")
-    return HoldoutSplit(train_dir, eval_dir, train.num_rows, held_out.num_rows)
+    staging = posixpath.join(run_dir, ".split.staging")
+    remove_tree(staging)
+    write_table(train, posixpath.join(staging, TRAIN_SPLIT, "triplets", "part-00000-of-00001.parquet"))
+    if classification.num_rows:
+        # Classification examples have no queries to hold out: all of them train (the counterfactuals included).
+        write_table(classification, posixpath.join(staging, TRAIN_SPLIT, "classification",
+                                                   "part-00000-of-00001.parquet"))
+    _write_lines(posixpath.join(staging, HOLDOUT_EVAL, "corpus.jsonl"), [
+        json.dumps({"_id": row["passage_id"], "title": row["title"] or "", "text": row["text"]}, ensure_ascii=False)
+        for row in passages.to_pylist()])
+    _write_lines(posixpath.join(staging, HOLDOUT_EVAL, "queries.jsonl"), [
+        json.dumps({"_id": row["query_id"], "text": row["query"]}, ensure_ascii=False)
+        for row in held_out.to_pylist()])
+    _write_lines(posixpath.join(staging, HOLDOUT_EVAL, "qrels", "test.tsv"), [
+        "query-id\tcorpus-id\tscore", *(f"{row['query_id']}\t{row['positive_id']}\t1" for row in held_out.to_pylist())])
+    promote(staging, run_dir, (TRAIN_SPLIT, HOLDOUT_EVAL))
+    return HoldoutSplit(posixpath.join(run_dir, TRAIN_SPLIT), posixpath.join(run_dir, HOLDOUT_EVAL), train.num_rows,
+                        classification.num_rows, held_out.num_rows)

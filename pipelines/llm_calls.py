@@ -7,8 +7,9 @@ live in one place for every stage.
 A `RunBudget` caps the whole run's new calls and estimated cost. Beam has no global counter a worker could check before
 each call, so the budget is planned instead: each stage's cache misses are sorted by cache key and the longest prefix
 whose worst-case cost fits what is left is called; the rest are answered as skipped. What a stage actually spent
-reaches the next LLM stage as a side input, so later stages plan with real figures, not reservations. The result is
-exact and deterministic on any runner.
+reaches the next stage that draws on the budget as a side input, so later stages plan with real figures, not
+reservations. The result is exact and deterministic on any runner. The teacher's embeddings (EmbedTeacher) draw on the
+same cost budget through the same `RunBudget.plan` / `RunBudget.record`; they are not LLM calls, so not on the count.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import BaseModel
 from pipelines import progress
 from pipelines.cache import LLM_CACHE, CacheWriter, SplitByCache
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
-from pipelines.clients.factory import LLMSpec, build_llm, llm_identity
+from pipelines.clients.factory import LLMSpec, billable_output_tokens, build_llm, llm_identity
 from pipelines.pricing import estimated_cost_micro_usd
 
 
@@ -133,15 +134,31 @@ def answers_for_group(first: LLMAnswer, requests: list[LLMRequest]) -> list[LLMA
 BYTES_PER_TOKEN_LOWER_BOUND = 3
 
 
-def worst_case_micro_usd(model: str, request: LLMRequest) -> int:
-    """An upper estimate of one call's cost: the prompt at bytes / 3 tokens, the answer at its max_output_tokens cap.
+def upper_token_estimate(texts) -> int:
+    """At least as many tokens as `texts` hold: their UTF-8 bytes / 3, rounded up."""
+    return -(-sum(len(text.encode()) for text in texts) // BYTES_PER_TOKEN_LOWER_BOUND)
 
-    Gemini counts thinking tokens inside max_output_tokens, so the cap bounds them too.
+
+def billed_asks(spec: LLMSpec, request: LLMRequest) -> int:
+    """How many asks one call may be billed for.
+
+    A generate answer that does not parse or violates the output schema is asked again, up to max_parse_attempts
+    asks, and every ask that was answered is billed (GeminiLLM sums their usage). Transient failures retried within
+    an ask (429, 5xx) need no reservation: Google bills only requests it answered. Score mode never asks again.
     """
-    texts = [message.content for message in request.messages] + list(request.continuations)
-    prompt_tokens = -(-sum(len(text.encode()) for text in texts) // BYTES_PER_TOKEN_LOWER_BOUND)
-    output_tokens = request.config.max_output_tokens if request.mode == "generate" else 0
-    return estimated_cost_micro_usd(model, Usage(prompt_tokens, output_tokens))
+    return spec.max_parse_attempts if request.mode == "generate" else 1
+
+
+def worst_case_micro_usd(spec: LLMSpec, request: LLMRequest) -> int:
+    """An upper estimate of what one call may be billed: every ask it may make (`billed_asks`), each with the prompt
+    at bytes / 3 tokens and the answer at the most output tokens one request may be billed for (`max_output_tokens`,
+    plus the thinking budget on Gemini, which bills thinking as output: `billable_output_tokens`).
+    """
+    asks = billed_asks(spec, request)
+    prompt_tokens = upper_token_estimate([message.content for message in request.messages]
+                                         + list(request.continuations))
+    output_tokens = billable_output_tokens(spec, request.config.max_output_tokens) if request.mode == "generate" else 0
+    return estimated_cost_micro_usd(spec.model_name, Usage(asks * prompt_tokens, asks * output_tokens))
 
 
 @dataclass(frozen=True)
@@ -204,11 +221,12 @@ class _PrefixWithinLimits(beam.CombineFn):
 
 
 class RunBudget:
-    """The run's LLM limits, shared by its LLM stages in the order the pipeline applies them.
+    """The run's limits, shared by the stages that spend (every `CallLLM`, and EmbedTeacher for cost) in the order the
+    pipeline applies them.
 
-    Built once per pipeline and handed to every `CallLLM`; each one plans against what the stages applied before it
-    have spent (`spent`, a one-element PCollection of `Spend`) and then adds its own. It lives only while the pipeline
-    is constructed: workers receive plain numbers, never this object.
+    Built once per pipeline and handed to each of those stages; each one plans against what the stages applied before
+    it have spent (`spent`, a one-element PCollection of `Spend`) and then adds its own. It lives only while the
+    pipeline is constructed: workers receive plain numbers, never this object.
     """
 
     def __init__(self, max_calls: int | None = None, max_cost_usd: float | None = None):
@@ -227,6 +245,23 @@ class RunBudget:
         if self.max_micro_usd is not None:
             limits.append(f"max_cost_usd={self.max_micro_usd / 1_000_000:g}")
         return ", ".join(limits)
+
+    def plan(self, candidates, *, counts_calls: bool = True):
+        """PCollection of (key, worst-case micro-USD) -> one-element PCollection: the frozenset of keys that may be
+        called, once the earlier stages' spending is known. Apply it inside the stage's `expand`.
+
+        `counts_calls=False` plans against the cost limit only (teacher embeddings are not LLM calls).
+        """
+        max_calls = self.max_calls if counts_calls else None
+        prefix = candidates | "PrefixWithinLimits" >> beam.CombineGlobally(
+            _PrefixWithinLimits(max_calls, self.max_micro_usd))
+        spent_before = beam.pvalue.AsSingleton(self.spent) if self.spent is not None else Spend()
+        return prefix | "Allowed" >> beam.Map(keys_within_remaining, spent_before, max_calls, self.max_micro_usd)
+
+    def record(self, spent_here) -> None:
+        """Add a stage's spending (a one-element PCollection of `Spend`) to what the stages applied after it see."""
+        spent = [spent_here] if self.spent is None else [self.spent, spent_here]
+        self.spent = tuple(spent) | "RunSpend" >> beam.Flatten() | "SumSpend" >> beam.CombineGlobally(add_spends)
 
 
 def keys_within_remaining(candidates, spent: Spend, max_calls: int | None, max_micro_usd: int | None) -> frozenset:
@@ -347,16 +382,11 @@ class CallLLM(beam.PTransform):
 
     def _plan(self, misses):
         """The set of miss keys this stage may call, once the earlier stages' spending is known."""
-        budget = self._budget
-        model = self._spec.model_name
-        candidates = (
-            misses
-            | "WorstCase" >> beam.MapTuple(lambda key, group: (key, worst_case_micro_usd(model, group[0])))
-            | "PrefixWithinLimits" >> beam.CombineGlobally(_PrefixWithinLimits(budget.max_calls, budget.max_micro_usd))
-        )
-        spent_before = beam.pvalue.AsSingleton(budget.spent) if budget.spent is not None else Spend()
-        return candidates | "Allowed" >> beam.Map(
-            keys_within_remaining, spent_before, budget.max_calls, budget.max_micro_usd)
+        spec = self._spec
+        # Every ask a call may make is reserved (see billed_asks), so re-asks cannot carry the spend past the cap.
+        candidates = misses | "WorstCase" >> beam.MapTuple(
+            lambda key, group: (key, worst_case_micro_usd(spec, group[0])))
+        return self._budget.plan(candidates)
 
     def _record_spend(self, called) -> None:
         model = self._spec.model_name
@@ -366,6 +396,4 @@ class CallLLM(beam.PTransform):
             | "Price" >> beam.Map(lambda answer: Spend(1, estimated_cost_micro_usd(model, answer.usage)))
             | "StageSpend" >> beam.CombineGlobally(add_spends)
         )
-        spent = [spent_here] if self._budget.spent is None else [self._budget.spent, spent_here]
-        self._budget.spent = tuple(spent) | "RunSpend" >> beam.Flatten() | "SumSpend" >> beam.CombineGlobally(
-            add_spends)
+        self._budget.record(spent_here)

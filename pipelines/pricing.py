@@ -1,4 +1,4 @@
-"""Estimated LLM cost per call, for the manifest and `--max-cost`.
+"""Estimated cost of LLM calls and teacher embeddings, for the manifest and `--max-cost`.
 
 List prices in USD per million tokens (input, output) for paid-tier text, as published on ai.google.dev/pricing for
 the models embforge defaults to; local models cost nothing. An unknown API model is estimated at the most expensive
@@ -6,6 +6,9 @@ listed rate, so a budget errs on the side of stopping early. Figures are estimat
 """
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 from pipelines.clients.base import Usage
 
@@ -27,6 +30,12 @@ def price_per_million(model: str) -> tuple[float, float]:
 
 
 def estimated_cost_micro_usd(model: str, usage: Usage) -> int:
-    """Cost in micro-dollars (integers add up exactly across workers)."""
+    """Cost in micro-dollars (integers add up exactly across workers), rounded up.
+
+    USD per million tokens is micro-USD per token. Prices are taken as exact decimals (0.3, not the float just above
+    it) and the result is rounded up, never to the nearest: a sum of estimates is then never below the exact cost, so
+    a budget planned with them holds exactly.
+    """
     input_price, output_price = price_per_million(model)
-    return round(usage.input_tokens * input_price + usage.output_tokens * output_price)
+    exact = Fraction(str(input_price)) * usage.input_tokens + Fraction(str(output_price)) * usage.output_tokens
+    return math.ceil(exact)

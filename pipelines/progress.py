@@ -3,12 +3,14 @@
 Beam's DirectRunner reports metrics only when a pipeline finishes, and in multi_processing mode the work happens in
 other processes. So each worker process writes its running counts to a small JSON file in a folder named by
 `EMBFORGE_PROGRESS_DIR` (inherited by worker processes), and the launching process polls that folder and draws a
-live table. Where the variable is unset (Dataflow workers, tests) reporting is a no-op.
+live table on a terminal, or logs one line every 30 s elsewhere (a CI console, a redirected stderr). Where the
+variable is unset (Dataflow workers, tests) reporting is a no-op.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -19,6 +21,9 @@ from pathlib import Path
 
 ENV_VARIABLE = "EMBFORGE_PROGRESS_DIR"
 _WRITE_INTERVAL_S = 0.5
+#: Seconds between progress lines when the console is not a terminal.
+_LOG_INTERVAL_S = 30.0
+LOGGER = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _counts: Counter[str] = Counter()
@@ -91,6 +96,15 @@ class LiveProgress:
 
         started = time.monotonic()
         console = Console(stderr=True)
+        if not console.is_terminal:
+            # A log file or CI console: a redrawn table would only pile up copies; a line every so often says enough.
+            while not self._stop.wait(_LOG_INTERVAL_S):
+                totals = read_totals(self._folder)
+                if totals:
+                    elapsed = time.monotonic() - started
+                    LOGGER.info("%s: %.0f s, %s", self._title, elapsed,
+                                ", ".join(f"{task} {count}" for task, count in sorted(totals.items())))
+            return
 
         def render() -> Table:
             elapsed = time.monotonic() - started

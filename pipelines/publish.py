@@ -14,24 +14,35 @@ Re-publishing is cheap and safe:
   - an interrupted upload can simply be run again: LFS objects already stored are skipped by the Hub, and the commit
     that makes them visible is atomic, so the repo never shows half a run.
 
+Paths are read through Beam's `FileSystems`, as `embforge generate` and `embforge evaluate` write them: a run
+directory, a model folder or a report on gs://, s3:// or any registered filesystem publishes like a local one. Files
+are streamed in chunks for hashing and upload, never held whole in memory.
+
 The token comes from `HF_TOKEN` or the huggingface_hub login; it goes to huggingface_hub only, never to a log or file.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 from pipelines.config_loading import ConfigError
+from pipelines.run_layout import shard_paths
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,23 +65,82 @@ class PublishError(ConfigError):
     A ConfigError, so the CLI prints it as one line and exits with status 2."""
 
 
+# --- paths on any Beam filesystem -----------------------------------------------------------------------------------
+
+
+def _is_local(path: str) -> bool:
+    return FileSystems.get_scheme(path) is None
+
+
+def _open(path: str) -> IO[bytes]:
+    # Uncompressed: the Hub gets the bytes as stored; AUTO would gunzip a `.gz` file on the way.
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def _is_file(path: str) -> bool:
+    # Beam's exists() is also True for a local folder; object stores have files only.
+    return os.path.isfile(path) if _is_local(path) else FileSystems.exists(path)
+
+
+def _is_folder(path: str) -> bool:
+    """A local folder; elsewhere (object stores have no folders) a path that is no file but has files below it."""
+    if _is_local(path):
+        return os.path.isdir(path)
+    if FileSystems.exists(path):
+        return False
+    return bool(FileSystems.match([FileSystems.join(path, "**")], limits=[1])[0].metadata_list)
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(parent, name) of a file or folder on any Beam filesystem; a local path is made absolute first, as
+    os.path.abspath does, and a trailing "/" names the same folder."""
+    return FileSystems.split(path.rstrip("/") or path)
+
+
+def _match(pattern: str) -> list[str]:
+    return sorted(metadata.path for result in FileSystems.match([pattern]) for metadata in result.metadata_list)
+
+
+def _parquet_rows(path: str) -> int:
+    """Rows of a Parquet file from its footer: a seekable file is not read whole (a shard may be gigabytes)."""
+    with _open(path) as handle:
+        source = handle if handle.seekable() else pa.BufferReader(handle.read())
+        return pq.ParquetFile(source).metadata.num_rows
+
+
 @dataclass(frozen=True)
-class _LocalFile:
+class _RepoFile:
     path_in_repo: str
-    #: A local path, or the bytes of a generated file (the card).
+    #: A path on any Beam filesystem, or the bytes of a generated file (the card).
     source: str | bytes
 
     def read_chunks(self) -> Iterable[bytes]:
         if isinstance(self.source, bytes):
             yield self.source
             return
-        with open(self.source, "rb") as handle:
+        with _open(self.source) as handle:
             while chunk := handle.read(_HASH_CHUNK):
                 yield chunk
 
     @property
     def size(self) -> int:
-        return len(self.source) if isinstance(self.source, bytes) else os.path.getsize(self.source)
+        if isinstance(self.source, bytes):
+            return len(self.source)
+        return FileSystems.get_filesystem(self.source).size(self.source)
+
+    def upload_source(self, stack: ExitStack) -> str | bytes | IO[bytes]:
+        """What CommitOperationAdd reads: the bytes, a local path (huggingface_hub opens it), or a file of another
+        filesystem opened in `stack`. huggingface_hub needs a seekable binary file object; a download that cannot
+        seek is copied to a local temporary file first (on disk, not in memory: a shard may be larger than RAM)."""
+        if isinstance(self.source, bytes) or _is_local(self.source):
+            return self.source
+        handle = stack.enter_context(_open(self.source))
+        if isinstance(handle, io.BufferedIOBase) and handle.seekable():
+            return handle
+        spooled = stack.enter_context(tempfile.TemporaryFile())
+        shutil.copyfileobj(handle, spooled, _HASH_CHUNK)
+        spooled.seek(0)
+        return spooled
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
@@ -197,6 +267,15 @@ def dataset_card(manifest: Mapping[str, Any], repo_id: str, kinds: Mapping[str, 
         lines.append("")
     else:
         lines += ["No LLM calls were recorded.", ""]
+    embedding = manifest["embedding_usage"]
+    if any(row["texts_embedded"] or row["cache_hits"] or row["skipped_by_budget"] for row in embedding):
+        lines += _table(["stage", "texts embedded", "cache hits", "skipped by budget", "est. input tokens",
+                         "est. cost (USD)"],
+                        [(row["stage"], row["texts_embedded"], row["cache_hits"], row["skipped_by_budget"],
+                          row["estimated_input_tokens"], f"{row['estimated_cost_usd']:.4f}") for row in embedding])
+        lines.append("")
+    lines += [f"Estimated cost of the run, LLM calls and teacher embeddings together: "
+              f"{manifest['estimated_cost_usd']:.4f} USD (list prices; an estimate, not an invoice).", ""]
     if manifest["budget"]:
         lines += ["Budget: " + ", ".join(f"{name} = {_number(value)}"
                                          for name, value in sorted(manifest["budget"].items())) + ".", ""]
@@ -217,16 +296,18 @@ def find_report(model_dir: str, report: str | None = None) -> str | None:
     """report.json for a model: `report` (the file or its folder) if given, else next to the model or in the
     `report/` folder beside the training output (`embforge run` writes <out>/student/model and <out>/report)."""
     if report is not None:
-        path = os.path.join(report, "report.json") if os.path.isdir(report) else report
-        if not os.path.isfile(path):
+        path = FileSystems.join(report, "report.json") if _is_folder(report) else report
+        if not _is_file(path):
             raise PublishError(f"{path}: no evaluation report there; run `embforge evaluate` or leave --report out")
         return path
-    model_dir = os.path.abspath(model_dir)
-    for candidate in (os.path.join(model_dir, "report.json"),
-                      os.path.join(model_dir, "..", "report", "report.json"),
-                      os.path.join(model_dir, "..", "..", "report", "report.json")):
-        if os.path.isfile(candidate):
-            return os.path.normpath(candidate)
+    if _is_local(model_dir):
+        model_dir = os.path.abspath(model_dir)
+    parent = _split(model_dir)[0]
+    for candidate in (FileSystems.join(model_dir, "report.json"),
+                      FileSystems.join(parent, "report", "report.json"),
+                      FileSystems.join(_split(parent)[0], "report", "report.json")):
+        if _is_file(candidate):
+            return candidate
     return None
 
 
@@ -286,14 +367,14 @@ def _token() -> str:
     return token
 
 
-def _is_unchanged(local: _LocalFile, remote: Any) -> bool:
+def _is_unchanged(local: _RepoFile, remote: Any) -> bool:
     """True when the repo's file has the same content: LFS files by sha256, small files by git blob id."""
     if remote.lfs is not None:
         return remote.lfs.sha256 == local.sha256()
     return remote.blob_id == local.git_blob_id()
 
 
-def _upload(repo_id: str, repo_type: str, files: list[_LocalFile], *, private: bool, revision: str | None,
+def _upload(repo_id: str, repo_type: str, files: list[_RepoFile], *, private: bool, revision: str | None,
             managed_prefixes: tuple[str, ...], message: str) -> str:
     """Make the repo hold `files` (and nothing else under `managed_prefixes`) in one commit; "no changes" if it does."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -318,17 +399,20 @@ def _upload(repo_id: str, repo_type: str, files: list[_LocalFile], *, private: b
                 len(files), len(stale))
     if not changed and not stale:
         return NO_CHANGES
-    operations: list[Any] = [CommitOperationAdd(path_in_repo=file.path_in_repo, path_or_fileobj=file.source)
-                             for file in changed]
-    operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
-    info = api.create_commit(repo_id, operations, commit_message=message, repo_type=repo_type, revision=revision)
+    # Files of other filesystems stay open until the commit is made: huggingface_hub hashes them when the operation
+    # is built and reads them again to upload.
+    with ExitStack() as stack:
+        operations: list[Any] = [CommitOperationAdd(path_in_repo=file.path_in_repo,
+                                                    path_or_fileobj=file.upload_source(stack)) for file in changed]
+        operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
+        info = api.create_commit(repo_id, operations, commit_message=message, repo_type=repo_type, revision=revision)
     return str(info.commit_url)
 
 
 def _dataset_files(run_dir: str, include_rejected: bool) -> tuple[dict[str, list[str]], dict[str, int], dict[str, Any]]:
     """Non-empty shards per record kind, rows per kind, and the validated manifest."""
-    manifest_path = os.path.join(run_dir, _MANIFEST)
-    if not os.path.isfile(manifest_path):
+    manifest_path = FileSystems.join(run_dir, _MANIFEST)
+    if not _is_file(manifest_path):
         raise PublishError(f"{manifest_path}: missing; publish a run directory written by `embforge generate`")
     from data_schemas import load_manifest
 
@@ -337,10 +421,10 @@ def _dataset_files(run_dir: str, include_rejected: bool) -> tuple[dict[str, list
     shards: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
     for kind in kinds:
-        paths = sorted(glob.glob(os.path.join(run_dir, kind, "part-*.parquet")))
+        paths = shard_paths(run_dir, kind)
         # Beam's sharding can leave an empty shard; `datasets` fails on a Parquet file without rows ("BatchSize
         # must be greater than 0"), and it holds no data, so it stays home.
-        counts = {path: pq.ParquetFile(path).metadata.num_rows for path in paths}
+        counts = {path: _parquet_rows(path) for path in paths}
         kept = [path for path in paths if counts[path] > 0]
         if len(kept) < len(paths):
             LOGGER.info("%s: leaving out %d empty shard(s)", kind, len(paths) - len(kept))
@@ -356,10 +440,10 @@ def publish_dataset(run_dir: str, repo_id: str, *, private: bool = False, revisi
                     include_rejected: bool = False, license: str = DEFAULT_LICENSE) -> str:
     shards, rows, manifest = _dataset_files(run_dir, include_rejected)
     patterns = {kind: f"{kind}/part-*.parquet" for kind in shards}
-    files = [_LocalFile(f"{kind}/{os.path.basename(path)}", path) for kind, paths in shards.items() for path in paths]
-    files.append(_LocalFile(_MANIFEST, os.path.join(run_dir, _MANIFEST)))
+    files = [_RepoFile(f"{kind}/{_split(path)[1]}", path) for kind, paths in shards.items() for path in paths]
+    files.append(_RepoFile(_MANIFEST, FileSystems.join(run_dir, _MANIFEST)))
     card = dataset_card(manifest, repo_id, patterns, license=license, rows=rows)
-    files.append(_LocalFile(_CARD, card.encode("utf-8")))
+    files.append(_RepoFile(_CARD, card.encode("utf-8")))
     # Every record-kind folder is ours: a shard the run no longer has must go, or the config's glob would read it.
     managed = tuple(f"{kind}/" for kind in (*DATASET_KINDS, REJECTED_KIND))
     return _upload(repo_id, "dataset", files, private=private, revision=revision, managed_prefixes=managed,
@@ -367,50 +451,53 @@ def publish_dataset(run_dir: str, repo_id: str, *, private: bool = False, revisi
 
 
 def _read_json(path: str | None) -> dict[str, Any] | None:
-    if path is None or not os.path.isfile(path):
+    if path is None or not _is_file(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    with _open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
 
 
 def publish_model(model_dir: str, repo_id: str, *, private: bool = False, revision: str | None = None,
                   license: str = DEFAULT_LICENSE, report: str | None = None, dataset: str | None = None) -> str:
-    if not os.path.isfile(os.path.join(model_dir, "modules.json")):
+    if not _is_file(FileSystems.join(model_dir, "modules.json")):
         raise PublishError(f"{model_dir}: no modules.json; publish the sentence-transformers folder that "
                            "`embforge train` writes (<output_dir>/model)")
     files = []
-    for root, dirs, names in os.walk(model_dir):
-        dirs[:] = sorted(name for name in dirs if not name.startswith(".") and name not in _MODEL_SKIP_DIRS)
-        for name in sorted(names):
-            relative = os.path.relpath(os.path.join(root, name), model_dir).replace(os.sep, "/")
-            if name.startswith(".") or relative == _CARD:
-                continue
-            files.append(_LocalFile(relative, os.path.join(root, name)))
+    # Every file below the folder ("**" crosses folders), on any Beam filesystem; each matched path starts with the
+    # pattern's literal part.
+    pattern = FileSystems.join(model_dir, "**")
+    for path in _match(pattern):
+        relative = path[len(pattern) - len("**"):].replace(os.sep, "/")
+        *folders, name = relative.split("/")
+        if (name.startswith(".") or relative == _CARD
+                or any(folder.startswith(".") or folder in _MODEL_SKIP_DIRS for folder in folders)):
+            continue
+        files.append(_RepoFile(relative, path))
     report_path = find_report(model_dir, report)
     evaluation = _read_json(report_path)
     has_plot = False
     if report_path is not None:
-        files.append(_LocalFile("report.json", report_path))
-        plot = os.path.join(os.path.dirname(report_path), "report.png")
-        if os.path.isfile(plot):
-            files.append(_LocalFile("report.png", plot))
+        files.append(_RepoFile("report.json", report_path))
+        plot = FileSystems.join(_split(report_path)[0], "report.png")
+        if _is_file(plot):
+            files.append(_RepoFile("report.png", plot))
             has_plot = True
-    train_config_path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "train_config.json")
+    train_config_path = FileSystems.join(_split(model_dir)[0], "train_config.json")
     train_config = _read_json(train_config_path)
     if train_config is not None:
-        files.append(_LocalFile("train_config.json", train_config_path))
+        files.append(_RepoFile("train_config.json", train_config_path))
     card = model_card(repo_id, evaluation, train_config, license=license, dataset=dataset, has_plot=has_plot)
-    files.append(_LocalFile(_CARD, card.encode("utf-8")))
+    files.append(_RepoFile(_CARD, card.encode("utf-8")))
     # A model repo is the model: nothing is deleted, so files a person added by hand (a notebook, a logo) survive.
     return _upload(repo_id, "model", files, private=private, revision=revision, managed_prefixes=(),
-                   message=f"embforge publish model from {os.path.basename(os.path.abspath(model_dir))}")
+                   message=f"embforge publish model from {_split(model_dir)[1]}")
 
 
 def publish(kind: str, path: str, *, repo_id: str, private: bool = False, revision: str | None = None,
             include_rejected: bool = False, license: str = DEFAULT_LICENSE, report: str | None = None) -> str:
     """Upload a run (kind "dataset") or a trained model folder (kind "model"); returns the commit URL or
     "no changes" when the repo already holds exactly these files."""
-    if not os.path.isdir(path):
+    if not _is_folder(path):
         raise PublishError(f"{path}: not a directory")
     if kind == "dataset":
         return publish_dataset(path, repo_id, private=private, revision=revision, include_rejected=include_rejected,

@@ -11,7 +11,9 @@ import importlib.metadata
 import json
 import logging
 import posixpath
+import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -22,11 +24,20 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from data_schemas import load_manifest, stage_balances
 from pipelines.clients.base import TaskType
 from pipelines.clients.factory import embedder_identity, llm_identity
-from pipelines.config import GenerateConfig, RunConfig
+from pipelines.config import EvaluateConfig, GenerateConfig, RunConfig
 from pipelines.config_loading import ConfigError, config_to_dict
-from pipelines.llm_calls import LLMAnswer, RunBudget
+from pipelines.llm_calls import BUDGET_REASON, LLMAnswer, RunBudget
+from pipelines.outputs import (
+    ensure_folder,
+    promote,
+    remove_tree,
+    replace_folder,
+    sibling_staging_path,
+    staging_path,
+)
 from pipelines.pricing import estimated_cost_micro_usd
 from pipelines.progress import LiveProgress
+from pipelines.run_layout import MANIFEST_NAME, OUTPUT_KINDS
 from pipelines.stages import rejected_row
 from pipelines.stages.embed_teacher import EmbedTeacher
 from pipelines.stages.generate_counterfactuals import GenerateCounterfactuals
@@ -34,14 +45,13 @@ from pipelines.stages.generate_queries import GenerateQueries
 from pipelines.stages.grade_relevance import GradeRelevance
 from pipelines.stages.mine_negatives import MineNegatives, ShardedTopK
 from pipelines.stages.read_corpus import ReadCorpus
-from pipelines.stages.write_shards import MANIFEST_NAME, WriteShards, clear_previous_output
+from pipelines.stages.write_shards import WriteShards
 from prompts import prompt_versions
 
 LOGGER = logging.getLogger(__name__)
 
 STAGE_ORDER = ("read_corpus", "generate_queries", "embed_teacher", "grade_relevance", "mine_negatives",
                "generate_counterfactuals")
-OUTPUT_KINDS = ("triplets", "pairs", "passages", "classification", "rejected")
 _VERSIONED_PACKAGES = ("apache-beam", "google-genai", "faiss-cpu", "pyarrow", "datasets", "torch", "transformers",
                        "sentence-transformers", "pydantic")
 
@@ -69,6 +79,13 @@ def _answer_tallies(answer: LLMAnswer, stage: str, model: str):
         yield ("cache", "llm_calls"), 1
     elif answer.source == "cache":
         yield ("cache", "llm_hits"), 1
+
+
+def _embedding_tallies(sent: tuple[int, int], stage: str):
+    """Tallies of one text sent to the teacher: its estimated tokens and cost (the API reports neither)."""
+    tokens, micro_usd = sent
+    yield ("embedding", stage, "estimated_input_tokens"), tokens
+    yield ("cost", stage), micro_usd
 
 
 def _attach_embeddings(element, stage: str):
@@ -106,8 +123,9 @@ def static_manifest(config: GenerateConfig) -> dict[str, Any]:
     }
 
 
-def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> None:
-    """Add every generation stage, the shard writers and the manifest writer to `pipeline`."""
+def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig, output: str | None = None) -> None:
+    """Add every generation stage, the shard writers and the manifest writer (into `output`, by default
+    `config.output`) to `pipeline`."""
     cache_dir = config.cache_dir or None
     budget = None
     if config.budget.max_llm_calls is not None or config.budget.max_cost_usd is not None:
@@ -145,13 +163,20 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
         pairs | "QueryTexts" >> beam.Map(
             lambda row: {"id": row["pair_id"], "text": row["query"], "task_type": TaskType.RETRIEVAL_QUERY.value}),
     ) | "AllTexts" >> beam.Flatten()
-    embedded = texts | "EmbedTeacher" >> EmbedTeacher(config.teacher, config.embed, cache_dir)
+    # Between query generation and grading on the budget's chain: its spend is planned against what query generation
+    # left, and grading, mining and counterfactuals plan against what it spent.
+    embedded = texts | "EmbedTeacher" >> EmbedTeacher(config.teacher, config.embed, cache_dir, budget)
     rejected.append(embedded["rejected"])
     tallies += [
         _count(texts, "EmbedInput", ("stage", "embed_teacher", "input")),
         _count(embedded["kept"], "EmbedKept", ("stage", "embed_teacher", "kept")),
-        embedded["texts_embedded"] | "TallyEmbedded" >> beam.Map(lambda n: (("cache", "embeddings_computed"), n)),
-        embedded["cache_hits"] | "TallyEmbedHits" >> beam.Map(lambda n: (("cache", "embedding_hits"), n)),
+        embedded["texts_embedded"] | "TallyEmbedded" >> beam.FlatMap(
+            lambda n: [(("cache", "embeddings_computed"), n), (("embedding", "embed_teacher", "texts_embedded"), n)]),
+        embedded["cache_hits"] | "TallyEmbedHits" >> beam.FlatMap(
+            lambda n: [(("cache", "embedding_hits"), n), (("embedding", "embed_teacher", "cache_hits"), n)]),
+        _count(embedded["rejected"] | "EmbedBudgetSkips" >> beam.Filter(lambda row: row["reason"] == BUDGET_REASON),
+               "EmbedSkipped", ("embedding", "embed_teacher", "skipped_by_budget")),
+        embedded["sent"] | "EmbedUsage" >> beam.FlatMap(_embedding_tallies, "embed_teacher"),
     ]
     vectors = embedded["kept"]
     passage_vectors = (
@@ -228,7 +253,7 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> 
     all_tallies = tuple(tallies) | "AllTallies" >> beam.Flatten()
     stage_order = STAGE_ORDER if config.counterfactuals is not None else STAGE_ORDER[:-1]
     {"rows": rows, "tallies": all_tallies} | "WriteShards" >> WriteShards(
-        config.output, static_manifest(config), stage_order)
+        output or config.output, static_manifest(config), stage_order)
 
 
 def _positive_rank(element):
@@ -259,8 +284,7 @@ def check_writable(path: str, key: str) -> None:
     """Create `path` and write a probe file there, so an unreachable output fails before any model is loaded."""
     probe = posixpath.join(path, f".embforge-write-check-{uuid.uuid4().hex}")
     try:
-        if not FileSystems.exists(path):
-            FileSystems.mkdirs(path)
+        ensure_folder(path)
         with FileSystems.create(probe) as handle:
             handle.write(b"ok")
         FileSystems.delete([probe])
@@ -269,26 +293,32 @@ def check_writable(path: str, key: str) -> None:
 
 
 def generate(config: GenerateConfig) -> dict[str, Any]:
-    """Run the generation pipeline to completion; returns the manifest. Raises GenerationFailed if rows went missing."""
+    """Run the generation pipeline to completion; returns the manifest. Raises GenerationFailed if rows went missing.
+
+    The run writes into `<output>/.staging` and replaces the earlier run's shards and manifest only once it is complete
+    and balanced (pipelines/outputs.py): a run that fails keeps the earlier one intact beside its own staging folder.
+    """
     check_writable(config.output, "generate.output")
     if config.cache_dir:
         check_writable(config.cache_dir, "generate.cache_dir")
-    stale = clear_previous_output(config.output, OUTPUT_KINDS)
-    if stale:
-        LOGGER.info("removed %d files of an earlier run in %s", len(stale), config.output)
+    staging = staging_path(config.output)
+    # Whatever is there is the incomplete output of a run that failed or was killed.
+    remove_tree(staging)
     pipeline = beam.Pipeline(options=pipeline_options(config))
-    build_generate_pipeline(pipeline, config)
+    build_generate_pipeline(pipeline, config, staging)
     local = config.beam.runner in LOCAL_RUNNERS
     with LiveProgress(f"embforge generate -> {config.output}", enabled=local):
         pipeline.run().wait_until_finish()
-    manifest = load_manifest(posixpath.join(config.output, MANIFEST_NAME))
+    staged_manifest = posixpath.join(staging, MANIFEST_NAME)
+    manifest = load_manifest(staged_manifest)
     _report(manifest)
     if manifest["stages"][0]["input"] == 0:
         raise GenerationFailed(f"the corpus {config.corpus.path!r} holds no rows: nothing to generate from")
     if not manifest["balanced"]:
         unbalanced = [stage["stage"] for stage in manifest["stages"] if not stage_balances(stage)]
-        raise GenerationFailed(f"row accounting does not balance in stage(s) {', '.join(unbalanced)}: "
-                               f"see {posixpath.join(config.output, MANIFEST_NAME)}")
+        raise GenerationFailed(f"row accounting does not balance in stage(s) {', '.join(unbalanced)}: see "
+                               f"{staged_manifest} (the earlier run in {config.output} is left as it was)")
+    promote(staging, config.output, (*OUTPUT_KINDS, MANIFEST_NAME))
     return manifest
 
 
@@ -301,38 +331,101 @@ def _report(manifest: dict[str, Any]) -> None:
     LOGGER.info("outputs: %s; cache: %s", json.dumps(manifest["outputs"]), json.dumps(manifest["cache"]))
 
 
-def evaluate(config) -> dict[str, Any]:
-    from embedder.evaluate import ClassificationTask, RetrievalTask, evaluate_models
-    from pipelines.clients.factory import EmbedderSpec, build_embedder
+#: "NAME=PATH": a name is a plain word, so a path that merely contains "=" (runs/lr=0.1) is not split.
+_NAMED = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)=(?P<value>.+)$")
 
-    tasks = [RetrievalTask(name=posixpath.basename(path.rstrip("/")), data_dir=path, split=config.retrieval_split)
-             for path in config.retrieval]
-    for spec in config.classification:
-        train_path, _, test_path = spec.partition(",")
-        tasks.append(ClassificationTask(name=posixpath.basename(train_path), train_path=train_path,
+
+def _name_and_value(entry: str) -> tuple[str | None, str]:
+    match = _NAMED.match(entry)
+    return (match.group("name"), match.group("value")) if match else (None, entry)
+
+
+def evaluation_tasks(config: EvaluateConfig) -> list:
+    """The retrieval and classification tasks of `config`, checked: every file they need exists, names are unique."""
+    from embedder.evaluate import ClassificationTask, RetrievalTask
+
+    tasks: list = []
+    for entry in config.retrieval:
+        name, folder = _name_and_value(entry)
+        needed = [posixpath.join(folder, "corpus.jsonl"), posixpath.join(folder, "queries.jsonl"),
+                  posixpath.join(folder, "qrels", f"{config.retrieval_split}.tsv")]
+        missing = [path for path in needed if not FileSystems.exists(path)]
+        if missing:
+            raise ConfigError(f"evaluate.retrieval {entry!r}: {missing[0]} not found (a BEIR folder holds "
+                              f"corpus.jsonl, queries.jsonl and qrels/{config.retrieval_split}.tsv)")
+        tasks.append(RetrievalTask(name=name or posixpath.basename(folder.rstrip("/")), data_dir=folder,
+                                   split=config.retrieval_split))
+    for entry in config.classification:
+        name, files = _name_and_value(entry)
+        train_path, comma, test_path = files.partition(",")
+        if not comma or not train_path or not test_path:
+            raise ConfigError(f"evaluate.classification {entry!r}: expected [NAME=]TRAIN,TEST")
+        for path in (train_path, test_path):
+            if not FileSystems.exists(path):
+                raise ConfigError(f"evaluate.classification {entry!r}: {path} not found")
+        tasks.append(ClassificationTask(name=name or posixpath.basename(train_path), train_path=train_path,
                                         test_path=test_path, text_field=config.text_field,
                                         label_field=config.label_field))
+    names = [task.name for task in tasks]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"evaluate: two tasks are named {repeated[0]!r}; name them apart with NAME=...")
+    return tasks
+
+
+def _check_models_resolve(references: Iterable[str]) -> None:
+    """Resolve each model a later step loads, so a missing package or path fails before any work."""
+    from pipelines.clients.packaged_models import resolve_model
+
+    for reference in references:
+        resolve_model(reference)
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every model of `config` on every task; the report replaces `config.output`'s once it is complete."""
+    from embedder.evaluate import evaluate_models
+    from pipelines.clients.factory import EmbedderSpec, build_embedder
+
+    tasks = evaluation_tasks(config)
+    if not tasks:
+        raise ConfigError("evaluate: nothing to evaluate on: give --retrieval [NAME=]BEIR_DIR or --classification "
+                          "[NAME=]TRAIN,TEST (evaluate.retrieval / evaluate.classification in a config file)")
+    if not config.models:
+        raise ConfigError("evaluate: no model to evaluate: give --model NAME=MODEL (a path, a Hub id or "
+                          "packaged:all-minilm-l6-v2) once per model")
     models = {name: build_embedder(EmbedderSpec(backend="local", model=path)) for name, path in config.models.items()}
-    return evaluate_models(models, tasks, config.dims, config.output, int8=config.int8)
+    staging = sibling_staging_path(config.output)
+    remove_tree(staging)
+    report = evaluate_models(models, tasks, config.dims, staging, int8=config.int8)
+    replace_folder(staging, config.output)
+    LOGGER.info("report: %s", posixpath.join(config.output, "report.md"))
+    return report
 
 
-def run_all(config: RunConfig) -> dict[str, Any]:
-    """generate -> train (on all but the held-out queries) -> evaluate base vs trained, held-out queries included."""
+def run_all(config: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """generate -> train (on all but the held-out queries) -> evaluate base vs trained, held-out queries included.
+
+    What later steps need (evaluation data, the student and any extra models) is checked before generation starts.
+    Each step replaces its earlier result only once it is complete. `resume` continues an interrupted training run.
+    """
     from embedder.train import train
     from pipelines.holdout import split_run
 
-    generate(config.generate)
     train_config = config.train_config()
+    if not evaluation_tasks(config.evaluate) and config.evaluate.holdout_fraction == 0:
+        raise ConfigError("evaluate: nothing to evaluate on: set evaluate.holdout_fraction > 0, or give "
+                          "evaluate.retrieval / evaluate.classification")
+    _check_models_resolve([train_config.student, *config.evaluate.models.values()])
+
+    generate(config.generate)
     data_dir = config.generate.output
     retrieval = config.evaluate.retrieval
     if config.evaluate.holdout_fraction > 0:
         split = split_run(config.generate.output, config.evaluate.holdout_fraction, train_config.seed)
-        LOGGER.info("held out %d queries for evaluation; training on %d triplets", split.eval_queries,
-                    split.train_triplets)
+        LOGGER.info("held out %d queries for evaluation; training on %d triplets and %d classification examples",
+                    split.eval_queries, split.train_triplets, split.train_classification)
         data_dir, retrieval = split.train_dir, (split.eval_dir, *retrieval)
-    model_dir = train(train_config, data_dir)
+    model_dir = train(train_config, data_dir, resume=resume)
     evaluation = replace(config.evaluate, retrieval=retrieval,
                          models={"base": train_config.student, "trained": model_dir, **config.evaluate.models})
-    report = evaluate(evaluation)
-    LOGGER.info("report: %s", posixpath.join(config.evaluate.output, "report.md"))
-    return report
+    return evaluate(evaluation)

@@ -208,6 +208,7 @@ class FakeGeminiServer:
 
     `generate(body) -> answer text` and `embed(text, task_type, dimension) -> vector` may be swapped at any time, as
     may `faults`. With `api_key` set, other keys get Gemini's answer to a bad key (400, reason API_KEY_INVALID).
+    `count_tokens(text)` sets the token counts usageMetadata reports (default: words).
     """
 
     def __init__(
@@ -218,8 +219,10 @@ class FakeGeminiServer:
         faults: FaultPlan = FaultPlan(),
         api_key: str | None = None,
         native_dimension: int = 3072,
+        count_tokens: Callable[[str], int] = _words,
     ):
         self.generate = generate
+        self.count_tokens = count_tokens
         self.embed = embed
         self.faults = faults
         self.api_key = api_key
@@ -477,10 +480,11 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
         def _generate(
             self, body: Mapping[str, Any], fault: str | None, model: str
         ) -> tuple[dict[str, Any], tuple[int, int]]:
-            # Token counts are words: enough for tests to check that usage is summed, not a tokenizer.
+            # Token counts are words by default: enough for tests to check that usage is summed, not a tokenizer.
+            count = server.count_tokens
             system = body.get("systemInstruction", {}).get("parts", [])
-            prompt_tokens = sum(_words(text) for text in _texts("generateContent", body)) + sum(
-                _words(part.get("text", "")) for part in system
+            prompt_tokens = sum(count(text) for text in _texts("generateContent", body)) + sum(
+                count(part.get("text", "")) for part in system
             )
             usage = {"promptTokenCount": prompt_tokens}
             if fault == "prompt_blocked":
@@ -500,7 +504,7 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 text = json.dumps({"unexpected_field": ["not", "what", "was", "asked"]})
             elif fault == "truncated_answer":
                 text, finish = text[: max(1, len(text) // 2)], "MAX_TOKENS"
-            output_tokens = max(1, _words(text))
+            output_tokens = max(1, count(text))
             usage.update(candidatesTokenCount=output_tokens, totalTokenCount=prompt_tokens + output_tokens)
             candidate = {"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": finish, "index": 0}
             payload = {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model}

@@ -17,8 +17,11 @@ client must use the legacy LFS protocol). Implemented, as huggingface_hub 2.x ca
     POST /api/{type}s/{repo}/branch/{branch}                  create a branch (409 when it exists)
     HEAD/GET /{prefix}{repo}/resolve/{rev}/{path}             file content with X-Repo-Commit / ETag / Range
 
+The same routes serve `snapshot_download` (revision info, recursive tree, resolve); `push` puts a model there for it.
+
 Everything the clients did is kept for assertions: `requests` (method, path), `authorizations` (every Authorization
-header seen), `unknown` (requests no route matched, to spot a protocol gap quickly), and per repo its `commits`.
+header seen), `unknown` (requests no route matched, to spot a protocol gap quickly), `downloads()` (file contents
+served), and per repo its `commits`.
 Set `fail_commits` to make the next commits fail with a 500, as an upload interrupted before its commit would.
 """
 
@@ -162,6 +165,28 @@ class FakeHubServer:
             repo.branches["main"] = oid
             self.repos[(repo_type, repo_id)] = repo
             return repo
+
+    def push(self, repo_id: str, files: dict[str, bytes], summary: str = "upload", repo_type: str = "model") -> Commit:
+        """Commit `files` to main (creating a public repo first if needed), as if someone had uploaded them: a model
+        for clients to download. LFS as the Hub's default .gitattributes and size rule would decide."""
+        if (repo_type, repo_id) not in self.repos:
+            self.create_repo(repo_type, repo_id, private=False)
+        with self._lock:
+            repo = self.repos[(repo_type, repo_id)]
+            head = repo.commits[repo.branches["main"]]
+            stored = {path: StoredFile(content, lfs=path.endswith(LFS_SUFFIXES) or len(content) >= LFS_MIN_SIZE)
+                      for path, content in files.items()}
+            oid = self._new_oid()
+            commit = Commit(oid, summary, head.oid, {**head.files, **stored},
+                            [{"key": "file", "path": path} for path in files])
+            repo.commits[oid] = commit
+            repo.branches["main"] = oid
+            return commit
+
+    def downloads(self) -> list[str]:
+        """Paths of the file contents served so far (GET on resolve), in request order."""
+        with self._lock:
+            return [path for method, path in self.requests if method == "GET" and "/resolve/" in path]
 
     def apply_commit(self, repo: Repo, revision: str, lines: list[dict[str, Any]]) -> Commit:
         with self._lock:

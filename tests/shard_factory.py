@@ -10,11 +10,12 @@ distillation projection.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from data_schemas import CLASSIFICATION_EXAMPLE, TRIPLET, validate_rows
 from pipelines.clients.base import TaskType
@@ -130,15 +131,19 @@ def classification_rows(count: int = 12, *, task_name: str = "sentiment") -> lis
 
 
 def write_shard(path: str, rows: list[dict], schema: pa.Schema) -> str:
+    """Write `rows` as one Parquet shard at `path`: a local path or any Beam filesystem's (memfs:// in tests)."""
     validate_rows(rows, schema, source=path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    with FileSystems.create(path) as handle:
+        handle.write(buffer.getvalue())
     return path
 
 
 def write_run(root: str, *, triplets: list[dict] | None = None, classification: list[dict] | None = None,
               shards: int = 2, empty_shard: bool = True) -> str:
-    """A run directory with the rows split over `shards` shards per kind, plus an empty shard of each kind.
+    """A run directory (local, or on any Beam filesystem) with the rows split over `shards` shards per kind, plus an
+    empty shard of each kind.
 
     Defaults: `triplet_rows()` and `classification_rows()`; pass [] to leave a kind out.
     """
@@ -147,8 +152,8 @@ def write_run(root: str, *, triplets: list[dict] | None = None, classification: 
     for kind, rows, schema in (("triplets", triplets, TRIPLET), ("classification", classification,
                                                                  CLASSIFICATION_EXAMPLE)):
         for shard in range(shards if rows else 0):
-            write_shard(os.path.join(root, kind, f"part-{shard:05d}-of-{shards:05d}.parquet"), rows[shard::shards],
-                        schema)
+            write_shard(FileSystems.join(root, kind, f"part-{shard:05d}-of-{shards:05d}.parquet"),
+                        rows[shard::shards], schema)
         if empty_shard and rows:
-            write_shard(os.path.join(root, kind, "part-empty.parquet"), [], schema)
+            write_shard(FileSystems.join(root, kind, "part-empty.parquet"), [], schema)
     return root

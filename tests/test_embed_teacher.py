@@ -7,8 +7,15 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.cache import EMBEDDING_CACHE, cache_files, read_cache_file
 from pipelines.clients.base import TaskType
-from pipelines.clients.factory import EmbedderSpec
-from pipelines.stages.embed_teacher import EmbedTeacher, EmbedTeacherConfig, embedding_cache_key
+from pipelines.clients.factory import EmbedderSpec, embedder_identity
+from pipelines.llm_calls import RunBudget, Spend, cheapest_prefix
+from pipelines.stages.embed_teacher import (
+    EmbedTeacher,
+    EmbedTeacherConfig,
+    embedding_cache_key,
+    estimated_embedding_usage,
+)
+from tests.fake_gemini_server import FakeGeminiServer
 from tests.fakes import keyword_embedder
 
 SPEC = EmbedderSpec(backend="custom", model="tests.fakes:keyword_embedder")
@@ -39,6 +46,7 @@ def _run(cache_dir, dimension=None):
         return outputs
 
 
+@pytest.mark.slow
 def test_second_run_reads_every_vector_from_the_cache(tmp_path):
     _run(tmp_path)
     first_files = cache_files(str(tmp_path), EMBEDDING_CACHE)
@@ -62,3 +70,41 @@ def test_dimension_is_part_of_the_key(tmp_path):
 def test_config_rejects_impossible_values():
     with pytest.raises(ValueError, match="dimension"):
         EmbedTeacherConfig(dimension=0)
+
+
+def test_embedding_cost_is_the_text_at_bytes_over_3_tokens_rounded_up():
+    # 30 bytes -> 10 tokens at $0.15 per million = 1.5 micro-USD, rounded up; a local teacher costs nothing.
+    assert estimated_embedding_usage("gemini-embedding-001", "x" * 30) == (10, 2)
+    assert estimated_embedding_usage("gemini-embedding-001", "é" * 5) == (4, 1)  # 10 bytes: 3.33 -> 4 tokens
+    assert estimated_embedding_usage("packaged:all-mpnet-base-v2", "x" * 30) == (10, 0)
+
+
+@pytest.mark.slow
+def test_a_cost_budget_embeds_the_smallest_keys_that_fit_what_earlier_stages_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    items = [{"id": f"p{index}", "text": f"passage {index} " + "word " * 40 * index,
+              "task_type": TaskType.RETRIEVAL_DOCUMENT.value} for index in range(8)]
+    with FakeGeminiServer() as server:
+        spec = EmbedderSpec(backend="gemini", base_url=server.base_url, timeout_s=2.0, backoff_initial_s=0.01,
+                            backoff_max_s=0.05)
+        config = EmbedTeacherConfig(dimension=8, batch_size=3)
+        costs = {embedding_cache_key(*embedder_identity(spec), item["task_type"], 8, item["text"]):
+                 (item["id"], estimated_embedding_usage(spec.model_name, item["text"])[1]) for item in items}
+        # An earlier stage made 4 LLM calls and spent 20 micro-USD: the call limit is reached, which does not stop
+        # embeddings (they are not LLM calls); the cost limit leaves 40 micro-USD for them.
+        budget = RunBudget(max_calls=4, max_cost_usd=0.00006)
+        prefix = cheapest_prefix([(key, cost) for key, (_, cost) in costs.items()], None, 40)
+        allowed = sorted(costs[key][0] for key, _ in prefix)
+        assert 0 < len(allowed) < len(items)
+        with TestPipeline() as pipeline:
+            budget.spent = pipeline | "SpentBefore" >> beam.Create([Spend(calls=4, micro_usd=20)])
+            outputs = pipeline | "Items" >> beam.Create(items) | EmbedTeacher(spec, config, str(tmp_path), budget)
+            assert_that(outputs["kept"] | "KeptIds" >> beam.Map(lambda row: row["id"]), equal_to(allowed),
+                        label="Embedded")
+            assert_that(outputs["rejected"] | "SkippedIds" >> beam.Map(lambda row: (row["record_id"], row["reason"])),
+                        equal_to([(item["id"], "skipped_by_budget") for item in items if item["id"] not in allowed]),
+                        label="Skipped")
+            # What the stages after this one plan against: the earlier spend plus these texts' estimated cost.
+            assert_that(budget.spent, equal_to([Spend(4, 20 + sum(cost for _, cost in prefix))]), label="RunSpend")
+        sent = [text for record in server.requests for text in record.texts]
+        assert sorted(sent) == sorted(item["text"] for item in items if item["id"] in allowed)

@@ -19,7 +19,7 @@ from google.genai import errors as genai_errors
 from pydantic import BaseModel
 
 from pipelines.clients.base import ChatMessage, GenerationConfig, TaskType
-from pipelines.clients.factory import EmbedderSpec, LLMSpec, build_embedder, build_llm
+from pipelines.clients.factory import EmbedderSpec, LLMSpec, billable_output_tokens, build_embedder, build_llm
 from pipelines.clients.gemini import (
     GeminiAuthError,
     GeminiEmbedder,
@@ -401,6 +401,58 @@ def test_chat_turns_and_config_reach_the_server(fake_gemini_server):
     # google-genai 3.6 sends this one nested message in snake_case; the API's JSON parser accepts both spellings.
     assert config["thinkingConfig"] in ({"thinkingBudget": 0}, {"thinking_budget": 0})
     assert llm.model_version == llm.model_id == "gemini-2.5-flash"
+
+
+def _thinking_budget(config: dict) -> int | None:
+    # google-genai 3.6 sends this one nested message in snake_case; the API's JSON parser accepts both spellings.
+    thinking = config.get("thinkingConfig") or {}
+    return thinking.get("thinkingBudget", thinking.get("thinking_budget"))
+
+
+@pytest.mark.parametrize(
+    ("model", "requested", "thinking", "max_output_tokens"),
+    [
+        ("gemini-2.5-flash", None, 0, 64),  # default: thinking off, the answer's budget as is
+        ("gemini-2.5-flash-lite", None, 0, 64),
+        ("gemini-2.5-pro", None, 128, 64 + 128),  # cannot switch thinking off: its minimum, on top of the answer
+        ("gemini-2.5-flash", 512, 512, 64 + 512),  # an explicit budget wins, and still never eats the answer's
+        ("gemini-2.5-pro", -1, -1, 64 + 32768),  # dynamic thinking: room for the model's maximum
+    ],
+)
+def test_thinking_never_eats_the_answer_budget(fake_gemini_server, model, requested, thinking, max_output_tokens):
+    fake_gemini_server.generate = echo_prompt
+    with make_llm(fake_gemini_server, model=model, thinking_budget=requested) as llm:
+        assert llm.generate(prompt(1), Query, GenerationConfig(max_output_tokens=64)).ok
+    (request,) = fake_gemini_server.requests
+    assert request.model == model
+    config = request.body["generationConfig"]
+    assert (_thinking_budget(config), config["maxOutputTokens"]) == (thinking, max_output_tokens)
+    spec = LLMSpec(backend="gemini", model=model, thinking_budget=requested)
+    assert billable_output_tokens(spec, 64) == max_output_tokens  # what a budget planner must reserve
+
+
+def test_models_without_a_known_thinking_range_get_no_thinking_config(fake_gemini_server):
+    fake_gemini_server.generate = echo_prompt
+    with make_llm(fake_gemini_server, model="gemini-2.0-flash") as llm:
+        assert llm.generate(prompt(1), Query, GenerationConfig(max_output_tokens=64)).ok
+    config = fake_gemini_server.requests[0].body["generationConfig"]
+    assert "thinkingConfig" not in config and config["maxOutputTokens"] == 64
+
+
+@pytest.mark.parametrize(
+    ("model", "requested", "message"),
+    [
+        ("gemini-2.5-pro", 0, "cannot switch thinking off"),
+        ("gemini-2.5-pro", 64, "128..32768"),
+        ("gemini-2.5-flash", 10**6, "1..24576"),
+        ("gemini-2.5-flash", -2, "-1 \\(dynamic\\)"),
+        ("gemini-2.0-flash", -1, "maximum thinking budget is unknown"),
+    ],
+)
+def test_impossible_thinking_budgets_fail_before_any_request(fake_gemini_server, model, requested, message):
+    with pytest.raises(ValueError, match=message):
+        make_llm(fake_gemini_server, model=model, thinking_budget=requested)
+    assert not fake_gemini_server.requests
 
 
 # retry policy, pure -------------------------------------------------------------------------------------------------

@@ -424,6 +424,7 @@ def test_seed_rows_are_valid_and_skipped_when_not_included():
 # --- The PTransform ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_stage_writes_valid_rows_and_accounts_for_every_unit():
     """The scripted LLM's answers are known (tests/scripted_classification_llm.py), so every outcome is too."""
     config = _config(seeds_per_prompt=2)

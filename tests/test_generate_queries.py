@@ -69,6 +69,7 @@ def test_judge_answers_keeps_good_and_rejects_each_failure_with_reason():
     assert outcomes[1][1]["raw_answer"] == '{"task": "Giv'
 
 
+@pytest.mark.slow
 def test_pipeline_accounts_for_every_slot():
     passages = [
         {**PASSAGE, "passage_id": "a", "text": "Heaps keep the smallest item first."},

@@ -28,6 +28,7 @@ def test_roundtrip_keeps_positives_in_the_teachers_top_k(rank, kept):
         assert f'"roundtrip_rank": {"null" if rank is None else rank}' in row["payload"]
 
 
+@pytest.mark.slow
 def test_pipeline_with_llm_and_roundtrip_graders():
     pairs = [
         _pair("good", "what is json?", "the json module"),

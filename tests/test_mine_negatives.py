@@ -154,6 +154,7 @@ def test_merge_topk_is_bounded_and_orders_ties_by_passage_id() -> None:
     assert merge_topk([], k=3) == []
 
 
+@pytest.mark.slow
 def test_sharded_top_k_transform_equals_brute_force() -> None:
     rng = np.random.default_rng(4)
     vectors, queries = _normalized(rng, 300, 8), _normalized(rng, 12, 8)
@@ -524,6 +525,7 @@ def _run_mining(
     return totals
 
 
+@pytest.mark.slow
 def test_sharded_search_gives_the_same_triplets_as_unsharded_and_accounts_for_every_query() -> None:
     queries, passages = _random_corpus()
     base = dict(k=16, num_negatives=5)
@@ -587,6 +589,7 @@ def _axis_vector(dim: int, query_axis: int, own_axis: int, cosine: float) -> lis
     return vector.tolist()
 
 
+@pytest.mark.slow
 def test_llm_scoring_relabels_drops_false_negatives_and_rejects_what_it_must() -> None:
     dim = 40
     passages: list[dict[str, Any]] = []

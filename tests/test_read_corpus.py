@@ -411,6 +411,7 @@ def _empty_files_case(root: Path) -> Case:
     return Case(ReadCorpusConfig(path=str(root / "*.jsonl")), (), rows_read=0)
 
 
+@pytest.mark.slow
 def test_every_format_on_the_pipeline(tmp_path):
     _run_cases({
         "jsonl": _jsonl_case(tmp_path / "jsonl"),
@@ -439,6 +440,7 @@ def test_rejections_across_files_balance(tmp_path):
     )})
 
 
+@pytest.mark.slow
 def test_sampling_is_exact_deterministic_and_after_dedup(tmp_path, stdlib):
     ids = [f"p{i}" for i in range(40)]
     _write_jsonl(tmp_path / "a.jsonl", [_line({"id": i, "text": f"text {i}"}) for i in ids[:25]])

@@ -16,6 +16,7 @@ from tests.test_pipeline_e2e import KEY, gemini, gemini_config, write_gemini_tom
 from tests.test_publish import SENTINEL_TOKEN, hub  # noqa: F401 - hub is a fixture
 
 
+@pytest.mark.slow
 def test_generate_and_publish_never_reveal_the_keys(tmp_path, gemini, hub, capfd, caplog):
     caplog.set_level(logging.DEBUG)
     config = gemini_config(tmp_path, gemini)

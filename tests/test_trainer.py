@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from apache_beam.io.filesystems import FileSystems
 from safetensors.torch import load_file
 
 from data_schemas import TRIPLET, SchemaError
@@ -30,6 +32,7 @@ from embedder.losses import (
     truncate,
 )
 from embedder.train import adamw, lr_multiplier, total_optimizer_steps
+from tests.memory_filesystem import MemoryFileSystem
 from tests.shard_factory import classification_rows, triplet_rows, write_run, write_shard
 
 # ---- config ----------------------------------------------------------------------------------------------------------
@@ -162,6 +165,42 @@ def test_reader_drops_negatives_that_repeat_the_positive(tmp_path):
     assert data.triplets[0].negatives == (rows[0]["negatives"][1],)
     assert data.triplets[0].negative_embeddings.shape == (1, 32)
     assert data.counts["dropped_duplicate_negative"] == 1
+
+
+def _texts(data) -> list[tuple[str, ...]]:
+    return [example.texts for example in data.examples]
+
+
+@pytest.mark.parametrize("seekable", [True, False], ids=["seekable", "forward_only"])
+def test_read_run_reads_a_run_on_another_beam_filesystem(run_dir, memfs, monkeypatch, seekable):
+    # memfs:// stands for gs:// and friends: shards are found and read through Beam's FileSystems, also when a
+    # download cannot seek.
+    monkeypatch.setattr(MemoryFileSystem, "seekable", seekable)
+    remote = write_run(f"{memfs}/runs/one")
+    # A dot-file is a temporary or tool file, as glob would skip it: never a shard.
+    with FileSystems.create(f"{memfs}/runs/one/triplets/.part-00000.parquet.tmp.parquet") as handle:
+        handle.write(b"half-written")
+    data, local = read_run(remote), read_run(run_dir)
+    assert _texts(data) == _texts(local) and len(data.triplets) == 24 and len(data.classification) == 12
+    assert data.counts == local.counts and data.counts["triplets_empty_shards"] == 1
+    assert data.teacher_dim == 32 and data.triplets[0].negative_embeddings.shape == (2, 32)
+    assert data.label_descriptions == local.label_descriptions
+
+
+def test_read_run_names_the_remote_file_row_and_column_of_a_bad_shard(memfs):
+    rows = triplet_rows(3)
+    rows[2]["negative_embeddings"] = rows[2]["negative_embeddings"][:1]
+    write_shard(f"{memfs}/run/triplets/part-0.parquet", rows, TRIPLET)
+    with pytest.raises(SchemaError, match=r"memfs://test/run/triplets/part-0.parquet row 2, column "
+                                          r"'negative_embeddings'"):
+        read_run(f"{memfs}/run")
+    with FileSystems.create(f"{memfs}/run/triplets/part-0.parquet") as handle:
+        handle.write(b"not parquet")
+    with pytest.raises(SchemaError, match=r"memfs://test/run/triplets/part-0.parquet.*not a readable Parquet file"):
+        read_run(f"{memfs}/run")
+    write_shard(f"{memfs}/empty/triplets/part-0.parquet", [], TRIPLET)
+    with pytest.raises(ValueError, match=r"memfs://test/empty: no training rows .* found 1 triplet"):
+        read_run(f"{memfs}/empty")
 
 
 # ---- sampler ---------------------------------------------------------------------------------------------------------
@@ -337,14 +376,62 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained_run, 
 def test_resume_guards(trained_run, run_dir, tmp_path):
     from embedder.train import train
 
-    with pytest.raises(FileExistsError, match="resume=True"):
-        train(_config(trained_run), run_dir)
     with pytest.raises(ValueError, match="learning_rate"):
         train(_config(str(tmp_path / "other"), learning_rate=1e-4), run_dir, resume=trained_run)
     # resume=True on a finished run: nothing left to train, the same model comes back.
     again = train(_config(str(tmp_path / "again")), run_dir, resume=trained_run)
     expected = _weights(os.path.join(trained_run, "model"))
     assert all(torch.equal(value, expected[name]) for name, value in _weights(again).items())
+
+
+class _Killed(Exception):
+    """Stands for a kill at a chosen optimizer step."""
+
+
+def _killed_after_step(monkeypatch, step: int) -> None:
+    """The next training run stops with _Killed when it starts optimizer step `step` + 1 (one batch per step)."""
+    from embedder import train as train_module
+
+    batches = {"started": 0}
+    batch_losses = train_module.batch_losses
+
+    def counting_batch_losses(*args, **kwargs):
+        batches["started"] += 1
+        if batches["started"] > step:
+            raise _Killed(f"killed at step {batches['started']}")
+        return batch_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_losses", counting_batch_losses)
+
+
+@pytest.mark.slow
+def test_training_again_replaces_the_student_only_once_the_new_one_is_finished(trained_run, run_dir, tmp_path,
+                                                                                 monkeypatch):
+    from embedder.train import staging_directory, train
+
+    output = str(tmp_path / "student")
+    shutil.copytree(trained_run, output)
+    before = _weights(os.path.join(output, "model"))
+    # A second run that dies after 4 of its 6 steps (past the checkpoint at step 3): the earlier student is untouched.
+    _killed_after_step(monkeypatch, 4)
+    with pytest.raises(_Killed):
+        train(_config(output, learning_rate=1e-4), run_dir)
+    after = _weights(os.path.join(output, "model"))
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert sorted(os.listdir(os.path.join(staging_directory(output), "checkpoints"))) == ["step-0000003"]
+    monkeypatch.undo()
+
+    # --resume continues that interrupted run from its checkpoint and then swaps it in, exactly as if never killed.
+    resumed = train(_config(output, learning_rate=1e-4), run_dir, resume=True)
+    uninterrupted = train(_config(str(tmp_path / "uninterrupted"), learning_rate=1e-4), run_dir)
+    expected, actual = _weights(uninterrupted), _weights(resumed)
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+    assert not any(torch.equal(actual[name], before[name]) for name in before if name.endswith("query.weight"))
+    assert not os.path.exists(staging_directory(output))
+    # Without --resume a run starts afresh, and replaces the one before it.
+    again = train(_config(output), run_dir)
+    assert all(torch.equal(value, before[name]) for name, value in _weights(again).items())
+    assert sorted(os.listdir(os.path.join(output, "checkpoints"))) == ["step-0000003", "step-0000006"]
 
 
 @pytest.mark.slow
@@ -384,6 +471,17 @@ def test_overfitting_one_batch_lowers_the_loss(tmp_path):
     losses = [line["loss"] for line in history]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     assert not os.path.isdir(os.path.join(output, "model", "2_Dense"))
+
+
+@pytest.mark.slow
+def test_training_reads_its_run_from_another_beam_filesystem(memfs, tmp_path):
+    from embedder.train import train
+
+    run = write_run(f"{memfs}/run", triplets=triplet_rows(8), classification=classification_rows(6))
+    output = str(tmp_path / "out")
+    model_dir = train(_config(output, max_steps=2, checkpoint_every=0), run)
+    assert [line["step"] for line in _history(output)] == [1, 2]
+    assert os.path.isfile(os.path.join(model_dir, "model.safetensors"))
 
 
 @pytest.mark.slow

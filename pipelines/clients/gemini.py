@@ -55,7 +55,14 @@ from pipelines.clients.base import (
     Usage,
     truncate_and_normalize,
 )
-from pipelines.clients.factory import DEFAULT_GEMINI_EMBEDDER, DEFAULT_GEMINI_LLM, EmbedderSpec, LLMSpec
+from pipelines.clients.factory import (
+    DEFAULT_GEMINI_EMBEDDER,
+    DEFAULT_GEMINI_LLM,
+    EmbedderSpec,
+    LLMSpec,
+    gemini_output_token_limit,
+    gemini_thinking_budget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -550,7 +557,8 @@ class GeminiLLM(LLM):
         self.model_version = model
         self.max_parse_attempts = max_parse_attempts
         self.concurrency = concurrency
-        self.thinking_budget = thinking_budget
+        #: What every request carries: the requested budget, else the model's default (see LLMSpec.thinking_budget).
+        self.thinking_budget = gemini_thinking_budget(model, thinking_budget)
         self._connection = _Connection(
             model, base_url=base_url, api_version=api_version, timeout_s=timeout_s, retry=retry or RetryPolicy()
         )
@@ -580,7 +588,8 @@ class GeminiLLM(LLM):
             response_mime_type="application/json",
             response_schema=output_model,
             temperature=config.temperature,
-            max_output_tokens=config.max_output_tokens,
+            # Gemini 2.5 counts thinking tokens inside max_output_tokens: the answer keeps its own budget on top.
+            max_output_tokens=gemini_output_token_limit(self.model_id, config.max_output_tokens, self.thinking_budget),
             seed=seed,
             thinking_config=thinking,
         )

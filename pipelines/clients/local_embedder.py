@@ -21,7 +21,7 @@ import numpy as np
 
 from pipelines.clients.base import Embedder, TaskType, truncate_and_normalize
 from pipelines.clients.factory import DEFAULT_LOCAL_TEACHER
-from pipelines.clients.packaged_models import cap_torch_threads, hub_version, resolve_model, unavailable_error
+from pipelines.clients.packaged_models import cap_torch_threads, resolve_model, unavailable_error
 
 if TYPE_CHECKING:
     from pipelines.clients.factory import EmbedderSpec
@@ -84,10 +84,8 @@ class LocalEmbedder(Embedder):
         except OSError as error:
             raise unavailable_error(resolved, error) from error
         self.model_id = model
-        # A Hub download lands in the HF cache, where its commit can now be read.
-        self.model_version = (
-            hub_version(resolved.location) if resolved.model_version == "hub-unresolved" else resolved.model_version
-        )
+        # A Hub id was resolved to its snapshot (commit) before loading: the version cache keys were computed with.
+        self.model_version = resolved.model_version
         self.location = resolved.location
         self.batch_size = batch_size
         get_dimension = getattr(self._model, "get_embedding_dimension", None) or (

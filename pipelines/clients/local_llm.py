@@ -43,7 +43,6 @@ from pipelines.clients.factory import DEFAULT_LOCAL_LLM
 from pipelines.clients.packaged_models import (
     ResolvedModel,
     cap_torch_threads,
-    hub_version,
     materialize_once,
     model_cache_dir,
     resolve_model,
@@ -231,9 +230,8 @@ class LocalLLM(LLM):
         self.converted = False
         self.loaded_from = self._load(resolved, model_cache_dir(cache_dir), device)
         self.model_id = model
-        self.model_version = (
-            hub_version(resolved.location) if resolved.model_version == "hub-unresolved" else resolved.model_version
-        )
+        # A Hub id was resolved to its snapshot (commit) before loading: the version cache keys were computed with.
+        self.model_version = resolved.model_version
         self.device = device
         parameters = inspect.signature(self._model.forward).parameters
         # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes away in 5.40).

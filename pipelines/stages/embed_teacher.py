@@ -2,10 +2,16 @@
 
 Input: PCollection of text items `{"id": str, "text": str, "task_type": TaskType value}` (queries as RETRIEVAL_QUERY,
 passages as RETRIEVAL_DOCUMENT). Output: `{"kept": {"id", "task_type", "embedding": list[float]}, "rejected": ...}`,
-exactly one output per input item. Rejects: `embedding_failed` (the backend failed after its retries; never cached).
+exactly one output per input item. Rejects: `embedding_failed` (the backend failed after its retries; never cached),
+`skipped_by_budget` (the run's `--max-cost` left the text unembedded; a later run with a larger budget embeds it).
 
 The cache key is sha256 over model id, model version, task type, requested dimension and the text's sha256, so the same
 text embedded for another task type or dimension is a different entry. Identical texts in one run are embedded once.
+
+With a `RunBudget` that caps cost and a teacher with a price (gemini-embedding-001), the cache misses embedded are the
+smallest keys whose estimated cost fits what the stages before this one left (the same planner as `CallLLM`), and
+what they cost is added to the run's spend for the stages after it. They are not LLM calls: `max_llm_calls` does not
+count them.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import apache_beam as beam
 
 from pipelines import progress
 from pipelines.cache import EMBEDDING_CACHE, CacheWriter, SplitByCache
-from pipelines.clients.base import Embedder, TaskType
+from pipelines.clients.base import Embedder, TaskType, Usage
 from pipelines.clients.factory import EmbedderSpec, build_embedder, embedder_identity
+from pipelines.llm_calls import BUDGET_REASON, RunBudget, Spend, add_spends, upper_token_estimate
+from pipelines.pricing import estimated_cost_micro_usd, price_per_million
 from pipelines.stages import StageCounters, rejected_row
 
 STAGE = "embed_teacher"
@@ -50,6 +58,19 @@ def embedding_cache_key(model_id: str, model_version: str, task_type: str, dimen
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
+def estimated_embedding_usage(model: str, text: str) -> tuple[int, int]:
+    """(input tokens, micro-USD) of embedding one text, estimated from above.
+
+    The embedding API answers with vectors only, no token counts, so the spend is priced the same way it is planned:
+    the text at UTF-8 bytes / 3 tokens, more than prose or code holds (see BYTES_PER_TOKEN_LOWER_BOUND). Planning and
+    recording with one figure keeps the run's spend an upper bound of what was billed. The cost is rounded up to a
+    whole micro-dollar per text, so a short query (10 tokens, 1.5 micro-USD) counts up to 1 micro-USD more: the budget
+    errs on the side of stopping early.
+    """
+    tokens = upper_token_estimate([text])
+    return tokens, estimated_cost_micro_usd(model, Usage(tokens, 0))
+
+
 def cache_entry(key: str, model_id: str, model_version: str, task_type: str, text: str, vector) -> dict[str, Any]:
     return {
         "key": key,
@@ -63,12 +84,17 @@ def cache_entry(key: str, model_id: str, model_version: str, task_type: str, tex
 
 
 class _EmbedMissesFn(beam.DoFn):
-    """Embeds a batch of missed texts (one task type per backend call) and caches the vectors."""
+    """Embeds a batch of missed texts (one task type per backend call) and caches the vectors.
 
-    def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig, cache_dir: str | None):
+    Texts whose key is not in `allowed_keys` (when given) are rejected as skipped by the budget, not sent. Every text
+    sent goes to the "sent" output as its estimated (input tokens, micro-USD).
+    """
+
+    def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig, cache_dir: str | None, budget_limits: str = ""):
         self._spec = spec
         self._config = config
         self._cache_dir = cache_dir
+        self._budget_limits = budget_limits
         self._embedder: Embedder | None = None
         self._writer: CacheWriter | None = None
         self._counters = StageCounters(STAGE)
@@ -79,13 +105,25 @@ class _EmbedMissesFn(beam.DoFn):
         self._model_id, self._model_version = embedder_identity(self._spec)
         self._writer = CacheWriter(self._cache_dir, EMBEDDING_CACHE, flush_every=1024)
 
-    def process(self, batch: list[tuple[str, list[dict[str, Any]]]]) -> Iterator[Any]:
+    def process(self, batch: list[tuple[str, list[dict[str, Any]]]],
+                allowed_keys: frozenset[str] | None = None) -> Iterator[Any]:
         assert self._embedder is not None and self._writer is not None
         by_task: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
         for key, items in batch:
+            if allowed_keys is not None and key not in allowed_keys:
+                for item in items:
+                    self._counters.reject(BUDGET_REASON)
+                    yield beam.pvalue.TaggedOutput("rejected", rejected_row(
+                        STAGE, BUDGET_REASON, item, record_id=item["id"],
+                        detail=f"not embedded: the run's budget ({self._budget_limits}) is spent"))
+                continue
             by_task.setdefault(items[0]["task_type"], []).append((key, items))
         for task_type, groups in by_task.items():
             texts = [items[0]["text"] for _, items in groups]
+            # Counted as spent whether or not the batch succeeds: a batch fails as a whole, after some of its texts
+            # may have been answered (and billed).
+            for text in texts:
+                yield beam.pvalue.TaggedOutput("sent", estimated_embedding_usage(self._spec.model_name, text))
             try:
                 vectors = self._embedder.embed(texts, TaskType(task_type), self._config.dimension)
             except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
@@ -120,15 +158,20 @@ class _EmbedMissesFn(beam.DoFn):
 
 
 class EmbedTeacher(beam.PTransform):
-    """Text items -> {"kept": embeddings, "rejected": failures, "texts_embedded": count, "cache_hits": count}."""
+    """Text items -> {"kept": embeddings, "rejected": failures and texts skipped by the budget, "texts_embedded": count,
+    "cache_hits": count, "sent": (estimated input tokens, micro-USD) per distinct text sent to the backend}."""
 
     def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig = EmbedTeacherConfig(),
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, budget: RunBudget | None = None):
         super().__init__()
         self._spec = spec
         self._config = config
         self._cache_dir = cache_dir
         self._identity = embedder_identity(spec)
+        # Only a cost limit applies to embeddings, and only a priced teacher can reach it: a local teacher costs 0,
+        # so planning it would hold every key in memory to allow them all.
+        priced = price_per_million(spec.model_name) != (0.0, 0.0)
+        self._budget = budget if budget is not None and budget.max_micro_usd is not None and priced else None
 
     def expand(self, items):
         model_id, model_version = self._identity
@@ -141,6 +184,7 @@ class EmbedTeacher(beam.PTransform):
         hits = split["hits"] | "FromCache" >> beam.FlatMap(
             lambda hit: [{"id": item["id"], "task_type": item["task_type"], "embedding": hit[1]["embedding"]}
                          for item in hit[0]])
+        allowed = None if self._budget is None else beam.pvalue.AsSingleton(self._plan(split["misses"]))
         embedded = (
             split["misses"]
             # Fixed-size batches, not BatchElements' default ramp from 1: on a busy CPU a forward pass of 1-2 texts
@@ -148,13 +192,29 @@ class EmbedTeacher(beam.PTransform):
             # backend keeps only a batch's worth of requests in flight. The last batch of a bundle may be smaller.
             | "Batch" >> beam.BatchElements(min_batch_size=self._config.batch_size,
                                             max_batch_size=self._config.batch_size)
-            | "Embed" >> beam.ParDo(_EmbedMissesFn(self._spec, self._config, self._cache_dir)).with_outputs(
-                "rejected", main="kept")
+            | "Embed" >> beam.ParDo(
+                _EmbedMissesFn(self._spec, self._config, self._cache_dir,
+                               self._budget.describe() if self._budget else ""), allowed).with_outputs(
+                "rejected", "sent", main="kept")
         )
+        if self._budget is not None:
+            self._budget.record(
+                embedded["sent"]
+                | "Spend" >> beam.MapTuple(lambda _, micro_usd: Spend(0, micro_usd))
+                | "StageSpend" >> beam.CombineGlobally(add_spends))
         return {
             "kept": (hits, embedded["kept"]) | "Embeddings" >> beam.Flatten(),
             "rejected": embedded["rejected"],
             # Distinct texts sent to the backend, and items answered from the cache.
-            "texts_embedded": split["misses"] | "CountMisses" >> beam.combiners.Count.Globally(),
+            "texts_embedded": embedded["sent"] | "CountSent" >> beam.combiners.Count.Globally(),
             "cache_hits": hits | "CountHits" >> beam.combiners.Count.Globally(),
+            "sent": embedded["sent"],
         }
+
+    def _plan(self, misses):
+        """The set of miss keys this stage may embed: each text priced as `estimated_embedding_usage` prices it."""
+        model = self._spec.model_name
+        candidates = misses | "EstimatedCost" >> beam.MapTuple(
+            lambda key, items: (key, estimated_embedding_usage(model, items[0]["text"])[1]))
+        # Embeddings are not LLM calls: only the cost limit applies to them.
+        return self._budget.plan(candidates, counts_calls=False)

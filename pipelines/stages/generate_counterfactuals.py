@@ -65,6 +65,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import LLMSpec
+from pipelines.config_loading import ConfigError
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from prompts import PromptSpec, get_prompt
@@ -82,8 +83,9 @@ _LABEL_KEYS = ("name", "description")
 _SEED_FILE_KEYS = ("path", "text_field", "label_field")
 
 
-class TaskSpecError(ValueError):
-    """The task spec cannot be used as given; the message names the file and the field."""
+class TaskSpecError(ConfigError):
+    """The task spec cannot be used as given; the message names the file and the field. Raised while the pipeline is
+    built, before any work."""
 
 
 # --- The task spec ----------------------------------------------------------------------------------------------------

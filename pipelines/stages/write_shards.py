@@ -4,9 +4,9 @@ Input: a dict record kind -> PCollection of rows (`triplets`, `pairs`, `classifi
 validated against its `data_schemas` schema on the way out (a stage emitting a malformed row is a bug: the run fails
 and names the kind, row and column). Tallies (`(key, count)` pairs from every stage) become the manifest's counts.
 
-Layout: `<output>/<kind>/part-SSSSS-of-NNNNN.parquet` and `<output>/manifest.json`. Shards of an earlier run in the same
-output folder are removed when the pipeline is built, so a re-run (after a kill, say) never leaves duplicates beside
-new shards. A shard may be empty (Beam's sharding can leave one); readers accept that.
+Layout: `<output>/<kind>/part-SSSSS-of-NNNNN.parquet` and `<output>/manifest.json`. `embforge generate` points
+`output` at a staging folder and swaps the finished run in (pipelines/outputs.py), so a re-run never leaves duplicates
+beside new shards. A shard may be empty (Beam's sharding can leave one); readers accept that.
 """
 
 from __future__ import annotations
@@ -20,19 +20,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from data_schemas import SCHEMAS, stage_balances, validate_manifest, validate_rows
-
-MANIFEST_NAME = "manifest.json"
-SHARD_PREFIX = "part"
-
-
-def clear_previous_output(output: str, kinds: Iterable[str]) -> list[str]:
-    """Delete shards and the manifest an earlier run left in `output`; returns what was deleted."""
-    patterns = [posixpath.join(output, kind, f"{SHARD_PREFIX}-*.parquet") for kind in kinds]
-    patterns.append(posixpath.join(output, MANIFEST_NAME))
-    stale = [meta.path for result in FileSystems.match(patterns) for meta in result.metadata_list]
-    if stale:
-        FileSystems.delete(stale)
-    return stale
+from pipelines.run_layout import MANIFEST_NAME, SHARD_PREFIX
 
 
 class _ValidateFn(beam.DoFn):
@@ -52,8 +40,10 @@ def assemble_manifest(tallies: Mapping[tuple[str, ...], int], static: Mapping[st
     """Build the manifest from summed tallies.
 
     Tally keys: ("stage", stage, field) for input/kept/expanded/skipped; ("reason", stage, reason) for rejections;
-    ("llm", stage, field) for calls/cache_hits/skipped_by_budget/input_tokens/output_tokens; ("cost", stage) in
-    micro-USD; ("cache", name); ("outputs", kind); ("mining", name).
+    ("llm", stage, field) for calls/cache_hits/skipped_by_budget/input_tokens/output_tokens; ("embedding", stage,
+    field) for texts_embedded/cache_hits/skipped_by_budget/estimated_input_tokens; ("cost", stage) in micro-USD (LLM
+    and embedding stages alike; their sum is `estimated_cost_usd`); ("cache", name); ("outputs", kind); ("mining",
+    name).
     """
     stages = []
     for stage in stage_order:
@@ -72,11 +62,24 @@ def assemble_manifest(tallies: Mapping[tuple[str, ...], int], static: Mapping[st
         }
         for stage in llm_stages
     ]
+    embedding_stages = sorted({key[1] for key in tallies if key[0] == "embedding"})
+    embedding_usage = [
+        {
+            "stage": stage,
+            **{field: tallies.get(("embedding", stage, field), 0)
+               for field in ("texts_embedded", "cache_hits", "skipped_by_budget", "estimated_input_tokens")},
+            "estimated_cost_usd": tallies.get(("cost", stage), 0) / 1e6,
+        }
+        for stage in embedding_stages
+    ]
     manifest = {
         **static,
         "stages": stages,
         "cache": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "cache"},
         "llm_usage": llm_usage,
+        "embedding_usage": embedding_usage,
+        # Summed in micro-USD, then converted once: comparable with budget.max_cost_usd.
+        "estimated_cost_usd": sum(count for key, count in tallies.items() if key[0] == "cost") / 1e6,
         "outputs": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "outputs"},
         "mining": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "mining"},
         "balanced": all(stage_balances(stage) for stage in stages),

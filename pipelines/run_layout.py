@@ -1,0 +1,63 @@
+"""The layout of a run directory, and reading it back, on any Beam filesystem.
+
+    <run>/<kind>/part-SSSSS-of-NNNNN.parquet   one folder per record kind (data_schemas.SCHEMAS names them)
+    <run>/manifest.json                        the per-stage balance, models, versions, counts
+    <run>/train_split/, <run>/holdout_eval/    what `embforge run` trains on and evaluates on (pipelines/holdout.py)
+    <run>/student/, <run>/report/              the trained student and its evaluation (`embforge run`)
+    <run>/embforge.log                         every log line of the commands run on it (pipelines/logs.py)
+
+`embforge generate` writes it through Beam's `FileSystems` (local, gs://, ...), so everything that reads it does too.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from data_schemas import SchemaError, validate_table
+
+MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "part"
+#: Record kinds a generate run writes, each a folder of shards.
+OUTPUT_KINDS = ("triplets", "pairs", "passages", "classification", "rejected")
+
+
+def shard_paths(run_dir: str, kind: str) -> list[str]:
+    """`<run_dir>/<kind>/*.parquet`, sorted. Names starting with "." are temporary or tool files, never shards."""
+    pattern = posixpath.join(run_dir, kind, "*.parquet")
+    return sorted(meta.path for meta in FileSystems.match([pattern])[0].metadata_list
+                  if not posixpath.basename(meta.path).startswith("."))
+
+
+def read_shard(path: str, schema: pa.Schema) -> pa.Table:
+    """One shard, validated against `schema` (errors name the file, row and column). A shard without any column is
+    an empty shard (Beam's sharding can leave one) and reads as an empty table of `schema`; an empty shard with
+    columns must still match, so a shard of another schema version is refused even without rows."""
+    try:
+        # Uncompressed: a shard is zstd inside Parquet, never gzip around it. The whole file is read into memory:
+        # some Beam file objects cannot seek, and Parquet's footer is at the end.
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            table = pq.read_table(pa.BufferReader(handle.read()))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise SchemaError(f"not a readable Parquet file: {error}", source=path) from error
+    if table.num_rows == 0 and table.num_columns == 0:
+        return schema.empty_table()
+    return validate_table(table, schema, source=path)
+
+
+def read_kind(run_dir: str, kind: str, schema: pa.Schema) -> pa.Table:
+    """Every row of one record kind, validated; an empty table when the run has none."""
+    tables = [read_shard(path, schema) for path in shard_paths(run_dir, kind)]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def write_table(table: pa.Table, path: str) -> None:
+    """One zstd Parquet file at `path`, on any Beam filesystem."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    with FileSystems.create(path) as handle:
+        handle.write(sink.getvalue().to_pybytes())
