@@ -1,9 +1,11 @@
 """Training configuration for the student embedder: one frozen dataclass (it pickles).
 
 `TrainConfig.validate()` reports every impossible value in one message; `TrainConfig.from_dict` names unknown keys.
-The task prompts here are the single source of truth: `StudentEncoder.save` writes them into the model directory
-(`config_sentence_transformers.json`), and evaluation reads them back from there, so training and evaluation cannot
-drift apart (tevatron's lesson).
+The task prompts here are what the student is trained with: `StudentEncoder.save` writes them into the model
+directory (`config_sentence_transformers.json`) under the prompt names of `pipelines.clients.task_prompts` (the one
+table of prompt names: the TaskType names), and `StudentEncoder`, `LocalEmbedder` (so evaluation) and
+`SentenceTransformer.encode(prompt_name=...)` read them back by the same names, so training and evaluation cannot drift
+apart (tevatron's lesson).
 """
 
 from __future__ import annotations
@@ -15,19 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.clients.base import TaskType
+from pipelines.clients.task_prompts import PROMPT_NAMES
 
 #: EmbeddingGemma's prompt strings ("task: ... | query: " for the query side, "title: none | text: " for documents),
-#: keyed by the TaskType names the rest of embforge uses.
-DEFAULT_TASK_PROMPTS: dict[str, str] = {
-    TaskType.RETRIEVAL_QUERY.value: "task: search result | query: ",
-    TaskType.RETRIEVAL_DOCUMENT.value: "title: none | text: ",
-    TaskType.SEMANTIC_SIMILARITY.value: "task: sentence similarity | query: ",
-    TaskType.CLASSIFICATION.value: "task: classification | query: ",
-    TaskType.CLUSTERING.value: "task: clustering | query: ",
-    TaskType.QUESTION_ANSWERING.value: "task: question answering | query: ",
-    TaskType.FACT_VERIFICATION.value: "task: fact checking | query: ",
-    TaskType.CODE_RETRIEVAL_QUERY.value: "task: code retrieval | query: ",
-}
+#: keyed by prompt name (`PROMPT_NAMES`: the TaskType names the rest of embforge uses).
+DEFAULT_TASK_PROMPTS: dict[str, str] = {PROMPT_NAMES[task_type]: prompt for task_type, prompt in {
+    TaskType.RETRIEVAL_QUERY: "task: search result | query: ",
+    TaskType.RETRIEVAL_DOCUMENT: "title: none | text: ",
+    TaskType.SEMANTIC_SIMILARITY: "task: sentence similarity | query: ",
+    TaskType.CLASSIFICATION: "task: classification | query: ",
+    TaskType.CLUSTERING: "task: clustering | query: ",
+    TaskType.QUESTION_ANSWERING: "task: question answering | query: ",
+    TaskType.FACT_VERIFICATION: "task: fact checking | query: ",
+    TaskType.CODE_RETRIEVAL_QUERY: "task: code retrieval | query: ",
+}.items()}
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -39,8 +42,9 @@ class TrainConfig:
     student: str = "packaged:all-minilm-l6-v2"
     #: Tokens per text after the prompt; 256 is what all-MiniLM-L6-v2 was trained with.
     max_seq_length: int = 256
-    #: Examples per batch; every other example's positive and negatives are in-batch negatives, so bigger is better
-    #: for quality. 32 is what a 2-core CPU trains at about one triplet per second.
+    #: Examples per batch (every batch is full but the last of each task in an epoch); every other example's positive
+    #: and negatives are in-batch negatives, so bigger is better for quality. 32 is what a 2-core CPU trains at about
+    #: one triplet per second.
     batch_size: int = 32
     #: Optimizer steps; None trains for `epochs` passes over the data instead.
     max_steps: int | None = None
@@ -70,7 +74,8 @@ class TrainConfig:
     seed: int = 42
     #: Output size of an optional linear projection after mean pooling (a sentence-transformers Dense module).
     projection_dim: int | None = None
-    #: TaskType name -> prompt prefix, saved with the model and used again at evaluation.
+    #: Prompt name (`pipelines.clients.task_prompts.PROMPT_NAMES`: the TaskType name) -> prompt prefix, saved with the
+    #: model under that name and read back by it at evaluation.
     task_prompts: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TASK_PROMPTS))
     #: Triplet `task` or classification `task_name` -> TaskType used for its query side (the text being classified).
     #: Unlisted triplet tasks use RETRIEVAL_QUERY, unlisted classification tasks CLASSIFICATION; documents, positives,
@@ -93,6 +98,10 @@ class TrainConfig:
     #: nudges embeddings apart without fighting the main loss.
     spread_out_weight: float = 1.0
     classification_weight: float = 1.0
+    #: Margin distillation (MarginMSE, GPL): the student's score margin between a triplet's positive and each of its
+    #: hard negatives regresses onto the teacher's (cosines of the cached teacher vectors). Off by default: a lever to
+    #: ablate; it needs teacher embeddings in the triplet rows.
+    margin_distillation_weight: float = 0.0
 
     #: Optimizer steps between checkpoints; 0 writes only the final one.
     checkpoint_every: int = 500
@@ -136,9 +145,10 @@ class TrainConfig:
         if self.projection_dim is not None and self.projection_dim < 1:
             found.append(f"projection_dim: {self.projection_dim} (must be >= 1, or None for no projection)")
         task_type_names = {task_type.value for task_type in TaskType}
-        unknown_prompts = sorted(set(self.task_prompts) - task_type_names)
+        prompt_names = set(PROMPT_NAMES.values())
+        unknown_prompts = sorted(set(self.task_prompts) - prompt_names)
         if unknown_prompts:
-            found.append(f"task_prompts: unknown task types {unknown_prompts} (expected {sorted(task_type_names)})")
+            found.append(f"task_prompts: unknown task types {unknown_prompts} (expected {sorted(prompt_names)})")
         if not all(isinstance(prompt, str) for prompt in self.task_prompts.values()):
             found.append("task_prompts: every prompt must be a string")
         bad_task_types = sorted(f"{task}={kind}" for task, kind in self.task_types.items()
@@ -157,7 +167,8 @@ class TrainConfig:
         elif dims and self.projection_dim is not None and dims[0] > self.projection_dim:
             found.append(f"matryoshka_dims: {dims[0]} is larger than projection_dim {self.projection_dim}")
         weights = {name: getattr(self, name) for name in
-                   ("infonce_weight", "distillation_weight", "spread_out_weight", "classification_weight")}
+                   ("infonce_weight", "distillation_weight", "spread_out_weight", "classification_weight",
+                    "margin_distillation_weight")}
         negative = sorted(name for name, weight in weights.items() if weight < 0)
         if negative:
             found.append(f"{', '.join(negative)}: must be >= 0")

@@ -1,4 +1,4 @@
-"""Training data: read a run's shards into examples, and sample single-task batches without duplicate texts.
+"""Training data: read a run's shards into examples, and sample full single-task batches.
 
 `read_run(data_dir)` reads `triplets/*.parquet` (TRIPLET) and `classification/*.parquet` (CLASSIFICATION_EXAMPLE),
 validating every shard with `data_schemas.validate_table`, so a bad shard fails with its file, row and column. Empty
@@ -6,12 +6,18 @@ shards are fine (Beam's WriteToParquet can leave one). Shards are found and read
 `embforge generate` wrote them: a run on gs://, s3:// or any registered filesystem trains where it lies. Rows are kept
 in memory: a CPU-scale run holds a few thousand.
 
+A triplet keeps its passage ids (`positive_id`, `negative_ids`) beside the texts: the trainer needs them to tell when
+two in-batch candidates are the same passage.
+
 `TaskBatchSampler` yields batches that
   1. hold examples of one task only: triplets of one query task type (the prompt in front of their queries; a
      triplet's free-text `task` is the LLM's per-example instruction, so it does not split batches), or one
      classification `task_name`: in-batch negatives from another task would be trivially easy, and prompts differ;
-  2. never repeat a text (query, positive, negative or text to classify): a text twice in a batch is a false
-     in-batch negative, so an example that would repeat one waits for a later batch;
+  2. are full: `batch_size` examples in the epoch's seeded order, only the last batch of each task in an epoch
+     shorter. Texts may repeat across the examples of a batch (one passage yields several queries; mined negatives
+     recur), and a repeated passage would be a false in-batch negative: the loss masks those (see
+     `embedder.losses.in_batch_negative_mask`) instead of the sampler splitting batches around them, which on real
+     runs left batches of 16 holding 3 or 4 examples;
   3. are a pure function of (seed, epoch), so the state (epoch, position) restores the exact stream.
 """
 
@@ -35,6 +41,10 @@ class TripletExample:
     query: str
     positive: str
     negatives: tuple[str, ...]
+    #: Passage ids of the positive and of each negative (TRIPLET `positive_id`, `negative_ids`); "" / () where unknown
+    #: (hand-built examples), and then a passage is known by its text alone.
+    positive_id: str = ""
+    negative_ids: tuple[str, ...] = ()
     #: Teacher embeddings (float32), all three or none: (D,), (D,), (len(negatives), D).
     query_embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
     positive_embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
@@ -97,8 +107,8 @@ def _vectors(values: list | None, path: str, row: int, column: str, dim: int | N
 
 
 def _triplets(path: str, table: pa.Table, data: TrainingData) -> None:
-    rows = table.select(["task", "query", "positive", "negatives", "query_embedding", "positive_embedding",
-                         "negative_embeddings"]).to_pylist()
+    rows = table.select(["task", "query", "positive_id", "positive", "negative_ids", "negatives", "query_embedding",
+                         "positive_embedding", "negative_embeddings"]).to_pylist()
     for row_index, row in enumerate(rows):
         data.counts["triplet_rows"] += 1
         vectors = (row["query_embedding"], row["positive_embedding"], row["negative_embeddings"])
@@ -117,24 +127,30 @@ def _triplets(path: str, table: pa.Table, data: TrainingData) -> None:
                                   source=path, row=row_index, column="negative_embeddings")
             negative_vectors = (_vectors(vectors[2], path, row_index, "negative_embeddings", data.teacher_dim)
                                 if vectors[2] else np.zeros((0, data.teacher_dim), dtype=np.float32))
+        if len(row["negative_ids"]) != len(row["negatives"]):
+            raise SchemaError(f"{len(row['negative_ids'])} negative ids for {len(row['negatives'])} negatives",
+                              source=path, row=row_index, column="negative_ids")
         if row["query"] == row["positive"]:
             data.counts["dropped_query_equals_positive"] += 1
             continue
-        # A negative equal to the query, the positive or an earlier negative would be a false negative inside the
-        # example itself: drop that negative (and its teacher vector), keep the example.
-        seen = {row["query"], row["positive"]}
+        # A negative equal to the query, the positive or an earlier negative (by text, or by passage id) would be a
+        # false negative inside the example itself: drop that negative (and its teacher vector), keep the example.
+        seen_texts, seen_ids = {row["query"], row["positive"]}, {row["positive_id"]} - {""}
         keep = []
-        for index, negative in enumerate(row["negatives"]):
-            if negative in seen:
+        for index, (negative_id, negative) in enumerate(zip(row["negative_ids"], row["negatives"], strict=True)):
+            if negative in seen_texts or negative_id in seen_ids:
                 data.counts["dropped_duplicate_negative"] += 1
                 continue
-            seen.add(negative)
+            seen_texts.add(negative)
+            if negative_id:
+                seen_ids.add(negative_id)
             keep.append(index)
         if negative_vectors is not None:
             negative_vectors = negative_vectors[keep]
         data.triplets.append(TripletExample(
             task=row["task"], query=row["query"], positive=row["positive"],
-            negatives=tuple(row["negatives"][index] for index in keep), query_embedding=query_vector,
+            negatives=tuple(row["negatives"][index] for index in keep), positive_id=row["positive_id"],
+            negative_ids=tuple(row["negative_ids"][index] for index in keep), query_embedding=query_vector,
             positive_embedding=positive_vector, negative_embeddings=negative_vectors,
         ))
 
@@ -201,17 +217,18 @@ def example_task(example: TripletExample | ClassificationExample,
 
 
 class TaskBatchSampler:
-    """Single-task, duplicate-free batches in a seeded order; see the module docstring."""
+    """Full single-task batches in a seeded order; see the module docstring."""
 
-    def __init__(self, tasks: Sequence[tuple[str, str]], texts: Sequence[Sequence[str]], batch_size: int, seed: int):
-        if len(tasks) != len(texts):
-            raise ValueError(f"{len(tasks)} task keys for {len(texts)} examples")
+    #: Written into the state: a state from a sampler that batched otherwise (the earlier duplicate-free one) would
+    #: not resume the same stream.
+    POLICY = "full-single-task"
+
+    def __init__(self, tasks: Sequence[tuple[str, str]], batch_size: int, seed: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not tasks:
             raise ValueError("no examples to sample from")
         self.tasks = list(tasks)
-        self.texts = [frozenset(example_texts) for example_texts in texts]
         self.batch_size = batch_size
         self.seed = seed
         self.state = SamplerState()
@@ -221,12 +238,10 @@ class TaskBatchSampler:
     def for_data(cls, data: TrainingData, batch_size: int, seed: int,
                  triplet_task_type: Callable[[str], str] = lambda task: TaskType.RETRIEVAL_QUERY.value,
                  ) -> TaskBatchSampler:
-        examples = data.examples
-        return cls([example_task(example, triplet_task_type) for example in examples],
-                   [example.texts for example in examples], batch_size, seed)
+        return cls([example_task(example, triplet_task_type) for example in data.examples], batch_size, seed)
 
     def epoch_batches(self, epoch: int) -> list[Batch]:
-        """All batches of `epoch`, in order. Deterministic in (seed, epoch); nothing is left out."""
+        """All batches of `epoch`, in order. Deterministic in (seed, epoch); every example exactly once."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         # Own generator per epoch, seeded by (seed, epoch): no global RNG, and any epoch can be rebuilt on resume.
@@ -235,25 +250,8 @@ class TaskBatchSampler:
         by_task: dict[tuple[str, str], list[int]] = {}
         for index in order.tolist():
             by_task.setdefault(self.tasks[index], []).append(index)
-        batches = []
-        for task in sorted(by_task):
-            pending = by_task[task]
-            while pending:
-                batch: list[int] = []
-                seen: set[str] = set()
-                deferred: list[int] = []
-                position = 0
-                while position < len(pending) and len(batch) < self.batch_size:
-                    index = pending[position]
-                    position += 1
-                    if seen.isdisjoint(self.texts[index]):
-                        batch.append(index)
-                        seen.update(self.texts[index])
-                    else:
-                        deferred.append(index)
-                # Deferred examples go first next time, so an example waits for as few batches as possible.
-                pending = deferred + pending[position:]
-                batches.append(Batch(task=task, indices=tuple(batch)))
+        batches = [Batch(task=task, indices=tuple(by_task[task][start:start + self.batch_size]))
+                   for task in sorted(by_task) for start in range(0, len(by_task[task]), self.batch_size)]
         # Interleave the tasks: a fixed task order would train on one task at a time.
         shuffled = [batches[index] for index in rng.permutation(len(batches)).tolist()]
         self._cache = (epoch, shuffled)
@@ -276,13 +274,17 @@ class TaskBatchSampler:
         while True:
             yield self.next_batch()
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str]:
         return {"epoch": self.state.epoch, "position": self.state.position, "seed": self.seed,
-                "examples": len(self.tasks), "batch_size": self.batch_size}
+                "examples": len(self.tasks), "batch_size": self.batch_size, "policy": self.POLICY}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key, mine in (("seed", self.seed), ("examples", len(self.tasks)), ("batch_size", self.batch_size)):
-            if key in state and state[key] != mine:
-                raise ValueError(f"sampler state is for {key}={state[key]}, this sampler has {key}={mine}: resuming "
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        # A state without "policy" comes from the earlier duplicate-free sampler, which made other (smaller) batches.
+        theirs_by_key = {"policy": "duplicate-free", **state}
+        for key, mine in (("seed", self.seed), ("examples", len(self.tasks)), ("batch_size", self.batch_size),
+                          ("policy", self.POLICY)):
+            theirs = theirs_by_key.get(key, mine)
+            if theirs != mine:
+                raise ValueError(f"sampler state is for {key}={theirs}, this sampler has {key}={mine}: resuming "
                                  "on other data or settings would not reproduce the run")
         self.state = SamplerState(epoch=int(state["epoch"]), position=int(state["position"]))

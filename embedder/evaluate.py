@@ -20,6 +20,10 @@ Each component's round-trip error is at most scale_j / 2 (within the calibrated 
 |x.y - x'.y'| <= sum_j (|x_j| + |y'_j|) * scale_j / 2.
 
 `evaluate_models` compares models side by side and writes report.json, report.md and report.png (see `embedder.report`).
+Every difference to the baseline (the first model) comes with a 95% paired-bootstrap interval over the queries (test
+texts for classification): the difference of a few hundred queries is noisy, and a gain the interval does not separate
+from zero is not shown to be one. The report states each model's window (tokens read per text); `embforge evaluate`
+gives every model the same one unless told otherwise.
 Data files are read through Beam filesystems, so local paths and gs:// work alike; a malformed row stops the run with
 an `EvalDataError` naming the file, the line and the field.
 """
@@ -49,7 +53,8 @@ from pipelines.clients.base import Embedder, TaskType, truncate_and_normalize
 
 LOGGER = logging.getLogger(__name__)
 
-REPORT_VERSION = 1
+#: 2: per-model window (`max_seq_length`), and each difference to the baseline with its bootstrap interval.
+REPORT_VERSION = 2
 #: Passages kept per query: Recall@100 needs the top 100, and nDCG@10 / MRR@10 read the head of the same list.
 TOP_K = 100
 #: MRR is cut at rank 10, as in MTEB and BEIR.
@@ -427,7 +432,13 @@ def build_run(query_ids: Sequence[str], corpus_ids: Sequence[str], scores: np.nd
 
 
 def retrieval_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]) -> dict:
-    """nDCG@10, MRR@10 and Recall@100 with pytrec_eval, averaged over every judged query (one without hits counts 0).
+    """nDCG@10, MRR@10 and Recall@100 with pytrec_eval, averaged over every judged query (one without hits counts 0)."""
+    return {metric: float(values.mean()) for metric, values in per_query_retrieval_metrics(qrels, run).items()}
+
+
+def per_query_retrieval_metrics(qrels: Mapping[str, Mapping[str, int]],
+                                run: Mapping[str, Mapping[str, float]]) -> dict[str, np.ndarray]:
+    """Each metric per judged query, in the qrels' query order (the sample a paired bootstrap resamples).
 
     trec_eval has no rank cut for reciprocal rank (`recip_rank` looks down the whole run), so MRR@10 is `recip_rank`
     on the run truncated to each query's 10 best passages: a first relevant hit below rank 10 then counts 0.
@@ -438,11 +449,11 @@ def retrieval_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, 
     head = {query: dict(sorted(hits.items(), key=lambda item: -item[1])[:MRR_CUTOFF]) for query, hits in run.items()}
     ranks = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(head)
 
-    def mean(results: dict[str, dict[str, float]], measure: str) -> float:
-        return sum(results.get(query, {}).get(measure, 0.0) for query in qrels) / len(qrels)
+    def per_query(results: dict[str, dict[str, float]], measure: str) -> np.ndarray:
+        return np.array([results.get(query, {}).get(measure, 0.0) for query in qrels], dtype=np.float64)
 
-    return {"ndcg@10": mean(full, "ndcg_cut_10"), "mrr@10": mean(ranks, "recip_rank"),
-            "recall@100": mean(full, "recall_100")}
+    return {"ndcg@10": per_query(full, "ndcg_cut_10"), "mrr@10": per_query(ranks, "recip_rank"),
+            "recall@100": per_query(full, "recall_100")}
 
 
 def evaluate_retrieval(model_name: str, embedder: Embedder, data: BeirData, dims: Sequence[int], int8: bool,
@@ -460,28 +471,34 @@ def evaluate_retrieval(model_name: str, embedder: Embedder, data: BeirData, dims
         for precision, corpus_vectors, query_vectors in variants:
             scores, indices = search(corpus_vectors, query_vectors)
             run = build_run(data.query_ids, data.corpus_ids, scores, indices)
-            rows.append(_row(task_name, "retrieval", model_name, dimension, precision,
-                             retrieval_metrics(data.qrels, run)))
+            per_query = per_query_retrieval_metrics(data.qrels, run)
+            row = _row(task_name, "retrieval", model_name, dimension, precision,
+                       {metric: float(values.mean()) for metric, values in per_query.items()})
+            rows.append({**row, SAMPLES: ItemScores(per_query)})
     return rows
 
 
 # --- classification ---------------------------------------------------------------------------------------------------
 
 
-def classification_metrics(train: np.ndarray, train_labels: Sequence[str], test: np.ndarray,
-                           test_labels: Sequence[str], seed: int = 0) -> dict[str, float]:
-    """Accuracy and macro-F1 of a logistic regression fitted on `train`."""
+def predict_labels(train: np.ndarray, train_labels: Sequence[str], test: np.ndarray, seed: int = 0) -> list[str]:
+    """The labels a logistic regression fitted on `train` gives the `test` vectors."""
     # sklearn costs a second to import; only classification needs it.
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
 
     if len(set(train_labels)) < 2:
         raise EvalDataError(f"classification needs at least 2 labels in the train set, got {sorted(set(train_labels))}")
     classifier = LogisticRegression(max_iter=CLASSIFIER_MAX_ITER, random_state=seed)
     classifier.fit(train, list(train_labels))
-    predicted = classifier.predict(test)
-    return {"accuracy": float(accuracy_score(test_labels, predicted)),
-            "macro_f1": float(f1_score(test_labels, predicted, average="macro"))}
+    return [str(label) for label in classifier.predict(test)]
+
+
+def classification_metrics(train: np.ndarray, train_labels: Sequence[str], test: np.ndarray,
+                           test_labels: Sequence[str], seed: int = 0) -> dict[str, float]:
+    """Accuracy and macro-F1 of a logistic regression fitted on `train`."""
+    samples = ClassificationSamples.of(test_labels, predict_labels(train, train_labels, test, seed))
+    everything = np.arange(samples.size)
+    return {metric: samples.statistic(metric, everything) for metric in CLASSIFICATION_METRICS}
 
 
 def evaluate_classification(model_name: str, embedder: Embedder, train: LabeledData, test: LabeledData,
@@ -499,9 +516,109 @@ def evaluate_classification(model_name: str, embedder: Embedder, train: LabeledD
             quantizer = Int8Quantizer.calibrate(train_d)
             variants.append(("int8", quantizer.roundtrip(train_d), quantizer.roundtrip(test_d)))
         for precision, train_x, test_x in variants:
-            rows.append(_row(task_name, "classification", model_name, dimension, precision,
-                             classification_metrics(train_x, train.labels, test_x, test.labels, seed)))
+            samples = ClassificationSamples.of(test.labels, predict_labels(train_x, train.labels, test_x, seed))
+            everything = np.arange(samples.size)
+            row = _row(task_name, "classification", model_name, dimension, precision,
+                       {metric: samples.statistic(metric, everything) for metric in CLASSIFICATION_METRICS})
+            rows.append({**row, SAMPLES: samples})
     return rows
+
+
+# --- confidence intervals ---------------------------------------------------------------------------------------------
+
+#: Key of a result row's per-query (or per-text) outcomes while the report is assembled; never written to report.json.
+SAMPLES = "_samples"
+#: Bootstrap resamples per interval: enough for stable 2.5th / 97.5th percentiles at a few seconds per report.
+BOOTSTRAP_RESAMPLES = 2000
+#: Seeds the resampling, so a report's intervals are the same on every run.
+BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    """A result's metrics per item: per judged query for retrieval (in the qrels' query order), or any per-text score
+    (e.g. a classifier's correctness averaged over training seeds)."""
+
+    per_item: Mapping[str, np.ndarray]
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.per_item.values())))
+
+    def statistic(self, metric: str, indices: np.ndarray) -> float:
+        return float(self.per_item[metric][indices].mean())
+
+
+@dataclass(frozen=True)
+class ClassificationSamples:
+    """One classification result's true and predicted label per test text, as label codes."""
+
+    true: np.ndarray
+    predicted: np.ndarray
+    labels: int
+
+    @classmethod
+    def of(cls, true: Sequence[str], predicted: Sequence[str]) -> ClassificationSamples:
+        names = {name: code for code, name in enumerate(sorted(set(true) | set(predicted)))}
+        return cls(np.array([names[name] for name in true]), np.array([names[name] for name in predicted]),
+                   len(names))
+
+    @property
+    def size(self) -> int:
+        return len(self.true)
+
+    def statistic(self, metric: str, indices: np.ndarray) -> float:
+        true, predicted = self.true[indices], self.predicted[indices]
+        if metric == "accuracy":
+            return float((true == predicted).mean())
+        # Macro-F1 over the labels present in the (resampled) true or predicted labels, as sklearn averages it; a
+        # label with no true and no predicted text is not a label of this sample.
+        hits = np.bincount(true[true == predicted], minlength=self.labels)
+        true_counts = np.bincount(true, minlength=self.labels)
+        predicted_counts = np.bincount(predicted, minlength=self.labels)
+        present = (true_counts + predicted_counts) > 0
+        f1 = 2 * hits[present] / (true_counts[present] + predicted_counts[present])
+        return float(f1.mean())
+
+
+def paired_bootstrap(baseline: ItemScores | ClassificationSamples, other: ItemScores |
+                     ClassificationSamples, metric: str, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(delta, low, high): `other` minus `baseline` on `metric`, and the 95% paired-bootstrap interval of that delta.
+
+    Paired: each resample draws the same queries (or test texts) for both models, so what varies is the sample of
+    queries, and a difference that a few easy queries carry shows a wide interval.
+    """
+    if baseline.size != other.size:
+        raise ValueError(f"paired bootstrap needs the same queries on both sides, got {baseline.size} and {other.size}")
+    everything = np.arange(baseline.size)
+    delta = other.statistic(metric, everything) - baseline.statistic(metric, everything)
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for index in range(resamples):
+        chosen = rng.integers(0, baseline.size, baseline.size)
+        draws[index] = other.statistic(metric, chosen) - baseline.statistic(metric, chosen)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return delta, float(low), float(high)
+
+
+def add_deltas(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Rows without their samples; each row of another model than `baseline` gains `delta`: per metric, the difference
+    to the baseline's row of the same task, dimension and precision, with its 95% interval and whether the interval
+    separates it from zero."""
+    by_cell = {(row["task"], row["dimension"], row["precision"]): row for row in rows if row["model"] == baseline}
+    finished = []
+    for row in rows:
+        samples = row.get(SAMPLES)
+        clean = {key: value for key, value in row.items() if key != SAMPLES}
+        base = by_cell.get((row["task"], row["dimension"], row["precision"]))
+        if row["model"] != baseline and base is not None and samples is not None:
+            clean["delta"] = {}
+            for metric in row["metrics"]:
+                delta, low, high = paired_bootstrap(base[SAMPLES], samples, metric)
+                clean["delta"][metric] = {"value": delta, "ci95": [low, high], "separated": low > 0 or high < 0}
+        finished.append(clean)
+    return finished
 
 
 # --- side by side -----------------------------------------------------------------------------------------------------
@@ -575,18 +692,25 @@ def evaluate_models(models: dict[str, Embedder], tasks: Sequence[EvalTask], dims
                 rows += evaluate_classification(model_name, embedder, train, test, model_dims, int8, cache,
                                                 task.name, task.seed)
             seconds[model_name][task.name] = round(time.perf_counter() - task_started, 3)
+    baseline = next(iter(models))
     report = {
         "report_version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "baseline": next(iter(models)),
+        "baseline": baseline,
+        # The window (tokens read per text) is part of what is compared: a model reading more of each passage can win
+        # by that alone, so it is stated per model (None: the backend has no window to set, e.g. an API model).
         "models": {name: {"model_id": embedder.model_id, "model_version": embedder.model_version,
-                          "native_dimension": embedder.native_dimension} for name, embedder in models.items()},
+                          "native_dimension": embedder.native_dimension,
+                          "max_seq_length": getattr(embedder, "max_seq_length", None)}
+                   for name, embedder in models.items()},
         "dims": dims,
         "precisions": list(PRECISIONS if int8 else PRECISIONS[:1]),
         "int8_scheme": "symmetric per-dimension scale = max |x| / 127 on the corpus (classification: train) "
                        "embeddings; queries/test clipped to that range; scores on dequantized vectors",
         "tasks": task_info,
-        "results": rows,
+        "results": add_deltas(rows, baseline),
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "interval": "95% paired bootstrap over "
+                      "queries (classification: test texts) of each model's difference to the baseline"},
         "skipped": skipped,
         "encoding": {name: {**asdict(stats), "seconds": round(stats.seconds, 3)}
                      for name, stats in cache.stats.items()},

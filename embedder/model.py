@@ -1,7 +1,8 @@
 """The student: a transformers encoder, attention-masked mean pooling, an optional linear projection, L2 normalization.
 
 `save` writes a sentence-transformers directory, so `SentenceTransformer(dir).encode(texts, prompt_name=TASK_TYPE)`
-gives the same vectors as `StudentEncoder.load(dir).encode(texts, TASK_TYPE)`:
+and `LocalEmbedder(dir).embed(texts, TASK_TYPE)` give the same vectors as `StudentEncoder.load(dir).encode(texts,
+TASK_TYPE)` (prompt names: `pipelines.clients.task_prompts`, the one table all three read):
 
     modules.json                      Transformer (root) -> Pooling (mean) -> [Dense (identity)] -> Normalize
     config.json, model.safetensors, tokenizer files, sentence_bert_config.json   (the Transformer module, in the root
@@ -9,7 +10,8 @@ gives the same vectors as `StudentEncoder.load(dir).encode(texts, TASK_TYPE)`:
     1_Pooling/config.json
     2_Dense/config.json + model.safetensors            (only with a projection)
     N_Normalize/
-    config_sentence_transformers.json  prompts (TaskType name -> prefix, plus "query"/"document" aliases)
+    config_sentence_transformers.json  prompts (prompt name = TaskType name -> prefix, plus the "query"/"document"
+                                       aliases `encode_query` / `encode_document` read)
 
 Module type names use the `sentence_transformers.models.*` spelling that every release since 2.x loads.
 """
@@ -27,9 +29,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from pipelines.clients.base import TaskType, truncate_and_normalize
-
-#: Alias prompt names sentence-transformers' `encode_query` / `encode_document` look for.
-PROMPT_ALIASES = {"query": TaskType.RETRIEVAL_QUERY.value, "document": TaskType.RETRIEVAL_DOCUMENT.value}
+from pipelines.clients.task_prompts import PROMPT_NAMES, prompt_name, prompts_by_task_type, prompts_to_save
 
 
 def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,8 +136,9 @@ class StudentEncoder(nn.Module):
             projection.load_state_dict({key.removeprefix("linear."): value for key, value in state.items()})
         model_config_path = os.path.join(model_dir, "config_sentence_transformers.json")
         model_config = _read_json(model_config_path) if os.path.isfile(model_config_path) else {}
-        prompts = {name: text for name, text in (model_config.get("prompts") or {}).items()
-                   if name not in PROMPT_ALIASES}
+        # Read by the table LocalEmbedder reads them by: TaskType names, else EmbeddingGemma's / "query", "document".
+        prompts = {PROMPT_NAMES[task_type]: text
+                   for task_type, text in prompts_by_task_type(model_config.get("prompts") or {}).items()}
         return cls(transformer, tokenizer, max_seq_length=max_seq_length, prompts=prompts, projection=projection,
                    default_prompt_name=model_config.get("default_prompt_name"))
 
@@ -161,8 +162,7 @@ class StudentEncoder(nn.Module):
     def prompt_for(self, task_type: TaskType | str | None) -> str:
         if task_type is None:
             return ""
-        name = task_type.value if isinstance(task_type, TaskType) else str(task_type)
-        name = PROMPT_ALIASES.get(name, name)
+        name = prompt_name(task_type)
         if name not in self.prompts:
             raise KeyError(f"no prompt for task type {name!r}; this model has prompts for {sorted(self.prompts)}")
         return self.prompts[name]
@@ -247,10 +247,7 @@ class StudentEncoder(nn.Module):
         modules.append({"idx": index, "name": str(index), "path": normalize_path,
                         "type": "sentence_transformers.models.Normalize"})
         _write_json(os.path.join(model_dir, "modules.json"), modules)
-        prompts = dict(self.prompts)
-        for alias, name in PROMPT_ALIASES.items():
-            if name in prompts:
-                prompts[alias] = prompts[name]
+        prompts = prompts_to_save(self.prompts)
         _write_json(os.path.join(model_dir, "config_sentence_transformers.json"), {
             "__version__": {"embforge": "0.1.0", "pytorch": torch.__version__},
             "prompts": prompts,

@@ -33,6 +33,23 @@ def _index(report: Mapping[str, Any]) -> dict[tuple, float]:
             for row in report["results"] for metric, value in row["metrics"].items()}
 
 
+def _deltas(report: Mapping[str, Any]) -> dict[tuple, Mapping[str, Any]]:
+    return {(row["task"], row["model"], row["dimension"], row["precision"], metric): delta
+            for row in report["results"] for metric, delta in row.get("delta", {}).items()}
+
+
+def _delta_cell(delta: Mapping[str, Any] | None, value: float | None, baseline_value: float | None) -> str:
+    """`+0.0123 [+0.0040, +0.0210]`, marked † when the interval does not separate the difference from zero. A report
+    written before intervals were computed (version 1) has no `delta`: its plain difference is shown, marked so."""
+    if delta is None:
+        if value is None or baseline_value is None:
+            return _MISSING
+        return f"{value - baseline_value:+.4f} (no interval)"
+    low, high = delta["ci95"]
+    mark = "" if delta["separated"] else " †"
+    return f"{delta['value']:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+
+
 def _task_heading(task: Mapping[str, Any]) -> str:
     if task["kind"] == "retrieval":
         detail = (f"{task['split']} split: {task['queries']:,} queries, {task['passages']:,} passages, "
@@ -51,10 +68,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     baseline = report["baseline"]
     others = [name for name in models if name != baseline]
     results = _index(report)
-    lines = ["# Embedding evaluation", "", f"Created {report['created']}. Deltas are against **{baseline}**.", "",
-             "| model | model id | version | native dim |", "|---|---|---|---:|"]
-    lines += [f"| {name} | `{info['model_id']}` | `{info['model_version']}` | {info['native_dimension']} |"
-              for name, info in report["models"].items()]
+    deltas = _deltas(report)
+    lines = ["# Embedding evaluation", "", f"Created {report['created']}. Deltas are against **{baseline}**, each with "
+             "its 95% paired-bootstrap interval over the queries (classification: test texts); † marks a difference "
+             "the interval does not separate from zero.", "",
+             "| model | model id | version | native dim | window (tokens) |", "|---|---|---|---:|---:|"]
+    lines += [f"| {name} | `{info['model_id']}` | `{info['model_version']}` | {info['native_dimension']} | "
+              f"{info.get('max_seq_length') or _MISSING} |" for name, info in report["models"].items()]
     if "int8" in report["precisions"]:
         lines += ["", f"int8: {report['int8_scheme']}."]
     header = ["metric", "dim", "precision", *models, *(f"Δ {name}" for name in others)]
@@ -69,9 +89,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                     if all(value is None for value in values.values()):
                         continue
                     cells = [_MISSING if value is None else f"{value:.4f}" for value in values.values()]
-                    base = values[baseline]
-                    cells += [_MISSING if base is None or values[name] is None else f"{values[name] - base:+.4f}"
-                              for name in others]
+                    cells += [_delta_cell(deltas.get((task["name"], name, dimension, precision, metric)),
+                                          values[name], values[baseline]) for name in others]
                     lines.append(f"| {metric} | {dimension} | {precision} | " + " | ".join(cells) + " |")
     lines += ["", f"![metrics by dimension]({REPORT_PNG})", ""]
     if report.get("skipped"):

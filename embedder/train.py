@@ -1,17 +1,21 @@
 """Train the student on a run's shards: `train(config, data_dir) -> path of the saved model`.
 
 One flat loop, nanoGPT style:
-  1. read and validate the shards, build the single-task duplicate-free batch sampler
+  1. read and validate the shards, build the sampler of full single-task batches
   2. build the student (or load a checkpoint), the distillation head, AdamW and the warmup + decay schedule
-  3. per optimizer step: `grad_accumulation` micro-batches, each its own contrastive batch; losses per term
-  4. log every step to losses.jsonl, checkpoint every `checkpoint_every` steps and at the end
+  3. per optimizer step: `grad_accumulation` micro-batches, each its own contrastive batch, in which a passage that
+     recurs is masked out of the softmax of the queries it is not a negative for; losses per term
+  4. log every step to losses.jsonl (losses, examples, negatives per query, masked candidates), checkpoint every
+     `checkpoint_every` steps and at the end
   5. save the final student as a sentence-transformers directory, plot the loss curves
 
 Output directory:
     model/                      the trained student (sentence-transformers format; the return value)
     checkpoints/step-0000500/   model/, trainer_state.pt (optimizer, schedule, sampler, RNG states, step), losses.jsonl
-    losses.jsonl, losses.png    one line per optimizer step: total and each loss term
-    train_config.json, train_summary.json
+    losses.jsonl, losses.png    one line per optimizer step: total and each loss term, examples, and for steps with
+                                triplet batches the mean negatives per query and the masked candidates
+    train_config.json, train_summary.json   (the summary: steps, mean batch size, mean negatives per query, masked
+                                candidates, data counts)
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from embedder.data import Batch, ClassificationExample, TaskBatchSampler, Traini
 from embedder.losses import (
     EmbeddingMatching,
     global_orthogonal_regularization,
+    in_batch_negative_mask,
     info_nce,
     label_classification,
+    margin_mse,
     matryoshka,
+    passage_groups,
 )
 from embedder.model import StudentEncoder
 from pipelines.clients.base import TaskType
@@ -193,11 +200,13 @@ def adamw(groups: list[dict], learning_rate: float) -> torch.optim.AdamW:
 
 def batch_losses(embed: Callable[[list[str], str], torch.Tensor], head: EmbeddingMatching | None, batch: Batch,
                  data: TrainingData, examples: list[TripletExample | ClassificationExample], config: TrainConfig,
-                 dims: tuple[int, ...]) -> dict[str, torch.Tensor]:
+                 dims: tuple[int, ...], stats: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Every enabled loss term of one single-task batch, unweighted; `dims` are the Matryoshka dims (or empty).
 
     `embed(texts, task_type)` runs the student (under autocast on GPU) and returns fp32 unit vectors; the losses
-    themselves run in fp32.
+    themselves run in fp32. `stats`, when given, gets the counts of a triplet batch added: "queries", "negatives"
+    (candidates each query is scored against besides its positive, after masking, summed over queries),
+    "masked_false_negatives" and "masked_repeats" (see `in_batch_negative_mask`).
     """
     kind, task = batch.task
     rows = [examples[index] for index in batch.indices]
@@ -205,28 +214,64 @@ def batch_losses(embed: Callable[[list[str], str], torch.Tensor], head: Embeddin
     if kind == "triplet":
         # A triplet batch's task is its query task type (see TaskBatchSampler).
         queries = embed([row.query for row in rows], task)
-        documents = embed([row.positive for row in rows] + [text for row in rows for text in row.negatives], DOCUMENT)
+        # A passage that recurs in the batch is encoded once: fewer forward passes, and its copies are one vector.
+        texts = [row.positive for row in rows] + [text for row in rows for text in row.negatives]
+        unique = list(dict.fromkeys(texts))
+        position = {text: index for index, text in enumerate(unique)}
+        documents = embed(unique, DOCUMENT)[torch.tensor([position[text] for text in texts], device=queries.device)]
         positives, negatives = documents[:len(rows)], documents[len(rows):]
+        positive_keys = [(row.positive_id, row.positive) for row in rows]
+        mask = in_batch_negative_mask(
+            positive_keys,
+            [(negative_id, text) for row in rows
+             for negative_id, text in zip(row.negative_ids or ("",) * len(row.negatives), row.negatives, strict=True)],
+            device=queries.device)
+        if stats is not None:
+            stats["queries"] += len(rows)
+            stats["negatives"] += int((~mask.masked).sum()) - len(rows)
+            stats["masked_false_negatives"] += mask.false_negatives
+            stats["masked_repeats"] += mask.repeats
         if config.infonce_weight > 0:
             terms["infonce"], per_dim = matryoshka(info_nce, dims, queries, positives, negatives,
-                                                   temperature=config.temperature)
+                                                   temperature=config.temperature, mask=mask.masked)
             if len(per_dim) > 1:
                 terms.update({f"infonce@{dim}": value.detach() for dim, value in per_dim.items()})
-        if head is not None and any(row.has_teacher for row in rows):
-            student, teacher, offset = [], [], 0
+        if any(row.has_teacher for row in rows) and (head is not None or config.margin_distillation_weight > 0):
+            teacher_rows, owners, negative_rows, offset = [], [], [], 0
             for index, row in enumerate(rows):
                 count = len(row.negatives)
                 if row.has_teacher:
-                    student += [queries[index:index + 1], positives[index:index + 1], negatives[offset:offset + count]]
-                    teacher += [row.query_embedding[None], row.positive_embedding[None], row.negative_embeddings]
+                    owners += [len(teacher_rows)] * count
+                    negative_rows += range(offset, offset + count)
+                    teacher_rows.append(index)
                 offset += count
-            target = torch.from_numpy(np.concatenate(teacher)).to(queries.device)
-            terms["distillation"] = head(torch.cat(student), target)
+            teacher = [rows[index] for index in teacher_rows]
+            teacher_queries, teacher_positives, teacher_negatives = (
+                torch.from_numpy(np.concatenate(vectors)).to(queries.device) for vectors in (
+                    [row.query_embedding[None] for row in teacher], [row.positive_embedding[None] for row in teacher],
+                    [row.negative_embeddings for row in teacher]))
+            student_queries, student_positives = queries[teacher_rows], positives[teacher_rows]
+            student_negatives = negatives[negative_rows]
+            if head is not None:
+                terms["distillation"] = head(torch.cat([student_queries, student_positives, student_negatives]),
+                                             torch.cat([teacher_queries, teacher_positives, teacher_negatives]))
+            if config.margin_distillation_weight > 0 and owners:
+                terms["margin_distillation"], per_dim = matryoshka(
+                    margin_mse, dims, student_queries, student_positives, student_negatives,
+                    owners=torch.tensor(owners, device=queries.device), teacher_queries=teacher_queries,
+                    teacher_positives=teacher_positives, teacher_negatives=teacher_negatives)
+                if len(per_dim) > 1:
+                    terms.update({f"margin_distillation@{dim}": value.detach() for dim, value in per_dim.items()})
         if config.spread_out_weight > 0:
-            # Queries and positives separately, as EmbeddingGemma does: each column is one kind of text.
-            terms["spread_out"] = (global_orthogonal_regularization(queries)
-                                   + global_orthogonal_regularization(positives))
+            # Queries and positives separately, as EmbeddingGemma does: each column is one kind of text. One row per
+            # distinct query text and per distinct positive passage: a repeat is a matching pair, not a spread one.
+            # (A group's number is its first row.)
+            distinct_queries = sorted(set(passage_groups([("", row.query) for row in rows])))
+            distinct_positives = sorted(set(passage_groups(positive_keys)))
+            terms["spread_out"] = (global_orthogonal_regularization(queries[distinct_queries])
+                                   + global_orthogonal_regularization(positives[distinct_positives]))
     elif config.classification_weight > 0:
+        # Repeated texts are harmless here: the candidates are the task's labels, and a repeat has the same target.
         labels = sorted({row.label for row in rows} | {label for row in rows for label in row.negative_labels})
         texts = embed([row.text for row in rows], config.query_task_type(task, classification=True))
         label_embeddings = embed([data.label_text(task, label) for label in labels], DOCUMENT)
@@ -302,7 +347,27 @@ def plot_losses(history: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-LOSS_TERMS = ("infonce", "distillation", "spread_out", "classification")
+LOSS_TERMS = ("infonce", "distillation", "margin_distillation", "spread_out", "classification")
+
+
+def batch_summary(history: list[dict], config: TrainConfig) -> dict[str, float | int | None]:
+    """What the batches held over the run, from the per-step log lines (so a resumed run counts its earlier steps).
+
+    mean_batch_size: examples per contrastive batch (micro-batch); with full batches it is `batch_size` but for the
+    last batch of each task in an epoch. mean_negatives_per_query: over the steps with triplet batches, the mean
+    number of candidates a query was scored against besides its positive (the batch's other positives and every hard
+    negative), after masking. masked_*: candidates masked over the run (see `in_batch_negative_mask`).
+    """
+    triplet_steps = [line for line in history if "negatives_per_query" in line]
+    return {
+        "mean_batch_size": (sum(line["examples"] for line in history) / (len(history) * config.grad_accumulation)
+                            if history else None),
+        "mean_examples_per_step": sum(line["examples"] for line in history) / len(history) if history else None,
+        "mean_negatives_per_query": (sum(line["negatives_per_query"] for line in triplet_steps) / len(triplet_steps)
+                                     if triplet_steps else None),
+        "masked_false_negatives": sum(line["masked_false_negatives"] for line in triplet_steps),
+        "masked_repeats": sum(line["masked_repeats"] for line in triplet_steps),
+    }
 
 
 def save_checkpoint(output_dir: str, step: int, model: StudentEncoder, trainer_state: dict, history: list[dict],
@@ -347,15 +412,17 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
     if config.classification_weight == 0 and data.classification:
         data.counts["classification_unused_weight_0"] += len(data.classification)
         data.classification = []
-    if not (config.infonce_weight or config.distillation_weight or config.spread_out_weight) and data.triplets:
+    if not (config.infonce_weight or config.distillation_weight or config.spread_out_weight
+            or config.margin_distillation_weight) and data.triplets:
         data.counts["triplets_unused_weight_0"] += len(data.triplets)
         data.triplets = []
     if not data.examples:
         raise ValueError(f"{data_dir}: no example is read by an enabled loss (classification_weight="
                          f"{config.classification_weight}, triplet loss weights all 0?)")
-    if config.distillation_weight > 0 and data.triplets and data.teacher_dim is None:
-        logger.warning("distillation_weight=%s but no triplet row has teacher embeddings: distillation is off",
-                       config.distillation_weight)
+    for name in ("distillation_weight", "margin_distillation_weight"):
+        if getattr(config, name) > 0 and data.triplets and data.teacher_dim is None:
+            logger.warning("%s=%s but no triplet row has teacher embeddings: that loss is off", name,
+                           getattr(config, name))
     examples = data.examples
     sampler = TaskBatchSampler.for_data(
         data, config.batch_size, config.seed, lambda task: config.query_task_type(task, classification=False))
@@ -393,6 +460,7 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, config.lr_schedule))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     weights = {"infonce": config.infonce_weight, "distillation": config.distillation_weight,
+               "margin_distillation": config.margin_distillation_weight,
                "spread_out": config.spread_out_weight, "classification": config.classification_weight}
 
     step, history, elapsed = 0, [], 0.0
@@ -441,10 +509,11 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
                 sums: dict[str, float] = defaultdict(float)
                 seen: dict[str, int] = defaultdict(int)
                 step_examples = 0
+                counts: dict[str, float] = defaultdict(float)
                 for _ in range(config.grad_accumulation):
                     batch = sampler.next_batch()
                     step_examples += len(batch.indices)
-                    terms = batch_losses(embed, head, batch, data, examples, config, dims)
+                    terms = batch_losses(embed, head, batch, data, examples, config, dims, stats=counts)
                     weighted = [weights[name] * value for name, value in terms.items() if name in weights]
                     if not weighted:
                         continue
@@ -473,6 +542,10 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
                 line = {"step": step, "epoch": sampler.state.epoch, "lr": learning_rate, "examples": step_examples,
                         "examples_per_s": step_examples / max(seconds, 1e-9)}
                 line.update({name: sums[name] / seen[name] for name in sums})
+                if counts["queries"]:
+                    line.update({"negatives_per_query": counts["negatives"] / counts["queries"],
+                                 "masked_false_negatives": int(counts["masked_false_negatives"]),
+                                 "masked_repeats": int(counts["masked_repeats"])})
                 history.append(line)
                 log.write(json.dumps(line) + "\n")
                 log.flush()
@@ -491,7 +564,8 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
     plot_losses(history, os.path.join(work_dir, "losses.png"))
     with open(os.path.join(work_dir, "train_summary.json"), "w", encoding="utf-8") as handle:
         json.dump({"steps": step, "total_steps": total_steps, "epochs_started": sampler.state.epoch + 1,
-                   "examples_seen": sum(line["examples"] for line in history), "elapsed_s": elapsed,
+                   "examples_seen": sum(line["examples"] for line in history), **batch_summary(history, config),
+                   "elapsed_s": elapsed,
                    "device": str(device), "precision": str(amp_dtype or torch.float32),
                    "teacher_dim": data.teacher_dim, "distillation_head": head is not None,
                    "data": dict(data.counts)}, handle, indent=2)

@@ -92,8 +92,15 @@ class EvaluateConfig:
     label_field: str = "label"
     dims: tuple[int, ...] = (384, 256, 128, 64)
     int8: bool = True
+    #: Tokens every model reads per text (its window), the same for all so that none wins by reading more of a
+    #: passage; 256 is all-MiniLM-L6-v2's own window. None: each model's own window (the report states each).
+    max_seq_length: int | None = 256
     #: `embforge run`: share of generated queries held out of training and evaluated as a BEIR set (0 = none).
     holdout_fraction: float = 0.2
+    #: `embforge run`: what the held-out queries are searched: "corpus" (every passage of generate.corpus, the sample
+    #: or not; a query must find its passage among all the distractors a user's search would meet) or "run" (only the
+    #: passages the run sampled: cheaper for a corpus too large to embed for evaluation).
+    holdout_corpus: Literal["corpus", "run"] = "corpus"
     #: Report folder (any Beam filesystem); empty: `<generate.output>/report`.
     output: str = ""
 
@@ -104,6 +111,8 @@ class EvaluateConfig:
             raise ValueError(f"dims must be positive, got {list(self.dims)}")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.max_seq_length is not None and self.max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be >= 1 or unset, got {self.max_seq_length}")
 
 
 @dataclass(frozen=True)

@@ -325,14 +325,17 @@ class _CallMissesFn(beam.DoFn):
 def call_many(llm: LLM, requests: list[LLMRequest], concurrency: int) -> list[LLMAnswer]:
     """Answers in request order; generate requests sharing an output model go out together with bounded concurrency."""
     answers: dict[int, LLMAnswer] = {}
-    by_model: dict[tuple[type[BaseModel], GenerationConfig], list[int]] = {}
+    # One group per output model, each request with its own config: sampled candidates differ only in their seeds,
+    # and a backend that answers several at once (LocalLLM's batches) should get them together.
+    by_model: dict[type[BaseModel], list[int]] = {}
     for index, request in enumerate(requests):
         if request.mode == "generate" and request.output_model is not None:
-            by_model.setdefault((request.output_model, request.config), []).append(index)
+            by_model.setdefault(request.output_model, []).append(index)
         else:
             answers[index] = call_llm(llm, request)
-    for (output_model, config), indices in by_model.items():
-        results = llm.generate_many([requests[i].messages for i in indices], output_model, config, concurrency)
+    for output_model, indices in by_model.items():
+        results = llm.generate_many([requests[i].messages for i in indices], output_model,
+                                    [requests[i].config for i in indices], concurrency)
         for index, result in zip(indices, results, strict=True):
             value = result.value.model_dump(mode="json") if result.ok and result.value is not None else None
             answers[index] = LLMAnswer(requests[index], result.ok, value, result.raw, result.error, result.usage)

@@ -147,7 +147,8 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig, out
     queries = passages | "GenerateQueries" >> GenerateQueries(config.queries, config.llm, cache_dir, budget)
     pairs = queries["kept"]
     rejected.append(queries["rejected"])
-    fan_out = config.queries.queries_per_passage - 1
+    # Each passage fans out to one row per candidate of each slot.
+    fan_out = config.queries.requests_per_passage - 1
     tallies += [
         _count(passages, "QueriesInput", ("stage", "generate_queries", "input")),
         passages
@@ -199,7 +200,8 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig, out
             | "JoinHits" >> beam.CoGroupByKey()
             | "Rank" >> beam.FlatMap(_positive_rank)
         )
-    graded = grading_inputs | "GradeRelevance" >> GradeRelevance(config.grading, config.llm, cache_dir, budget)
+    graded = grading_inputs | "GradeRelevance" >> GradeRelevance(
+        config.grading, config.llm, cache_dir, budget, select_candidates=config.queries.candidates > 1)
     rejected.append(graded["rejected"])
     tallies += [
         _count(pairs, "GradeInput", ("stage", "grade_relevance", "input")),
@@ -238,8 +240,11 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig, out
 
     rows = {"triplets": mined["kept"], "pairs": graded["kept"], "passages": passages}
     if config.counterfactuals is not None:
+        # The run's teacher is the default label judge; its embeddings and the LLM judge's calls draw on the budget
+        # after everything before them, and come back as the stage's tallies and answers.
         classification = pipeline | "GenerateCounterfactuals" >> GenerateCounterfactuals(
-            config.counterfactuals, config.llm, cache_dir=cache_dir, budget=budget)
+            config.counterfactuals, config.llm, cache_dir=cache_dir, budget=budget, teacher=config.teacher,
+            embed=config.embed)
         rows["classification"] = classification["kept"]
         rejected.append(classification["rejected"])
         tallies += [
@@ -393,7 +398,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if not config.models:
         raise ConfigError("evaluate: no model to evaluate: give --model NAME=MODEL (a path, a Hub id or "
                           "packaged:all-minilm-l6-v2) once per model")
-    models = {name: build_embedder(EmbedderSpec(backend="local", model=path)) for name, path in config.models.items()}
+    models = {name: build_embedder(EmbedderSpec(backend="local", model=path, max_seq_length=config.max_seq_length))
+              for name, path in config.models.items()}
     staging = sibling_staging_path(config.output)
     remove_tree(staging)
     report = evaluate_models(models, tasks, config.dims, staging, int8=config.int8)
@@ -409,7 +415,7 @@ def run_all(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     Each step replaces its earlier result only once it is complete. `resume` continues an interrupted training run.
     """
     from embedder.train import train
-    from pipelines.holdout import split_run
+    from pipelines.holdout import corpus_passages, split_run
 
     train_config = config.train_config()
     if not evaluation_tasks(config.evaluate) and config.evaluate.holdout_fraction == 0:
@@ -421,7 +427,8 @@ def run_all(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     data_dir = config.generate.output
     retrieval = config.evaluate.retrieval
     if config.evaluate.holdout_fraction > 0:
-        split = split_run(config.generate.output, config.evaluate.holdout_fraction, train_config.seed)
+        corpus = corpus_passages(config.generate.corpus) if config.evaluate.holdout_corpus == "corpus" else None
+        split = split_run(config.generate.output, config.evaluate.holdout_fraction, train_config.seed, corpus)
         LOGGER.info("held out %d queries for evaluation; training on %d triplets and %d classification examples",
                     split.eval_queries, split.train_triplets, split.train_classification)
         data_dir, retrieval = split.train_dir, (split.eval_dir, *retrieval)

@@ -301,9 +301,13 @@ class PromptSpec:
 
     def render(self, **fields: Any) -> tuple[ChatMessage, ...]:
         """System message (if any), few-shot examples as user/assistant turns, then the request's user turn."""
+        return self.render_with(self.select_examples(**fields), **fields)
+
+    def render_with(self, examples: Sequence[FewShotExample], **fields: Any) -> tuple[ChatMessage, ...]:
+        """`render`, showing `examples` instead of `select_examples`' choice (e.g. a user's own, chosen per row)."""
         user = self.render_user(**fields)
         messages = [ChatMessage("system", self.system)] if self.system is not None else []
-        for example in self.select_examples(**fields):
+        for example in examples:
             messages.append(ChatMessage("user", self.render_user(**example.fields)))
             messages.append(ChatMessage("assistant", example.answer))
         messages.append(ChatMessage("user", user))

@@ -82,7 +82,7 @@ class ScriptedLLM(LLM):
         self.supports_logprobs = logprobs is not None
 
     def generate(self, messages, output_model, config: GenerationConfig = GenerationConfig()) -> GenerationResult:
-        raw = self._respond(messages, output_model)
+        raw = self.answer(messages, output_model, config)
         usage = Usage(sum(len(m.content.split()) for m in messages), len(raw.split()))
         try:
             value = output_model.model_validate(json.loads(raw))
@@ -91,6 +91,10 @@ class ScriptedLLM(LLM):
             return GenerationResult(ok=False, value=None, raw=raw, error=f"invalid answer: {error}", usage=usage)
         self.stats.record(usage=usage)
         return GenerationResult(ok=True, value=value, raw=raw, usage=usage)
+
+    def answer(self, messages, output_model, config: GenerationConfig) -> str:
+        """The raw answer; a fake whose answers depend on sampling (temperature, seed) overrides this."""
+        return self._respond(messages, output_model)
 
     def score(self, messages: Sequence[ChatMessage], continuations: Sequence[str]) -> list[float]:
         if self._logprobs is None:

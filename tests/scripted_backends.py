@@ -39,3 +39,26 @@ def _grader(messages, output_model) -> str:
 
 def grader() -> ScriptedLLM:
     return ScriptedLLM(_grader)
+
+
+class _CandidateWriter(ScriptedLLM):
+    """Answers like a model sampling candidates: at temperature 0 a query built from the passage's first five words
+    (extractive, yet no copy the filters reject); sampled, by the seed's parity, an abstract question about the
+    passage's first word (even) or an off-topic question about csv files (odd: it fails the round trip)."""
+
+    def __init__(self):
+        super().__init__(lambda messages, output_model: "")
+
+    def answer(self, messages, output_model, config) -> str:
+        words = _tagged(messages, "passage").rstrip(".").split()
+        if config.temperature == 0:
+            query = f"do {' '.join(words[:5])} or not"
+        elif config.seed % 2 == 0:
+            query = f"what is {words[0]} good for"
+        else:
+            query = "how do I parse csv files"
+        return json.dumps({"task": "Given a question, retrieve passages that answer it", "query": query})
+
+
+def candidate_writer() -> ScriptedLLM:
+    return _CandidateWriter()

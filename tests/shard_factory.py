@@ -3,9 +3,9 @@
 
 The data is learnable on purpose: each topic owns a few keywords, a query names two of them, its positive passage
 repeats them, and its hard negatives are passages of other topics. Hard negatives are shared between rows (as mined
-negatives are), so a batch sampler that allows duplicate texts would be caught. Teacher embeddings come from the
-keyword embedder in tests/fakes.py at a dimension other than the student's (32 by default), which exercises the
-distillation projection.
+negatives are) and are other rows' positives, so a full batch holds some passages more than once: what the trainer's
+in-batch masking is for. Teacher embeddings come from the keyword embedder in tests/fakes.py at a dimension other
+than the student's (32 by default), which exercises the distillation projection.
 """
 
 from __future__ import annotations

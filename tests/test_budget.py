@@ -186,7 +186,9 @@ def test_max_cost_holds_what_the_server_bills_when_answers_are_asked_again(tmp_p
     # The manifest prices the same answers and texts, each call's and each text's cost rounded up to a micro-dollar.
     texts = len(_embedded_texts(reasked_gemini))
     embedding = manifest["embedding_usage"]
-    assert [row["stage"] for row in embedding] == ["embed_teacher"] and embedding[0]["texts_embedded"] == texts > 0
+    # EmbedTeacher's texts, then the counterfactual label judge's (descriptions, seeds and judged texts).
+    assert [row["stage"] for row in embedding] == ["embed_teacher", "generate_counterfactuals.label_judge"]
+    assert sum(row["texts_embedded"] for row in embedding) == texts > 0
     total = round(manifest["estimated_cost_usd"] * 1_000_000)
     by_stage = sum(row["estimated_cost_usd"] for row in [*usage.values(), *embedding])
     assert total == round(by_stage * 1_000_000)

@@ -175,8 +175,10 @@ def test_evaluate_takes_its_data_by_flag_in_every_format(tmp_path, capsys):
     assert main(["evaluate", "--model", "base=packaged:all-minilm-l6-v2", "--retrieval", f"mini={beir}",
                  "--classification", f"intents={tmp_path / 'train.tsv.gz'},{tmp_path / 'test.jsonl'}",
                  "--text-field", "message", "--label-field", "intent", "--output", str(report_dir),
-                 "--set", "evaluate.dims=[384]", "--set", "evaluate.int8=false"]) == 0
+                 "--set", "evaluate.dims=[384]", "--set", "evaluate.int8=false",
+                 "--set", "evaluate.max_seq_length=64"]) == 0
     report = json.loads((report_dir / "report.json").read_text())
+    assert report["models"]["base"]["max_seq_length"] == 64
     assert [(task["name"], task["kind"]) for task in report["tasks"]] == [("mini", "retrieval"),
                                                                           ("intents", "classification")]
     assert {row["task"] for row in report["results"]} == {"mini", "intents"}

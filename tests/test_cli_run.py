@@ -111,6 +111,10 @@ def test_running_twice_makes_no_new_calls_and_replaces_student_and_report(finish
     after = {name: os.stat(os.path.join(run, name)).st_ino for name in before}
     assert all(after[name] != before[name] for name in before), (before, after)
     assert not [name for name in os.listdir(run) if "staging" in name]
+    # The student was trained reading 32 tokens, but both models are compared at the one window the report states.
+    with open(os.path.join(run, "report", "report.json"), encoding="utf-8") as handle:
+        report = json.load(handle)
+    assert {info["max_seq_length"] for info in report["models"].values()} == {256}
     # The console shows embforge's summary; the libraries' lines went to the log file only.
     console = capsys.readouterr().err
     assert "stage balance" in console and "report:" in console

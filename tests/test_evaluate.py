@@ -19,14 +19,17 @@ import pytest
 
 from embedder.evaluate import (
     SHARED_DATA_ENV,
+    ClassificationSamples,
     ClassificationTask,
     EvalDataError,
     Int8Quantizer,
+    ItemScores,
     RetrievalTask,
     evaluate_models,
     find_shared_data,
     load_beir,
     load_labeled,
+    paired_bootstrap,
     retrieval_metrics,
 )
 from pipelines.clients.base import TaskType
@@ -255,12 +258,43 @@ def test_report_json_md_and_png_are_written(tmp_path):
     assert json.loads((output / "report.json").read_text()) == report
     markdown = (output / "report.md").read_text()
     assert "| metric | dim | precision | base | trained | Δ trained |" in markdown
-    assert "| mrr@10 | 32 | float32 | 1.0000 | 0.8750 | -0.1250 |" in markdown
+    # One query of four drops to rank 2: the interval of the difference reaches 0, so it is marked as not separated.
+    assert "| mrr@10 | 32 | float32 | 1.0000 | 0.8750 | -0.1250 [-0.3750, +0.0000] † |" in markdown
+    delta = next(row for row in report["results"] if row["model"] == "trained")["delta"]["mrr@10"]
+    assert delta == {"value": -0.125, "ci95": [-0.375, 0.0], "separated": False}
+    assert all("delta" not in row for row in report["results"] if row["model"] == "base")
     assert "| ndcg@10 | 16 | int8 | 1.0000 |" in markdown
     assert "![metrics by dimension](report.png)" in markdown
     assert (output / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["baseline"] == "base"
     assert report["models"]["trained"]["model_id"] == "confused-keyword-embedder"
+
+
+def test_paired_bootstrap_separates_a_consistent_gain_and_not_a_lucky_one():
+    base = ItemScores({"ndcg@10": np.linspace(0.2, 0.8, 50)})
+    steady = ItemScores({"ndcg@10": np.linspace(0.2, 0.8, 50) + 0.05})
+    assert paired_bootstrap(base, steady, "ndcg@10") == pytest.approx((0.05, 0.05, 0.05))
+    # The same mean gain carried by two queries of fifty: the interval reaches zero.
+    lucky_values = np.linspace(0.2, 0.8, 50)
+    lucky_values[:2] += 1.25
+    delta, low, high = paired_bootstrap(base, ItemScores({"ndcg@10": lucky_values}), "ndcg@10")
+    assert delta == pytest.approx(0.05) and low <= 0 < high
+    # Seeded: the same interval every time.
+    assert paired_bootstrap(base, ItemScores({"ndcg@10": lucky_values}), "ndcg@10") == (delta, low, high)
+
+
+def test_classification_statistics_match_sklearn_on_the_whole_sample_and_resample_labels_apart():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    true = ["a", "a", "b", "b", "c", "c", "c"]
+    predicted = ["a", "b", "b", "b", "c", "a", "d"]
+    samples = ClassificationSamples.of(true, predicted)
+    everything = np.arange(len(true))
+    assert samples.statistic("accuracy", everything) == pytest.approx(accuracy_score(true, predicted))
+    assert samples.statistic("macro_f1", everything) == pytest.approx(f1_score(true, predicted, average="macro"))
+    subset = np.array([0, 0, 2, 3])
+    assert samples.statistic("macro_f1", subset) == pytest.approx(
+        f1_score([true[i] for i in subset], [predicted[i] for i in subset], average="macro"))
 
 
 # --- bad data ---------------------------------------------------------------------------------------------------------

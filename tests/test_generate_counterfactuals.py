@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import collections
 import json
+import pickle
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,9 +15,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import CLASSIFICATION_EXAMPLE, REJECTED, stage_balances, validate_rows
-from pipelines.clients.base import Usage
-from pipelines.clients.factory import LLMSpec
-from pipelines.llm_calls import LLMAnswer
+from pipelines.clients.base import TaskType, Usage
+from pipelines.clients.factory import EmbedderSpec, LLMSpec
+from pipelines.llm_calls import LLMAnswer, RunBudget
 from pipelines.stages.generate_counterfactuals import (
     STAGE,
     GenerateCounterfactuals,
@@ -22,6 +25,7 @@ from pipelines.stages.generate_counterfactuals import (
     GenerationUnit,
     TaskSpecError,
     build_request,
+    classification_row,
     counterfactual_seeds,
     edit_ratio,
     example_id,
@@ -34,12 +38,26 @@ from pipelines.stages.generate_counterfactuals import (
     seed_text_index,
     target_labels,
 )
+from pipelines.stages.label_judge import (
+    JUDGE_OUTPUT_TOKENS,
+    TEACHER_USAGE,
+    JudgeLabels,
+    _TeacherFn,
+    judge_request,
+    label_prototypes,
+    llm_verdict,
+    prototype_texts,
+    teacher_scores,
+    teacher_verdict,
+)
+from prompts.label_judgment import MAX_LABELS, choice_model
 from tests import scripted_classification_llm as scripted
 
 DATA = Path(__file__).parent / "data" / "counterfactuals"
 TASK_YAML = str(DATA / "task.yaml")
 TASK_JSON = str(DATA / "task_inline.json")
 LLM = LLMSpec(backend="custom", model="tests.scripted_classification_llm:factory")
+TEACHER = EmbedderSpec(backend="custom", model="tests.scripted_classification_llm:teacher")
 LABELS = [{"name": "spam", "description": "Unsolicited advertising"},
           {"name": "ham", "description": "A message the reader wants"}]
 
@@ -195,6 +213,8 @@ def test_unknown_spec_format_is_an_error(tmp_path):
     ({"max_seeds_per_label": -1}, "max_seeds_per_label"),
     ({"max_edit_ratio": 0.0}, "max_edit_ratio"),
     ({"temperature": -0.1}, "temperature"),
+    ({"judge": "oracle"}, "judge must be one of teacher, llm, both, off"),
+    ({"judge_margin": -0.01}, "judge_margin"),
 ])
 def test_config_rejects_impossible_values(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -421,26 +441,219 @@ def test_seed_rows_are_valid_and_skipped_when_not_included():
         "skipped": 12, "rejected": 1}
 
 
+# --- The label judge (pure) ------------------------------------------------------------------------------------------
+
+
+def _unit(*values: float) -> list[float]:
+    vector = [float(value) for value in values]
+    norm = sum(value * value for value in vector) ** 0.5
+    return [value / norm for value in vector]
+
+
+@pytest.mark.parametrize(("scores", "target", "margin", "keep", "best"), [
+    ({"a": 0.8, "b": 0.3}, "a", 0.0, True, "a"),
+    ({"a": 0.3, "b": 0.8}, "a", 0.0, False, "b"),
+    ({"a": 0.5, "b": 0.5}, "a", 0.0, True, "a"),  # a tie: the teacher cannot tell them apart, so it keeps the label
+    ({"a": 0.78, "b": 0.8}, "a", 0.0, False, "b"),
+    ({"a": 0.78, "b": 0.8}, "a", 0.05, True, "b"),  # within the margin of the best
+    ({"a": 0.70, "b": 0.8}, "a", 0.05, False, "b"),
+])
+def test_teacher_verdict_keeps_the_target_only_when_it_is_the_best_label_within_the_margin(
+        scores, target, margin, keep, best):
+    assert teacher_verdict(scores, target, margin) == (keep, best)
+
+
+def test_a_prototype_weighs_the_description_and_the_seed_centroid_equally():
+    # Label "a": description on axis 0, three seeds on axis 1. Label "b": description only, on axis 2.
+    seeds = {"a": [(f"s{index}", _unit(0, 1, 0)) for index in range(3)]}
+    prototypes = label_prototypes(["a", "b"], {"a": _unit(1, 0, 0), "b": _unit(0, 0, 1)}, seeds)
+    assert prototypes["a"].tolist() == pytest.approx(_unit(1, 1, 0)), "three seeds outweighed the description"
+    assert prototypes["b"].tolist() == pytest.approx(_unit(0, 0, 1))
+    # A label with no vector at all (its embeddings failed) has no prototype.
+    assert set(label_prototypes(["a", "b", "c"], {"a": _unit(1, 0, 0), "b": _unit(0, 0, 1)}, {})) == {"a", "b"}
+    scores = teacher_scores(_unit(1, 1, 0), prototypes)
+    assert scores["a"] == pytest.approx(1.0) and scores["b"] == pytest.approx(0.0)
+
+
+def test_a_counterfactual_is_judged_without_its_own_seed():
+    """An edit shares most words with its seed: with the seed in the prototypes, the original label would win."""
+    # Axis 0: the words the edit kept from its seed; axis 1: the original label's word; axis 3: the target's word.
+    seed, edit = _unit(1, 1, 0, 0), _unit(1, 0, 0, 0.3)
+    descriptions = {"original": _unit(0, 1, 0, 0), "target": _unit(0, 0, 0, 1)}
+    seeds = {"original": [("seed-1", seed)]}
+    with_seed = teacher_scores(edit, label_prototypes(["original", "target"], descriptions, seeds))
+    assert teacher_verdict(with_seed, "target") == (False, "original")
+    left_out = teacher_scores(edit, label_prototypes(["original", "target"], descriptions, seeds,
+                                                     exclude_seed="seed-1"))
+    assert teacher_verdict(left_out, "target") == (True, "target")
+
+
+def test_the_teacher_embeds_every_label_description_and_seed_for_classification():
+    spec = load_task_spec(TASK_YAML)
+    items = prototype_texts(spec)
+    assert [item["text"] for item in items[:3]] == [label.description for label in spec.labels]
+    assert [item["text"] for item in items[3:]] == [seed.text for seed in spec.seeds]
+    assert {item["task_type"] for item in items} == {TaskType.CLASSIFICATION.value}
+    assert len({item["id"] for item in items}) == len(items)
+
+
+def _candidate(text: str, label: str, counterfactual_of: str | None = None) -> dict:
+    spec = load_task_spec(TASK_YAML)
+    origin = "generated" if counterfactual_of is None else "counterfactual"
+    row_id = example_id(spec.name, origin, text, 0)
+    original = next((seed.label for seed in spec.seeds if seed.seed_id == counterfactual_of), None)
+    return {"row": classification_row(spec, row_id=row_id, text=text, label=label, origin=origin,
+                                      counterfactual_of=counterfactual_of, original_label=original),
+            "raw": json.dumps({"text": text})}
+
+
+def _teacher_outcomes(candidate: dict, vector=None, reason=None, *, drop_label: str | None = None,
+                      drop_reason: str = "embedding_failed"):
+    """_TeacherFn's outcomes for one candidate, given the keyword teacher's vectors of every label description and seed
+    (none for `drop_label`'s, which failed with `drop_reason`) and the candidate's `vector` (default: the teacher's)."""
+    spec = load_task_spec(TASK_YAML)
+    teacher = scripted.teacher()
+    dropped = set() if drop_label is None else {f"label/{drop_label}"} | {
+        f"seed/{seed.seed_id}" for seed in spec.seeds_of(drop_label)}
+    prototypes = [(item["id"], None, drop_reason) if item["id"] in dropped else
+                  (item["id"], teacher.embed([item["text"]], TaskType.CLASSIFICATION)[0].tolist(), None)
+                  for item in prototype_texts(spec)]
+    if vector is None and reason is None:
+        vector = teacher.embed([candidate["row"]["text"]], TaskType.CLASSIFICATION)[0].tolist()
+    judge = _TeacherFn(spec, 0.0, STAGE)
+    element = (candidate["row"]["example_id"], {"candidates": [candidate], "vectors": [(vector, reason)]})
+    return [("rejected", output.value) if isinstance(output, beam.pvalue.TaggedOutput) else ("kept", output)
+            for output in judge.process(element, prototypes)]
+
+
+def test_the_teacher_rejects_a_text_that_reads_as_another_label_and_keeps_a_good_one():
+    spec = load_task_spec(TASK_YAML)
+    [(kind, row)] = _teacher_outcomes(_candidate(scripted.WRONG_LABEL_EXAMPLE, "payment"))
+    assert (kind, row["reason"]) == ("rejected", "label_mismatch")
+    assert "nearest 'broken_bike'" in row["detail"] and "not its label 'payment'" in row["detail"]
+    assert row["raw_answer"] == json.dumps({"text": scripted.WRONG_LABEL_EXAMPLE})
+    validate_rows([row], REJECTED, source="label_mismatch row")
+
+    declined = next(seed for seed in spec.seeds if seed.text.startswith("My card was declined"))
+    [(kind, row)] = _teacher_outcomes(_candidate(scripted.SAME_MEANING_EDIT, "docking", declined.seed_id))
+    assert (kind, row["reason"]) == ("rejected", "label_mismatch") and "nearest 'payment'" in row["detail"]
+
+    good = _candidate("My card was declined when I tried to buy a and no dock is free, every dock is full.",
+                      "docking", declined.seed_id)
+    assert _teacher_outcomes(good) == [("kept", good)]
+
+
+def test_the_teacher_leaves_a_counterfactuals_own_seed_out_of_the_prototypes():
+    """Its "brakes" outweigh "charged" only while its own seed (the one brakes seed) is in broken_bike's centroid."""
+    spec = load_task_spec(TASK_YAML)
+    brakes = next(seed for seed in spec.seeds if seed.text.startswith("The brakes on bike 4417"))
+    edit = "The brakes on bike 4417 barely work, please check and I was charged."
+    as_counterfactual = _candidate(edit, "payment", brakes.seed_id)
+    assert _teacher_outcomes(as_counterfactual) == [("kept", as_counterfactual)]
+    [(kind, row)] = _teacher_outcomes(_candidate(edit, "payment"))  # a new example: every seed counts
+    assert (kind, row["reason"]) == ("rejected", "label_mismatch") and "nearest 'broken_bike'" in row["detail"]
+
+
+@pytest.mark.parametrize(("reason", "expected"), [
+    ("embedding_failed", "judge_failed"),
+    ("skipped_by_budget", "skipped_by_budget"),
+])
+def test_a_text_the_teacher_could_not_embed_gets_no_verdict(reason, expected):
+    [(kind, row)] = _teacher_outcomes(_candidate("Can I pay with PayPal?", "payment"), reason=reason)
+    assert (kind, row["reason"]) == ("rejected", expected) and "could not judge" in row["detail"]
+
+
+@pytest.mark.parametrize(("drop_reason", "expected"), [
+    ("embedding_failed", "judge_failed"),
+    ("skipped_by_budget", "skipped_by_budget"),
+])
+def test_a_label_without_a_prototype_leaves_every_text_unjudged(drop_reason, expected):
+    """The text might belong to the label the teacher cannot see: no verdict, whatever its own label."""
+    [(kind, row)] = _teacher_outcomes(_candidate("Can I pay with PayPal?", "payment"), drop_label="docking",
+                                      drop_reason=drop_reason)
+    assert (kind, row["reason"]) == ("rejected", expected) and "label 'docking'" in row["detail"]
+
+
+def test_the_llm_judge_asks_which_numbered_label_fits_with_a_bounded_answer():
+    spec = load_task_spec(TASK_YAML)
+    candidate = _candidate(scripted.WRONG_LABEL_EXAMPLE, "payment")
+    request = judge_request(candidate, spec)
+    user = request.messages[-1].content
+    assert "1. payment: Charges, refunds, passes and payment methods\n2. broken_bike:" in user
+    assert f"<text>\n{scripted.WRONG_LABEL_EXAMPLE}\n</text>" in user
+    assert request.request_id == f"judge/{candidate['row']['example_id']}" and request.context is candidate
+    assert request.config.temperature == 0.0 and request.config.max_output_tokens == JUDGE_OUTPUT_TOKENS
+    # The answer is a label number, bounded to this task's 3 labels (a local model's decoding can choose no other).
+    schema = request.output_model.model_json_schema()["properties"]["label"]
+    assert (schema["minimum"], schema["maximum"]) == (1, 3)
+    # The same text asks the same request whatever label it was written for: one cached judgment per text.
+    relabelled = judge_request(_candidate(scripted.WRONG_LABEL_EXAMPLE, "docking"), spec)
+    assert relabelled.cache_key("m", "v") == request.cache_key("m", "v")
+    # Requests travel to Beam workers: the dynamic output model pickles by name, even to a process that never built it.
+    assert pickle.loads(pickle.dumps(request)).output_model is choice_model(3)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; model = pickle.loads(sys.stdin.buffer.read()).output_model; "
+         "print(model.__name__, model.model_json_schema()['properties']['label']['maximum'])"],
+        input=pickle.dumps(request), capture_output=True, check=True, cwd=Path(__file__).parents[1])
+    assert loaded.stdout.decode().split() == ["LabelChoice3", "3"]
+    assert scripted.judge_label(user) == 2
+
+
+def _judgment(request, value=None, raw=None, source="backend") -> LLMAnswer:
+    ok = value is not None
+    return LLMAnswer(request, ok, value, raw if raw is not None else json.dumps(value), None if ok else "invalid",
+                     Usage(), source=source)
+
+
+def test_llm_verdicts():
+    spec = load_task_spec(TASK_YAML)
+    request = judge_request(_candidate(scripted.WRONG_LABEL_EXAMPLE, "payment"), spec)
+    assert llm_verdict(_judgment(request, {"label": 1}), spec) == (None, None)
+    reason, detail = llm_verdict(_judgment(request, {"label": 2}), spec)
+    assert reason == "label_mismatch" and detail == "the LLM judge chose 'broken_bike' (label 2), not 'payment'"
+    assert llm_verdict(_judgment(request, raw='{"label": 7}'), spec)[0] == "judge_failed"
+    assert llm_verdict(_judgment(request, raw="", source="budget"), spec)[0] == "skipped_by_budget"
+
+
+def test_an_impossible_judge_fails_when_the_pipeline_is_built(tmp_path):
+    spec = load_task_spec(TASK_YAML)
+    with pytest.raises(ValueError, match="needs the run's teacher"):
+        JudgeLabels(spec, stage=STAGE, judge="teacher", llm=LLM)
+    with pytest.raises(ValueError, match="judge must be one of"):
+        JudgeLabels(spec, stage=STAGE, judge="oracle", llm=LLM, teacher=TEACHER)
+    many = [{"name": f"l{index}", "description": f"label {index}"} for index in range(MAX_LABELS + 1)]
+    path = _write(tmp_path, {"name": "t", "description": "d", "labels": many,
+                             "examples": [{"text": "hi", "label": "l0"}]})
+    with pytest.raises(TaskSpecError, match=f"{MAX_LABELS + 1} labels, more than the {MAX_LABELS}"):
+        JudgeLabels(load_task_spec(path), stage=STAGE, judge="llm", llm=LLM)
+    JudgeLabels(load_task_spec(path), stage=STAGE, judge="teacher", teacher=TEACHER)  # the teacher has no limit
+    with pytest.raises(ValueError, match="needs the run's teacher"):
+        _ = TestPipeline() | GenerateCounterfactuals(_config(), LLM)
+
+
 # --- The PTransform ---------------------------------------------------------------------------------------------------
 
+#: What the scripted LLM's answers give before the label judge (tests/scripted_classification_llm.py).
+SURFACE_REASONS = {"unknown_label": 1, "llm_failed": 2, "copies_example": 2, "surplus": 1, "conflicting_labels": 2,
+                   "duplicate": 3, "unchanged": 1, "not_minimal": 1}
+#: The texts the judge sees: 3 new examples and 7 counterfactuals survive the surface checks.
+JUDGED = 10
+EVERY_DOCK = "Every dock at Central Station is full, where can I return and I was charged twice, please refund me."
+GOOD_EDIT = "The bike I took at Elm Street has a flat and I was charged twice, please refund me."
 
-@pytest.mark.slow
-def test_the_stage_writes_valid_rows_and_accounts_for_every_unit():
-    """The scripted LLM's answers are known (tests/scripted_classification_llm.py), so every outcome is too."""
-    config = _config(seeds_per_prompt=2)
-    spec = load_task_spec(TASK_YAML)
+
+def _run_stage(config, check_rows, *, answers: int, budget: RunBudget | None = None, teacher=TEACHER):
+    """Run the stage on TestPipeline: rows valid, every unit accounted for, the stage balanced, then `check_rows`."""
+    spec = load_task_spec(config.task_spec)
     planned = spec.seed_rows_read + len(plan_units(spec, config))
-    expected_reasons = {"unknown_label": 1, "llm_failed": 2, "copies_example": 2, "empty_text": 1, "surplus": 1,
-                        "conflicting_labels": 2, "duplicate": 3, "unchanged": 1, "not_minimal": 1}
 
     def check(elements):
         kept = [row for kind, row in elements if kind == "kept"]
         rejected = [row for kind, row in elements if kind == "rejected"]
-        tallies = {value[0][2]: value[1] for kind, value in elements if kind == "tally"}
+        tallies = {value[0]: value[1] for kind, value in elements if kind == "tally"}
         validate_rows(kept, CLASSIFICATION_EXAMPLE, source="kept")
         validate_rows(rejected, REJECTED, source="rejected")
-        assert collections.Counter(row["reason"] for row in rejected) == expected_reasons
-        assert collections.Counter(row["origin"] for row in kept) == {"seed": 12, "generated": 2, "counterfactual": 7}
+        assert {row["stage"] for row in rejected} == {STAGE}
         seeds = {row["example_id"]: row for row in kept if row["origin"] == "seed"}
         for row in kept:
             if row["origin"] == "counterfactual":
@@ -449,24 +662,90 @@ def test_the_stage_writes_valid_rows_and_accounts_for_every_unit():
                 assert row["text"] != seed["text"]
         assert len({row["example_id"] for row in kept}) == len(kept)
         assert len({" ".join(row["text"].lower().split()) for row in kept}) == len(kept)
-        counts = {"stage": STAGE, "input": tallies["input"], "kept": tallies["kept"], "rejected": len(rejected),
-                  "expanded": tallies.get("expanded", 0), "skipped": tallies.get("skipped", 0), "reasons": {}}
+        stage = {field: tallies.get(("stage", STAGE, field), 0) for field in ("input", "kept", "expanded", "skipped")}
+        counts = {"stage": STAGE, **stage, "rejected": len(rejected), "reasons": {}}
         assert (counts["input"], counts["kept"], counts["expanded"]) == (planned, len(kept), 7)
         assert stage_balances(counts), counts
+        check_rows(kept, rejected, tallies)
 
     with TestPipeline() as pipeline:
-        outputs = pipeline | GenerateCounterfactuals(config, LLM)
+        outputs = pipeline | GenerateCounterfactuals(config, LLM, budget=budget, teacher=teacher)
         tagged = (
             outputs["kept"] | "TagKept" >> beam.Map(lambda row: ("kept", row)),
             outputs["rejected"] | "TagRejected" >> beam.Map(lambda row: ("rejected", row)),
             outputs["tallies"] | "TagTallies" >> beam.Map(lambda tally: ("tally", tally)),
         ) | beam.Flatten()
         assert_that(tagged, check)
-        assert_that(outputs["answers"] | beam.combiners.Count.Globally(), equal_to([15]), label="OneAnswerPerRequest")
+        assert_that(outputs["answers"] | beam.combiners.Count.Globally(), equal_to([answers]), label="Answers")
+
+
+def _by_text(rows) -> dict[str, dict]:
+    return {json.loads(row["payload"])["text"]: row for row in rows}
+
+
+@pytest.mark.slow
+def test_the_stage_writes_valid_rows_and_accounts_for_every_unit():
+    """The scripted LLM's answers and the keyword teacher's vectors are known, so every outcome is too."""
+
+    def check(kept, rejected, tallies):
+        assert collections.Counter(row["reason"] for row in rejected) == {**SURFACE_REASONS, "label_mismatch": 3}
+        assert collections.Counter(row["origin"] for row in kept) == {"seed": 12, "generated": 2, "counterfactual": 5}
+        mismatched = _by_text(row for row in rejected if row["reason"] == "label_mismatch")
+        assert set(mismatched) == {scripted.WRONG_LABEL_EXAMPLE, scripted.SAME_MEANING_EDIT, EVERY_DOCK}
+        assert "nearest 'payment'" in mismatched[scripted.SAME_MEANING_EDIT]["detail"]
+        kept_texts = {row["text"]: row for row in kept}
+        assert kept_texts[GOOD_EDIT]["label"] == "payment"
+        assert "Can I pay for a monthly pass with PayPal?" in kept_texts
+        # The teacher embedded 3 descriptions, 12 seeds and the 10 texts judged (no cache: all computed).
+        assert tallies[("embedding", TEACHER_USAGE, "texts_embedded")] == 3 + 12 + JUDGED
+        assert tallies[("cost", TEACHER_USAGE)] == 0
+
+    _run_stage(_config(seeds_per_prompt=2), check, answers=15)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("judge", "mismatched", "answers"), [
+    # The LLM judge keeps EVERY_DOCK (a tie, see the scripted LLM) and is asked about all 10 texts.
+    ("llm", {scripted.WRONG_LABEL_EXAMPLE, scripted.SAME_MEANING_EDIT}, 15 + JUDGED),
+    # Both: the teacher rejects 3, the LLM is asked about the other 7 and agrees with the teacher on them.
+    ("both", {scripted.WRONG_LABEL_EXAMPLE, scripted.SAME_MEANING_EDIT, EVERY_DOCK}, 15 + JUDGED - 3),
+    ("off", set(), 15),
+])
+def test_every_judge_accounts_for_every_text(judge, mismatched, answers):
+    def check(kept, rejected, tallies):
+        rejections = _by_text(row for row in rejected if row["reason"] == "label_mismatch")
+        assert set(rejections) == mismatched
+        assert collections.Counter(row["reason"] for row in rejected) == {
+            **SURFACE_REASONS, **({"label_mismatch": len(mismatched)} if mismatched else {})}
+        assert sum(row["origin"] != "seed" for row in kept) == JUDGED - len(mismatched)
+        if judge == "llm":
+            assert "the LLM judge chose 'broken_bike'" in rejections[scripted.WRONG_LABEL_EXAMPLE]["detail"]
+            assert rejections[scripted.WRONG_LABEL_EXAMPLE]["raw_answer"] == '{"label": 2}'
+        assert (("embedding", TEACHER_USAGE, "texts_embedded") in tallies) == (judge == "both")
+
+    _run_stage(_config(seeds_per_prompt=2, judge=judge), check, answers=answers,
+               teacher=TEACHER if judge == "both" else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_calls", [15, 17])
+def test_the_llm_judge_draws_on_the_run_budget_after_generation(max_calls):
+    """15 generation calls come first; the judge gets what is left, and a text it cannot ask about is not kept."""
+    judged = max_calls - 15
+
+    def check(kept, rejected, tallies):
+        reasons = collections.Counter(row["reason"] for row in rejected)
+        assert reasons["skipped_by_budget"] == JUDGED - judged
+        assert sum(row["origin"] != "seed" for row in kept) + reasons["label_mismatch"] == judged
+        skipped = [row for row in rejected if row["reason"] == "skipped_by_budget"]
+        assert all(json.loads(row["payload"])["origin"] in ("generated", "counterfactual") for row in skipped)
+
+    _run_stage(_config(seeds_per_prompt=2, judge="llm"), check, answers=15 + JUDGED, budget=RunBudget(max_calls),
+               teacher=None)
 
 
 def test_a_broken_spec_fails_when_the_pipeline_is_built(tmp_path):
     path = _write(tmp_path, {"name": "t", "description": "d", "labels": LABELS[:1]})
     pipeline = TestPipeline()
     with pytest.raises(TaskSpecError, match="at least 2 labels"):
-        _ = pipeline | GenerateCounterfactuals(_config(task_spec=path), LLM)
+        _ = pipeline | GenerateCounterfactuals(_config(task_spec=path), LLM, teacher=TEACHER)

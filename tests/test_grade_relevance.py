@@ -5,15 +5,23 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from data_schemas import GRADED_PAIR, validate_rows
+from data_schemas import GRADED_PAIR, REJECTED, validate_rows
 from pipelines.clients.factory import LLMSpec
-from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfig, grade_pair
+from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfig, grade_pair, select_candidate
+
+JSON_PASSAGE = "The json module encodes Python objects as JSON text."
 
 
-def _pair(pair_id: str, query: str, passage: str) -> dict:
-    return {"pair_id": pair_id, "query_id": pair_id, "query": query, "query_type": "question", "task": "t",
+def _pair(pair_id: str, query: str, passage: str, query_id: str | None = None) -> dict:
+    return {"pair_id": pair_id, "query_id": query_id or pair_id, "query": query, "query_type": "question", "task": "t",
             "passage_id": f"doc-{pair_id}", "passage": passage, "llm_model": "m",
             "prompt_version": "query_generation@1"}
+
+
+def _graded(pair_id: str, query: str) -> dict:
+    """A graded candidate of slot p::q0 (its pair_id is p::q0 for the first candidate, p::q0c<k> for the others)."""
+    return {**_pair(pair_id, query, JSON_PASSAGE, query_id="p::q0"), "llm_relevance": None, "llm_reason": None,
+            "roundtrip_rank": 1}
 
 
 @pytest.mark.parametrize(("rank", "kept"), [(1, True), (3, True), (4, False), (None, False)])
@@ -45,3 +53,49 @@ def test_pipeline_with_llm_and_roundtrip_graders():
         assert_that(evidence, equal_to([("good", 3.0, 1)]), label="Kept")
         assert_that(outputs["rejected"] | "R" >> beam.Map(lambda r: (r["record_id"], r["reason"])),
                     equal_to([("irrelevant", "llm_irrelevant"), ("far", "roundtrip_failed")]), label="Rejected")
+
+
+@pytest.mark.parametrize(("candidates", "kept"), [
+    # json module encodes python objects: 4 of 4 word pairs copied; what does the json module do: 2 of 5; how do I
+    # turn a dict into text: none.
+    ([("p::q0", "json module encodes Python objects"), ("p::q0c1", "how do I turn a dict into text?"),
+      ("p::q0c2", "what does the json module do?")], "p::q0c1"),
+    ([("p::q0c2", "what does the json module do?"), ("p::q0", "json module encodes Python objects")], "p::q0c2"),
+    # A tie goes to the earlier candidate (the first one is asked at temperature 0); c10 comes after c2.
+    ([("p::q0c10", "how do I turn a dict into text?"), ("p::q0c2", "which format do web APIs speak?"),
+      ("p::q0c3", "how can I save settings to a file?")], "p::q0c2"),
+    ([("p::q0", "json module encodes Python objects")], "p::q0"),  # one candidate: nothing to choose
+])
+def test_select_candidate_keeps_the_least_extractive_and_rejects_the_rest_as_surplus(candidates, kept):
+    outcomes = list(select_candidate(_graded(pair_id, query) for pair_id, query in candidates))
+    assert outcomes[0] == ("kept", next(row for row in (_graded(*c) for c in candidates) if row["pair_id"] == kept))
+    rejected = [row for outcome, row in outcomes[1:]]
+    assert [outcome for outcome, _ in outcomes[1:]] == ["rejected"] * (len(candidates) - 1)
+    assert sorted(row["record_id"] for row in rejected) == sorted(p for p, _ in candidates if p != kept)
+    assert all(row["reason"] == "surplus_candidate" and kept in row["detail"] for row in rejected)
+    validate_rows(rejected, REJECTED)
+
+
+def test_select_candidate_of_nothing_is_nothing():
+    assert list(select_candidate([])) == []
+
+
+@pytest.mark.slow
+def test_pipeline_selects_one_candidate_per_slot_among_those_that_passed():
+    pairs = [
+        _pair("a::q0", "json module encodes Python objects", JSON_PASSAGE, query_id="a::q0"),
+        _pair("a::q0c1", "how do I turn a dict into text?", JSON_PASSAGE, query_id="a::q0"),  # least extractive
+        _pair("a::q0c2", "what does the json module do?", JSON_PASSAGE, query_id="a::q0"),
+        _pair("b::q0", "json module encodes Python objects", JSON_PASSAGE, query_id="b::q0"),
+        _pair("b::q0c1", "how do I turn a dict into text?", JSON_PASSAGE, query_id="b::q0"),  # fails the round trip
+    ]
+    ranks = [("a::q0", 1), ("a::q0c1", 2), ("a::q0c2", 1), ("b::q0", 2), ("b::q0c1", None)]
+    with TestPipeline() as pipeline:
+        outputs = {"pairs": pipeline | "Pairs" >> beam.Create(pairs),
+                   "ranks": pipeline | "Ranks" >> beam.Create(ranks)} | GradeRelevance(
+            GradeRelevanceConfig(), select_candidates=True)
+        assert_that(outputs["kept"] | "K" >> beam.Map(lambda r: (r["query_id"], r["pair_id"], r["roundtrip_rank"])),
+                    equal_to([("a::q0", "a::q0c1", 2), ("b::q0", "b::q0", 2)]), label="Kept")
+        assert_that(outputs["rejected"] | "R" >> beam.Map(lambda r: (r["record_id"], r["reason"])),
+                    equal_to([("a::q0", "surplus_candidate"), ("a::q0c2", "surplus_candidate"),
+                              ("b::q0c1", "roundtrip_failed")]), label="Rejected")

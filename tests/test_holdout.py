@@ -11,8 +11,9 @@ from apache_beam.io.filesystems import FileSystems
 from data_schemas import CLASSIFICATION_EXAMPLE, PASSAGE, TRIPLET
 from embedder.data import read_run
 from embedder.evaluate import load_beir
-from pipelines.holdout import is_held_out, split_run
+from pipelines.holdout import corpus_passages, is_held_out, split_run
 from pipelines.run_layout import read_kind
+from pipelines.stages.read_corpus import ReadCorpusConfig
 from tests.shard_factory import classification_rows, triplet_rows, write_run, write_shard
 
 FRACTION = 0.25
@@ -62,3 +63,21 @@ def test_splitting_again_replaces_the_earlier_split(tmp_path):
     with open(FileSystems.join(second.eval_dir, "queries.jsonl"), encoding="utf-8") as handle:
         assert len([json.loads(line) for line in handle]) == second.eval_queries
     assert not (tmp_path / "run" / ".split.staging").exists()
+
+
+def test_held_out_queries_are_searched_against_every_passage_of_the_corpus(tmp_path):
+    run = _run(str(tmp_path / "run"))
+    corpus = tmp_path / "passages.jsonl"
+    sampled = read_kind(run, "passages", PASSAGE).to_pylist()
+    unsampled = [{"id": f"extra-{index}", "text": f"a passage the sample left out, number {index}"}
+                 for index in range(5)]
+    lines = [{"id": row["passage_id"], "text": row["text"]} for row in sampled] + unsampled
+    # A duplicate id keeps its first occurrence, as ReadCorpus does.
+    lines.append({"id": "extra-0", "text": "a later duplicate"})
+    corpus.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    passages = corpus_passages(ReadCorpusConfig(path=str(corpus), sample=3))
+    assert len(passages) == len(sampled) + len(unsampled)
+    split = split_run(run, FRACTION, seed=0, corpus=passages)
+    beir = load_beir(split.eval_dir)
+    assert set(beir.corpus_ids) == {row["passage_id"] for row in sampled} | {line["id"] for line in unsampled}
+    assert beir.corpus_texts[beir.corpus_ids.index("extra-0")].endswith("number 0")

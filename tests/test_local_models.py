@@ -7,9 +7,11 @@ cache so the unzip and GGUF conversion paths run too); the rest check the pure h
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 from typing import Literal
@@ -20,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from pipelines.clients import packaged_models
 from pipelines.clients.base import ChatMessage, GenerationConfig, TaskType
+from pipelines.clients.batched_decoding import PrefixNode, plan_prefix_tree
 from pipelines.clients.factory import EmbedderSpec, LLMSpec, build_embedder, build_llm
 from pipelines.clients.local_embedder import select_task_prompts
 from pipelines.clients.local_llm import (
@@ -184,6 +187,49 @@ def test_render_fallback_chat_ends_with_the_assistant_turn():
     assert rendered == "System: Be brief.\n\nUser: Hi\n\nAssistant: "
 
 
+# --- batched decoding: which prompt prefixes are run once -------------------------------------------------------------
+
+
+SYSTEM = list(range(100, 140))  # 40 tokens every prompt starts with (chat template + system text)
+SHOTS_A = list(range(200, 240))  # 40 more the prompts of one query type share (its few-shot examples)
+SHOTS_B = list(range(300, 340))
+
+
+def test_plan_prefix_tree_runs_nested_shared_prefixes_once():
+    prompts = [
+        SYSTEM + SHOTS_A + [1, 2],
+        SYSTEM + SHOTS_B + [4, 5],
+        SYSTEM + SHOTS_A + [3],
+        SYSTEM + [7],  # shares only the system text
+        SYSTEM + SHOTS_B + [6],
+    ]
+    nodes, deepest = plan_prefix_tree(prompts, min_tokens=32)
+    assert nodes == [
+        PrefixNode(0, 40, None, (0, 1, 2, 3, 4)),
+        PrefixNode(40, 80, 0, (0, 2)),  # the parent's tokens are not run again: [40, 80) from node 0's cache
+        PrefixNode(40, 80, 0, (1, 4)),
+    ]
+    assert deepest == [1, 2, 1, 0, 2]
+
+
+def test_plan_prefix_tree_leaves_every_prompt_a_token_of_its_own():
+    # The logits that start an answer come from a prompt's last token, so no shared prefix may hold it: not for
+    # identical prompts, nor for a prompt that is the start of another.
+    prompt = list(range(50))
+    assert plan_prefix_tree([prompt, prompt], min_tokens=8) == ([PrefixNode(0, 49, None, (0, 1))], [0, 0])
+    assert plan_prefix_tree([prompt, prompt + [7, 8]], min_tokens=8) == ([PrefixNode(0, 49, None, (0, 1))], [0, 0])
+
+
+def test_plan_prefix_tree_skips_short_shared_runs():
+    # 3 tokens shared by all are not worth a forward pass of their own; the 43 two prompts share are, from token 0.
+    prompts = [[1, 2, 3, *SHOTS_A, 5], [1, 2, 3, *SHOTS_A, 6], [1, 2, 3, 9, 9]]
+    assert plan_prefix_tree(prompts, min_tokens=32) == ([PrefixNode(0, 43, None, (0, 1))], [0, 0, None])
+    # Fewer shared tokens than the minimum: nothing is shared, each prompt runs whole.
+    assert plan_prefix_tree(prompts, min_tokens=44) == ([], [None, None, None])
+    assert plan_prefix_tree([], min_tokens=1) == ([], [])
+    assert plan_prefix_tree([SYSTEM], min_tokens=1) == ([], [None])
+
+
 # --- packaged models: resolution, unzip, cache ------------------------------------------------------------------------
 
 
@@ -196,6 +242,18 @@ def test_select_task_prompts_prefers_overrides_then_model_prompts():
     assert prompts[TaskType.CLASSIFICATION] == "classify: "
     assert TaskType.SEMANTIC_SIMILARITY not in prompts  # "" switches the model's own prompt off
     assert select_task_prompts({}) == {}  # MiniLM / mpnet: bare text for every task type
+
+
+def test_select_task_prompts_reads_an_embforge_student_by_task_type_names():
+    # What StudentEncoder.save writes: the TaskType names (the trainer's), plus the "query"/"document" aliases.
+    student = {"RETRIEVAL_QUERY": "search: ", "RETRIEVAL_DOCUMENT": "doc: ", "CLASSIFICATION": "classify: ",
+               "SEMANTIC_SIMILARITY": "", "query": "search: ", "document": "doc: "}
+    prompts = select_task_prompts(student)
+    assert prompts == {TaskType.RETRIEVAL_QUERY: "search: ", TaskType.RETRIEVAL_DOCUMENT: "doc: ",
+                       TaskType.CLASSIFICATION: "classify: "}
+    # Task types it was trained without (or with "") embed the bare text; none borrows the generic "query" prompt.
+    assert TaskType.QUESTION_ANSWERING not in prompts and TaskType.SEMANTIC_SIMILARITY not in prompts
+    assert select_task_prompts(student, {"QUESTION_ANSWERING": "qa: "})[TaskType.QUESTION_ANSWERING] == "qa: "
 
 
 def test_resolve_packaged_minilm_names_the_package_version():
@@ -445,6 +503,122 @@ def test_local_llm_score_ranks_a_sensible_answer_above_nonsense(llm):
     sensible, nonsense, empty = llm.score(messages, ["Paris", "Banana purple 7 elephant", ""])
     assert llm.supports_logprobs
     assert sensible > nonsense and sensible < 0 and empty == 0.0
+
+
+# --- batched decoding with the real model (slow) ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def forward_calls(llm):
+    """Record (rows, tokens per row, tokens already cached) of every forward pass of the model while active."""
+    calls: list[tuple[int, int, int]] = []
+    model = llm._model
+    original = model.forward
+
+    def recording(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        calls.append((ids.shape[0], ids.shape[1], cache.get_seq_length() if cache is not None else 0))
+        return original(*args, **kwargs)
+
+    model.forward = recording
+    try:
+        yield calls
+    finally:
+        del model.forward
+
+
+def _passages(count: int) -> list[dict[str, str]]:
+    """Real stdlib passages cut to different lengths, so that prompts differ in length (and stay quick)."""
+    from pipelines.stdlib_corpus import stdlib_records
+
+    return [{**record, "text": record["text"][: 150 * (index + 1)]}
+            for index, record in enumerate(stdlib_records(count))]
+
+
+def _query_requests(query_types):
+    prompt = get_prompt("query_generation")
+    return [prompt.render(passage=passage["text"], title=passage["title"], query_type=query_type)
+            for passage, query_type in zip(_passages(len(query_types)), query_types, strict=True)]
+
+
+def _grading_requests():
+    prompt = get_prompt("relevance_grading")
+    queries = ["how do I parse a json string", "what does a heap queue do", "read a zip archive"]
+    return [prompt.render(query=query, passage=passage["text"])
+            for query, passage in zip(queries, _passages(3), strict=True)]
+
+
+def _example_requests():
+    prompt = get_prompt("example_generation")
+    labels = [("billing", "Charges, invoices and refunds", ("I was charged twice this month.",)),
+              ("login", "Cannot sign in to the account", ("My password does not work.", "I am locked out."))]
+    return [prompt.render(task_description="Classify customer support emails", label=label, label_description=about,
+                          seed_examples=seeds, count=2) for label, about, seeds in labels]
+
+
+# (requests, output model, max_output_tokens): free strings of different lengths, some cut at the token budget; a
+# string then a choice scored as continuations (relevance 0-3); a list, each item weighed against closing it.
+BATCH_CASES = {
+    "strings": (lambda: _query_requests(["question", "keywords", "question", "claim"]), "query_generation", 24),
+    "string_and_choice": (_grading_requests, "relevance_grading", 20),
+    "list": (_example_requests, "example_generation", 48),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BATCH_CASES))
+def test_generate_many_gives_the_answers_of_generate_one_by_one(llm, case):
+    build, prompt_name, max_tokens = BATCH_CASES[case]
+    requests, output_model = build(), get_prompt(prompt_name).output_model
+    config = GenerationConfig(max_output_tokens=max_tokens)
+    with forward_calls(llm) as batched_calls:
+        # Two at a time: rows finish, the next request takes a finished row's place, the last ones leave.
+        batched = llm.generate_many(requests, output_model, config, concurrency=2)
+    with forward_calls(llm) as single_calls:
+        alone = [llm.generate(messages, output_model, config) for messages in requests]
+    for many, one in zip(batched, alone, strict=True):
+        assert (many.ok, many.raw, many.value, many.error, many.usage) == (one.ok, one.raw, one.value, one.error,
+                                                                          one.usage)
+    # The answers were written together: several rows a pass, and fewer passes than one answer after another.
+    assert max(rows for rows, _, _ in batched_calls) >= 2
+    assert len(batched_calls) < 0.75 * len(single_calls)
+    if case == "strings":
+        assert {result.ok for result in alone} == {True, False}  # answers that fit and answers cut at the budget
+        assert any("max_output_tokens" in (result.error or "") for result in alone)
+    if case == "list":
+        assert any('", "' in result.raw for result in alone)  # a second item, once weighed against closing the list
+
+
+@pytest.mark.slow
+def test_generate_many_runs_a_shared_prompt_prefix_once(llm):
+    # One query type: every prompt shares the chat template, the system text and the same few-shot examples.
+    requests = _query_requests(["question"] * 3)
+    prompts = [llm._encode(llm._render_prompt(messages)) for messages in requests]
+    shared = min(len(os.path.commonprefix([prompts[0], other])) for other in prompts[1:])
+    assert shared > 300  # system text and examples: most of each prompt
+    with forward_calls(llm) as calls:
+        llm.generate_many(requests, get_prompt("query_generation").output_model,
+                          GenerationConfig(max_output_tokens=4), concurrency=3)
+    # How many times each of the shared tokens went through the model, whatever the pass.
+    fed = sum(rows * max(0, min(shared, cached + tokens) - cached) for rows, tokens, cached in calls)
+    assert fed == shared
+    assert sum(1 for _, _, cached in calls if cached == 0) == 1  # one pass starts from nothing: the shared prefix
+
+
+@pytest.mark.slow
+def test_generate_many_samples_each_answer_as_generate_does(llm):
+    # Seeded per request from its prompt: an answer does not depend on the batch it lands in.
+    config = GenerationConfig(temperature=0.9, max_output_tokens=12)
+    requests = [query_messages(text) for text in (PASSAGE, SHOTS[0][0], SHOTS[2][0])]
+    alone = [llm.generate(messages, GeneratedQuery, config).raw for messages in requests]
+    assert [result.raw for result in llm.generate_many(requests, GeneratedQuery, config, concurrency=3)] == alone
+    assert [result.raw for result in llm.generate_many(requests[1:], GeneratedQuery, config)] == alone[1:]
+    # Candidates of one passage: the same prompt, one seed each, answered together as each would be alone.
+    candidates = [GenerationConfig(temperature=0.9, max_output_tokens=12, seed=seed) for seed in (1, 2, 3)]
+    each_alone = [llm.generate(requests[0], GeneratedQuery, candidate).raw for candidate in candidates]
+    together = llm.generate_many([requests[0]] * 3, GeneratedQuery, candidates, concurrency=3)
+    assert [result.raw for result in together] == each_alone and len(set(each_alone)) > 1
 
 
 @pytest.mark.slow

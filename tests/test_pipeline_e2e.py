@@ -33,11 +33,15 @@ from pipelines.stages.mine_negatives import MineNegativesConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
 from tests.fake_gemini_server import FakeGeminiServer, FaultPlan
 from tests.fakes import KeywordEmbedder
+from tests.scripted_classification_llm import ENDINGS, LABEL_WORDS
 
 # Every test here runs the whole generation pipeline.
 pytestmark = pytest.mark.slow
 
-VOCABULARY = ("json", "csv", "heap", "zip", "regex", "date", "socket", "thread")
+#: Topic words of the corpus, then the bike-share task's label words (tests/scripted_classification_llm.py): the
+#: keyword teacher also judges the counterfactuals' labels.
+VOCABULARY = ("json", "csv", "heap", "zip", "regex", "date", "socket", "thread",
+              *(word for words in LABEL_WORDS.values() for word in words))
 FILLER = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen"
 # Passage text decides every scripted answer: the first word is the topic (and the generated query); "[best]" and
 # "[relevant]" set the negative-scoring grade for queries on that topic; "[broken]" makes query generation answer
@@ -82,12 +86,14 @@ def scripted_gemini(body) -> str:
         grade = (3 if "[best]" in passage else 2 if "[relevant]" in passage else 1) if on_topic else 0
         return json.dumps({"relevance": grade})
     if system.startswith("You write new labelled examples"):
-        label = re.search(r"Label: (\S+)", user) or re.search(r"label[^\n]*?(\w+)", user)
-        return json.dumps({"examples": [f"generated message {index} for {label.group(1)}" for index in range(2)]})
+        label = (re.search(r"Label: (\S+)", user) or re.search(r"label[^\n]*?(\w+)", user)).group(1)
+        # Written in the label's own words, so the label judge (the keyword teacher) reads them as that label.
+        words = LABEL_WORDS.get(label, ("lost", "item"))
+        return json.dumps({"examples": [f"message {index}: {words[index]} {words[index + 2]}" for index in range(2)]})
     if system.startswith("You write counterfactual"):
-        words = _tag(user, "text").split()
-        words[-1] = "changed"
-        return json.dumps({"text": " ".join(words)})
+        # A minimal edit toward the target label, as a capable LLM writes it: the judge keeps it.
+        target = re.search(r'belongs to the target label "(.+?)"', user).group(1)
+        return json.dumps({"text": " ".join(_tag(user, "text").split()[:-2] + [ENDINGS[target]])})
     raise AssertionError(f"unexpected prompt: {system[:80]}")
 
 

@@ -22,16 +22,20 @@ from safetensors.torch import load_file
 
 from data_schemas import TRIPLET, SchemaError
 from embedder.config import TrainConfig
-from embedder.data import TaskBatchSampler, read_run
+from embedder.data import Batch, TaskBatchSampler, TrainingData, TripletExample, read_run
 from embedder.losses import (
     EmbeddingMatching,
     global_orthogonal_regularization,
+    in_batch_negative_mask,
     info_nce,
     label_classification,
+    margin_mse,
     matryoshka,
     truncate,
 )
-from embedder.train import adamw, lr_multiplier, total_optimizer_steps
+from embedder.train import adamw, batch_losses, lr_multiplier, total_optimizer_steps
+from pipelines.clients.base import TaskType
+from pipelines.clients.task_prompts import PROMPT_NAMES, prompt_name
 from tests.memory_filesystem import MemoryFileSystem
 from tests.shard_factory import classification_rows, triplet_rows, write_run, write_shard
 
@@ -53,6 +57,7 @@ def test_default_config_is_valid_and_pickles():
     ({"infonce_weight": 0.0, "distillation_weight": 0.0, "spread_out_weight": 0.0, "classification_weight": 0.0},
      "every loss weight is 0"),
     ({"spread_out_weight": -1.0}, "spread_out_weight: must be >= 0"),
+    ({"margin_distillation_weight": -0.5}, "margin_distillation_weight: must be >= 0"),
     ({"precision": "fp8"}, "precision: 'fp8'"),
     ({"warmup_ratio": 1.0}, "warmup_ratio"),
     ({"max_steps": 0}, "max_steps: 0"),
@@ -66,6 +71,12 @@ def test_config_rejects_impossible_values(changes, message):
     with pytest.raises(ValueError, match="invalid TrainConfig") as error:
         TrainConfig(**changes).validate()
     assert message in str(error.value)
+
+
+def test_margin_distillation_alone_is_a_loss_to_train():
+    only_margin = dict(infonce_weight=0.0, distillation_weight=0.0, spread_out_weight=0.0, classification_weight=0.0)
+    assert TrainConfig().margin_distillation_weight == 0.0  # off by default
+    assert TrainConfig(**only_margin, margin_distillation_weight=1.0).validate()
 
 
 def test_config_reports_every_problem_at_once():
@@ -206,25 +217,40 @@ def test_read_run_names_the_remote_file_row_and_column_of_a_bad_shard(memfs):
 # ---- sampler ---------------------------------------------------------------------------------------------------------
 
 
-def test_batches_hold_one_task_and_no_repeated_text(run_dir):
+def test_batches_are_full_and_hold_one_task(run_dir):
     data = read_run(run_dir)
     examples = data.examples
     sampler = TaskBatchSampler.for_data(data, batch_size=4, seed=0)
+    repeated = 0
     for epoch in range(3):
         batches = sampler.epoch_batches(epoch)
         seen = []
         for batch in batches:
-            assert 1 <= len(batch.indices) <= 4
+            # 24 triplets (one query task type) and 12 classification examples: every batch is full.
+            assert len(batch.indices) == 4, batch
             kinds = {type(examples[index]).__name__ for index in batch.indices}
             assert len(kinds) == 1
             if kinds == {"ClassificationExample"}:
                 assert len({examples[index].task for index in batch.indices}) == 1
             texts = [text for index in batch.indices for text in examples[index].texts]
-            assert len(texts) == len(set(texts)), f"repeated text in {batch}"
+            repeated += len(texts) - len(set(texts))
             seen += batch.indices
         assert sorted(seen) == list(range(len(examples))), "every example exactly once per epoch"
-    # The synthetic negatives repeat across rows, so some examples had to wait: batches are not all full.
-    assert any(len(batch.indices) < 4 for batch in sampler.epoch_batches(0))
+    # The synthetic negatives repeat across rows, and the batches stay full all the same: the loss masks repeats.
+    assert repeated > 0
+
+
+def test_only_the_last_batch_of_a_task_is_short():
+    tasks = [("triplet", "RETRIEVAL_QUERY")] * 10 + [("classification", "sentiment")] * 7 + [("triplet", "STS")] * 2
+    sampler = TaskBatchSampler(tasks, batch_size=4, seed=1)
+    for epoch in range(2):
+        batches = sampler.epoch_batches(epoch)
+        sizes = {task: sorted((len(batch.indices) for batch in batches if batch.task == task), reverse=True)
+                 for task in set(tasks)}
+        assert sizes == {("triplet", "RETRIEVAL_QUERY"): [4, 4, 2], ("classification", "sentiment"): [4, 3],
+                         ("triplet", "STS"): [2]}
+        assert all({tasks[index] for index in batch.indices} == {batch.task} for batch in batches)
+        assert sorted(index for batch in batches for index in batch.indices) == list(range(len(tasks)))
 
 
 def test_sampler_is_deterministic_and_resumes_exactly(run_dir):
@@ -245,6 +271,10 @@ def test_sampler_is_deterministic_and_resumes_exactly(run_dir):
     assert [resumed.next_batch() for _ in range(20)] == [first.next_batch() for _ in range(20)]
     with pytest.raises(ValueError, match="batch_size"):
         TaskBatchSampler.for_data(data, batch_size=5, seed=7).load_state_dict(state)
+    # A state of the earlier duplicate-free sampler (no "policy") made other batches: refused, not resumed inexactly.
+    with pytest.raises(ValueError, match="policy=duplicate-free"):
+        TaskBatchSampler.for_data(data, batch_size=4, seed=7).load_state_dict(
+            {key: value for key, value in state.items() if key != "policy"})
 
 
 # ---- losses ----------------------------------------------------------------------------------------------------------
@@ -262,6 +292,148 @@ def test_info_nce_rewards_matching_pairs_and_counts_hard_negatives():
     # A hard negative as close as the positive takes half the probability mass: loss ~ log 2.
     with_copy = info_nce(queries, queries.clone(), queries[:1].clone(), temperature=0.05)
     assert with_copy > matched + math.log(2) / 4 - 1e-3
+
+
+def _masked_reference(queries, candidates, kept: list[list[int]], temperature: float) -> torch.Tensor:
+    """InfoNCE as if each query's left-out candidates were absent: query i's softmax over `kept[i]` only (its own
+    positive, column i, among them)."""
+    losses = []
+    for query, columns in enumerate(kept):
+        logits = queries[query] @ candidates[columns].T / temperature
+        losses.append(torch.logsumexp(logits, dim=0) - logits[columns.index(query)])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("shared_by", ["id", "text"])
+def test_info_nce_masks_a_shared_positive_as_if_it_were_absent(shared_by):
+    # Queries 0 and 1 were written for the same passage: by id (the copies' texts differ, e.g. one truncated), or by
+    # text alone (no id, or different ids). Each query's copy of the other's positive is no negative of it.
+    if shared_by == "id":
+        positives = [("p7", "passage seven"), ("p7", "passage seven, truncated"), ("p8", "passage eight")]
+    else:
+        positives = [("", "passage seven"), ("p99", "passage seven"), ("p8", "passage eight")]
+    negatives = [("n1", "negative one"), ("n2", "negative two"), ("n3", "negative three")]
+    mask = in_batch_negative_mask(positives, negatives)
+    # Query 2 keeps passage seven as a negative, once: the second copy is a repeat.
+    assert mask.masked.tolist() == [[False, True, False, False, False, False],
+                                    [True, False, False, False, False, False],
+                                    [False, True, False, False, False, False]]
+    assert (mask.false_negatives, mask.repeats) == (2, 1)
+    queries, documents = _unit(3, 16, 10), _unit(6, 16, 11)
+    # The copy scores high against both queries, as a copy of their positive would.
+    documents[1] = documents[0]
+    masked = info_nce(queries, documents[:3], documents[3:], temperature=0.05, mask=mask.masked)
+    absent = _masked_reference(queries, documents, [[0, 2, 3, 4, 5], [1, 2, 3, 4, 5], [0, 2, 3, 4, 5]], 0.05)
+    torch.testing.assert_close(masked, absent)
+    # Without the mask the copy is a negative, and the loss is another (higher) one.
+    assert info_nce(queries, documents[:3], documents[3:], temperature=0.05) > masked + 0.1
+
+
+def test_info_nce_masks_a_positive_mined_as_another_rows_negative_and_repeats():
+    positives = [("p1", "passage one"), ("p2", "passage two")]
+    # Row 1's hard negatives: passage one (query 0's positive, known by id here), a negative, and a repeat of it.
+    negatives = [("p1", "passage one"), ("n5", "negative five"), ("", "negative five")]
+    mask = in_batch_negative_mask(positives, negatives)
+    assert mask.masked.tolist() == [[False, False, True, False, True],
+                                    [False, False, True, False, True]]
+    assert (mask.false_negatives, mask.repeats) == (1, 3)
+    queries, documents = _unit(2, 8, 12), _unit(5, 8, 13)
+    documents[2], documents[4] = documents[0], documents[3]
+    masked = info_nce(queries, documents[:2], documents[2:], temperature=0.1, mask=mask.masked)
+    # Query 1 still has passage one as a negative (its first copy, column 0), once.
+    absent = _masked_reference(queries, documents, [[0, 1, 3], [0, 1, 3]], 0.1)
+    torch.testing.assert_close(masked, absent)
+
+
+def _fake_embed(dimension: int = 16):
+    """A deterministic stand-in for the student: one fixed random unit vector per (task type, text)."""
+    vectors: dict[tuple[str, str], torch.Tensor] = {}
+
+    def embed(texts: list[str], task_type: str) -> torch.Tensor:
+        for text in texts:
+            if (task_type, text) not in vectors:
+                vectors[task_type, text] = _unit(1, dimension, len(vectors) + 100)[0]
+        return torch.stack([vectors[task_type, text] for text in texts])
+
+    return embed
+
+
+def _triplet_batch(examples: list[TripletExample]) -> tuple[Batch, TrainingData]:
+    data = TrainingData(triplets=examples, classification=[], label_descriptions={}, teacher_dim=None)
+    return Batch(task=("triplet", "RETRIEVAL_QUERY"), indices=tuple(range(len(examples)))), data
+
+
+def test_batch_losses_mask_what_is_the_same_passage_and_report_it():
+    # Two queries of one passage (by id; the second copy's text differs), and that passage again as row 2's mined
+    # negative by text only; "negative a" twice.
+    examples = [
+        TripletExample("t", "query zero", "passage p", ("negative a",), positive_id="p", negative_ids=("a",)),
+        TripletExample("t", "query one", "passage p (truncated)", ("negative b",), positive_id="p",
+                       negative_ids=("b",)),
+        TripletExample("t", "query two", "passage q", ("passage p", "negative a"), positive_id="q",
+                       negative_ids=("", "a")),
+    ]
+    batch, data = _triplet_batch(examples)
+    config = TrainConfig(matryoshka_dims=(), distillation_weight=0.0, spread_out_weight=0.0)
+    embed, stats = _fake_embed(), {"queries": 0, "negatives": 0, "masked_false_negatives": 0, "masked_repeats": 0}
+    terms = batch_losses(embed, None, batch, data, data.examples, config, (), stats=stats)
+    queries = embed(["query zero", "query one", "query two"], "RETRIEVAL_QUERY")
+    # Columns: positives p, p', q, then negatives a, b, p, a.
+    documents = embed(["passage p", "passage p (truncated)", "passage q", "negative a", "negative b", "passage p",
+                       "negative a"], "RETRIEVAL_DOCUMENT")
+    absent = _masked_reference(queries, documents, [[0, 2, 3, 4], [1, 2, 3, 4], [0, 2, 3, 4]], config.temperature)
+    torch.testing.assert_close(terms["infonce"], absent)
+    # Query 0 and 1: p' (or p) and the mined p are false negatives, the second "a" a repeat; query 2: p' and the mined
+    # p repeat p, the second "a" repeats a.
+    assert stats == {"queries": 3, "negatives": 3 + 3 + 3, "masked_false_negatives": 4, "masked_repeats": 5}
+
+
+def test_margin_mse_is_zero_only_when_the_score_margins_match():
+    student_queries, student_positives, student_negatives = _unit(3, 16, 20), _unit(3, 16, 21), _unit(5, 16, 22)
+    owners = torch.tensor([0, 0, 1, 2, 2])
+    # A teacher of another dimension whose cosines are the student's: an isometry into 24 dimensions.
+    rotation = torch.linalg.qr(torch.randn(24, 24, generator=torch.Generator().manual_seed(23)))[0][:16]
+    same_scores = dict(teacher_queries=student_queries @ rotation, teacher_positives=student_positives @ rotation,
+                       teacher_negatives=student_negatives @ rotation)
+    loss = margin_mse(student_queries, student_positives, student_negatives, owners=owners, **same_scores)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    other = dict(teacher_queries=_unit(3, 24, 24), teacher_positives=_unit(3, 24, 25),
+                 teacher_negatives=_unit(5, 24, 26))
+    student = student_negatives.clone().requires_grad_()
+    loss = margin_mse(student_queries, student_positives, student, owners=owners, **other)
+    loss.backward()
+    assert loss.item() > 0.01 and student.grad.abs().sum() > 0
+    # Only margins count: the same shift of every score leaves the loss at 0.
+    queries = torch.tensor([[1.0, 0.0, 0.0]])
+    assert margin_mse(queries, torch.tensor([[0.8, 0.6, 0.0]]), torch.tensor([[0.6, 0.8, 0.0]]),
+                      owners=torch.tensor([0]), teacher_queries=queries,
+                      teacher_positives=torch.tensor([[0.6, 0.8, 0.0]]),
+                      teacher_negatives=torch.tensor([[0.4, 0.0, math.sqrt(0.84)]])).item() == pytest.approx(0.0,
+                                                                                                          abs=1e-6)
+
+
+def test_batch_losses_margin_distillation_reads_the_teacher_vectors():
+    embed = _fake_embed()
+    texts = {"query": ["q0", "q1"], "positive": ["p0", "p1"], "negatives": [("n0", "n1"), ("n2",)]}
+
+    def example(index: int, teacher) -> TripletExample:
+        negatives = texts["negatives"][index]
+        return TripletExample(
+            "t", texts["query"][index], texts["positive"][index], negatives, positive_id=texts["positive"][index],
+            negative_ids=negatives, query_embedding=teacher([texts["query"][index]], "RETRIEVAL_QUERY")[0].numpy(),
+            positive_embedding=teacher([texts["positive"][index]], "RETRIEVAL_DOCUMENT")[0].numpy(),
+            negative_embeddings=teacher(list(negatives), "RETRIEVAL_DOCUMENT").numpy())
+
+    config = TrainConfig(matryoshka_dims=(), infonce_weight=0.0, distillation_weight=0.0, spread_out_weight=0.0,
+                         margin_distillation_weight=1.0)
+    # The teacher is the student itself: margins agree, the loss is 0. Another teacher: it is not.
+    batch, data = _triplet_batch([example(0, embed), example(1, embed)])
+    assert batch_losses(embed, None, batch, data, data.examples, config, ())["margin_distillation"].item() == (
+        pytest.approx(0.0, abs=1e-10))
+    other = _fake_embed(dimension=8)
+    batch, data = _triplet_batch([example(0, other), example(1, other)])
+    terms = batch_losses(embed, None, batch, data, data.examples, config, ())
+    assert set(terms) == {"margin_distillation"} and terms["margin_distillation"].item() > 1e-3
 
 
 def test_matryoshka_averages_the_loss_over_truncations():
@@ -357,6 +529,46 @@ def test_training_logs_every_loss_term(trained_run):
 
 
 @pytest.mark.slow
+def test_batches_are_full_and_the_summary_says_what_they_held(trained_run):
+    # shard_factory's negatives recur as other rows' negatives and positives: a sampler that kept texts apart made
+    # short batches here; full batches keep all batch_size=4 examples and mask the repeats in the loss instead.
+    history = _history(trained_run)
+    summary = json.load(open(os.path.join(trained_run, "train_summary.json"), encoding="utf-8"))
+    assert [line["examples"] for line in history] == [4] * 6
+    assert summary["mean_batch_size"] == summary["mean_examples_per_step"] == 4
+    triplet_steps = [line for line in history if "negatives_per_query" in line]
+    assert triplet_steps, "no triplet batch in 6 steps"
+    # At most 3 other positives and 4 x 2 hard negatives per query; masking leaves fewer where passages recur.
+    assert all(0 < line["negatives_per_query"] <= 11 for line in triplet_steps)
+    assert summary["mean_negatives_per_query"] == pytest.approx(
+        np.mean([line["negatives_per_query"] for line in triplet_steps]))
+    assert summary["masked_false_negatives"] == sum(line["masked_false_negatives"] for line in triplet_steps) > 0
+    assert summary["masked_repeats"] == sum(line["masked_repeats"] for line in triplet_steps) > 0
+    assert min(line["negatives_per_query"] for line in triplet_steps) < 11
+
+
+@pytest.mark.slow
+def test_a_training_step_with_only_margin_distillation_runs(run_dir, tmp_path):
+    from embedder.train import train
+
+    output = str(tmp_path / "margin")
+    # No weight decay: a weight changes only where the margin loss has a gradient.
+    train(_config(output, max_steps=2, checkpoint_every=1, weight_decay=0.0, infonce_weight=0.0,
+                  distillation_weight=0.0, spread_out_weight=0.0, classification_weight=0.0,
+                  margin_distillation_weight=1.0), run_dir)
+    history = _history(output)
+    assert all(set(TERMS).isdisjoint(line) for line in history)
+    assert all(math.isfinite(line["margin_distillation"]) and line["margin_distillation"] > 0 for line in history)
+    assert {"margin_distillation@64", "margin_distillation@16"} <= set(history[0])
+    summary = json.load(open(os.path.join(output, "train_summary.json"), encoding="utf-8"))
+    assert summary["data"]["classification_unused_weight_0"] == 12 and not summary["distillation_head"]
+    first = _weights(os.path.join(output, "checkpoints", "step-0000001", "model"))
+    last = _weights(os.path.join(output, "model"))
+    assert not torch.equal(first["transformer.encoder.layer.0.attention.self.query.weight"],
+                           last["transformer.encoder.layer.0.attention.self.query.weight"])
+
+
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained_run, run_dir, tmp_path):
     from embedder.train import train
 
@@ -445,14 +657,59 @@ def test_sentence_transformers_loads_the_student_with_its_prompts(trained_run):
     student = StudentEncoder.load(model_dir)
     reference = SentenceTransformer(model_dir, device="cpu")
     assert reference.encode(texts[:1]).shape == (1, student.dimension) == (1, 64)
-    for prompt_name in ("RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "CLASSIFICATION"):
-        ours = student.encode(texts, prompt_name)
-        theirs = reference.encode(texts, prompt_name=prompt_name, convert_to_numpy=True)
-        np.testing.assert_allclose(ours, theirs, atol=1e-5)
-    np.testing.assert_allclose(student.encode(texts, "RETRIEVAL_QUERY"), reference.encode_query(texts), atol=1e-5)
     truncated = student.encode(texts, "RETRIEVAL_QUERY", dimension=16)
     assert truncated.shape == (3, 16) and truncated.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(truncated, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_task_type_embeds_with_its_trained_prompt_however_the_student_is_loaded(trained_run, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.model import StudentEncoder
+    from pipelines.clients.local_embedder import LocalEmbedder
+
+    model_dir = os.path.join(trained_run, "model")
+    with open(os.path.join(trained_run, "train_config.json"), encoding="utf-8") as handle:
+        trained_prompts = json.load(handle)["task_prompts"]
+    # Every task type was trained with a prompt of its own: a missing or swapped prompt changes the vectors.
+    assert sorted(trained_prompts) == sorted(PROMPT_NAMES.values())
+    assert len(set(trained_prompts.values())) == len(TaskType)
+    texts = ["how do the telescope and the galaxy relate?", "a recipe for bread", "short"]
+    reference = SentenceTransformer(model_dir, device="cpu")
+    local = LocalEmbedder(model_dir, batch_size=2)
+    student = StudentEncoder.load(model_dir)
+    for task_type in TaskType:
+        prompt = trained_prompts[prompt_name(task_type)]
+        expected = reference.encode([prompt + text for text in texts], convert_to_numpy=True)
+        by_name = reference.encode(texts, prompt_name=prompt_name(task_type), convert_to_numpy=True)
+        np.testing.assert_allclose(by_name, expected, atol=1e-5, err_msg=task_type.value)
+        np.testing.assert_allclose(local.embed(texts, task_type), expected, atol=1e-5, err_msg=task_type.value)
+        np.testing.assert_allclose(student.encode(texts, task_type), expected, atol=1e-5, err_msg=task_type.value)
+    np.testing.assert_allclose(reference.encode_query(texts), local.embed(texts, TaskType.RETRIEVAL_QUERY), atol=1e-5)
+    np.testing.assert_allclose(reference.encode_document(texts), local.embed(texts, TaskType.RETRIEVAL_DOCUMENT),
+                               atol=1e-5)
+
+    # The same weights shipping EmbeddingGemma's prompt names read the same way, through the same table.
+    gemma_names = {"query": "RETRIEVAL_QUERY", "document": "RETRIEVAL_DOCUMENT", "Classification": "CLASSIFICATION",
+                   "STS": "SEMANTIC_SIMILARITY", "Clustering": "CLUSTERING"}
+    gemma_dir = str(tmp_path / "gemma-named")
+    shutil.copytree(model_dir, gemma_dir)
+    config_path = os.path.join(gemma_dir, "config_sentence_transformers.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["prompts"] = {name: trained_prompts[task_type] for name, task_type in gemma_names.items()}
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    gemma_local, gemma_student = LocalEmbedder(gemma_dir), StudentEncoder.load(gemma_dir)
+    for task_type in (TaskType.RETRIEVAL_QUERY, TaskType.QUESTION_ANSWERING, TaskType.RETRIEVAL_DOCUMENT,
+                      TaskType.CLASSIFICATION, TaskType.SEMANTIC_SIMILARITY):
+        # Question answering has no name of its own there: it falls back to the generic query prompt.
+        name = "RETRIEVAL_QUERY" if task_type == TaskType.QUESTION_ANSWERING else prompt_name(task_type)
+        expected = reference.encode([trained_prompts[name] + text for text in texts], convert_to_numpy=True)
+        np.testing.assert_allclose(gemma_local.embed(texts, task_type), expected, atol=1e-5, err_msg=task_type.value)
+        np.testing.assert_allclose(gemma_student.encode(texts, task_type), expected, atol=1e-5,
+                                   err_msg=task_type.value)
 
 
 @pytest.mark.slow

@@ -136,14 +136,26 @@ class LLM(abc.ABC):
         self,
         requests: Sequence[Sequence[ChatMessage]],
         output_model: type[OutputT],
-        config: GenerationConfig = GenerationConfig(),
+        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
         concurrency: int = 1,
     ) -> list[GenerationResult[OutputT]]:
-        """Results in request order. Local backends run sequentially; API backends override with bounded concurrency."""
-        return [self.generate(messages, output_model, config) for messages in requests]
+        """Results in request order; `config` is one for all requests or one per request (sampled candidates each have
+        their own seed). This default answers one by one; backends override it to answer several at once."""
+        configs = per_request(config, len(requests))
+        return [self.generate(messages, output_model, each) for messages, each in zip(requests, configs, strict=True)]
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
         """Release clients or models."""
+
+
+def per_request(config: GenerationConfig | Sequence[GenerationConfig], count: int) -> list[GenerationConfig]:
+    """`generate_many`'s config as one per request."""
+    if isinstance(config, GenerationConfig):
+        return [config] * count
+    configs = list(config)
+    if len(configs) != count:
+        raise ValueError(f"{len(configs)} generation configs for {count} requests")
+    return configs
 
 
 class Embedder(abc.ABC):

@@ -44,7 +44,8 @@ class LLMSpec:
     #: tokens inside max_output_tokens, so each request asks for the answer's budget plus this one
     #: (`gemini_output_token_limit`): thinking can never cut a short JSON answer off. Part of the cache key.
     thinking_budget: int | None = None
-    #: Requests in flight at once (API backends).
+    #: Requests in flight at once (API backends); answers the local backend decodes together, one forward pass per
+    #: step for all of them (each holds its own KV cache, so this bounds memory: ~50 MB an answer for SmolLM2).
     concurrency: int = 8
     #: Local: torch device and the folder where converted weights are kept between runs.
     device: str = "cpu"
@@ -77,6 +78,9 @@ class EmbedderSpec:
     #: Local: (task type, prompt prefix) pairs overriding the model's own prompts; a tuple so the spec stays hashable.
     #: They change the vectors, so they are part of the cache key.
     task_prompts: tuple[tuple[str, str], ...] = ()
+    #: Local: tokens read per text (the model's window); None keeps the model's own. Evaluation sets one window for
+    #: every model it compares, so none wins by reading more of a passage.
+    max_seq_length: int | None = None
 
     @property
     def model_name(self) -> str:
@@ -242,7 +246,9 @@ def embedder_identity(spec: EmbedderSpec) -> tuple[str, str]:
         return spec.model_name, "custom"
     from pipelines.clients.packaged_models import resolve_model
 
-    return spec.model_name, resolve_model(spec.model_name, spec.cache_dir).model_version + _task_prompts_suffix(spec)
+    version = resolve_model(spec.model_name, spec.cache_dir).model_version
+    window = f"+max_seq_length={spec.max_seq_length}" if spec.max_seq_length else ""
+    return spec.model_name, version + _task_prompts_suffix(spec) + window
 
 
 def _thinking_suffix(spec: LLMSpec) -> str:

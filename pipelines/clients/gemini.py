@@ -53,6 +53,7 @@ from pipelines.clients.base import (
     OutputT,
     TaskType,
     Usage,
+    per_request,
     truncate_and_normalize,
 )
 from pipelines.clients.factory import (
@@ -651,26 +652,28 @@ class GeminiLLM(LLM):
         self,
         requests: Sequence[Sequence[ChatMessage]],
         output_model: type[OutputT],
-        config: GenerationConfig = GenerationConfig(),
+        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
         concurrency: int | None = None,
     ) -> list[GenerationResult[OutputT]]:
-        """Results in request order, at most `concurrency` (default: the spec's) requests in flight."""
+        """Results in request order, at most `concurrency` (default: the spec's) requests in flight; `config` is one
+        for all requests or one per request."""
         limit = concurrency or self.concurrency
         semaphore = asyncio.Semaphore(limit)
 
-        async def one(messages: Sequence[ChatMessage]) -> GenerationResult[OutputT]:
+        async def one(messages: Sequence[ChatMessage], each: GenerationConfig) -> GenerationResult[OutputT]:
             # Held across retries too: while a request backs off from a 429, the slot stays taken instead of letting
             # another request hit the rate limit.
             async with semaphore:
-                return await self.agenerate(messages, output_model, config)
+                return await self.agenerate(messages, output_model, each)
 
-        return await _gather_in_order([one(messages) for messages in requests])
+        configs = per_request(config, len(requests))
+        return await _gather_in_order([one(messages, each) for messages, each in zip(requests, configs, strict=True)])
 
     def generate_many(
         self,
         requests: Sequence[Sequence[ChatMessage]],
         output_model: type[OutputT],
-        config: GenerationConfig = GenerationConfig(),
+        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
         concurrency: int | None = None,
     ) -> list[GenerationResult[OutputT]]:
         return self._connection.loop.run(self.agenerate_many(requests, output_model, config, concurrency))

@@ -4,10 +4,12 @@ Vectors are float32, L2-normalized, and Matryoshka-truncated with `truncate_and_
 normalize, as MRL-trained models expect). MiniLM and mpnet were not trained with MRL, so truncating them works
 mechanically but loses more quality than it would for an MRL model; the trainer's student is where MRL is learnt.
 
-Task types become prompt prefixes only for models trained with prompts. EmbeddingGemma, for example, expects
-`task: search result | query: ` before queries and `title: none | text: ` before documents, and ships those prompts in
-its sentence-transformers config; they are picked up from there (see `select_task_prompts`). MiniLM and mpnet were
-trained without prompts, so every task type embeds the bare text.
+Task types become prompt prefixes only for models trained with prompts, read from the model's sentence-transformers
+config by the one table of prompt names (`pipelines.clients.task_prompts`): a student embforge trained keeps them under
+TaskType names (`CLASSIFICATION`, ...), exactly as the trainer used them; EmbeddingGemma ships `task: search result |
+query: `, `title: none | text: `, ... under its own names ("Retrieval-query", "Classification", "STS", ...), which
+are read too (see `select_task_prompts`). MiniLM and mpnet were trained without prompts, so every task type embeds the
+bare text.
 """
 
 from __future__ import annotations
@@ -22,37 +24,20 @@ import numpy as np
 from pipelines.clients.base import Embedder, TaskType, truncate_and_normalize
 from pipelines.clients.factory import DEFAULT_LOCAL_TEACHER
 from pipelines.clients.packaged_models import cap_torch_threads, resolve_model, unavailable_error
+from pipelines.clients.task_prompts import prompts_by_task_type
 
 if TYPE_CHECKING:
     from pipelines.clients.factory import EmbedderSpec
-
-#: The model's own prompt names (its `config_sentence_transformers.json` "prompts") tried for each task type, in
-#: order. Names follow EmbeddingGemma and the sentence-transformers convention ("query" / "document"); query-side
-#: tasks fall back to the generic query prompt.
-TASK_PROMPT_NAMES: dict[TaskType, tuple[str, ...]] = {
-    TaskType.RETRIEVAL_QUERY: ("Retrieval-query", "query"),
-    TaskType.RETRIEVAL_DOCUMENT: ("Retrieval-document", "document", "passage"),
-    TaskType.SEMANTIC_SIMILARITY: ("STS",),
-    TaskType.CLASSIFICATION: ("Classification",),
-    TaskType.CLUSTERING: ("Clustering",),
-    TaskType.QUESTION_ANSWERING: ("Question Answering", "query"),
-    TaskType.FACT_VERIFICATION: ("Fact Verification", "query"),
-    TaskType.CODE_RETRIEVAL_QUERY: ("Code Retrieval", "query"),
-}
 
 
 def select_task_prompts(
     model_prompts: Mapping[str, str], overrides: Mapping[TaskType | str, str] | None = None
 ) -> dict[TaskType, str]:
-    """Prompt prefix per task type: `overrides` first, then the model's own prompts by `TASK_PROMPT_NAMES`.
+    """Prompt prefix per task type: `overrides` first, then the model's own prompts (`prompts_by_task_type`).
 
     Task types left out embed the bare text. An override of "" switches a model's own prompt off.
     """
-    prompts: dict[TaskType, str] = {}
-    for task_type, names in TASK_PROMPT_NAMES.items():
-        found = next((model_prompts[name] for name in names if model_prompts.get(name)), None)
-        if found:
-            prompts[task_type] = found
+    prompts = prompts_by_task_type(model_prompts)
     for task_type, prefix in (overrides or {}).items():
         prompts[TaskType(task_type)] = prefix
     return {task_type: prefix for task_type, prefix in prompts.items() if prefix}
@@ -70,6 +55,7 @@ class LocalEmbedder(Embedder):
         batch_size: int = 32,
         torch_threads: int | None = None,
         task_prompts: Mapping[TaskType | str, str] | None = None,
+        max_seq_length: int | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -92,6 +78,10 @@ class LocalEmbedder(Embedder):
             self._model.get_sentence_embedding_dimension
         )
         self.native_dimension = int(get_dimension())
+        if max_seq_length is not None:
+            self._model.max_seq_length = max_seq_length
+        #: Tokens read per text, prompt included; longer texts are truncated.
+        self.max_seq_length = int(self._model.max_seq_length)
         self.task_prompts = select_task_prompts(self._model.prompts or {}, task_prompts)
         # One encode at a time: torch already uses every thread it is given, and interleaved calls only thrash.
         self._lock = threading.Lock()
@@ -105,6 +95,7 @@ class LocalEmbedder(Embedder):
             batch_size=spec.batch_size,
             torch_threads=spec.torch_threads,
             task_prompts=dict(spec.task_prompts),
+            max_seq_length=spec.max_seq_length,
         )
 
     def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:

@@ -16,6 +16,10 @@ written (or chosen) by the model:
 Values are re-encoded with `json.dumps`, so the assembled answer is valid JSON whatever the model wrote; pydantic then
 validates it (lengths, patterns, validators), and a violation is a failed `GenerationResult` with the raw answer kept.
 
+`generate` writes one answer; `generate_many` writes many that share an output model together (`batched_decoding`):
+shared prompt prefixes (system text, few-shot examples) run once, and one forward pass per step serves every answer
+being written. Both run the same decoding logic, written once as a program of model steps (`_answer_steps`).
+
 The packaged default (SmolLM2-135M-Instruct, Q4_1 GGUF) is dequantized once into the model cache (about 20 s on 2 busy
 CPU cores with transformers 5) and loaded from there afterwards (under a second once transformers is imported).
 """
@@ -30,7 +34,7 @@ import json
 import re
 import threading
 import typing
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,7 +42,25 @@ from typing import TYPE_CHECKING, Any, Literal
 import annotated_types
 from pydantic import BaseModel, ValidationError
 
-from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, GenerationResult, OutputT, Usage
+from pipelines.clients.base import (
+    LLM,
+    ChatMessage,
+    GenerationConfig,
+    GenerationResult,
+    OutputT,
+    Usage,
+    per_request,
+)
+from pipelines.clients.batched_decoding import (
+    BatchDecoder,
+    Feed,
+    Program,
+    Score,
+    Step,
+    Sync,
+    common_prefix_length,
+    supports_batching,
+)
 from pipelines.clients.factory import DEFAULT_LOCAL_LLM
 from pipelines.clients.packaged_models import (
     ResolvedModel,
@@ -62,6 +84,10 @@ MAX_CHOICES = 101
 #: Continuations scored per forward pass in `score` and choice fields: bounds the (batch x length x vocabulary)
 #: logits tensor, about 16 x 32 x 49k floats = 100 MB for SmolLM2.
 SCORE_BATCH_SIZE = 16
+#: Answers `generate_many` writes at once when not told (LLMSpec.concurrency's default too): a decoding step reads
+#: every weight once whatever the batch, so on 2 CPU cores a step of 8 answers costs about 2-2.5 steps of one; each
+#: answer holds its own KV cache (~45 KB a token for SmolLM2, ~50 MB for a 1,000-token prompt and answer).
+DEFAULT_BATCH_SIZE = 8
 
 
 # --- the answer's shape: pure functions, tested without a model -----------------------------------------------------
@@ -238,6 +264,10 @@ class LocalLLM(LLM):
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._keeps_last_logits = "logits_to_keep" in parameters
         self._stop_ids = self._special_token_ids()
+        # Padding in batched steps is masked out, so any id will do.
+        self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        # Models whose cache is not one plain layer per block (sliding windows) answer `generate_many` one by one.
+        self._batches = supports_batching(self._model.config)
         # One call at a time: torch already uses every thread it is given, and interleaved calls only thrash.
         self._lock = threading.Lock()
 
@@ -327,25 +357,49 @@ class LocalLLM(LLM):
         import torch
 
         prompt_ids = self._encode(self._render_prompt(messages))
-        generator = None
-        if config.temperature > 0:
-            # Seeded per call, never the global RNG; without a seed the prompt picks it, so the same request samples
-            # the same answer (what the content-addressed cache assumes).
-            seed = config.seed if config.seed is not None else _seed_from(prompt_ids)
-            generator = torch.Generator().manual_seed(seed)
         with self._lock, torch.inference_mode():
-            raw, error = self._decode(prompt_ids, plans, config, generator)
-        usage = Usage(input_tokens=len(prompt_ids), output_tokens=len(self._encode(raw)))
-        if error is None:
-            try:
-                value = output_model.model_validate_json(raw)
-            except ValidationError as validation_error:
-                error = f"answer violates {output_model.__name__}: {validation_error}"
-        if error is not None:
-            self.stats.record(usage=usage, failed=True)
-            return GenerationResult(ok=False, value=None, raw=raw, error=error, usage=usage)
-        self.stats.record(usage=usage)
-        return GenerationResult(ok=True, value=value, raw=raw, usage=usage)
+            state = _DecodeState(self, prompt_ids)
+            raw, error = state.run(self._answer_steps(_Answer.start(prompt_ids, config), plans))
+        return self._result(output_model, prompt_ids, raw, error)
+
+    def generate_many(
+        self,
+        requests: Sequence[Sequence[ChatMessage]],
+        output_model: type[OutputT],
+        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
+        concurrency: int = DEFAULT_BATCH_SIZE,
+    ) -> list[GenerationResult[OutputT]]:
+        """The results `generate` gives one by one, in request order, from `concurrency` answers decoded together.
+
+        Prompt prefixes the requests share are run once, and each decoding step is one forward pass for every answer
+        being written (`batched_decoding`). Greedy answers equal `generate`'s up to floating point (a batched matrix
+        product sums in another order, so a near-tie can break the other way); sampling is seeded per request as in
+        `generate`, so an answer does not depend on the batch it landed in; `config` is one for all requests or one
+        per request (candidates sampled with seeds of their own batch together). `concurrency` bounds memory: each
+        answer being written holds its own KV cache.
+        """
+        plans = plan_fields(output_model)
+        if not requests:
+            return []
+        configs = per_request(config, len(requests))
+        if not self._batches:
+            return [self.generate(messages, output_model, each) for messages, each in zip(requests, configs,
+                                                                                        strict=True)]
+        import torch
+
+        prompts = [self._encode(self._render_prompt(messages)) for messages in requests]
+        if not all(prompts):
+            raise ValueError(EMPTY_PROMPT)
+        decoder = BatchDecoder(self._forward_at, pad_id=self._pad_id, device=self.device, batch_size=concurrency,
+                               score_batch_size=SCORE_BATCH_SIZE)
+        programs = [self._answer_steps(_Answer.start(prompt_ids, each), plans)
+                    for prompt_ids, each in zip(prompts, configs, strict=True)]
+        with self._lock, torch.inference_mode():
+            outcomes = decoder.run(prompts, programs)
+        return [
+            self._result(output_model, prompt_ids, raw, error)
+            for prompt_ids, (raw, error) in zip(prompts, outcomes, strict=True)
+        ]
 
     def score(self, messages: Sequence[ChatMessage], continuations: Sequence[str]) -> list[float]:
         """Natural-log probability of each continuation as the start of the assistant's answer to `messages`.
@@ -360,7 +414,7 @@ class LocalLLM(LLM):
         prompt = self._render_prompt(messages)
         with self._lock, torch.inference_mode():
             prefix_ids, suffixes = self._split_continuations(prompt, [prompt + text for text in continuations])
-            prefix = _DecodeState(self, prefix_ids, GenerationConfig(), None)
+            prefix = _DecodeState(self, prefix_ids)
             scores = self._continuation_logprobs(prefix.cache, prefix.logits, suffixes)
         tokens = len(prefix_ids) + sum(len(suffix) for suffix in suffixes)
         self.stats.record(usage=Usage(input_tokens=tokens))
@@ -369,7 +423,23 @@ class LocalLLM(LLM):
     def close(self) -> None:
         self._model = None  # type: ignore[assignment] - drop the weights; the client is unusable afterwards
 
-    # --- decoding ---
+    def _result(
+        self, output_model: type[OutputT], prompt_ids: list[int], raw: str, error: str | None
+    ) -> GenerationResult[OutputT]:
+        """Validate a decoded answer and count it."""
+        usage = Usage(input_tokens=len(prompt_ids), output_tokens=len(self._encode(raw)))
+        if error is None:
+            try:
+                value = output_model.model_validate_json(raw)
+            except ValidationError as validation_error:
+                error = f"answer violates {output_model.__name__}: {validation_error}"
+        if error is not None:
+            self.stats.record(usage=usage, failed=True)
+            return GenerationResult(ok=False, value=None, raw=raw, error=error, usage=usage)
+        self.stats.record(usage=usage)
+        return GenerationResult(ok=True, value=value, raw=raw, usage=usage)
+
+    # --- decoding: one answer as a program of model steps, run alone (`_DecodeState`) or batched (`BatchDecoder`) ---
 
     def _render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         if not getattr(self._tokenizer, "chat_template", None):
@@ -381,81 +451,76 @@ class LocalLLM(LLM):
         # The chat template already wrote any special tokens the model expects.
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _decode(
-        self,
-        prompt_ids: list[int],
-        plans: Sequence[FieldPlan],
-        config: GenerationConfig,
-        generator: torch.Generator | None,
-    ) -> tuple[str, str | None]:
-        """Assemble the answer field by field; returns (raw JSON text, error or None)."""
-        state = _DecodeState(self, prompt_ids, config, generator)
-        answer = ""
+    def _answer_steps(self, answer: _Answer, plans: Sequence[FieldPlan]) -> Program:
+        """Assemble the answer field by field, asking the model through steps (`Sync`, `Feed`, `Score`) that whoever
+        runs the program answers; returns (raw JSON text, error or None)."""
+        text = ""
         for index, plan in enumerate(plans):
-            answer += key_text(index, plan.key)
+            text += key_text(index, plan.key)
             try:
                 if plan.kind == "choice":
                     # What follows the value is scored with it: the tokenizer merges a closing quote with it (`",`),
                     # and scoring a lone `"` would rank options by an unnatural split.
                     after = "," if index + 1 < len(plans) else "}"
                     options = [" " + choice for choice in plan.choices]
-                    answer += options[self._choose(state, answer, options, after)]
+                    text += options[(yield from self._choose(answer, text, options, after))]
                 elif plan.kind == "string":
-                    answer += " " + self._free_string(state, answer + ' "')
+                    text += " " + (yield from self._free_string(answer, text + ' "'))
                 else:
-                    answer += " " + self._string_list(state, answer, plan)
+                    text += " " + (yield from self._string_list(answer, text, plan))
             except AnswerTooLongError as cut:
-                return str(cut), f"answer cut at max_output_tokens={config.max_output_tokens}"
-        return answer + "}", None
+                return str(cut), f"answer cut at max_output_tokens={answer.config.max_output_tokens}"
+        return text + "}", None
 
-    def _choose(self, state: _DecodeState, answer: str, options: Sequence[str], after: str = "") -> int:
-        """Index of the option most likely to follow `answer` (sampled by probability when temperature > 0)."""
+    def _choose(
+        self, answer: _Answer, text: str, options: Sequence[str], after: str = ""
+    ) -> Generator[Step, Any, int]:
+        """Index of the option most likely to follow `text` (sampled by probability when temperature > 0)."""
         import torch
 
-        answer_ids, suffixes = self._split_continuations(answer, [answer + option + after for option in options])
-        state.sync(state.prompt_ids + answer_ids)
-        scores = self._continuation_logprobs(state.cache, state.logits, suffixes)
-        if state.config.temperature <= 0:
+        text_ids, suffixes = self._split_continuations(text, [text + option + after for option in options])
+        scores = yield Score(answer.prompt_ids + text_ids, suffixes)
+        if answer.config.temperature <= 0:
             return max(range(len(options)), key=scores.__getitem__)
-        weights = torch.softmax(torch.tensor(scores) / state.config.temperature, dim=0)
-        return int(torch.multinomial(weights, 1, generator=state.generator))
+        weights = torch.softmax(torch.tensor(scores) / answer.config.temperature, dim=0)
+        return int(torch.multinomial(weights, 1, generator=answer.generator))
 
-    def _free_string(self, state: _DecodeState, prefilled: str) -> str:
+    def _free_string(self, answer: _Answer, prefilled: str) -> Generator[Step, Any, str]:
         """Generate the content of the JSON string opened at the end of `prefilled`; return it JSON-encoded."""
         import torch
 
-        state.sync(state.prompt_ids + self._encode(prefilled))
+        logits = yield Sync(answer.prompt_ids + self._encode(prefilled))
         generated: list[int] = []
         text = ""
         while True:
-            if state.config.temperature <= 0:
-                token = int(torch.argmax(state.logits))
+            if answer.config.temperature <= 0:
+                token = int(torch.argmax(logits))
             else:
-                probabilities = torch.softmax(state.logits.float() / state.config.temperature, dim=-1)
-                token = int(torch.multinomial(probabilities, 1, generator=state.generator))
+                probabilities = torch.softmax(logits.float() / answer.config.temperature, dim=-1)
+                token = int(torch.multinomial(probabilities, 1, generator=answer.generator))
             if token in self._stop_ids:
                 break
             generated.append(token)
-            state.remaining_tokens -= 1
+            answer.remaining_tokens -= 1
             text = self._tokenizer.decode(generated)
             end = find_string_end(text)
             if end is not None:
                 text = text[:end]
                 break
-            if state.remaining_tokens <= 0:
+            if answer.remaining_tokens <= 0:
                 raise AnswerTooLongError(prefilled + text)
-            state.feed([token])
+            logits = yield Feed(token)
         return json.dumps(decode_string_content(text), ensure_ascii=False)
 
-    def _string_list(self, state: _DecodeState, answer: str, plan: FieldPlan) -> str:
+    def _string_list(self, answer: _Answer, text: str, plan: FieldPlan) -> Generator[Step, Any, str]:
         """A JSON array of free-text strings; before each item, "another item" is weighed against "close the list"."""
         items: list[str] = []
         while len(items) < plan.max_items:
-            so_far = answer + " " + list_text(items)[:-1]
+            so_far = text + " " + list_text(items)[:-1]
             opener = ', "' if items else '"'
-            if len(items) >= plan.min_items and self._choose(state, so_far, [opener, "]"]) == 1:
+            if len(items) >= plan.min_items and (yield from self._choose(answer, so_far, [opener, "]"])) == 1:
                 break
-            items.append(self._free_string(state, so_far + opener))
+            items.append((yield from self._free_string(answer, so_far + opener)))
         return list_text(items)
 
     # --- scoring ---
@@ -468,7 +533,7 @@ class LocalLLM(LLM):
         """
         prefix_ids = self._encode(prefix)
         fulls = [self._encode(text) for text in full_texts]
-        shared = min([len(prefix_ids), *(_common_prefix(prefix_ids, full) for full in fulls)])
+        shared = min([len(prefix_ids), *(common_prefix_length(prefix_ids, full) for full in fulls)])
         return prefix_ids[:shared], [full[shared:] for full in fulls]
 
     def _continuation_logprobs(
@@ -501,12 +566,36 @@ class LocalLLM(LLM):
                 scores.append(total)
         return scores
 
+
     def _forward(self, ids: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor:
         kwargs: dict[str, Any] = {self._cache_argument: cache, "use_cache": True}
         if last_only and self._keeps_last_logits:
             # Skips the vocabulary projection for every prompt token but the last (~10% of a prompt's compute).
             kwargs["logits_to_keep"] = 1
         return self._model(input_ids=ids, **kwargs).logits
+
+    def _forward_at(
+        self,
+        ids: torch.Tensor,
+        cache: Any,
+        logits_at: Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`_forward` for `BatchDecoder`: the logits at chunk positions `logits_at` only (None: all), with a mask."""
+        import torch
+
+        kwargs: dict[str, Any] = {self._cache_argument: cache, "use_cache": True}
+        if attention_mask is not None:
+            kwargs.update(attention_mask=attention_mask, position_ids=position_ids)
+        if logits_at is not None and self._keeps_last_logits:
+            # An int keeps the last positions exactly as `_forward` does; a tensor picks positions.
+            last = list(logits_at) == [ids.shape[1] - 1]
+            kwargs["logits_to_keep"] = 1 if last else torch.tensor(list(logits_at), device=ids.device)
+        logits = self._model(input_ids=ids, **kwargs).logits
+        if logits_at is not None and not self._keeps_last_logits:
+            logits = logits[:, list(logits_at)]
+        return logits
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -516,27 +605,64 @@ class LocalLLM(LLM):
         return DynamicCache()
 
 
+#: A prompt of no tokens leaves nothing to take the first logits from.
+EMPTY_PROMPT = "the prompt is empty: there is nothing to condition the answer on"
+
+
+@dataclass
+class _Answer:
+    """What one answer's decoding keeps besides the model: its prompt, settings, random generator and budget."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    generator: torch.Generator | None
+    #: Free-text tokens left for this answer, shared by all its string values.
+    remaining_tokens: int
+
+    @classmethod
+    def start(cls, prompt_ids: list[int], config: GenerationConfig) -> _Answer:
+        generator = None
+        if config.temperature > 0:
+            import torch
+
+            # Seeded per answer, never the global RNG; without a seed the prompt picks it, so the same request samples
+            # the same answer (what the content-addressed cache assumes), alone or in any batch.
+            seed = config.seed if config.seed is not None else _seed_from(prompt_ids)
+            generator = torch.Generator().manual_seed(seed)
+        return cls(list(prompt_ids), config, generator, config.max_output_tokens)
+
+
 class _DecodeState:
-    """One answer being decoded: token ids fed so far, their KV cache, the logits for the next token, the budget.
+    """One sequence decoded alone: token ids fed so far, their KV cache, the logits for the next token.
 
     `sync` moves to new ids by keeping the longest shared prefix and feeding only the rest: re-tokenizing the
     canonical answer after each value costs a token or two, not the whole prompt.
     """
 
-    def __init__(
-        self, llm: LocalLLM, prompt_ids: list[int], config: GenerationConfig, generator: torch.Generator | None
-    ):
+    def __init__(self, llm: LocalLLM, prompt_ids: list[int]):
         if not prompt_ids:
-            raise ValueError("the prompt is empty: there is nothing to condition the answer on")
+            raise ValueError(EMPTY_PROMPT)
         self._llm = llm
-        self.prompt_ids = list(prompt_ids)
-        self.config = config
-        self.generator = generator
-        #: Free-text tokens left for this answer, shared by all its string values.
-        self.remaining_tokens = config.max_output_tokens
         self.ids: list[int] = []
         self.cache = llm._new_cache()
-        self.logits: torch.Tensor = self._forward(self.prompt_ids)
+        self.logits: torch.Tensor = self._forward(list(prompt_ids))
+
+    def run(self, program: Program) -> Any:
+        """Answer each step of `program` with this sequence; returns the program's outcome."""
+        reply = None
+        while True:
+            try:
+                step = program.send(reply)
+            except StopIteration as finished:
+                return finished.value
+            if isinstance(step, Feed):
+                self.feed([step.token])
+                reply = self.logits
+            else:
+                self.sync(step.target)
+                reply = self.logits
+                if isinstance(step, Score):
+                    reply = self._llm._continuation_logprobs(self.cache, self.logits, step.suffixes)
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         import torch
@@ -551,20 +677,11 @@ class _DecodeState:
 
     def sync(self, target: list[int]) -> None:
         # At least one token is re-fed: the logits after the kept prefix are not stored.
-        keep = min(_common_prefix(self.ids, target), len(target) - 1)
+        keep = min(common_prefix_length(self.ids, target), len(target) - 1)
         if keep < len(self.ids):
             self.cache.crop(-(len(self.ids) - keep))  # a negative count works on transformers 4.x and 5.x
             del self.ids[keep:]
         self.feed(target[keep:])
-
-
-def _common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
-    length = 0
-    for a, b in zip(left, right, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 def _seed_from(ids: Sequence[int]) -> int:

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Any
 
 import apache_beam as beam
 
-_WORDS = re.compile(r"\w+", re.UNICODE)
+# Text comparison lives in text_overlap; `normalize` is re-exported because every stage compares texts in its form.
+from pipelines.stages.text_overlap import normalize
 
-
-def normalize(text: str) -> list[str]:
-    """Lower-cased words: the form texts are compared in when checking copies and duplicates."""
-    return _WORDS.findall(text.lower())
+__all__ = ["StageCounters", "normalize", "rejected_row", "stable_hash"]
 
 
 def stable_hash(*parts: object) -> int:

@@ -1,8 +1,9 @@
 """Stage 3, GenerateCounterfactuals (Gemini Embedding): classification data from a task spec and a few seed examples.
 
-Input: a task spec file (YAML or JSON, read through Beam filesystems, so `gs://` works), loaded when the pipeline is
-built so a broken spec stops the run before any work. Output: `{"kept": CLASSIFICATION_EXAMPLE rows, "rejected":
-REJECTED rows, "tallies": (("stage", STAGE, field), count) for the manifest, "answers": LLMAnswer for usage}`.
+Input: a task spec file (YAML or JSON, read through Beam filesystems, so `gs://` works; format and checks in
+pipelines/stages/task_spec.py), loaded when the pipeline is built so a broken spec stops the run before any work.
+Output: `{"kept": CLASSIFICATION_EXAMPLE rows, "rejected": REJECTED rows, "tallies": manifest tallies (the stage's
+counts, and the label judge's teacher usage), "answers": LLMAnswer for usage (generation and LLM judge)}`.
 
 Three kinds of kept rows (`origin`):
 - "seed": the spec's own labelled examples (when `include_seed_examples`).
@@ -11,63 +12,56 @@ Three kinds of kept rows (`origin`):
   `counterfactual_of` (the seed's example_id) and `original_label`. Pairs that differ in a few words but not in label
   are what teaches an embedding model what a label depends on.
 
-The task spec (`load_task_spec`):
-
-    name: bike_share_support
-    description: Route messages sent to a city bike-sharing service
-    labels:
-      - {name: payment, description: Charges, refunds, passes and payment methods}
-      - {name: broken_bike, description: A bike that is damaged or does not work}
-    seed_examples: seeds.csv          # relative to the spec file; CSV or JSONL (optionally .gz)
-    # or, to name the columns:  seed_examples: {path: seeds.csv, text_field: message, label_field: topic}
-    examples:                         # inline seeds, in addition to or instead of the file
-      - {text: "The bike at Elm St has a flat tyre", label: broken_bike}
-
-What is an error and what is a rejected row: a problem of the spec itself (unreadable file, unknown key, fewer than
-two labels, duplicate label names, a label without description, a seed file without the configured column, or every
-seed row unusable, which is almost always a wrong `text_field` / `label_field`) raises `TaskSpecError` naming the file
-and the field. A problem of one seed row is data, not a broken spec: the row becomes a rejected row whose `detail`
-names the file, line and field, so nothing is silently dropped and the rest of the seeds still work.
+Every generated example and counterfactual that passes the surface checks below then faces a second judge of its
+label (`judge`: the run's teacher by default, or the LLM, both, or off; pipelines/stages/label_judge.py): a text the
+judge does not assign to its target label is rejected as `label_mismatch`. The surface checks cannot see an edit that
+kept its seed's meaning under a new label; the student would learn that wrong label.
 
 Rejects (reason codes). Seed rows: `malformed_row` (unparseable JSONL line, CSV row with the wrong number of columns,
 a non-string field), `empty_text`, `missing_label`, `unknown_label`, `duplicate_seed` (same normalized text as an
-earlier seed). LLM output: `llm_failed` (no valid answer; raw answer kept), `skipped_by_budget` (never called: the
-run's LLM budget was spent), `surplus` (an answer listed more examples than asked), `empty_text` (no words left after
-normalization), `unchanged` (a counterfactual identical to its seed),
+earlier seed). LLM output: `llm_failed` (no valid answer; raw answer kept), `skipped_by_budget` (never called or never
+judged: the run's budget was spent), `surplus` (an answer listed more examples than asked), `empty_text` (no words left
+after normalization), `unchanged` (a counterfactual identical to its seed),
 `copies_example` (repeats a text the prompt showed as a few-shot example), `duplicate` (repeats a seed or an earlier
 generated example), `conflicting_labels` (the same text generated for two different labels: all copies go, since the
-text cannot be trusted for either), `not_minimal` (a counterfactual that rewrote most of the seed).
+text cannot be trusted for either), `not_minimal` (a counterfactual that rewrote most of the seed), `label_mismatch`
+(the label judge assigns the text to another label), `judge_failed` (the label judge gave no verdict).
 
 Accounting. The stage's units are the seed rows it read (valid or not) plus its LLM requests (one per label and
 chunk of `examples_per_request` new examples, one per seed and target label for counterfactuals), so
 `input = seed rows read + requests`. A seed row ends as kept, rejected or, when `include_seed_examples` is off,
 `skipped`. A request's answer ends as one rejected row (`llm_failed`) or as one row per text it listed, each kept or
-rejected; the rows beyond the first of an answer are reported as `expanded`. So the manifest's balance holds:
-`input + expanded = kept + rejected + skipped`. The "tallies" output carries input, expanded, kept and skipped
-(rejected is counted from the rejected rows, as for every stage).
+rejected; the rows beyond the first of an answer are reported as `expanded`. The label judge takes one row and gives
+back one outcome, so it adds no unit. So the manifest's balance holds: `input + expanded = kept + rejected +
+skipped`. The "tallies" output carries input, expanded, kept and skipped (rejected is counted from the rejected rows,
+as for every stage).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
-import posixpath
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import apache_beam as beam
 import numpy as np
-import yaml
-from apache_beam.io.filesystems import FileSystems
 
 from pipelines.clients.base import GenerationConfig
-from pipelines.clients.factory import LLMSpec
-from pipelines.config_loading import ConfigError
+from pipelines.clients.factory import EmbedderSpec, LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
+from pipelines.stages.embed_teacher import EmbedTeacherConfig
+from pipelines.stages.label_judge import JUDGES, JudgeLabels
+from pipelines.stages.task_spec import (  # noqa: F401 - re-exported: the stage's public names, as before the split
+    LabelSpec,
+    RejectedSeed,
+    SeedExample,
+    TaskSpec,
+    TaskSpecError,
+    example_id,
+    load_task_spec,
+)
 from prompts import PromptSpec, get_prompt
 from prompts.example_generation import MAX_EXAMPLES
 
@@ -77,299 +71,6 @@ COUNTERFACTUAL_PROMPT = "counterfactual_generation"
 #: Among copies of one text, the origin listed first is kept: a counterfactual is worth more than a new example
 #: because it comes paired with its seed.
 ORIGINS = ("seed", "counterfactual", "generated")
-
-_SPEC_KEYS = ("name", "description", "labels", "seed_examples", "examples")
-_LABEL_KEYS = ("name", "description")
-_SEED_FILE_KEYS = ("path", "text_field", "label_field")
-
-
-class TaskSpecError(ConfigError):
-    """The task spec cannot be used as given; the message names the file and the field. Raised while the pipeline is
-    built, before any work."""
-
-
-# --- The task spec ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    name: str
-    description: str
-
-
-@dataclass(frozen=True)
-class SeedExample:
-    #: The seed's example_id, derived from its text (not its line), so editing the seed file elsewhere keeps the ids,
-    #: and with them every deterministic choice and LLM cache key, unchanged.
-    seed_id: str
-    text: str
-    label: str
-    #: Where it came from, e.g. "data/seeds.csv line 4" or "task.yaml examples[2]".
-    location: str
-
-
-@dataclass(frozen=True)
-class RejectedSeed:
-    reason: str
-    location: str
-    detail: str
-    #: The row as JSON (or the raw line when it did not parse), for the rejected row's payload.
-    payload: str
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    description: str
-    labels: tuple[LabelSpec, ...]
-    seeds: tuple[SeedExample, ...] = ()
-    rejected_seeds: tuple[RejectedSeed, ...] = ()
-    source: str = ""
-
-    @property
-    def label_names(self) -> tuple[str, ...]:
-        return tuple(label.name for label in self.labels)
-
-    def label(self, name: str) -> LabelSpec:
-        for label in self.labels:
-            if label.name == name:
-                return label
-        raise KeyError(f"task {self.name!r} has no label {name!r}")
-
-    def seeds_of(self, label: str) -> tuple[SeedExample, ...]:
-        """The label's seeds ordered by id, so choices among them do not depend on the seed file's order."""
-        return tuple(sorted((seed for seed in self.seeds if seed.label == label), key=lambda seed: seed.seed_id))
-
-    @property
-    def seed_rows_read(self) -> int:
-        return len(self.seeds) + len(self.rejected_seeds)
-
-
-def example_id(task: str, origin: str, source_id: str, index: int | str) -> str:
-    """Deterministic id of an output row: the same task, origin, source and index give the same id in every run."""
-    material = json.dumps([task, origin, source_id, index], ensure_ascii=False)
-    return hashlib.sha256(material.encode()).hexdigest()[:20]
-
-
-def _read_text(path: str, what: str) -> str:
-    try:
-        with FileSystems.open(path) as handle:
-            data = handle.read()
-    except Exception as error:  # Beam wraps every filesystem's own error type; any of them means "cannot read"
-        raise TaskSpecError(f"{path}: cannot read the {what} ({error})") from error
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise TaskSpecError(f"{path}: the {what} is not UTF-8 ({error})") from error
-
-
-def _required_text(mapping: Mapping[str, Any], key: str, where: str) -> str:
-    value = mapping.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise TaskSpecError(f"{where}: missing or empty {key!r} (expected a non-empty string)")
-    return value.strip()
-
-
-def _check_keys(mapping: Any, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
-    if not isinstance(mapping, Mapping):
-        raise TaskSpecError(f"{where}: expected a mapping with keys {', '.join(allowed)}, got {type(mapping).__name__}")
-    unknown = sorted(str(key) for key in mapping if key not in allowed)
-    if unknown:
-        raise TaskSpecError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(allowed)})")
-    return mapping
-
-
-def _parse_labels(value: Any, source: str) -> tuple[LabelSpec, ...]:
-    if not isinstance(value, list):
-        raise TaskSpecError(f"{source}: 'labels' must be a list of {{name, description}}, got {type(value).__name__}")
-    labels: list[LabelSpec] = []
-    first_at: dict[str, int] = {}
-    for index, item in enumerate(value):
-        where = f"{source}: labels[{index}]"
-        item = _check_keys(item, _LABEL_KEYS, where)
-        name = _required_text(item, "name", where)
-        if name in first_at:
-            raise TaskSpecError(f"{where}: duplicate label name {name!r} (first at labels[{first_at[name]}])")
-        first_at[name] = index
-        labels.append(LabelSpec(name, _required_text(item, "description", where)))
-    if len(labels) < 2:
-        raise TaskSpecError(f"{source}: 'labels' needs at least 2 labels, got {len(labels)}: "
-                            "a classification task (and a counterfactual) needs another label to flip to")
-    return tuple(labels)
-
-
-def _malformed(location: str, detail: str, payload: str) -> RejectedSeed:
-    return RejectedSeed("malformed_row", location, f"{location}: {detail}", payload)
-
-
-def _read_seed_file(
-    path: str, text_field: str, label_field: str
-) -> Iterator[tuple[str, Mapping[str, Any] | RejectedSeed]]:
-    """(location, row) per data row of a CSV or JSONL seed file; a row that does not parse comes as a RejectedSeed."""
-    text = _read_text(path, "seed file")
-    base = path.lower().removesuffix(".gz")  # FileSystems.open decompresses .gz by itself
-    if base.endswith(".jsonl"):
-        # split("\n"), not splitlines(): a JSON string may hold U+2028 and friends, which splitlines() breaks on.
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            location = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield location, _malformed(location, f"not valid JSON ({error.msg})", line)
-                continue
-            if not isinstance(row, dict):
-                yield location, _malformed(location, f"expected a JSON object, got {type(row).__name__}", line)
-                continue
-            yield location, row
-    elif base.endswith(".csv"):
-        # csv.reader, not DictReader: DictReader skips blank lines silently, which would misnumber the rows.
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None)
-        if header is None:
-            raise TaskSpecError(f"{path}: empty seed file (expected a header row naming {text_field!r} and "
-                                f"{label_field!r})")
-        for column in (text_field, label_field):
-            if column not in header:
-                raise TaskSpecError(f"{path}: no column {column!r} (columns: {', '.join(header)}); "
-                                    "set seed_examples.text_field / label_field in the task spec")
-        while True:
-            location = f"{path} line {reader.line_num + 1}"
-            row = next(reader, None)
-            if row is None:
-                return
-            if not row:
-                continue
-            if len(row) != len(header):
-                # Usually an unquoted comma inside the text: the columns have shifted, so no field can be trusted.
-                yield location, _malformed(location, f"{len(row)} columns where the header has {len(header)}",
-                                           json.dumps(row, ensure_ascii=False))
-                continue
-            yield location, dict(zip(header, row, strict=True))
-    else:
-        raise TaskSpecError(f"{path}: unknown seed file format (use .csv or .jsonl, optionally .gz)")
-
-
-def _label_value(value: Any) -> str | None:
-    """Labels compare as strings, so a JSONL label 1 matches a spec label "1"; None when absent or blank."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return None
-    return str(value).strip() or None
-
-
-def _check_seed_row(
-    location: str, row: Mapping[str, Any], text_field: str, label_field: str, labels: tuple[str, ...]
-) -> tuple[str, str] | RejectedSeed:
-    """(text, label) of a usable seed row, else the RejectedSeed naming the field that is wrong."""
-    payload = json.dumps({"source": location, "row": row}, ensure_ascii=False, default=str, sort_keys=True)
-    text = row.get(text_field)
-    if text is not None and not isinstance(text, str):
-        return RejectedSeed("malformed_row", location,
-                            f"{location}: field {text_field!r} is {type(text).__name__}, expected a string", payload)
-    if text is None or not normalize(text):
-        return RejectedSeed("empty_text", location, f"{location}: field {text_field!r} is missing or has no words",
-                            payload)
-    label = _label_value(row.get(label_field))
-    if label is None:
-        return RejectedSeed("missing_label", location, f"{location}: field {label_field!r} is missing or empty",
-                            payload)
-    if label not in labels:
-        return RejectedSeed("unknown_label", location, f"{location}: field {label_field!r}: label {label!r} is not "
-                            f"one of the task's labels ({', '.join(labels)})", payload)
-    return text.strip(), label
-
-
-def _field_name(mapping: Mapping[str, Any], key: str, default: str, where: str) -> str:
-    value = mapping.get(key, default)
-    if not isinstance(value, str) or not value:
-        raise TaskSpecError(f"{where}: {key!r} must be a non-empty column name, got {value!r}")
-    return value
-
-
-def _resolve(spec_path: str, seed_path: str) -> str:
-    """A relative seed path is relative to the spec file, wherever the pipeline runs from (local or gs://)."""
-    if "://" in seed_path or posixpath.isabs(seed_path):
-        return seed_path
-    return FileSystems.join(FileSystems.split(spec_path)[0], seed_path)
-
-
-def _seed_sources(document: Mapping[str, Any], path: str) -> Iterator[tuple[str, Any, str, str]]:
-    """(location, row or RejectedSeed, text field, label field) for every seed row: inline examples, then the file."""
-    inline = document.get("examples")
-    if inline is not None:
-        if not isinstance(inline, list):
-            raise TaskSpecError(f"{path}: 'examples' must be a list of {{text, label}}, got {type(inline).__name__}")
-        for index, item in enumerate(inline):
-            location = f"{path} examples[{index}]"
-            if not isinstance(item, Mapping):
-                item = _malformed(location, f"expected a mapping with text and label, got {type(item).__name__}",
-                                  json.dumps(item, ensure_ascii=False, default=str))
-            yield location, item, "text", "label"
-    seed_file = document.get("seed_examples")
-    if seed_file is None:
-        return
-    where = f"{path}: seed_examples"
-    if isinstance(seed_file, str):
-        seed_file = {"path": seed_file}
-    seed_file = _check_keys(seed_file, _SEED_FILE_KEYS, where)
-    seed_path = _resolve(path, _required_text(seed_file, "path", where))
-    text_field = _field_name(seed_file, "text_field", "text", where)
-    label_field = _field_name(seed_file, "label_field", "label", where)
-    for location, row in _read_seed_file(seed_path, text_field, label_field):
-        yield location, row, text_field, label_field
-
-
-def load_task_spec(path: str) -> TaskSpec:
-    """Read and check a task spec (YAML or JSON) and its seed rows; see the module docstring for the format.
-
-    Raises TaskSpecError for a spec that cannot be used; seed rows that cannot be used are returned in
-    `rejected_seeds` instead.
-    """
-    text = _read_text(path, "task spec")
-    lowered = path.lower()
-    try:
-        if lowered.endswith((".yaml", ".yml")):
-            document = yaml.safe_load(text)
-        elif lowered.endswith(".json"):
-            document = json.loads(text)
-        else:
-            raise TaskSpecError(f"{path}: unknown task spec format (use .yaml, .yml or .json)")
-    except (yaml.YAMLError, json.JSONDecodeError) as error:
-        raise TaskSpecError(f"{path}: not valid {'JSON' if lowered.endswith('.json') else 'YAML'}: {error}") from error
-    document = _check_keys(document, _SPEC_KEYS, path)
-    name = _required_text(document, "name", path)
-    description = _required_text(document, "description", path)
-    if "labels" not in document:
-        raise TaskSpecError(f"{path}: missing 'labels' (a list of {{name, description}}, at least 2)")
-    labels = _parse_labels(document["labels"], path)
-    names = tuple(label.name for label in labels)
-
-    seeds: list[SeedExample] = []
-    rejected: list[RejectedSeed] = []
-    first_seen: dict[tuple[str, ...], str] = {}
-    for location, row, text_field, label_field in _seed_sources(document, path):
-        checked = row if isinstance(row, RejectedSeed) else _check_seed_row(
-            location, row, text_field, label_field, names)
-        if isinstance(checked, RejectedSeed):
-            rejected.append(checked)
-            continue
-        seed_text, label = checked
-        words = tuple(normalize(seed_text))
-        if words in first_seen:
-            payload = json.dumps({"source": location, "row": row}, ensure_ascii=False, default=str, sort_keys=True)
-            rejected.append(RejectedSeed("duplicate_seed", location,
-                                         f"{location}: the same text as {first_seen[words]}", payload))
-            continue
-        first_seen[words] = location
-        seeds.append(SeedExample(example_id(name, "seed", seed_text, 0), seed_text, label, location))
-    if rejected and not seeds:
-        raise TaskSpecError(f"{path}: all {len(rejected)} seed rows are unusable (first: {rejected[0].detail}); "
-                            "check the seed file's text_field / label_field and the label names")
-    return TaskSpec(name, description, labels, tuple(seeds), tuple(rejected), path)
-
 
 # --- Configuration and plan -------------------------------------------------------------------------------------------
 
@@ -404,6 +105,14 @@ class GenerateCounterfactualsConfig:
     max_output_tokens_per_example: int = 192
     #: Run seed for every deterministic choice (few-shot seeds, capped seeds, sampling seeds).
     seed: int = 0
+    #: Who checks that each generated example and counterfactual belongs to its target label (else `label_mismatch`):
+    #: "teacher" (the run's teacher: nearest label prototype), "llm" (asks the LLM which label fits; needs a capable
+    #: model: the 135M local LLM judges at chance), "both" (teacher, then LLM) or "off". See label_judge.py.
+    judge: Literal["teacher", "llm", "both", "off"] = "teacher"
+    #: Teacher judge: a text is kept when its similarity to its target label is at least the best label's minus this.
+    #: 0: the target must be the teacher's best label. A wrong label costs the student more than a lost example costs
+    #: the stage; raise it (e.g. 0.02) only to keep near-ties a weak teacher cannot tell apart.
+    judge_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.task_spec:
@@ -422,6 +131,11 @@ class GenerateCounterfactualsConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.max_output_tokens_per_example < 1:
             raise ValueError(f"max_output_tokens_per_example must be >= 1, got {self.max_output_tokens_per_example}")
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge must be one of {', '.join(JUDGES)}, got {self.judge!r}")
+        if not 0 <= self.judge_margin <= 2:
+            raise ValueError(f"judge_margin must be in [0, 2] (a difference of cosine similarities), "
+                             f"got {self.judge_margin}")
 
 
 @dataclass(frozen=True)
@@ -775,40 +489,63 @@ class _JudgeFn(beam.DoFn):
 
 
 class _ResolveFn(beam.DoFn):
+    """One text's candidates -> the copy that goes on to the label judge (main output) or REJECTED rows."""
+
     def __init__(self):
         self._counters = StageCounters(STAGE)
 
     def process(self, element):
         _, candidates = element
-        for kind, row in resolve_duplicates(candidates):
+        by_id = {item["row"]["example_id"]: item for item in candidates}
+        for kind, row in resolve_duplicates(by_id.values()):
             if kind == "kept":
-                self._counters.kept.inc()
-                yield _tally("kept")
-                yield row
+                yield by_id[row["example_id"]]
             else:
                 self._counters.reject(row["reason"])
                 yield beam.pvalue.TaggedOutput(REJECTED, row)
 
 
+class _KeptFn(beam.DoFn):
+    """A candidate the label judge kept -> its row, counted as kept."""
+
+    def __init__(self):
+        self._counters = StageCounters(STAGE)
+
+    def process(self, candidate):
+        self._counters.kept.inc()
+        yield _tally("kept")
+        yield candidate["row"]
+
+
 class GenerateCounterfactuals(beam.PTransform):
     """Root transform: task spec -> {"kept": CLASSIFICATION_EXAMPLE rows, "rejected": REJECTED rows,
-    "tallies": (("stage", STAGE, field), count) summed per field, "answers": LLMAnswer (for usage accounting)}.
+    "tallies": (key, count) summed per key: ("stage", STAGE, field) and the label judge's teacher usage,
+    "answers": LLMAnswer of generation and of the LLM judge (for usage accounting)}.
 
     Apply it to the pipeline (`pipeline | GenerateCounterfactuals(...)`). The spec is read when the pipeline is built,
     so a broken spec fails before any work; it travels inside the graph, which suits seed sets (hundreds to a few
-    thousand rows), not whole labelled corpora.
+    thousand rows), not whole labelled corpora. `teacher` (the run's teacher) and `embed` (its dimension and batch
+    size) serve the "teacher" and "both" judges; every LLM call and teacher embedding draws on `budget`, in that
+    order: generation, then the teacher's judgment, then the LLM's.
     """
 
     def __init__(self, config: GenerateCounterfactualsConfig, llm: LLMSpec, cache_dir: str | None = None,
-                 budget: RunBudget | None = None):
+                 budget: RunBudget | None = None, teacher: EmbedderSpec | None = None,
+                 embed: EmbedTeacherConfig | None = None):
         super().__init__()
         self._config = config
         self._llm = llm
         self._cache_dir = cache_dir
         self._budget = budget
+        self._teacher = teacher
+        self._embed = embed or EmbedTeacherConfig()
 
     def expand(self, pbegin):
         spec = load_task_spec(self._config.task_spec)
+        # Built first, so an impossible judge (no teacher, too many labels for the LLM) fails before any work too.
+        judge = JudgeLabels(spec, stage=STAGE, judge=self._config.judge, margin=self._config.judge_margin,
+                            llm=self._llm, teacher=self._teacher, embed=self._embed, cache_dir=self._cache_dir,
+                            budget=self._budget)
         seeds = (
             pbegin
             | "SeedRows" >> beam.Create(seed_outcomes(spec, self._config))
@@ -826,13 +563,18 @@ class GenerateCounterfactuals(beam.PTransform):
         resolved = (
             judged["candidates"]
             | "ByText" >> beam.GroupByKey()
-            | "Resolve" >> beam.ParDo(_ResolveFn()).with_outputs(REJECTED, TALLIES, main="kept")
+            | "Resolve" >> beam.ParDo(_ResolveFn()).with_outputs(REJECTED, main="survivors")
         )
-        kept = (seeds["kept"], resolved["kept"]) | "Kept" >> beam.Flatten()
-        rejected = (seeds[REJECTED], judged[REJECTED], resolved[REJECTED]) | "Rejected" >> beam.Flatten()
+        # After the duplicate check: copies of one text share one label, so judging the surviving copy judges them all.
+        labelled = resolved["survivors"] | "JudgeLabels" >> judge
+        accepted = labelled["kept"] | "Accepted" >> beam.ParDo(_KeptFn()).with_outputs(TALLIES, main="kept")
+        kept = (seeds["kept"], accepted["kept"]) | "Kept" >> beam.Flatten()
+        rejected = ((seeds[REJECTED], judged[REJECTED], resolved[REJECTED], labelled["rejected"])
+                    | "Rejected" >> beam.Flatten())
         tallies = (
-            (seeds[TALLIES], judged[TALLIES], resolved[TALLIES])
+            (seeds[TALLIES], judged[TALLIES], accepted[TALLIES], labelled["tallies"])
             | "AllTallies" >> beam.Flatten()
             | "SumTallies" >> beam.CombinePerKey(sum)
         )
-        return {"kept": kept, "rejected": rejected, "tallies": tallies, "answers": answers}
+        all_answers = (answers, labelled["answers"]) | "AllAnswers" >> beam.Flatten()
+        return {"kept": kept, "rejected": rejected, "tallies": tallies, "answers": all_answers}

@@ -9,13 +9,18 @@ one of kept / rejected, and a rejected pair keeps the scores and reasons that re
 - Round-trip consistency (Promptagator): the positive must rank in the teacher's top `roundtrip_top_k` for its own
   query; the ranks come from the same exact faiss search the mining stage uses (`ranks` input).
 
+Candidates (`generate.queries.candidates` > 1, `select_candidates`): query generation wrote several candidate queries
+per slot, all with the slot's `query_id`. Of the candidates of a slot that passed the graders, the least extractive
+(the smallest share of word bigrams copied from the passage; the earlier candidate on a tie) is kept: the other
+candidates are `surplus_candidate`. Without candidates every slot has one pair and nothing is selected.
+
 Rejects: `llm_grading_failed` (raw answer kept), `skipped_by_budget` (never graded: the run's LLM budget was spent),
-`llm_irrelevant`, `roundtrip_failed`.
+`llm_irrelevant`, `roundtrip_failed`, `surplus_candidate`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +30,8 @@ from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages.generate_queries import candidate_number
+from pipelines.stages.text_overlap import extractive_share
 from prompts import get_prompt
 
 STAGE = "grade_relevance"
@@ -91,6 +98,22 @@ def grade_pair(
     return "kept", graded
 
 
+def select_candidate(graded: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The graded pairs of one slot (one `query_id`): ("kept", the least extractive) and ("rejected", each other one
+    as `surplus_candidate`). Ties go to the earlier candidate, so the first (temperature 0) wins when all are equal."""
+    ranked = sorted(
+        ((extractive_share(pair["query"], pair["passage"]), candidate_number(pair), pair) for pair in graded),
+        key=lambda item: item[:2])
+    if not ranked:
+        return
+    best_share, _, best = ranked[0]
+    yield "kept", best
+    for share, _, pair in ranked[1:]:
+        yield "rejected", rejected_row(
+            STAGE, "surplus_candidate", pair, record_id=pair["pair_id"],
+            detail=f"{share:.0%} of its word pairs come from the passage; {best['pair_id']} copies {best_share:.0%}")
+
+
 class _GradeFn(beam.DoFn):
     def __init__(self, config: GradeRelevanceConfig):
         self._config = config
@@ -107,11 +130,28 @@ class _GradeFn(beam.DoFn):
                                                    ranks[0] if ranks else None, self._config))
 
 
+class _SelectFn(beam.DoFn):
+    def __init__(self):
+        self._counters = StageCounters(STAGE)
+
+    def process(self, element) -> Iterator[Any]:
+        _, graded = element
+        for outcome, row in select_candidate(graded):
+            if outcome == "kept":
+                yield row
+            else:
+                self._counters.kept.dec()  # counted kept by grading; a surplus candidate moves to rejected
+                yield self._counters.route(outcome, row)
+
+
 class GradeRelevance(beam.PTransform):
-    """{"pairs": PAIR rows, "ranks": (pair_id, rank | None)} -> kept / rejected / answers."""
+    """{"pairs": PAIR rows, "ranks": (pair_id, rank | None)} -> kept / rejected / answers.
+
+    `select_candidates`: the pairs hold several candidates per `query_id`; keep one of each (see the module docstring).
+    """
 
     def __init__(self, config: GradeRelevanceConfig, llm: LLMSpec | None = None, cache_dir: str | None = None,
-                 budget: RunBudget | None = None):
+                 budget: RunBudget | None = None, select_candidates: bool = False):
         super().__init__()
         if config.use_llm and llm is None:
             raise ValueError("GradeRelevance: use_llm needs an LLM spec")
@@ -119,6 +159,7 @@ class GradeRelevance(beam.PTransform):
         self._llm = llm
         self._cache_dir = cache_dir
         self._budget = budget
+        self._select_candidates = select_candidates
 
     def expand(self, inputs):
         pairs = inputs["pairs"]
@@ -144,4 +185,13 @@ class GradeRelevance(beam.PTransform):
             | "Join" >> beam.CoGroupByKey()
             | "Grade" >> beam.ParDo(_GradeFn(self._config)).with_outputs("rejected", main="kept")
         )
-        return {"kept": graded["kept"], "rejected": graded["rejected"], "answers": answers}
+        if not self._select_candidates:
+            return {"kept": graded["kept"], "rejected": graded["rejected"], "answers": answers}
+        selected = (
+            graded["kept"]
+            | "BySlot" >> beam.Map(lambda pair: (pair["query_id"], pair))
+            | "GroupSlots" >> beam.GroupByKey()
+            | "SelectCandidate" >> beam.ParDo(_SelectFn()).with_outputs("rejected", main="kept")
+        )
+        rejected = (graded["rejected"], selected["rejected"]) | "AllRejected" >> beam.Flatten()
+        return {"kept": selected["kept"], "rejected": rejected, "answers": answers}

@@ -3,16 +3,19 @@
 Few-shot examples matter here: measured on this machine, a tiny local LLM (SmolLM2-135M) writes plausible queries only
 with them, and zero-shot it echoes the passage. So `render` shows the examples of the requested query type, and they
 are kept short.
+
+A user may replace them with examples from their own domain (Promptagator): `parse_user_examples` reads them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from prompts import NonEmptyText, PromptSpec, at_most_words
+from prompts import FewShotExample, NonEmptyText, PromptSpec, at_most_words
 
 #: The query types the template explains and examples.jsonl demonstrates (each needs examples there).
 QUERY_TYPES: tuple[str, ...] = ("question", "keywords", "claim", "title")
@@ -45,3 +48,70 @@ PROMPT = PromptSpec.from_package(
     max_examples=2,
     check_fields=_check_fields,
 )
+
+
+# --- A user's own examples --------------------------------------------------------------------------------------------
+
+#: Promptagator adapts retrieval to a domain from 2 to 8 of its (passage, query) examples; a request shows
+#: PROMPT.max_examples of them, so more would only be a longer file.
+MAX_USER_EXAMPLES = 8
+#: The task a user's example shows when its line names none: the retrieval task its query type implies.
+DEFAULT_TASKS: dict[str, str] = {
+    "question": "Given a question, retrieve passages that answer it",
+    "keywords": "Given search keywords, retrieve relevant passages",
+    "claim": "Given a claim, retrieve passages that support or refute it",
+    "title": "Given a title, retrieve the passage it heads",
+}
+_REQUIRED = ("passage", "query")
+_OPTIONAL = ("title", "query_type", "task")
+
+
+def _text_field(row: Mapping[str, Any], name: str, where: str, *, required: bool) -> str:
+    value = row.get(name)
+    if value is None and not required:
+        return ""
+    if name not in row:
+        raise ValueError(f"{where}: missing field {name!r}")
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def parse_user_examples(text: str) -> tuple[FewShotExample, ...]:
+    """A user's few-shot examples, one JSON object a line: `passage` and `query`, optionally `title`, `query_type`
+    (default "question") and `task` (default: DEFAULT_TASKS for the type). Blank lines are skipped.
+
+    Raises ValueError naming the line and field, e.g. `line 3: missing field 'query'`.
+    """
+    examples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        if len(examples) == MAX_USER_EXAMPLES:
+            raise ValueError(f"{where}: more than {MAX_USER_EXAMPLES} examples (a request shows {PROMPT.max_examples})")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        unknown = sorted(set(row) - {*_REQUIRED, *_OPTIONAL})
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join((*_REQUIRED, *_OPTIONAL))})")
+        passage, query = (_text_field(row, name, where, required=True) for name in _REQUIRED)
+        title = _text_field(row, "title", where, required=False)
+        query_type = _text_field(row, "query_type", where, required=False) or "question"
+        if query_type not in QUERY_TYPES:
+            raise ValueError(f"{where}: field 'query_type' is {query_type!r}; supported: {', '.join(QUERY_TYPES)}")
+        task = _text_field(row, "task", where, required=False) or DEFAULT_TASKS[query_type]
+        try:
+            answer = PROMPT.format_answer({"task": task, "query": query})
+        except ValidationError as error:
+            problem = error.errors()[0]
+            raise ValueError(f"{where}: field {problem['loc'][0]!r}: {problem['msg']}") from None
+        examples.append(FewShotExample(inputs=(("title", title), ("passage", passage), ("query_type", query_type)),
+                                       answer=answer))
+    if not examples:
+        raise ValueError("holds no examples (one JSON object a line)")
+    return tuple(examples)
