@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from embedder.evaluate import (
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/x.py` puts benchmarks/ first, not the repo root
+
+from embedder.evaluate import (  # noqa: E402  (after the path fix-up above)
     BOOTSTRAP_RESAMPLES,
     SAMPLES,
     ClassificationSamples,
@@ -33,12 +37,11 @@ from embedder.evaluate import (
     paired_bootstrap,
     predict_labels,
 )
-from pipelines.clients.base import TaskType
-from pipelines.clients.factory import EmbedderSpec, build_embedder
-from pipelines.config import EvaluateConfig
+from pipelines.clients.base import TaskType  # noqa: E402
+from pipelines.clients.factory import EmbedderSpec, build_embedder  # noqa: E402
+from pipelines.config import EvaluateConfig  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 #: The window `embforge evaluate` gives every model by default; the benchmarks evaluate the way the product does.
 EVAL_WINDOW = EvaluateConfig().max_seq_length
