@@ -4,7 +4,7 @@ Goal: the second run makes zero LLM and zero embedding calls ("pay once"), and t
 
 Both runs are the whole generation pipeline (`pipelines.run.generate`, every stage: query generation, teacher
 embeddings, LLM grading + round-trip, LLM negative scoring, counterfactual classification data from the test task
-spec) with Gemini as LLM and teacher, pointed at the fake Gemini server (tests/fake_gemini_server.py) in a process of
+spec) with Gemini as LLM and teacher, pointed at the fake Gemini server (tests/fakes/gemini_server.py) in a process of
 its own on 127.0.0.1, answering after `--latency` seconds so every call costs time. The API key is a dummy; nothing
 leaves the machine. The corpus is the first `--passages` SciFact passages when ../shared/data/scifact is present,
 else the builtin stdlib corpus. Each run is a fresh Python process (so the second gains nothing from warm imports);
@@ -46,7 +46,7 @@ def scripted_answer(body: Mapping[str, Any]) -> str:
     relevant to its passage, every mined candidate "related" (1, kept as a negative); schema examples otherwise.
 
     Runs in the server process (`--generate benchmarks.cache_rerun:scripted_answer`)."""
-    from tests.fake_gemini_server import default_generate
+    from tests.fakes.gemini_server import default_generate
 
     config = body.get("generationConfig", {})
     schema = config.get("responseSchema") or config.get("responseJsonSchema") or {}
@@ -86,7 +86,7 @@ def write_corpus(path: Path, passages: int) -> str:
 
 
 def run_config(base_url: str, folder: Path, concurrency: int):
-    from pipelines.clients.factory import EmbedderSpec, LLMSpec
+    from pipelines.clients.specs import EmbedderSpec, LLMSpec
     from pipelines.config import GenerateConfig
     from pipelines.stages.embed_teacher import EmbedTeacherConfig
     from pipelines.stages.generate_counterfactuals import GenerateCounterfactualsConfig
@@ -151,7 +151,7 @@ def main() -> None:
         worker(args.base_url, Path(args.folder), args.concurrency, args.output)
         return
 
-    from tests.fake_gemini_server import ServerProcess
+    from tests.fakes.gemini_server import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="bench3_cache_") as temporary:
         folder = Path(temporary)

@@ -21,7 +21,8 @@ import tempfile
 import time
 
 from embedder.evaluate import RetrievalTask, evaluate_models, find_shared_data
-from pipelines.clients.factory import DEFAULT_LOCAL_STUDENT, EmbedderSpec, build_embedder
+from pipelines.clients.factory import build_embedder
+from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT, EmbedderSpec
 
 EXPECTED_NDCG = 0.645
 #: MTEB's and our own figures differ by 0.004 on identical weights (tokenizer and library versions); 0.01 leaves room

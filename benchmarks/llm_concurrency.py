@@ -2,7 +2,7 @@
 
 Goal (issue #7): achieved / ideal >= 0.8, where ideal = concurrency / latency (every slot busy all the time).
 
-The fake Gemini server (tests/fake_gemini_server.py) runs in a process of its own on 127.0.0.1, answering every
+The fake Gemini server (tests/fakes/gemini_server.py) runs in a process of its own on 127.0.0.1, answering every
 request after `--latency` seconds. The real GenerateQueries PTransform (PASSAGE rows from the builtin stdlib corpus
 in; `CallLLM` with the Gemini backend through google-genai; an empty cache dir) runs on the in-process Beam runner
 with the options `embforge generate` uses, over `--calls-per-slot x concurrency` passages (one query each, so one
@@ -59,7 +59,7 @@ def run_stage(base_url: str, rows: list[dict[str, str]], concurrency: int) -> tu
     """Pipeline wall seconds and kept + rejected rows."""
     import apache_beam as beam
 
-    from pipelines.clients.factory import LLMSpec
+    from pipelines.clients.specs import LLMSpec
     from pipelines.config import GenerateConfig
     from pipelines.run import pipeline_options
     from pipelines.stages.generate_queries import GenerateQueries, GenerateQueriesConfig
@@ -104,7 +104,7 @@ def main() -> None:
                         help="also run with CallLLM batches fixed at K x concurrency, for each K given")
     args = parser.parse_args()
 
-    from tests.fake_gemini_server import ServerProcess
+    from tests.fakes.gemini_server import ServerProcess
 
     # A dummy key for the loopback server; GOOGLE_API_KEY would take precedence, so it goes.
     os.environ.pop("GOOGLE_API_KEY", None)

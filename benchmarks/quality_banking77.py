@@ -45,7 +45,7 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
 )
 
 from embedder.evaluate import ClassificationSamples, ItemScores, find_shared_data, load_labeled
-from pipelines.clients.factory import DEFAULT_LOCAL_STUDENT
+from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
 
 LOGGER = logging.getLogger("quality_banking77")
 

@@ -38,7 +38,8 @@ from embedder.evaluate import (  # noqa: E402  (after the path fix-up above)
     predict_labels,
 )
 from pipelines.clients.base import TaskType  # noqa: E402
-from pipelines.clients.factory import EmbedderSpec, build_embedder  # noqa: E402
+from pipelines.clients.factory import build_embedder  # noqa: E402
+from pipelines.clients.specs import EmbedderSpec  # noqa: E402
 from pipelines.config import EvaluateConfig  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks")

@@ -56,7 +56,7 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
 
 from data_schemas.records import TRIPLET
 from embedder.evaluate import find_shared_data
-from pipelines.clients.factory import DEFAULT_LOCAL_STUDENT
+from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
 
 LOGGER = logging.getLogger("quality_scifact")
 #: The issue's goal: the trained student beats the base model by at least 3 nDCG@10 points.

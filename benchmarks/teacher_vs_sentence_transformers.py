@@ -85,7 +85,7 @@ def run_beam(texts: list[str], model: str, batch_size: int, stage_batch: int) ->
     import torch  # noqa: F401
 
     from pipelines.clients.base import TaskType
-    from pipelines.clients.factory import EmbedderSpec
+    from pipelines.clients.specs import EmbedderSpec
     from pipelines.config import GenerateConfig
     from pipelines.run import pipeline_options
     from pipelines.stages.embed_teacher import EmbedTeacher, EmbedTeacherConfig

@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any, Literal
 
 from embedder.config import TrainConfig
-from pipelines.clients.factory import EmbedderSpec, LLMSpec
+from pipelines.clients.specs import API_KEY_VARIABLES, EmbedderSpec, LLMSpec
 from pipelines.config_loading import ConfigError, apply_overrides, build_config, read_config_file
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.generate_counterfactuals import GenerateCounterfactualsConfig
@@ -21,8 +21,6 @@ from pipelines.stages.generate_queries import GenerateQueriesConfig
 from pipelines.stages.grade_relevance import GradeRelevanceConfig
 from pipelines.stages.mine_negatives import MineNegativesConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
-
-GEMINI_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 
 
 @dataclass(frozen=True)
@@ -148,8 +146,8 @@ def _merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
 def check_environment(config: RunConfig) -> None:
     """Problems only the environment reveals, reported before any work starts."""
     uses_gemini = config.generate.llm.backend == "gemini" or config.generate.teacher.backend == "gemini"
-    if uses_gemini and not any(os.environ.get(name) for name in GEMINI_KEY_VARIABLES):
-        raise ConfigError(f"the gemini backend needs an API key in {' or '.join(GEMINI_KEY_VARIABLES)}")
+    if uses_gemini and not any(os.environ.get(name) for name in API_KEY_VARIABLES):
+        raise ConfigError(f"the gemini backend needs an API key in {' or '.join(API_KEY_VARIABLES)}")
 
 
 def load_run_config(path: str | None, overrides: list[str], beam_args: list[str] | None = None) -> RunConfig:

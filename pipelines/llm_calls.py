@@ -26,7 +26,8 @@ from pydantic import BaseModel
 from pipelines import progress
 from pipelines.cache import LLM_CACHE, CacheWriter, SplitByCache
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
-from pipelines.clients.factory import LLMSpec, billable_output_tokens, build_llm, llm_identity
+from pipelines.clients.factory import billable_output_tokens, build_llm, llm_identity
+from pipelines.clients.specs import LLMSpec
 from pipelines.pricing import estimated_cost_micro_usd
 
 

@@ -389,7 +389,8 @@ def _check_models_resolve(references: Iterable[str]) -> None:
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate every model of `config` on every task; the report replaces `config.output`'s once it is complete."""
     from embedder.evaluate import evaluate_models
-    from pipelines.clients.factory import EmbedderSpec, build_embedder
+    from pipelines.clients.factory import build_embedder
+    from pipelines.clients.specs import EmbedderSpec
 
     tasks = evaluation_tasks(config)
     if not tasks:

@@ -8,8 +8,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from tests import network_guard
-from tests.fake_gemini_server import FakeGeminiServer
-from tests.memory_filesystem import memory_filesystem
+from tests.fakes.gemini_server import FakeGeminiServer
+from tests.fakes.memory_filesystem import memory_filesystem
 
 network_guard.install()
 
@@ -31,7 +31,7 @@ def no_network() -> Iterator[None]:
 
 @pytest.fixture
 def fake_gemini_server() -> Iterator[FakeGeminiServer]:
-    """A started fake Gemini REST server on 127.0.0.1 (see tests/fake_gemini_server.py); set `.faults`,
+    """A started fake Gemini REST server on 127.0.0.1 (see tests/fakes/gemini_server.py); set `.faults`,
     `.generate` or `.embed` on it to shape its answers."""
     with FakeGeminiServer() as server:
         yield server
@@ -39,6 +39,6 @@ def fake_gemini_server() -> Iterator[FakeGeminiServer]:
 
 @pytest.fixture
 def memfs() -> Iterator[str]:
-    """An empty in-memory Beam filesystem (tests/memory_filesystem.py); yields its root, `memfs://test`."""
+    """An empty in-memory Beam filesystem (tests/fakes/memory_filesystem.py); yields its root, `memfs://test`."""
     with memory_filesystem() as root:
         yield root

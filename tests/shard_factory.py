@@ -4,8 +4,8 @@
 The data is learnable on purpose: each topic owns a few keywords, a query names two of them, its positive passage
 repeats them, and its hard negatives are passages of other topics. Hard negatives are shared between rows (as mined
 negatives are) and are other rows' positives, so a full batch holds some passages more than once: what the trainer's
-in-batch masking is for. Teacher embeddings come from the keyword embedder in tests/fakes.py at a dimension other
-than the student's (32 by default), which exercises the distillation projection.
+in-batch masking is for. Teacher embeddings come from the keyword embedder in tests/fakes/backends.py at a dimension
+other than the student's (32 by default), which exercises the distillation projection.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from data_schemas import CLASSIFICATION_EXAMPLE, TRIPLET, validate_rows
 from pipelines.clients.base import TaskType
-from tests.fakes import KeywordEmbedder
+from tests.fakes.backends import KeywordEmbedder
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "astronomy": ("telescope", "galaxy", "orbit", "comet"),

@@ -15,12 +15,12 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.clients.base import Usage
-from pipelines.clients.factory import LLMSpec
+from pipelines.clients.specs import LLMSpec
 from pipelines.config import BudgetConfig
 from pipelines.pricing import estimated_cost_micro_usd
 from pipelines.run import generate
-from tests.fake_gemini_server import FakeGeminiServer
-from tests.fakes import ScriptedLLM
+from tests.fakes.backends import ScriptedLLM
+from tests.fakes.gemini_server import FakeGeminiServer
 from tests.test_pipeline_e2e import (  # noqa: F401 - gemini is a fixture
     CORPUS,
     KEY,

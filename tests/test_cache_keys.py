@@ -4,7 +4,7 @@ Complete: every setting that changes an answer (the Gemini thinking budget, a lo
 the key. Stable: settings that do not (timeouts, retries, concurrency, device) stay out, configurations whose requests
 did not change keep the key they had, and a Hub model's version is its commit both before and after the download.
 
-The Hub tests use the real huggingface_hub client against the stub Hub on 127.0.0.1 (tests/fake_hub_server.py).
+The Hub tests use the real huggingface_hub client against the stub Hub on 127.0.0.1 (tests/fakes/hub_server.py).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import pytest
 
 from pipelines.clients import packaged_models
 from pipelines.clients.base import TaskType
-from pipelines.clients.factory import EmbedderSpec, LLMSpec, build_embedder, embedder_identity, llm_identity
+from pipelines.clients.factory import build_embedder, embedder_identity, llm_identity
 from pipelines.clients.packaged_models import INSTALL_COMMAND, ModelUnavailableError, resolve_model
+from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.llm_calls import LLMRequest
 from pipelines.stages.embed_teacher import embedding_cache_key
 from prompts import get_prompt
-from tests.fake_hub_server import FakeHubServer
+from tests.fakes.hub_server import FakeHubServer
 
 GRADING = get_prompt("relevance_grading")
 REQUEST = LLMRequest(request_id="a", prompt_name=GRADING.name, prompt_version=GRADING.version,
@@ -84,7 +85,7 @@ def test_unchanged_gemini_requests_keep_their_key():
 
 
 def test_the_local_and_custom_backends_ignore_the_thinking_budget(tmp_path):
-    custom = LLMSpec(backend="custom", model="tests.scripted_backends:grader")
+    custom = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:grader")
     assert llm_key(replace(custom, thinking_budget=512)) == llm_key(custom)
     local = LLMSpec(backend="local", model=str(_model_folder(tmp_path)))
     assert llm_key(replace(local, thinking_budget=512, device="cuda", concurrency=1)) == llm_key(local)

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.cli import describe_error, main, parse_arguments
 from pipelines.config import load_run_config
-from tests.fake_gemini_server import FakeGeminiServer
+from tests.fakes.gemini_server import FakeGeminiServer
 from tests.test_pipeline_e2e import write_gemini_toml
 
 

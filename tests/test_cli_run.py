@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pipelines.cli import main
-from tests.fake_gemini_server import FakeGeminiServer
+from tests.fakes.gemini_server import FakeGeminiServer
 from tests.test_pipeline_e2e import CORPUS, KEY, scripted_gemini
 
 #: Passages whose every request succeeds at the first ask, so a re-run has nothing left to ask.

@@ -80,7 +80,7 @@ def test_file_errors_name_the_file(tmp_path):
 def test_gemini_without_a_key_fails_before_work(monkeypatch):
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    with pytest.raises(ConfigError, match="GEMINI_API_KEY or GOOGLE_API_KEY"):
+    with pytest.raises(ConfigError, match="GOOGLE_API_KEY or GEMINI_API_KEY"):
         load_run_config(None, ["generate.llm.backend=gemini"])
 
 

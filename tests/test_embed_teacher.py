@@ -7,7 +7,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.cache import EMBEDDING_CACHE, cache_files, read_cache_file
 from pipelines.clients.base import TaskType
-from pipelines.clients.factory import EmbedderSpec, embedder_identity
+from pipelines.clients.factory import embedder_identity
+from pipelines.clients.specs import EmbedderSpec
 from pipelines.llm_calls import RunBudget, Spend, cheapest_prefix
 from pipelines.stages.embed_teacher import (
     EmbedTeacher,
@@ -15,10 +16,10 @@ from pipelines.stages.embed_teacher import (
     embedding_cache_key,
     estimated_embedding_usage,
 )
-from tests.fake_gemini_server import FakeGeminiServer
-from tests.fakes import keyword_embedder
+from tests.fakes.backends import keyword_embedder
+from tests.fakes.gemini_server import FakeGeminiServer
 
-SPEC = EmbedderSpec(backend="custom", model="tests.fakes:keyword_embedder")
+SPEC = EmbedderSpec(backend="custom", model="tests.fakes.backends:keyword_embedder")
 ITEMS = [
     {"id": "q1", "text": "parse json text", "task_type": TaskType.RETRIEVAL_QUERY.value},
     {"id": "q2", "text": "parse json text", "task_type": TaskType.RETRIEVAL_QUERY.value},  # same text: embedded once

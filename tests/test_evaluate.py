@@ -33,7 +33,7 @@ from embedder.evaluate import (
     retrieval_metrics,
 )
 from pipelines.clients.base import TaskType
-from tests.fakes import KeywordEmbedder
+from tests.fakes.backends import KeywordEmbedder
 
 KEYWORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
 #: d_delta carries its keyword only in the title, so a perfect score also proves the title is embedded.

@@ -19,7 +19,7 @@ from google.genai import errors as genai_errors
 from pydantic import BaseModel
 
 from pipelines.clients.base import ChatMessage, GenerationConfig, TaskType
-from pipelines.clients.factory import EmbedderSpec, LLMSpec, billable_output_tokens, build_embedder, build_llm
+from pipelines.clients.factory import billable_output_tokens, build_embedder, build_llm
 from pipelines.clients.gemini import (
     GeminiAuthError,
     GeminiEmbedder,
@@ -29,7 +29,8 @@ from pipelines.clients.gemini import (
     RetryPolicy,
     retry_delay_from_error,
 )
-from tests.fake_gemini_server import FakeGeminiServer, FaultPlan, RecordedRequest, hash_vector
+from pipelines.clients.specs import EmbedderSpec, LLMSpec
+from tests.fakes.gemini_server import FakeGeminiServer, FaultPlan, RecordedRequest, hash_vector
 
 KEY = "test-key-7f3a9c-must-never-leak"
 MAX_ATTEMPTS = 6

@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import CLASSIFICATION_EXAMPLE, REJECTED, stage_balances, validate_rows
 from pipelines.clients.base import TaskType, Usage
-from pipelines.clients.factory import EmbedderSpec, LLMSpec
+from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.llm_calls import LLMAnswer, RunBudget
 from pipelines.stages.generate_counterfactuals import (
     STAGE,
@@ -51,13 +51,13 @@ from pipelines.stages.label_judge import (
     teacher_verdict,
 )
 from prompts.label_judgment import MAX_LABELS, choice_model
-from tests import scripted_classification_llm as scripted
+from tests.fakes import classification_llm as scripted
 
 DATA = Path(__file__).parent / "data" / "counterfactuals"
 TASK_YAML = str(DATA / "task.yaml")
 TASK_JSON = str(DATA / "task_inline.json")
-LLM = LLMSpec(backend="custom", model="tests.scripted_classification_llm:factory")
-TEACHER = EmbedderSpec(backend="custom", model="tests.scripted_classification_llm:teacher")
+LLM = LLMSpec(backend="custom", model="tests.fakes.classification_llm:factory")
+TEACHER = EmbedderSpec(backend="custom", model="tests.fakes.classification_llm:teacher")
 LABELS = [{"name": "spam", "description": "Unsolicited advertising"},
           {"name": "ham", "description": "A message the reader wants"}]
 
@@ -633,7 +633,7 @@ def test_an_impossible_judge_fails_when_the_pipeline_is_built(tmp_path):
 
 # --- The PTransform ---------------------------------------------------------------------------------------------------
 
-#: What the scripted LLM's answers give before the label judge (tests/scripted_classification_llm.py).
+#: What the scripted LLM's answers give before the label judge (tests/fakes/classification_llm.py).
 SURFACE_REASONS = {"unknown_label": 1, "llm_failed": 2, "copies_example": 2, "surplus": 1, "conflicting_labels": 2,
                    "duplicate": 3, "unchanged": 1, "not_minimal": 1}
 #: The texts the judge sees: 3 new examples and 7 counterfactuals survive the surface checks.

@@ -14,7 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import PAIR, REJECTED, stage_balances, validate_rows
 from pipelines.clients.base import Usage
-from pipelines.clients.factory import EmbedderSpec, LLMSpec
+from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import GenerateConfig
 from pipelines.config_loading import ConfigError
 from pipelines.llm_calls import LLMAnswer, LLMRequest
@@ -38,7 +38,7 @@ from pipelines.stages.read_corpus import ReadCorpusConfig
 from pipelines.stages.text_overlap import extractive_share, first_sentence
 from prompts.query_generation import MAX_USER_EXAMPLES
 
-SPEC = LLMSpec(backend="custom", model="tests.scripted_backends:query_writer")
+SPEC = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:query_writer")
 PASSAGE = {"passage_id": "p1", "title": None, "text": "The json module encodes Python objects as JSON text.",
            "source": "x", "truncated": False}
 EXAMPLES_FILE = Path(__file__).parent / "data" / "scifact_query_examples.jsonl"
@@ -260,7 +260,7 @@ def test_candidate_settings_are_checked(field, value, message):
 
 
 CANDIDATE_PASSAGES = {
-    # The writer's candidates (tests/scripted_backends.py): c0 extractive, sampled ones abstract (even seed) or
+    # The writer's candidates (tests/fakes/scripted_backends.py): c0 extractive, sampled ones abstract (even seed) or
     # off-topic (odd seed, fails the round trip). The seeds of these ids give these mixes:
     "sort": "Sorting puts the items of a list in order.",  # c1 abstract, c2 off-topic
     "zip": "Zip files bundle many files into one archive.",  # c1 off-topic, c2 abstract
@@ -279,7 +279,7 @@ def test_candidates_keep_the_least_extractive_one_that_passed_the_round_trip_and
                        "zip::q0c2": "abstract", "heap::q0c1": "off-topic", "heap::q0c2": "off-topic",
                        "json::q0c1": "abstract", "json::q0c2": "abstract"}, "the seeds changed: pick other ids"
     passages = [{**PASSAGE, "passage_id": pid, "text": text} for pid, text in CANDIDATE_PASSAGES.items()]
-    spec = LLMSpec(backend="custom", model="tests.scripted_backends:candidate_writer")
+    spec = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:candidate_writer")
     with TestPipeline() as pipeline:
         generated = pipeline | beam.Create(passages) | GenerateQueries(config, spec)
         # The teacher's round trip, scripted: an off-topic query does not find its passage.
@@ -323,8 +323,8 @@ def test_a_run_with_candidates_balances_and_writes_one_pair_per_slot(tmp_path):
     corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n" for pid, text in texts.items()))
     config = GenerateConfig(
         output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), corpus=ReadCorpusConfig(path=str(corpus)),
-        llm=LLMSpec(backend="custom", model="tests.scripted_backends:candidate_writer"),
-        teacher=EmbedderSpec(backend="custom", model="tests.fakes:keyword_embedder"),
+        llm=LLMSpec(backend="custom", model="tests.fakes.scripted_backends:candidate_writer"),
+        teacher=EmbedderSpec(backend="custom", model="tests.fakes.backends:keyword_embedder"),
         embed=EmbedTeacherConfig(dimension=32), queries=GenerateQueriesConfig(candidates=3),
         grading=GradeRelevanceConfig(roundtrip_top_k=1), mining=MineNegativesConfig(k=4, num_negatives=2))
     manifest = generate(config)

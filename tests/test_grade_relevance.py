@@ -6,7 +6,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import GRADED_PAIR, REJECTED, validate_rows
-from pipelines.clients.factory import LLMSpec
+from pipelines.clients.specs import LLMSpec
 from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfig, grade_pair, select_candidate
 
 JSON_PASSAGE = "The json module encodes Python objects as JSON text."
@@ -45,7 +45,7 @@ def test_pipeline_with_llm_and_roundtrip_graders():
     ]
     ranks = [("good", 1), ("irrelevant", 1), ("far", 9)]
     config = GradeRelevanceConfig(use_llm=True, use_roundtrip=True)
-    spec = LLMSpec(backend="custom", model="tests.scripted_backends:grader")
+    spec = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:grader")
     with TestPipeline() as pipeline:
         outputs = {"pairs": pipeline | "Pairs" >> beam.Create(pairs),
                    "ranks": pipeline | "Ranks" >> beam.Create(ranks)} | GradeRelevance(config, spec)

@@ -19,7 +19,7 @@ import pytest
 
 from data_schemas import stage_balances
 from pipelines.cache import LLM_CACHE, cache_files, read_cache_file
-from tests.fake_gemini_server import FakeGeminiServer, FaultPlan
+from tests.fakes.gemini_server import FakeGeminiServer, FaultPlan
 from tests.test_pipeline_e2e import keyword_vector, write_gemini_toml
 
 PASSAGES = 48

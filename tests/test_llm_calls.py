@@ -13,7 +13,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.cache import LLM_CACHE, cache_files
 from pipelines.clients.base import GenerationConfig
-from pipelines.clients.factory import LLMSpec, llm_identity
+from pipelines.clients.factory import llm_identity
+from pipelines.clients.specs import LLMSpec
 from pipelines.llm_calls import (
     CallLLM,
     LLMRequest,
@@ -27,7 +28,7 @@ from pipelines.llm_calls import (
 )
 from prompts import get_prompt
 
-SPEC = LLMSpec(backend="custom", model="tests.scripted_backends:grader")
+SPEC = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:grader")
 GRADING = get_prompt("relevance_grading")
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from pipelines.clients import packaged_models
 from pipelines.clients.base import ChatMessage, GenerationConfig, TaskType
 from pipelines.clients.batched_decoding import PrefixNode, plan_prefix_tree
-from pipelines.clients.factory import EmbedderSpec, LLMSpec, build_embedder, build_llm
+from pipelines.clients.factory import build_embedder, build_llm
 from pipelines.clients.local_embedder import select_task_prompts
 from pipelines.clients.local_llm import (
     DEFAULT_MAX_LIST_ITEMS,
@@ -41,6 +41,7 @@ from pipelines.clients.packaged_models import (
     materialize_once,
     resolve_model,
 )
+from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from prompts import get_prompt
 
 

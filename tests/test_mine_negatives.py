@@ -18,7 +18,7 @@ from apache_beam.transforms.window import GlobalWindow
 
 from data_schemas import REJECTED, TRIPLET, validate_rows
 from pipelines.clients.base import Usage
-from pipelines.clients.factory import LLMSpec
+from pipelines.clients.specs import LLMSpec
 from pipelines.llm_calls import LLMAnswer
 from pipelines.stages import rejected_row, stable_hash
 from pipelines.stages.mine_negatives import (
@@ -50,7 +50,7 @@ from pipelines.stages.mine_negatives import (
     select_candidates,
     teacher_score,
 )
-from tests.mine_negatives_llm import FACTORY
+from tests.fakes.mine_negatives_llm import FACTORY
 
 TEACHER = "test-teacher"
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_schemas import SCHEMAS, stage_balances, validate_table
-from pipelines.clients.factory import EmbedderSpec, LLMSpec
+from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import BeamConfig, GenerateConfig, load_run_config
 from pipelines.run import GenerationFailed, generate
 from pipelines.stages import grade_relevance
@@ -31,14 +31,14 @@ from pipelines.stages.generate_counterfactuals import GenerateCounterfactualsCon
 from pipelines.stages.grade_relevance import GradeRelevanceConfig
 from pipelines.stages.mine_negatives import MineNegativesConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
-from tests.fake_gemini_server import FakeGeminiServer, FaultPlan
-from tests.fakes import KeywordEmbedder
-from tests.scripted_classification_llm import ENDINGS, LABEL_WORDS
+from tests.fakes.backends import KeywordEmbedder
+from tests.fakes.classification_llm import ENDINGS, LABEL_WORDS
+from tests.fakes.gemini_server import FakeGeminiServer, FaultPlan
 
 # Every test here runs the whole generation pipeline.
 pytestmark = pytest.mark.slow
 
-#: Topic words of the corpus, then the bike-share task's label words (tests/scripted_classification_llm.py): the
+#: Topic words of the corpus, then the bike-share task's label words (tests/fakes/classification_llm.py): the
 #: keyword teacher also judges the counterfactuals' labels.
 VOCABULARY = ("json", "csv", "heap", "zip", "regex", "date", "socket", "thread",
               *(word for words in LABEL_WORDS.values() for word in words))

@@ -1,4 +1,4 @@
-"""`embforge publish` against the stub Hub in tests/fake_hub_server.py: huggingface_hub uploads over real HTTP, and
+"""`embforge publish` against the stub Hub in tests/fakes/hub_server.py: huggingface_hub uploads over real HTTP, and
 `datasets` / sentence-transformers read the uploads back in a fresh interpreter pointed at the stub by HF_ENDPOINT.
 
 huggingface_hub reads HF_ENDPOINT, HF_HUB_DISABLE_XET and the token path once, at import; in this process the
@@ -23,8 +23,8 @@ import pytest
 from data_schemas import validate_manifest
 from pipelines.publish import NO_CHANGES, PublishError, dataset_card, publish
 from pipelines.stages.write_shards import assemble_manifest
-from tests.fake_hub_server import FakeHubServer
-from tests.memory_filesystem import MemoryFileSystem, copy_local_tree
+from tests.fakes.hub_server import FakeHubServer
+from tests.fakes.memory_filesystem import MemoryFileSystem, copy_local_tree
 from tests.shard_factory import classification_rows, triplet_rows, write_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -155,13 +155,13 @@ def test_dataset_card_reports_the_manifest_figures(run_dir: Path):
     ("configs: [unclosed", "does not parse"),
 ])
 def test_stub_rejects_malformed_configs_as_the_hub_does(front_matter: str, error: str):
-    from tests.fake_hub_server import _metadata_errors
+    from tests.fakes.hub_server import _metadata_errors
 
     assert any(error in message for message in _metadata_errors(f"---\n{front_matter}\n---\n# card\n"))
 
 
 def test_generated_card_passes_the_stub_validation(run_dir: Path):
-    from tests.fake_hub_server import _metadata_errors
+    from tests.fakes.hub_server import _metadata_errors
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert _metadata_errors(dataset_card(manifest, DATASET_REPO, {"triplets": "triplets/part-*.parquet"})) == []

@@ -36,7 +36,7 @@ from embedder.losses import (
 from embedder.train import adamw, batch_losses, lr_multiplier, total_optimizer_steps
 from pipelines.clients.base import TaskType
 from pipelines.clients.task_prompts import PROMPT_NAMES, prompt_name
-from tests.memory_filesystem import MemoryFileSystem
+from tests.fakes.memory_filesystem import MemoryFileSystem
 from tests.shard_factory import classification_rows, triplet_rows, write_run, write_shard
 
 # ---- config ----------------------------------------------------------------------------------------------------------

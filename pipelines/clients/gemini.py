@@ -56,19 +56,16 @@ from pipelines.clients.base import (
     per_request,
     truncate_and_normalize,
 )
-from pipelines.clients.factory import (
+from pipelines.clients.factory import gemini_output_token_limit, gemini_thinking_budget
+from pipelines.clients.specs import (
+    API_KEY_VARIABLES,
     DEFAULT_GEMINI_EMBEDDER,
     DEFAULT_GEMINI_LLM,
     EmbedderSpec,
     LLMSpec,
-    gemini_output_token_limit,
-    gemini_thinking_budget,
 )
 
 logger = logging.getLogger(__name__)
-
-#: Checked in this order: the SDK gives GOOGLE_API_KEY precedence too, so both paths agree on which key is used.
-API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 
 #: Status codes worth another attempt: rate limits and server-side failures. Other 4xx mean the request is wrong.
 TRANSIENT_STATUS_CODES = frozenset({429, 500, 502, 503, 504})

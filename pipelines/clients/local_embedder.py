@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.clients.base import Embedder, TaskType, truncate_and_normalize
-from pipelines.clients.factory import DEFAULT_LOCAL_TEACHER
 from pipelines.clients.packaged_models import cap_torch_threads, resolve_model, unavailable_error
+from pipelines.clients.specs import DEFAULT_LOCAL_TEACHER
 from pipelines.clients.task_prompts import prompts_by_task_type
 
 if TYPE_CHECKING:
-    from pipelines.clients.factory import EmbedderSpec
+    from pipelines.clients.specs import EmbedderSpec
 
 
 def select_task_prompts(

@@ -61,7 +61,6 @@ from pipelines.clients.batched_decoding import (
     common_prefix_length,
     supports_batching,
 )
-from pipelines.clients.factory import DEFAULT_LOCAL_LLM
 from pipelines.clients.packaged_models import (
     ResolvedModel,
     cap_torch_threads,
@@ -70,11 +69,12 @@ from pipelines.clients.packaged_models import (
     resolve_model,
     unavailable_error,
 )
+from pipelines.clients.specs import DEFAULT_LOCAL_LLM
 
 if TYPE_CHECKING:
     import torch
 
-    from pipelines.clients.factory import LLMSpec
+    from pipelines.clients.specs import LLMSpec
 
 #: Items a `list[str]` field may get when its model sets no max_length: enough for keywords or sub-queries, few
 #: enough that a small model stuck in a loop ends quickly.

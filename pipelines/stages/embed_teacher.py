@@ -27,7 +27,8 @@ import apache_beam as beam
 from pipelines import progress
 from pipelines.cache import EMBEDDING_CACHE, CacheWriter, SplitByCache
 from pipelines.clients.base import Embedder, TaskType, Usage
-from pipelines.clients.factory import EmbedderSpec, build_embedder, embedder_identity
+from pipelines.clients.factory import build_embedder, embedder_identity
+from pipelines.clients.specs import EmbedderSpec
 from pipelines.llm_calls import BUDGET_REASON, RunBudget, Spend, add_spends, upper_token_estimate
 from pipelines.pricing import estimated_cost_micro_usd, price_per_million
 from pipelines.stages import StageCounters, rejected_row

@@ -48,7 +48,7 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.clients.base import GenerationConfig
-from pipelines.clients.factory import EmbedderSpec, LLMSpec
+from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from pipelines.stages.embed_teacher import EmbedTeacherConfig

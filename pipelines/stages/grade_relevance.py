@@ -27,7 +27,7 @@ from typing import Any
 import apache_beam as beam
 
 from pipelines.clients.base import GenerationConfig
-from pipelines.clients.factory import LLMSpec
+from pipelines.clients.specs import LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, rejected_row
 from pipelines.stages.generate_queries import candidate_number

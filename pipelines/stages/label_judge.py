@@ -48,7 +48,7 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.clients.base import GenerationConfig, TaskType
-from pipelines.clients.factory import EmbedderSpec, LLMSpec
+from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.llm_calls import BUDGET_REASON, CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, rejected_row
 from pipelines.stages.embed_teacher import EmbedTeacher, EmbedTeacherConfig

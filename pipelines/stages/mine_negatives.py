@@ -98,7 +98,7 @@ import faiss
 import numpy as np
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.clients.factory import LLMSpec
+from pipelines.clients.specs import LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget
 from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from prompts import get_prompt

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pydantic import BaseModel
 
 from pipelines.clients.base import ChatMessage
-from tests.fakes import ScriptedLLM
+from tests.fakes.backends import ScriptedLLM
 
-FACTORY = "tests.mine_negatives_llm:scripted_llm"
+FACTORY = "tests.fakes.mine_negatives_llm:scripted_llm"
 
 _PASSAGE = re.compile(r"<passage>\n(.*?)\n</passage>", re.DOTALL)
 _GRADE = re.compile(r"\[grade=(\d)\]")

@@ -3,9 +3,9 @@
 The LLM reads the request's own user turn (label, count, shown seeds, seed text, target label; for a label judgment the
 numbered labels and the text) and answers for the bike-share task in tests/data/counterfactuals/, mixing good texts
 with each kind of noise the stage must reject. Build it with
-`LLMSpec(backend="custom", model="tests.scripted_classification_llm:factory")`.
+`LLMSpec(backend="custom", model="tests.fakes.classification_llm:factory")`.
 
-The teacher (`EmbedderSpec(backend="custom", model="tests.scripted_classification_llm:teacher")`) is a KeywordEmbedder
+The teacher (`EmbedderSpec(backend="custom", model="tests.fakes.classification_llm:teacher")`) is a KeywordEmbedder
 whose vocabulary is the words that decide a label in this task (`LABEL_WORDS`): a text is near the label whose words
 it holds. The LLM judge counts the same words, so both judges' verdicts can be read off the texts.
 """
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel
 
 from pipelines.clients.base import ChatMessage
-from tests.fakes import KeywordEmbedder, ScriptedLLM
+from tests.fakes.backends import KeywordEmbedder, ScriptedLLM
 
 #: Shared by two labels' answers: the stage must reject both copies as `conflicting_labels`.
 AMBIGUOUS = "The app crashed when I tried to end my ride."

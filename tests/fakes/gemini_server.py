@@ -15,7 +15,7 @@ seen), so which attempt of which request fails does not depend on thread schedul
 
 Benchmarks run it in a process of its own, so its request handling does not share a GIL with the client it measures:
 `serve_over_stdio` prints the base URL as one JSON line, then answers `stats` / `reset` lines on stdin
-(`python -m tests.fake_gemini_server --latency 0.2` serves the default answers that way; `ServerProcess`
+(`python -m tests.fakes.gemini_server --latency 0.2` serves the default answers that way; `ServerProcess`
 starts and drives that from the benchmark).
 """
 
@@ -584,7 +584,7 @@ def main() -> None:
 
 
 class ServerProcess:
-    """The fake server in a child process (`python -m tests.fake_gemini_server`), for benchmarks.
+    """The fake server in a child process (`python -m tests.fakes.gemini_server`), for benchmarks.
 
         with ServerProcess(latency_s=0.2) as server:
             spec = LLMSpec(backend="gemini", base_url=server.base_url)
@@ -593,7 +593,7 @@ class ServerProcess:
     """
 
     def __init__(self, latency_s: float = 0.0, generate: str | None = None, cwd: str | None = None):
-        command = [sys.executable, "-m", "tests.fake_gemini_server", "--latency", str(latency_s)]
+        command = [sys.executable, "-m", "tests.fakes.gemini_server", "--latency", str(latency_s)]
         if generate:
             command += ["--generate", generate]
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd)

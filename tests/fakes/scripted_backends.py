@@ -1,4 +1,4 @@
-"""Factories for `LLMSpec(backend="custom", model="tests.scripted_backends:<name>")`: scripted answers, known in
+"""Factories for `LLMSpec(backend="custom", model="tests.fakes.scripted_backends:<name>")`: scripted answers, known in
 advance, built inside DoFn.setup() like any real backend."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.fakes import ScriptedLLM
+from tests.fakes.backends import ScriptedLLM
 
 
 def _tagged(messages, tag: str) -> str:

@@ -1,6 +1,6 @@
 """In-process fakes implementing the `LLM` and `Embedder` interfaces, with answers known in advance.
 
-The Gemini path is tested through the real google-genai SDK against `tests/fake_gemini_server.py`; these fakes serve
+The Gemini path is tested through the real google-genai SDK against `tests/fakes/gemini_server.py`; these fakes serve
 stage-level tests that need a backend whose right answers are known.
 """
 
@@ -104,5 +104,5 @@ class ScriptedLLM(LLM):
 
 
 def keyword_embedder() -> KeywordEmbedder:
-    """Factory for `EmbedderSpec(backend="custom", model="tests.fakes:keyword_embedder")`."""
+    """Factory for `EmbedderSpec(backend="custom", model="tests.fakes.backends:keyword_embedder")`."""
     return KeywordEmbedder(vocabulary=("json", "csv", "path", "date", "regex", "heap", "sort", "zip"), dimension=32)

@@ -1,0 +1,86 @@
+"""What a run asks of its models: small frozen specs that pickle for Beam, and the default models.
+
+A leaf module: the factory (pipelines/clients/factory.py) maps specs to backends, and backends never see a spec, so
+configuration, stages and backends can all import from here without a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_GEMINI_LLM = "gemini-2.5-flash"
+DEFAULT_GEMINI_EMBEDDER = "gemini-embedding-001"
+DEFAULT_LOCAL_LLM = "packaged:smollm2-135m-instruct"
+DEFAULT_LOCAL_TEACHER = "packaged:all-mpnet-base-v2"
+DEFAULT_LOCAL_STUDENT = "packaged:all-minilm-l6-v2"
+#: Where the Gemini API key is read from, in this order: the SDK gives GOOGLE_API_KEY precedence too, so both paths
+#: agree on which key is used.
+API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    #: "custom" builds the client by calling `model` ("package.module:callable"), for plug-in backends and test fakes.
+    backend: Literal["local", "gemini", "custom"] = "local"
+    #: Hub id, local path, `packaged:<name>`, Gemini model name or custom factory; empty means the backend's default.
+    model: str = ""
+    #: Gemini: override the API endpoint (tests point it at the local fake server).
+    base_url: str | None = None
+    api_version: str | None = None
+    timeout_s: float = 60.0
+    #: Attempts per call for transient failures (429, 5xx, timeouts), the first included.
+    max_attempts: int = 6
+    #: Backoff between transient retries: exponential from `backoff_initial_s` with jitter, capped at `backoff_max_s`;
+    #: a server's Retry-After (or RetryInfo) hint replaces it, honoured up to the same cap.
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    #: Attempts per call when the answer does not parse or violates the output schema.
+    max_parse_attempts: int = 3
+    #: Gemini thinking budget in tokens; -1 is dynamic thinking. None picks the default (`gemini_thinking_budget`):
+    #: 0, thinking off, where the model allows it (gemini-2.5-flash, gemini-2.5-flash-lite), else the model's minimum
+    #: (gemini-2.5-pro: 128); models outside `GEMINI_THINKING` get no thinking config. Gemini 2.5 counts thinking
+    #: tokens inside max_output_tokens, so each request asks for the answer's budget plus this one
+    #: (`gemini_output_token_limit`): thinking can never cut a short JSON answer off. Part of the cache key.
+    thinking_budget: int | None = None
+    #: Requests in flight at once (API backends); answers the local backend decodes together, one forward pass per
+    #: step for all of them (each holds its own KV cache, so this bounds memory: ~50 MB an answer for SmolLM2).
+    concurrency: int = 8
+    #: Local: torch device and the folder where converted weights are kept between runs.
+    device: str = "cpu"
+    cache_dir: str | None = None
+    #: Local: torch intra-op threads (default: $EMBFORGE_TORCH_THREADS, else the CPUs available). With Beam's
+    #: multi_processing runner keep workers x threads <= cores.
+    torch_threads: int | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model or (DEFAULT_GEMINI_LLM if self.backend == "gemini" else DEFAULT_LOCAL_LLM)
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    backend: Literal["local", "gemini", "custom"] = "local"
+    model: str = ""
+    base_url: str | None = None
+    api_version: str | None = None
+    timeout_s: float = 60.0
+    max_attempts: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    concurrency: int = 8
+    device: str = "cpu"
+    cache_dir: str | None = None
+    batch_size: int = 32
+    #: Local: as `LLMSpec.torch_threads`.
+    torch_threads: int | None = None
+    #: Local: (task type, prompt prefix) pairs overriding the model's own prompts; a tuple so the spec stays hashable.
+    #: They change the vectors, so they are part of the cache key.
+    task_prompts: tuple[tuple[str, str], ...] = ()
+    #: Local: tokens read per text (the model's window); None keeps the model's own. Evaluation sets one window for
+    #: every model it compares, so none wins by reading more of a passage.
+    max_seq_length: int | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model or (DEFAULT_GEMINI_EMBEDDER if self.backend == "gemini" else DEFAULT_LOCAL_TEACHER)
