@@ -3,8 +3,8 @@
 `tests/golden/generate_run.json` holds every shard row, the manifest and every cache entry of one run of the end-to-end
 Gemini configuration (tests/test_pipeline_e2e.py: LLM grading with the round trip, LLM negative scoring, counterfactual
 classification data), written by the code before the tree was reorganised. Rows are compared as sets, because Beam
-does not fix the order of rows inside shards; run ids, times, package versions and the run's temporary paths are the
-only fields masked.
+does not fix the order of rows inside shards. Masked: run ids, times, package versions, the run's temporary paths and
+the checkout's folder (the config names the task spec by its path in the checkout).
 
 To refresh it after an intended change of output: `EMBFORGE_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_run.py`,
 then review the fixture's diff like code.
@@ -66,7 +66,9 @@ def run_snapshot(run_dir: str, cache_dir: str, replacements: dict[str, str]) -> 
 def test_generate_output_matches_the_stored_run(tmp_path, gemini):  # noqa: F811 - the fixture, by name
     config = gemini_config(tmp_path, gemini)
     generate(config)
-    snapshot = run_snapshot(config.output, config.cache_dir, {str(tmp_path): "<tmp>", gemini.base_url: "<server>"})
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    replacements = {str(tmp_path): "<tmp>", gemini.base_url: "<server>", repository: "<repo>"}
+    snapshot = run_snapshot(config.output, config.cache_dir, replacements)
     if os.environ.get("EMBFORGE_UPDATE_GOLDEN"):
         with open(FIXTURE, "w", encoding="utf-8") as handle:
             json.dump(snapshot, handle, indent=1, sort_keys=True, ensure_ascii=False)
