@@ -10,7 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from data_schemas import CLASSIFICATION_EXAMPLE, PASSAGE, TRIPLET
 from embedder.data import read_run
-from embedder.evaluate import load_beir
+from embedder.eval_data import load_beir
 from pipelines.holdout import corpus_passages, is_held_out, split_run
 from pipelines.run_layout import read_kind
 from pipelines.stages.read_corpus import ReadCorpusConfig
