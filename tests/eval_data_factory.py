@@ -1,5 +1,5 @@
 """Small evaluation data files for evaluator tests: a toy BEIR folder whose right answers are known under
-`KeywordEmbedder` (tests/fakes/backends.py), and labeled CSV files."""
+`KeywordEmbedder` (tests/fakes/backends.py) and under `ConfusedEmbedder`, and labeled CSV files."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+
+from pipelines.clients.base import TaskType
+from tests.fakes.backends import KeywordEmbedder
 
 KEYWORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
 #: d_delta carries its keyword only in the title, so a perfect score also proves the title is embedded.
@@ -24,6 +29,17 @@ QRELS = {
              ("q_epsilon", "d_epsilon", 1)],
     "train": [("q_zeta", "d_zeta", 1)],
 }
+
+
+class ConfusedEmbedder(KeywordEmbedder):
+    """Reads "beta" as "alpha". Under it d_beta becomes "alpha alpha gamma" (cosine 2/sqrt(5) with "alpha"), so q_beta
+    ranks d_alpha (cosine 1) first and its relevant d_beta second: MRR 1/2 and nDCG 1/log2(3) for that query, every
+    other query still perfect."""
+
+    model_id = "confused-keyword-embedder"
+
+    def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
+        return super().embed([text.replace("beta", "alpha") for text in texts], task_type, dimension)
 
 
 def write_beir(root: Path, corpus=CORPUS, queries=QUERIES, qrels=QRELS) -> Path:

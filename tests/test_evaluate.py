@@ -12,28 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 
-import numpy as np
 import pytest
 
 from embedder.eval_data import load_beir
 from embedder.evaluate import ClassificationTask, RetrievalTask, evaluate_models
-from pipelines.clients.base import TaskType
-from tests.eval_data_factory import KEYWORDS, write_beir, write_labeled_csv
+from tests.eval_data_factory import KEYWORDS, ConfusedEmbedder, write_beir, write_labeled_csv
 from tests.fakes.backends import KeywordEmbedder
 from tests.shared_data import SHARED_DATA_ENV, find_shared_data
-
-
-class ConfusedEmbedder(KeywordEmbedder):
-    """Reads "beta" as "alpha". Under it d_beta becomes "alpha alpha gamma" (cosine 2/sqrt(5) with "alpha"), so q_beta
-    ranks d_alpha (cosine 1) first and its relevant d_beta second: MRR 1/2 and nDCG 1/log2(3) for that query, every
-    other query still perfect."""
-
-    model_id = "confused-keyword-embedder"
-
-    def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
-        return super().embed([text.replace("beta", "alpha") for text in texts], task_type, dimension)
 
 
 def keyword_model(dimension: int = 32) -> KeywordEmbedder:

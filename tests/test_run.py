@@ -19,7 +19,7 @@ from pipelines.clients import factory
 from pipelines.config import EvaluateConfig, load_run_config
 from pipelines.config_loading import ConfigError
 from pipelines.run import evaluate, evaluation_tasks, run_all
-from tests.eval_data_factory import KEYWORDS, write_beir, write_labeled_csv
+from tests.eval_data_factory import KEYWORDS, ConfusedEmbedder, write_beir, write_labeled_csv
 from tests.fakes.backends import KeywordEmbedder
 from tests.fakes.gemini_server import FakeGeminiServer
 from tests.test_cli_run import CLEAN_CORPUS
@@ -74,15 +74,6 @@ def test_a_task_that_cannot_run_is_a_config_error_naming_it(tmp_path, entry, mes
 # --- evaluate ---------------------------------------------------------------------------------------------------------
 
 
-class _ConfusedEmbedder(KeywordEmbedder):
-    """Reads "beta" as "alpha": on the toy BEIR set one query of four finds its passage second."""
-
-    model_id = "confused-keyword-embedder"
-
-    def embed(self, texts, task_type, dimension=None):
-        return super().embed([text.replace("beta", "alpha") for text in texts], task_type, dimension)
-
-
 class _BrokenEmbedder(KeywordEmbedder):
     def embed(self, texts, task_type, dimension=None):
         raise RuntimeError("the model fell over")
@@ -92,7 +83,7 @@ class _BrokenEmbedder(KeywordEmbedder):
 def keyword_models(monkeypatch) -> list:
     """`build_embedder` as `evaluate` reaches it, returning a keyword embedder chosen by the model name; yields the
     specs it was asked for."""
-    kinds = {"keyword": KeywordEmbedder, "confused": _ConfusedEmbedder, "broken": _BrokenEmbedder}
+    kinds = {"keyword": KeywordEmbedder, "confused": ConfusedEmbedder, "broken": _BrokenEmbedder}
     specs = []
 
     def build(spec):
