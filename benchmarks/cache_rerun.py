@@ -66,11 +66,14 @@ def scripted_answer(body: Mapping[str, Any]) -> str:
 
 def write_corpus(path: Path, passages: int) -> str:
     """JSONL corpus of `passages` rows; returns where they came from."""
-    shared = Path(os.environ.get("EMBFORGE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "scifact"
+    from tests.shared_data import find_shared_data
+
+    shared = find_shared_data()
+    corpus = shared / "scifact" / "corpus.jsonl" if shared else None
     rows = []
-    if (shared / "corpus.jsonl").exists():
-        source = f"SciFact corpus ({shared / 'corpus.jsonl'})"
-        with (shared / "corpus.jsonl").open() as handle:
+    if corpus is not None and corpus.exists():
+        source = f"SciFact corpus ({corpus})"
+        with corpus.open() as handle:
             for line in handle:
                 record = json.loads(line)
                 rows.append({"id": record["_id"], "title": record.get("title", ""), "text": record["text"]})

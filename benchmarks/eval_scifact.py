@@ -19,10 +19,16 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from embedder.evaluate import RetrievalTask, evaluate_models, find_shared_data
-from pipelines.clients.factory import build_embedder
-from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT, EmbedderSpec
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python benchmarks/x.py` puts benchmarks/ first, not the repo root
+
+from embedder.evaluate import RetrievalTask, evaluate_models  # noqa: E402  (after the path fix-up above)
+from pipelines.clients.factory import build_embedder  # noqa: E402
+from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT, EmbedderSpec  # noqa: E402
+from tests.shared_data import find_shared_data  # noqa: E402
 
 EXPECTED_NDCG = 0.645
 #: MTEB's and our own figures differ by 0.004 on identical weights (tokenizer and library versions); 0.01 leaves room

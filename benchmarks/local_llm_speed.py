@@ -6,7 +6,7 @@ per second of one `generate` per request (the path every request took before), w
 The packaged SmolLM2-135M-Instruct is loaded once. The prompts are GenerateQueries' own (`build_requests` with the
 default GenerateQueriesConfig: one query per passage, query types rotated over passages, greedy, 96 output tokens) for
 the first --passages SciFact passages (`<shared data>/scifact/corpus.jsonl`, found with
-`embedder.evaluate.find_shared_data`), else for the built-in stdlib corpus. Each repeat times both paths over all the
+`tests.shared_data.find_shared_data`), else for the built-in stdlib corpus. Each repeat times both paths over all the
 prompts, alternating which goes first (old, new, then new, old, ...) so that a drift in machine load hits both alike:
 
 - old: `LocalLLM.generate` for each request in turn.
@@ -48,8 +48,8 @@ GOAL = 3.0
 
 def passages(count: int) -> tuple[list[dict[str, Any]], str]:
     """The first `count` SciFact passages as ReadCorpus makes them (PASSAGE rows), else stdlib ones; their source."""
-    from embedder.evaluate import find_shared_data
     from pipelines.stages.read_corpus import ReadCorpusConfig, truncate_to_tokens
+    from tests.shared_data import find_shared_data
 
     max_tokens = ReadCorpusConfig().max_tokens
     shared = find_shared_data()

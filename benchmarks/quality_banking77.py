@@ -44,8 +44,10 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
     write_results,
 )
 
-from embedder.evaluate import ClassificationSamples, ItemScores, find_shared_data, load_labeled
+from embedder.eval_data import load_labeled
+from embedder.metrics import ClassificationSamples, ItemScores
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
+from tests.shared_data import find_shared_data
 
 LOGGER = logging.getLogger("quality_banking77")
 

@@ -25,18 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/x.py` puts benchmarks/ first, not the repo root
 
-from embedder.evaluate import (  # noqa: E402  (after the path fix-up above)
-    BOOTSTRAP_RESAMPLES,
-    SAMPLES,
-    ClassificationSamples,
-    EncodingCache,
-    ItemScores,
-    LabeledData,
-    evaluate_retrieval,
-    load_beir,
-    paired_bootstrap,
-    predict_labels,
-)
+from embedder.eval_data import LabeledData, load_beir  # noqa: E402  (after the path fix-up above)
+from embedder.evaluate import SAMPLES, EncodingCache, evaluate_retrieval, predict_labels  # noqa: E402
+from embedder.metrics import BOOTSTRAP_RESAMPLES, ClassificationSamples, ItemScores, paired_bootstrap  # noqa: E402
 from pipelines.clients.base import TaskType  # noqa: E402
 from pipelines.clients.factory import build_embedder  # noqa: E402
 from pipelines.clients.specs import EmbedderSpec  # noqa: E402

@@ -55,8 +55,8 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
 )
 
 from data_schemas.records import TRIPLET
-from embedder.evaluate import find_shared_data
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
+from tests.shared_data import find_shared_data
 
 LOGGER = logging.getLogger("quality_scifact")
 #: The issue's goal: the trained student beats the base model by at least 3 nDCG@10 points.

@@ -40,14 +40,13 @@ if str(ROOT) not in sys.path:
 MODEL = "packaged:all-minilm-l6-v2"
 
 
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("EMBFORGE_SHARED_DATA") or ROOT.parent / "shared" / "data")
-
-
 def load_texts(count: int) -> tuple[list[str], str]:
     """The first `count` SciFact passages (title + text), else stdlib passages; (texts, where they came from)."""
-    corpus = shared_data_dir() / "scifact" / "corpus.jsonl"
-    if corpus.exists():
+    from tests.shared_data import find_shared_data
+
+    shared = find_shared_data()
+    corpus = shared / "scifact" / "corpus.jsonl" if shared else None
+    if corpus is not None and corpus.exists():
         texts = []
         with corpus.open() as handle:
             for line in handle:

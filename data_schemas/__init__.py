@@ -6,15 +6,29 @@ from data_schemas.records import (
     EMBEDDING_CACHE_ENTRY,
     GRADED_PAIR,
     LLM_CACHE_ENTRY,
-    PAIR,
     PASSAGE,
     REJECTED,
     TRIPLET,
+    UNGRADED_PAIR,
 )
 from data_schemas.validate import SchemaError, schema_id, validate_rows, validate_table
 
-#: Record kind, as used in shard folder names -> schema. The `pairs` a run publishes are the graded ones (PAIR is the
-#: shape between GenerateQueries and GradeRelevance and is never written).
+#: Record kind, as used in shard folder names -> schema. The names on disk (kinds, schema names, stage names in the
+#: manifest, prompt names in cache keys) are part of published datasets and caches, so they stay as they are; this is
+#: how they correspond (stages in run order, see pipelines/run.py; docs/architecture.md has the whole flow):
+#:
+#:   kind             schema                  written by stage          its prompts (prompts/<name>/)
+#:   passages         PASSAGE                 read_corpus               -
+#:   pairs            GRADED_PAIR             grade_relevance           relevance_grading; its input, UNGRADED_PAIR
+#:                                                                      (schema "pair"), comes from generate_queries
+#:                                                                      with query_generation and is never written
+#:   triplets         TRIPLET                 mine_negatives            negative_scoring, query_likelihood (optional)
+#:   classification   CLASSIFICATION_EXAMPLE  generate_counterfactuals  example_generation, counterfactual_generation,
+#:                                                                      label_judgment (optional)
+#:   rejected         REJECTED                every stage               -
+#:   embedding_cache  EMBEDDING_CACHE_ENTRY   every EmbedTeacher use    - (files in <cache_dir>/embeddings/)
+#:   llm_cache        LLM_CACHE_ENTRY         every LLM call            the prompt name and version are in the key
+#:                                                                      (files in <cache_dir>/llm/)
 SCHEMAS = {
     "passages": PASSAGE,
     "pairs": GRADED_PAIR,
@@ -26,7 +40,7 @@ SCHEMAS = {
 }
 
 __all__ = [
-    "CLASSIFICATION_EXAMPLE", "EMBEDDING_CACHE_ENTRY", "GRADED_PAIR", "LLM_CACHE_ENTRY", "MANIFEST", "PAIR", "PASSAGE",
-    "REJECTED", "SCHEMAS", "TRIPLET", "SchemaError", "load_manifest", "schema_id", "stage_balances",
+    "CLASSIFICATION_EXAMPLE", "EMBEDDING_CACHE_ENTRY", "GRADED_PAIR", "LLM_CACHE_ENTRY", "MANIFEST", "PASSAGE",
+    "REJECTED", "SCHEMAS", "TRIPLET", "UNGRADED_PAIR", "SchemaError", "load_manifest", "schema_id", "stage_balances",
     "validate_manifest", "validate_rows", "validate_table",
 ]

@@ -21,8 +21,9 @@ PASSAGE = versioned("passage", 1, [
     pa.field("truncated", pa.bool_(), nullable=False),
 ])
 
-# A synthetic query written for one passage (Gecko: the LLM writes a task description and a query).
-PAIR = versioned("pair", 1, [
+# A synthetic query written for one passage (Gecko: the LLM writes a task description and a query), not yet graded:
+# GenerateQueries' output and GradeRelevance's input. Never written to a shard; its schema name stays "pair".
+UNGRADED_PAIR = versioned("pair", 1, [
     pa.field("pair_id", pa.string(), nullable=False),
     pa.field("query_id", pa.string(), nullable=False),
     pa.field("query", pa.string(), nullable=False),
@@ -34,9 +35,10 @@ PAIR = versioned("pair", 1, [
     pa.field("prompt_version", pa.string(), nullable=False),
 ])
 
-# A pair that passed the relevance filter, with the evidence each enabled grader produced (null where disabled).
+# A pair that passed the relevance filter, with the evidence each enabled grader produced (null where disabled): the
+# rows of a run's `pairs/` shards.
 GRADED_PAIR = versioned("graded_pair", 1, [
-    *PAIR,
+    *UNGRADED_PAIR,
     pa.field("llm_relevance", pa.float32()),
     pa.field("llm_reason", pa.string()),
     # 1-based rank of the positive among the teacher's top-k for the query (Promptagator round-trip check).

@@ -12,43 +12,41 @@ nDCG@10, MRR@10 and Recall@100.
 Classification (`ClassificationTask`): logistic regression on the train embeddings (CLASSIFICATION task type), accuracy
 and macro-F1 on the test embeddings.
 
-int8 (`Int8Quantizer`): symmetric, one scale per dimension, calibrated on the vectors a deployment would store (the
-corpus; the train set for classification): scale_j = max_i |x_ij| / 127, code = clip(round(x / scale), -127, 127).
-Queries and test texts are quantized with that same scale (values beyond the calibrated range clip). Scores are dot
-products of the dequantized vectors (code * scale), i.e. what an int8 index scores after reconstructing its vectors.
-Each component's round-trip error is at most scale_j / 2 (within the calibrated range), which bounds the score error:
-|x.y - x'.y'| <= sum_j (|x_j| + |y'_j|) * scale_j / 2.
+int8: each dimension's vectors go through `embedder.quantize.Int8Quantizer`, calibrated on the vectors a deployment
+would store (the corpus; the train set for classification).
 
 `evaluate_models` compares models side by side and writes report.json, report.md and report.png (see `embedder.report`).
 Every difference to the baseline (the first model) comes with a 95% paired-bootstrap interval over the queries (test
-texts for classification): the difference of a few hundred queries is noisy, and a gain the interval does not separate
-from zero is not shown to be one. The report states each model's window (tokens read per text); `embforge evaluate`
-gives every model the same one unless told otherwise.
-Data files are read through Beam filesystems, so local paths and gs:// work alike; a malformed row stops the run with
-an `EvalDataError` naming the file, the line and the field.
+texts for classification), see `embedder.metrics`. The report states each model's window (tokens read per text);
+`embforge evaluate` gives every model the same one unless told otherwise. The data files are read by
+`embedder.eval_data`.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
-import io
-import json
 import logging
-import os
 import time
-from collections.abc import Container, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, ClassVar
 
 import faiss
 import numpy as np
-import pytrec_eval
-from apache_beam.io.filesystems import FileSystems
 
+from embedder.eval_data import BeirData, EvalDataError, LabeledData, load_beir, load_labeled
+from embedder.metrics import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CLASSIFICATION_METRICS,
+    RETRIEVAL_METRICS,
+    ClassificationSamples,
+    ItemScores,
+    paired_bootstrap,
+    per_query_retrieval_metrics,
+)
+from embedder.quantize import INT8_SCHEME, Int8Quantizer
 from pipelines.clients.base import Embedder, TaskType, truncate_and_normalize
 
 LOGGER = logging.getLogger(__name__)
@@ -57,24 +55,15 @@ LOGGER = logging.getLogger(__name__)
 REPORT_VERSION = 2
 #: Passages kept per query: Recall@100 needs the top 100, and nDCG@10 / MRR@10 read the head of the same list.
 TOP_K = 100
-#: MRR is cut at rank 10, as in MTEB and BEIR.
-MRR_CUTOFF = 10
 #: Texts per `Embedder.embed` call: small enough for the progress bar to move, large enough to keep a backend's own
 #: batches (32 for LocalEmbedder, 100 per Gemini request) full.
 ENCODE_CHUNK = 256
 #: Logistic-regression iterations: lbfgs converges on normalized embeddings in a few hundred; sklearn's default 100
 #: stops early (ConvergenceWarning) on 77-class Banking77.
 CLASSIFIER_MAX_ITER = 1000
-#: Environment variable naming the shared evaluation data folder (SciFact, Banking77), see `find_shared_data`.
-SHARED_DATA_ENV = "EMBFORGE_SHARED_DATA"
-
-RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "recall@100")
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 PRECISIONS = ("float32", "int8")
-
-
-class EvalDataError(ValueError):
-    """Evaluation data that cannot be used; the message names the file, the line and the field."""
+#: Key of a result row's per-query (or per-text) outcomes while the report is assembled; never written to report.json.
+SAMPLES = "_samples"
 
 
 # --- tasks ------------------------------------------------------------------------------------------------------------
@@ -113,233 +102,6 @@ class ClassificationTask:
 
 
 EvalTask = RetrievalTask | ClassificationTask
-
-
-def find_shared_data() -> Path | None:
-    """The shared evaluation data folder: `$EMBFORGE_SHARED_DATA`, else `shared/data` beside the repository checkout
-    (`../shared/data` from the repo root). None when it does not exist (a fresh machine has none)."""
-    configured = os.environ.get(SHARED_DATA_ENV)
-    folder = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return folder if folder.is_dir() else None
-
-
-# --- reading data -----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BeirData:
-    corpus_ids: tuple[str, ...]
-    #: `title + " " + text`, stripped (BEIR's convention for dense retrievers).
-    corpus_texts: tuple[str, ...]
-    #: Only the queries judged in the split, in the order the qrels file first names them.
-    query_ids: tuple[str, ...]
-    query_texts: tuple[str, ...]
-    #: query id -> passage id -> graded relevance, as pytrec_eval takes it.
-    qrels: dict[str, dict[str, int]]
-    #: Judgements naming a passage absent from the corpus: they stay in the qrels (a relevant passage that can never be
-    #: retrieved lowers recall, as in BEIR) and are reported, since they usually mean a mismatched corpus.
-    unknown_corpus_ids: int = 0
-
-
-@dataclass(frozen=True)
-class LabeledData:
-    texts: tuple[str, ...]
-    labels: tuple[str, ...]
-    #: Rows in the file before subsampling.
-    total: int
-
-
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, decoded line) for every line of a file on any Beam filesystem."""
-    with FileSystems.open(path) as handle:  # AUTO compression: .gz and friends by suffix
-        for number, raw in enumerate(iter(handle.readline, b""), 1):
-            if number == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise EvalDataError(f"{path} line {number}: not UTF-8 ({error})") from error
-
-
-def _json_objects(path: str) -> Iterator[tuple[int, dict]]:
-    """The JSON objects of a JSON Lines file with their line numbers; blank lines are skipped."""
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise EvalDataError(f"{path} line {number}: invalid JSON ({error.msg})") from error
-        if not isinstance(record, dict):
-            raise EvalDataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
-
-
-def _read_jsonl(path: str, required: Sequence[str], optional: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
-    """`_json_objects` reduced to the named fields, string values only (an integer `_id` is taken as its decimal
-    string, since qrels name ids as text)."""
-    for number, record in _json_objects(path):
-        fields: dict[str, str] = {}
-        for name in (*required, *optional):
-            value = record.get(name)
-            if value is None:
-                if name in required:
-                    raise EvalDataError(f'{path} line {number}: missing "{name}"')
-                value = ""
-            if isinstance(value, int) and not isinstance(value, bool) and name == "_id":
-                value = str(value)
-            if not isinstance(value, str):
-                raise EvalDataError(f'{path} line {number}: "{name}" must be a string, got {type(value).__name__}')
-            fields[name] = value
-        yield number, fields
-
-
-def read_qrels(path: str, known_queries: Container[str] | None = None) -> dict[str, dict[str, int]]:
-    """`query-id corpus-id score`, tab-separated; the header line is optional (BEIR writes one). A query id outside
-    `known_queries` (when given) is an error: a judged query without text cannot be evaluated."""
-    qrels: dict[str, dict[str, int]] = {}
-    first_line: dict[tuple[str, str], int] = {}
-    for number, line in _lines(path):
-        line = line.rstrip("\r\n")
-        if not line.strip():
-            continue
-        columns = line.split("\t")
-        if number == 1 and [column.strip().lower() for column in columns] == ["query-id", "corpus-id", "score"]:
-            continue
-        if len(columns) != 3:
-            raise EvalDataError(f"{path} line {number}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                                f"got {len(columns)}: {line[:80]!r}")
-        query_id, corpus_id, score = (column.strip() for column in columns)
-        for name, value in (("query-id", query_id), ("corpus-id", corpus_id)):
-            if not value:
-                raise EvalDataError(f'{path} line {number}: empty "{name}"')
-        if known_queries is not None and query_id not in known_queries:
-            raise EvalDataError(f'{path} line {number}: "query-id" {query_id!r} is not in queries.jsonl')
-        try:
-            relevance = int(score)
-        except ValueError:
-            raise EvalDataError(f'{path} line {number}: "score" must be an integer, got {score!r}') from None
-        if (query_id, corpus_id) in first_line:
-            raise EvalDataError(f"{path} line {number}: duplicate judgement of query {query_id!r} and passage "
-                                f"{corpus_id!r} (first on line {first_line[query_id, corpus_id]})")
-        first_line[query_id, corpus_id] = number
-        qrels.setdefault(query_id, {})[corpus_id] = relevance
-    if not qrels:
-        raise EvalDataError(f"{path}: no judgements")
-    return qrels
-
-
-def load_beir(data_dir: str, split: str = "test") -> BeirData:
-    """Read a BEIR-format folder; see `RetrievalTask`. Every line is validated, judged or not."""
-    corpus_path = FileSystems.join(data_dir, "corpus.jsonl")
-    queries_path = FileSystems.join(data_dir, "queries.jsonl")
-    qrels_path = FileSystems.join(data_dir, "qrels", f"{split}.tsv")
-    for path in (corpus_path, queries_path, qrels_path):
-        if not FileSystems.exists(path):
-            raise FileNotFoundError(f"{path} not found: a BEIR folder holds corpus.jsonl, queries.jsonl and "
-                                    f"qrels/<split>.tsv")
-    query_text: dict[str, str] = {}
-    for number, record in _read_jsonl(queries_path, ("_id", "text")):
-        if record["_id"] in query_text:
-            raise EvalDataError(f'{queries_path} line {number}: duplicate "_id" {record["_id"]!r}')
-        query_text[record["_id"]] = record["text"]
-    qrels = read_qrels(qrels_path, query_text)
-
-    corpus_ids: list[str] = []
-    corpus_texts: list[str] = []
-    seen: set[str] = set()
-    for number, record in _read_jsonl(corpus_path, ("_id", "text"), optional=("title",)):
-        if record["_id"] in seen:
-            raise EvalDataError(f'{corpus_path} line {number}: duplicate "_id" {record["_id"]!r}')
-        seen.add(record["_id"])
-        corpus_ids.append(record["_id"])
-        corpus_texts.append(f"{record['title']} {record['text']}".strip())
-    if not corpus_ids:
-        raise EvalDataError(f"{corpus_path}: no passages")
-    unknown = sum(corpus_id not in seen for judged in qrels.values() for corpus_id in judged)
-    if unknown:
-        LOGGER.warning("%s: %d judgement(s) name passages absent from %s", qrels_path, unknown, corpus_path)
-    query_ids = tuple(qrels)
-    return BeirData(tuple(corpus_ids), tuple(corpus_texts), query_ids, tuple(query_text[q] for q in query_ids), qrels,
-                    unknown)
-
-
-def _read_csv(path: str) -> tuple[list[str], Iterator[tuple[int, dict[str, str | None]]]]:
-    """(header, rows with their line numbers) of a CSV, or TSV by suffix."""
-    with FileSystems.open(path) as handle:
-        text = handle.read().decode("utf-8-sig")
-    delimiter = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = list(reader.fieldnames or [])
-    # line_num is the row's last physical line, so a quoted multi-line text still points into the right place.
-    return header, ((reader.line_num, row) for row in reader)
-
-
-def load_labeled(path: str, text_field: str = "text", label_field: str = "label", max_rows: int | None = None,
-                 seed: int = 0) -> LabeledData:
-    """Texts and labels (as strings) from a CSV/TSV (header row) or JSON Lines file, optionally a seeded subset."""
-    base = path.lower().removesuffix(".gz")
-    texts: list[str] = []
-    labels: list[str] = []
-    if base.endswith((".csv", ".tsv")):
-        header, rows = _read_csv(path)
-        for number, row in rows:
-            for name in (text_field, label_field):
-                if row.get(name) is None:
-                    raise EvalDataError(f'{path} line {number}: missing "{name}" (header: {",".join(header)})')
-            texts.append(row[text_field] or "")
-            labels.append(row[label_field] or "")
-            if not labels[-1].strip():
-                raise EvalDataError(f'{path} line {number}: empty "{label_field}"')
-    elif base.endswith((".jsonl", ".json")):
-        for number, record in _json_objects(path):
-            for name in (text_field, label_field):
-                if record.get(name) is None:
-                    raise EvalDataError(f'{path} line {number}: missing "{name}"')
-            if not isinstance(record[text_field], str):
-                raise EvalDataError(f'{path} line {number}: "{text_field}" must be a string')
-            texts.append(record[text_field])
-            labels.append(str(record[label_field]))
-    else:
-        raise EvalDataError(f"{path}: unknown format; expected .csv, .tsv or .jsonl (optionally .gz)")
-    if not texts:
-        raise EvalDataError(f"{path}: no rows")
-    total = len(texts)
-    if max_rows is not None and max_rows < total:
-        # Seeded by the run seed and the file name, so train and test subsets are drawn independently and reproducibly.
-        rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "little")])
-        keep = np.sort(rng.choice(total, size=max_rows, replace=False))
-        texts = [texts[index] for index in keep]
-        labels = [labels[index] for index in keep]
-    return LabeledData(tuple(texts), tuple(labels), total)
-
-
-# --- int8 -------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Int8Quantizer:
-    """Symmetric per-dimension int8 quantization (see the module docstring for the scheme and its error bound)."""
-
-    #: Step per dimension, shape (d,): max |x_j| over the calibration vectors / 127.
-    scale: np.ndarray
-
-    @classmethod
-    def calibrate(cls, vectors: np.ndarray) -> Int8Quantizer:
-        if vectors.ndim != 2 or len(vectors) == 0:
-            raise ValueError(f"int8 calibration needs a non-empty (n, d) array, got shape {vectors.shape}")
-        peak = np.abs(vectors).max(axis=0).astype(np.float32)
-        # A dimension that is zero on every calibration vector gets any positive step: its codes are 0 either way.
-        return cls(np.where(peak > 0, peak / 127.0, 1.0 / 127.0).astype(np.float32))
-
-    def quantize(self, vectors: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(vectors / self.scale), -127, 127).astype(np.int8)
-
-    def dequantize(self, codes: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(codes.astype(np.float32) * self.scale)
-
-    def roundtrip(self, vectors: np.ndarray) -> np.ndarray:
-        return self.dequantize(self.quantize(vectors))
 
 
 # --- encoding ---------------------------------------------------------------------------------------------------------
@@ -431,30 +193,6 @@ def build_run(query_ids: Sequence[str], corpus_ids: Sequence[str], scores: np.nd
             for query_id, row_scores, row_indices in zip(query_ids, scores, indices, strict=True)}
 
 
-def retrieval_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]) -> dict:
-    """nDCG@10, MRR@10 and Recall@100 with pytrec_eval, averaged over every judged query (one without hits counts 0)."""
-    return {metric: float(values.mean()) for metric, values in per_query_retrieval_metrics(qrels, run).items()}
-
-
-def per_query_retrieval_metrics(qrels: Mapping[str, Mapping[str, int]],
-                                run: Mapping[str, Mapping[str, float]]) -> dict[str, np.ndarray]:
-    """Each metric per judged query, in the qrels' query order (the sample a paired bootstrap resamples).
-
-    trec_eval has no rank cut for reciprocal rank (`recip_rank` looks down the whole run), so MRR@10 is `recip_rank`
-    on the run truncated to each query's 10 best passages: a first relevant hit below rank 10 then counts 0.
-    """
-    qrels = {query: dict(judged) for query, judged in qrels.items()}
-    full = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
-    # trec_eval orders a run by score, so the 10 best by score are the head it would read.
-    head = {query: dict(sorted(hits.items(), key=lambda item: -item[1])[:MRR_CUTOFF]) for query, hits in run.items()}
-    ranks = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(head)
-
-    def per_query(results: dict[str, dict[str, float]], measure: str) -> np.ndarray:
-        return np.array([results.get(query, {}).get(measure, 0.0) for query in qrels], dtype=np.float64)
-
-    return {"ndcg@10": per_query(full, "ndcg_cut_10"), "mrr@10": per_query(ranks, "recip_rank"),
-            "recall@100": per_query(full, "recall_100")}
-
 
 def evaluate_retrieval(model_name: str, embedder: Embedder, data: BeirData, dims: Sequence[int], int8: bool,
                        cache: EncodingCache, task_name: str = "retrieval") -> list[dict[str, Any]]:
@@ -493,12 +231,6 @@ def predict_labels(train: np.ndarray, train_labels: Sequence[str], test: np.ndar
     return [str(label) for label in classifier.predict(test)]
 
 
-def classification_metrics(train: np.ndarray, train_labels: Sequence[str], test: np.ndarray,
-                           test_labels: Sequence[str], seed: int = 0) -> dict[str, float]:
-    """Accuracy and macro-F1 of a logistic regression fitted on `train`."""
-    samples = ClassificationSamples.of(test_labels, predict_labels(train, train_labels, test, seed))
-    everything = np.arange(samples.size)
-    return {metric: samples.statistic(metric, everything) for metric in CLASSIFICATION_METRICS}
 
 
 def evaluate_classification(model_name: str, embedder: Embedder, train: LabeledData, test: LabeledData,
@@ -524,82 +256,7 @@ def evaluate_classification(model_name: str, embedder: Embedder, train: LabeledD
     return rows
 
 
-# --- confidence intervals ---------------------------------------------------------------------------------------------
-
-#: Key of a result row's per-query (or per-text) outcomes while the report is assembled; never written to report.json.
-SAMPLES = "_samples"
-#: Bootstrap resamples per interval: enough for stable 2.5th / 97.5th percentiles at a few seconds per report.
-BOOTSTRAP_RESAMPLES = 2000
-#: Seeds the resampling, so a report's intervals are the same on every run.
-BOOTSTRAP_SEED = 0
-
-
-@dataclass(frozen=True)
-class ItemScores:
-    """A result's metrics per item: per judged query for retrieval (in the qrels' query order), or any per-text score
-    (e.g. a classifier's correctness averaged over training seeds)."""
-
-    per_item: Mapping[str, np.ndarray]
-
-    @property
-    def size(self) -> int:
-        return len(next(iter(self.per_item.values())))
-
-    def statistic(self, metric: str, indices: np.ndarray) -> float:
-        return float(self.per_item[metric][indices].mean())
-
-
-@dataclass(frozen=True)
-class ClassificationSamples:
-    """One classification result's true and predicted label per test text, as label codes."""
-
-    true: np.ndarray
-    predicted: np.ndarray
-    labels: int
-
-    @classmethod
-    def of(cls, true: Sequence[str], predicted: Sequence[str]) -> ClassificationSamples:
-        names = {name: code for code, name in enumerate(sorted(set(true) | set(predicted)))}
-        return cls(np.array([names[name] for name in true]), np.array([names[name] for name in predicted]),
-                   len(names))
-
-    @property
-    def size(self) -> int:
-        return len(self.true)
-
-    def statistic(self, metric: str, indices: np.ndarray) -> float:
-        true, predicted = self.true[indices], self.predicted[indices]
-        if metric == "accuracy":
-            return float((true == predicted).mean())
-        # Macro-F1 over the labels present in the (resampled) true or predicted labels, as sklearn averages it; a
-        # label with no true and no predicted text is not a label of this sample.
-        hits = np.bincount(true[true == predicted], minlength=self.labels)
-        true_counts = np.bincount(true, minlength=self.labels)
-        predicted_counts = np.bincount(predicted, minlength=self.labels)
-        present = (true_counts + predicted_counts) > 0
-        f1 = 2 * hits[present] / (true_counts[present] + predicted_counts[present])
-        return float(f1.mean())
-
-
-def paired_bootstrap(baseline: ItemScores | ClassificationSamples, other: ItemScores |
-                     ClassificationSamples, metric: str, resamples: int = BOOTSTRAP_RESAMPLES,
-                     seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
-    """(delta, low, high): `other` minus `baseline` on `metric`, and the 95% paired-bootstrap interval of that delta.
-
-    Paired: each resample draws the same queries (or test texts) for both models, so what varies is the sample of
-    queries, and a difference that a few easy queries carry shows a wide interval.
-    """
-    if baseline.size != other.size:
-        raise ValueError(f"paired bootstrap needs the same queries on both sides, got {baseline.size} and {other.size}")
-    everything = np.arange(baseline.size)
-    delta = other.statistic(metric, everything) - baseline.statistic(metric, everything)
-    rng = np.random.default_rng(seed)
-    draws = np.empty(resamples)
-    for index in range(resamples):
-        chosen = rng.integers(0, baseline.size, baseline.size)
-        draws[index] = other.statistic(metric, chosen) - baseline.statistic(metric, chosen)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return delta, float(low), float(high)
+# --- differences to the baseline --------------------------------------------------------------------------------------
 
 
 def add_deltas(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
@@ -705,8 +362,7 @@ def evaluate_models(models: dict[str, Embedder], tasks: Sequence[EvalTask], dims
                    for name, embedder in models.items()},
         "dims": dims,
         "precisions": list(PRECISIONS if int8 else PRECISIONS[:1]),
-        "int8_scheme": "symmetric per-dimension scale = max |x| / 127 on the corpus (classification: train) "
-                       "embeddings; queries/test clipped to that range; scores on dequantized vectors",
+        "int8_scheme": INT8_SCHEME,
         "tasks": task_info,
         "results": add_deltas(rows, baseline),
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "interval": "95% paired bootstrap over "

@@ -12,7 +12,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from data_schemas import PAIR, REJECTED, stage_balances, validate_rows
+from data_schemas import REJECTED, UNGRADED_PAIR, stage_balances, validate_rows
 from pipelines.clients.base import Usage
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import GenerateConfig
@@ -204,7 +204,7 @@ def test_judge_answers_keeps_good_and_rejects_each_failure_with_reason():
     kinds = [(outcome, row.get("reason")) for outcome, row in outcomes]
     assert kinds == [("kept", None), ("rejected", "llm_failed"), ("rejected", "copies_example"),
                      ("rejected", "copies_passage"), ("rejected", "duplicate_query")]
-    validate_rows([outcomes[0][1]], PAIR)
+    validate_rows([outcomes[0][1]], UNGRADED_PAIR)
     validate_rows([row for outcome, row in outcomes if outcome == "rejected"], REJECTED)
     assert outcomes[1][1]["raw_answer"] == '{"task": "Giv'
 

@@ -10,7 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from data_schemas import CLASSIFICATION_EXAMPLE, PASSAGE, TRIPLET
 from embedder.data import read_run
-from embedder.evaluate import load_beir
+from embedder.eval_data import load_beir
 from pipelines.holdout import corpus_passages, is_held_out, split_run
 from pipelines.run_layout import read_kind
 from pipelines.stages.read_corpus import ReadCorpusConfig
@@ -19,8 +19,8 @@ from tests.shard_factory import classification_rows, triplet_rows, write_run, wr
 FRACTION = 0.25
 
 
-def _run(root: str) -> str:
-    write_run(root)
+def _run(root: str, classification: list[dict] | None = None) -> str:
+    write_run(root, classification=classification)
     passages = {(row["positive_id"], row["positive"]) for row in triplet_rows()}
     passages |= {(passage_id, text) for row in triplet_rows() for passage_id, text in
                  zip(row["negative_ids"], row["negatives"], strict=True)}
@@ -81,3 +81,32 @@ def test_held_out_queries_are_searched_against_every_passage_of_the_corpus(tmp_p
     beir = load_beir(split.eval_dir)
     assert set(beir.corpus_ids) == {row["passage_id"] for row in sampled} | {line["id"] for line in unsampled}
     assert beir.corpus_texts[beir.corpus_ids.index("extra-0")].endswith("number 0")
+
+
+def test_the_held_out_share_follows_the_fraction_and_is_the_same_on_every_call():
+    ids = [f"query-{index}" for index in range(2000)]
+    held = [query_id for query_id in ids if is_held_out(query_id, 0.2, seed=0)]
+    assert 0.17 < len(held) / len(ids) < 0.23
+    assert held == [query_id for query_id in ids if is_held_out(query_id, 0.2, seed=0)]
+    # Another seed holds out other queries; a larger fraction holds out a superset.
+    assert held != [query_id for query_id in ids if is_held_out(query_id, 0.2, seed=1)]
+    assert set(held) <= {query_id for query_id in ids if is_held_out(query_id, 0.5, seed=0)}
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5])
+def test_a_fraction_outside_zero_to_one_is_refused_before_anything_is_written(tmp_path, fraction):
+    run = _run(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"holdout fraction must be in \(0, 1\)"):
+        split_run(run, fraction)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["classification", "passages", "triplets"]
+
+
+def test_a_run_without_classification_examples_trains_on_triplets_alone(tmp_path):
+    run = _run(str(tmp_path / "run"), classification=[])
+    split = split_run(run, FRACTION, seed=0)
+    assert split.train_classification == 0
+    assert not (tmp_path / "run" / "train_split" / "classification").exists()
+    assert len(read_run(split.train_dir).triplets) == split.train_triplets
+    # Passages without a title get an empty one, as BEIR writes it.
+    with open(FileSystems.join(split.eval_dir, "corpus.jsonl"), encoding="utf-8") as handle:
+        assert {json.loads(line)["title"] for line in handle} == {""}

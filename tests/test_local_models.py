@@ -411,7 +411,7 @@ SHOTS = [
 
 
 def query_messages(passage: str) -> list[ChatMessage]:
-    """Few-shot query generation: the 135M model echoes the passage zero-shot (DESIGN.md), but not with examples."""
+    """Few-shot query generation: the 135M model echoes the passage zero-shot (docs/design.md), not with examples."""
     messages = [
         ChatMessage(
             "system",

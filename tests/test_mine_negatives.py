@@ -1,4 +1,4 @@
-"""Stage 6, MineNegatives: pure functions, the search DoFn called directly, and the PTransform on TestPipeline."""
+"""Stage 5, MineNegatives: pure functions, the search DoFn called directly, and the PTransform on TestPipeline."""
 
 from __future__ import annotations
 

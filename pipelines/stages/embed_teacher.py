@@ -1,4 +1,4 @@
-"""Stage 5, EmbedTeacher: teacher embeddings for every query and passage, through the content-addressed cache.
+"""Stage 3, EmbedTeacher: teacher embeddings for every query and passage, through the content-addressed cache.
 
 Input: PCollection of text items `{"id": str, "text": str, "task_type": TaskType value}` (queries as RETRIEVAL_QUERY,
 passages as RETRIEVAL_DOCUMENT). Output: `{"kept": {"id", "task_type", "embedding": list[float]}, "rejected": ...}`,

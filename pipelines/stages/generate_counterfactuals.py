@@ -1,4 +1,4 @@
-"""Stage 3, GenerateCounterfactuals (Gemini Embedding): classification data from a task spec and a few seed examples.
+"""Stage 6, GenerateCounterfactuals (Gemini Embedding): classification data from a task spec and a few seed examples.
 
 Input: a task spec file (YAML or JSON, read through Beam filesystems, so `gs://` works; format and checks in
 pipelines/stages/task_spec.py), loaded when the pipeline is built so a broken spec stops the run before any work.

@@ -1,6 +1,6 @@
 """Stage 2, GenerateQueries (Gecko): for each passage the LLM writes a retrieval task description and a query.
 
-Input: PASSAGE rows. Output: `{"kept": PAIR rows, "rejected": REJECTED rows}`. Each passage yields
+Input: PASSAGE rows. Output: `{"kept": UNGRADED_PAIR rows, "rejected": REJECTED rows}`. Each passage yields
 `queries_per_passage` generation slots, each with a query type (question, keywords, claim, ...) rotated from a stable
 hash of the passage id, so a corpus gets an even mix of types and re-runs make the same requests (and hit the cache).
 With `candidates` = N the LLM is asked N times per slot (the first at `temperature`, the others sampled at
@@ -15,7 +15,7 @@ hash so different passages see different ones.
 Rejects (reason codes): `llm_failed` (no valid answer after the backend's retries; raw answer kept),
 `skipped_by_budget` (never called: the run's LLM budget was spent), `copies_example`
 (the query repeats a few-shot example the prompt can show), `copies_passage` (the query is a verbatim stretch of the
-passage, the tiny-model failure mode DESIGN.md describes), `copies_title` (the query is the passage's title, or part
+passage, what a tiny LLM does zero-shot: docs/design.md), `copies_title` (the query is the passage's title, or part
 of it, or it with little added), `copies_first_sentence` (the query is the passage's first sentence reworded),
 `extractive` (most of the query's word pairs come from the passage; only with `max_extractive_share`),
 `duplicate_query` (the same query as an earlier slot or candidate of the passage).
@@ -185,7 +185,7 @@ def candidate_id(passage_id: str, slot: int, candidate: int) -> str:
 
 
 def candidate_number(pair: dict[str, Any]) -> int:
-    """Which candidate of its slot a PAIR row is (0 for the first), read back from its ids."""
+    """Which candidate of its slot an UNGRADED_PAIR row is (0 for the first), read back from its ids."""
     suffix = pair["pair_id"][len(pair["query_id"]):]
     return int(suffix[1:]) if suffix else 0
 
@@ -288,7 +288,8 @@ def judge_answers(
     answers: Iterable[LLMAnswer], config: GenerateQueriesConfig, llm_model: str,
     examples: Sequence[FewShotExample] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Turn one passage's answers into ("kept", PAIR row) or ("rejected", REJECTED row), in slot, then candidate order.
+    """Turn one passage's answers into ("kept", UNGRADED_PAIR row) or ("rejected", REJECTED row), in slot, then
+    candidate order.
 
     `examples` are the user's few-shot examples when the prompt showed those instead of the built-in ones.
     """
@@ -345,7 +346,8 @@ class _JudgeFn(beam.DoFn):
 
 
 class GenerateQueries(beam.PTransform):
-    """PASSAGE rows -> {"kept": PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer (for usage accounting)}.
+    """PASSAGE rows -> {"kept": UNGRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer (for usage
+    accounting)}.
 
     The user's examples file (`config.examples`) is read here, while the pipeline is built: a bad file is a
     ConfigError before any work.

@@ -1,6 +1,7 @@
 """Stage 4, GradeRelevance: drop noisy generated pairs with two combinable graders.
 
-Input: PAIR rows, plus (when the round-trip grader is on) the teacher's rank of each pair's positive for its query.
+Input: UNGRADED_PAIR rows (GenerateQueries' output), plus (when the round-trip grader is on) the teacher's rank of each
+pair's positive for its query.
 Output: `{"kept": GRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer}`; every input pair ends in exactly
 one of kept / rejected, and a rejected pair keeps the scores and reasons that rejected it.
 
@@ -145,7 +146,7 @@ class _SelectFn(beam.DoFn):
 
 
 class GradeRelevance(beam.PTransform):
-    """{"pairs": PAIR rows, "ranks": (pair_id, rank | None)} -> kept / rejected / answers.
+    """{"pairs": UNGRADED_PAIR rows, "ranks": (pair_id, rank | None)} -> kept / rejected / answers.
 
     `select_candidates`: the pairs hold several candidates per `query_id`; keep one of each (see the module docstring).
     """

@@ -1,4 +1,4 @@
-"""Stage 6: mine hard negatives for each graded pair. Sharded exact faiss search, positive-aware filtering, optional LLM
+"""Stage 5: mine hard negatives for each graded pair. Sharded exact faiss search, positive-aware filtering, optional LLM
 scoring.
 
 Input: a dict `{"queries": ..., "passages": ...}` (or a tuple `(queries, passages)`) of two PCollections:
@@ -24,7 +24,7 @@ would make up most of rejected/.
 The steps, per query:
 
 1. Exact top-k inner-product search (faiss `IndexFlatIP`) over the corpus, sharded. Exact, not HNSW/IVF: their recall
-   depends on the data (DESIGN.md) and a missed neighbour here is a silently easier negative; the exact search is
+   depends on the data (docs/design.md) and a missed neighbour here is a silently easier negative; the exact search is
    also what makes sharded and unsharded runs identical. Teacher scores are recomputed exactly (see
    `search_shard_rows`), and ties are broken by passage_id, so the top-k does not depend on how the corpus was sharded.
 2. The positive is dropped, and so is any candidate whose words equal the positive's (`stages.normalize`): a duplicate
@@ -37,7 +37,7 @@ The steps, per query:
    relevant are dropped; a candidate clearly better than the positive becomes the positive (relabel).
 5. The `num_negatives` hardest survivors become the triplet's negatives, hardest first.
 
-How the sharded search runs in Beam (DESIGN.md: the index must not have to fit one worker):
+How the sharded search runs in Beam (the index must not have to fit one worker, docs/design.md):
 
 - Passages and queries are first gathered into blocks of up to 2,048 rows (ids, texts or looked-up positive ids, one
   float32 byte string of vectors), fused with the step that produced them: from there on the search moves a few large
@@ -155,7 +155,7 @@ class MineNegativesConfig:
     #: Write teacher embeddings into triplets (for embedding-matching distillation); False writes nulls.
     keep_embeddings: bool = True
     #: LLM scoring of candidates (Gecko). Off by default: it costs (llm_candidates + 1) calls per query per signal and
-    #: needs a capable model (a tiny local LLM grades at chance, DESIGN.md).
+    #: needs a capable model (a tiny local LLM grades at chance, docs/design.md).
     llm_scoring: bool = False
     #: Add query likelihood (log p(query | passage)) to the LLM relevance grade; needs a backend with log-probabilities.
     query_likelihood: bool = False

@@ -2,7 +2,7 @@
 
 Asked once per (query, candidate) for every candidate the miner keeps, so the answer is the grade alone: no reason,
 the fewest output tokens. The pipeline fuses this grade with query likelihood (`query_likelihood`) by reciprocal rank
-fusion, as Gecko does. Needs a capable model: a tiny local LLM grades at chance (DESIGN.md).
+fusion, as Gecko does. Needs a capable model: a tiny local LLM grades at chance (docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """LLM relevance grading of a generated (query, passage) pair: a short reason, then a 0-3 grade.
 
 The reason comes first because backends decode the fields in declaration order: the grade then follows from a stated
-reason instead of being guessed up front. Needs a capable model: a tiny local LLM grades at chance (DESIGN.md).
+reason instead of being guessed up front. Needs a capable model: a tiny local LLM grades at chance (docs/design.md).
 """
 
 from __future__ import annotations
