@@ -132,7 +132,7 @@ class LocalLLM(LLM):
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._keeps_last_logits = "logits_to_keep" in parameters
         self._stop_ids = self._special_token_ids()
-        # Padding in batched steps is masked out, so any id will do.
+        # Padding is never attended to (masked in batched steps, after the real tokens in scoring), so any id will do.
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         # Models whose cache is not one plain layer per block (sliding windows) answer `generate_many` one by one.
         self._batches = supports_batching(self._model.config)
@@ -254,7 +254,7 @@ class LocalLLM(LLM):
         prompts = [self._encode(self._render_prompt(messages)) for messages in requests]
         if not all(prompts):
             raise ValueError(EMPTY_PROMPT)
-        decoder = BatchDecoder(self._forward_at, pad_id=self._pad_id, device=self.device, batch_size=concurrency,
+        decoder = BatchDecoder(self._forward, pad_id=self._pad_id, device=self.device, batch_size=concurrency,
                                score_batch_size=SCORE_BATCH_SIZE)
         programs = [self._answer_steps(_Answer.start(prompt_ids, each), plans)
                     for prompt_ids, each in zip(prompts, configs, strict=True)]
@@ -411,14 +411,14 @@ class LocalLLM(LLM):
 
         scores: list[float] = []
         first = torch.log_softmax(last_logits.float(), dim=-1)
-        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         for start in range(0, len(suffixes), SCORE_BATCH_SIZE):
             batch = suffixes[start : start + SCORE_BATCH_SIZE]
             longest = max(len(suffix) for suffix in batch)
             following = None
             if longest > 1:
                 # Right padding: pads come after each row's real tokens, and causal attention keeps them out of view.
-                ids = torch.tensor([suffix + [pad] * (longest - len(suffix)) for suffix in batch], device=self.device)
+                rows = [suffix + [self._pad_id] * (longest - len(suffix)) for suffix in batch]
+                ids = torch.tensor(rows, device=self.device)
                 batch_cache = copy.deepcopy(cache)
                 batch_cache.batch_repeat_interleave(len(batch))
                 following = torch.log_softmax(self._forward(ids[:, :-1], batch_cache).float(), dim=-1)
@@ -430,15 +430,7 @@ class LocalLLM(LLM):
                 scores.append(total)
         return scores
 
-
-    def _forward(self, ids: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor:
-        kwargs: dict[str, Any] = {self._cache_argument: cache, "use_cache": True}
-        if last_only and self._keeps_last_logits:
-            # Skips the vocabulary projection for every prompt token but the last (~10% of a prompt's compute).
-            kwargs["logits_to_keep"] = 1
-        return self._model(input_ids=ids, **kwargs).logits
-
-    def _forward_at(
+    def _forward(
         self,
         ids: torch.Tensor,
         cache: Any,
@@ -446,14 +438,16 @@ class LocalLLM(LLM):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`_forward` for `BatchDecoder`: the logits at chunk positions `logits_at` only (None: all), with a mask."""
+        """One forward pass of `ids` after `cache`: the logits at chunk positions `logits_at` only (None: all); the
+        mask and positions are for `BatchDecoder`'s padded rows."""
         import torch
 
         kwargs: dict[str, Any] = {self._cache_argument: cache, "use_cache": True}
         if attention_mask is not None:
             kwargs.update(attention_mask=attention_mask, position_ids=position_ids)
         if logits_at is not None and self._keeps_last_logits:
-            # An int keeps the last positions exactly as `_forward` does; a tensor picks positions.
+            # Skips the vocabulary projection for every other position (~10% of a prompt's compute): an int keeps the
+            # last positions, a tensor picks positions.
             last = list(logits_at) == [ids.shape[1] - 1]
             kwargs["logits_to_keep"] = 1 if last else torch.tensor(list(logits_at), device=ids.device)
         logits = self._model(input_ids=ids, **kwargs).logits
@@ -531,7 +525,7 @@ class _DecodeState:
     def _forward(self, ids: list[int]) -> torch.Tensor:
         import torch
 
-        logits = self._llm._forward(torch.tensor([ids], device=self._llm.device), self.cache, last_only=True)
+        logits = self._llm._forward(torch.tensor([ids], device=self._llm.device), self.cache, [len(ids) - 1])
         self.ids.extend(ids)
         return logits[0, -1]
 
