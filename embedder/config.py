@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.clients.base import TaskType
+from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
 from pipelines.clients.task_prompts import PROMPT_NAMES
 
 #: EmbeddingGemma's prompt strings ("task: ... | query: " for the query side, "title: none | text: " for documents),
@@ -38,8 +39,8 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    #: Hub id, local path (plain transformers or sentence-transformers directory) or "packaged:all-minilm-l6-v2".
-    student: str = "packaged:all-minilm-l6-v2"
+    #: Hub id, local path (plain transformers or sentence-transformers directory) or `packaged:<name>`.
+    student: str = DEFAULT_LOCAL_STUDENT
     #: Tokens per text after the prompt; 256 is what all-MiniLM-L6-v2 was trained with.
     max_seq_length: int = 256
     #: Examples per batch (every batch is full but the last of each task in an epoch); every other example's positive
@@ -115,7 +116,7 @@ class TrainConfig:
         """Every impossible value, as messages that name the field and what would be valid."""
         found = []
         if not self.student:
-            found.append("student: empty (a Hub id, a local path or 'packaged:all-minilm-l6-v2')")
+            found.append(f"student: empty (a Hub id, a local path or {DEFAULT_LOCAL_STUDENT!r})")
         if self.max_seq_length < 1:
             found.append(f"max_seq_length: {self.max_seq_length} (must be >= 1)")
         if self.batch_size < 2:

@@ -26,8 +26,6 @@ from pipelines.clients.gemini import (
     GeminiLLM,
     GeminiRequestError,
     GeminiUnavailableError,
-    RetryPolicy,
-    retry_delay_from_error,
 )
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from tests.fakes.gemini_server import FakeGeminiServer, FaultPlan, RecordedRequest, hash_vector
@@ -454,40 +452,3 @@ def test_impossible_thinking_budgets_fail_before_any_request(fake_gemini_server,
     with pytest.raises(ValueError, match=message):
         make_llm(fake_gemini_server, model=model, thinking_budget=requested)
     assert not fake_gemini_server.requests
-
-
-# retry policy, pure -------------------------------------------------------------------------------------------------
-
-
-class _Headers(dict):
-    def get(self, name, default=None):
-        return super().get(name.lower(), default)
-
-
-class _Response:
-    def __init__(self, headers):
-        self.headers = _Headers(headers)
-
-
-def test_retry_delay_sources():
-    header = genai_errors.ClientError(429, {"error": {}}, _Response({"retry-after": "1.5"}))
-    assert retry_delay_from_error(header) == 1.5
-    body = genai_errors.ClientError(
-        429,
-        {"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "17s"}]}},
-    )
-    assert retry_delay_from_error(body) == 17.0
-    assert retry_delay_from_error(genai_errors.ServerError(503, {"error": {}})) is None
-    assert retry_delay_from_error(TimeoutError()) is None
-
-
-def test_backoff_is_capped_and_hints_are_honoured_up_to_the_cap():
-    policy = RetryPolicy(max_attempts=6, backoff_initial_s=0.5, backoff_max_s=4.0)
-    plain = genai_errors.ServerError(503, {"error": {}})
-    for attempt in range(1, 10):
-        ceiling = min(4.0, 0.5 * 2 ** (attempt - 1))
-        assert ceiling / 2 <= policy.delay(attempt, plain) <= ceiling
-    hinted = genai_errors.ClientError(429, {"error": {}}, _Response({"retry-after": "2"}))
-    assert 2.0 <= policy.delay(1, hinted) <= 2.2
-    too_long = genai_errors.ClientError(429, {"error": {}}, _Response({"retry-after": "3600"}))
-    assert 4.0 <= policy.delay(1, too_long) <= 4.4

@@ -1,7 +1,9 @@
-"""The factories that build clients from specs (pipelines/clients/specs.py), and what a spec implies: model identities
-for cache keys, Gemini thinking budgets and billable output tokens.
+"""The one place a spec (pipelines/clients/specs.py) meets a backend: `build_llm` / `build_embedder` map a spec's fields
+onto the plain arguments of the backend it names, once per backend, and the rest of the module says what a spec
+implies without building anything: model identities for cache keys, billable output tokens.
 
-DoFns keep a spec and call `build_llm` / `build_embedder` in `setup()`, so no client or model is ever pickled.
+DoFns keep a spec and call `build_llm` / `build_embedder` in `setup()`, so no client or model is ever pickled. A
+backend is imported only when one is built: a local run never loads the Gemini SDK (most of a second).
 """
 
 from __future__ import annotations
@@ -9,10 +11,28 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from pipelines.clients.base import LLM, Embedder, TaskType
+from pipelines.clients.gemini_thinking import gemini_output_token_limit, gemini_thinking_budget, thinking_range
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
+
+
+def build_llm(spec: LLMSpec) -> LLM:
+    return _build(spec, "LLM", {"gemini": _gemini_llm, "local": _local_llm})
+
+
+def build_embedder(spec: EmbedderSpec) -> Embedder:
+    return _build(spec, "embedder", {"gemini": _gemini_embedder, "local": _local_embedder})
+
+
+def _build(spec: LLMSpec | EmbedderSpec, kind: str, builders: Mapping[str, Callable[[Any], Any]]) -> Any:
+    if spec.backend == "custom":
+        return _call_factory(spec.model)
+    if spec.backend not in builders:
+        raise ValueError(f"unknown {kind} backend {spec.backend!r}: expected 'local', 'gemini' or 'custom'")
+    return builders[spec.backend](spec)
 
 
 def _call_factory(path: str):
@@ -22,116 +42,57 @@ def _call_factory(path: str):
     return getattr(importlib.import_module(module_name), attribute)()
 
 
-def build_llm(spec: LLMSpec) -> LLM:
-    if spec.backend == "custom":
-        return _call_factory(spec.model)
-    if spec.backend == "gemini":
-        from pipelines.clients.gemini import GeminiLLM
+def _gemini_llm(spec: LLMSpec) -> LLM:
+    from pipelines.clients.gemini import GeminiLLM
 
-        return GeminiLLM.from_spec(spec)
-    if spec.backend == "local":
-        from pipelines.clients.local_llm import LocalLLM
-
-        return LocalLLM.from_spec(spec)
-    raise ValueError(f"unknown LLM backend {spec.backend!r}: expected 'local', 'gemini' or 'custom'")
+    return GeminiLLM(
+        spec.model_name,
+        **_gemini_connection(spec),
+        max_parse_attempts=spec.max_parse_attempts,
+        thinking_budget=spec.thinking_budget,
+    )
 
 
-def build_embedder(spec: EmbedderSpec) -> Embedder:
-    if spec.backend == "custom":
-        return _call_factory(spec.model)
-    if spec.backend == "gemini":
-        from pipelines.clients.gemini import GeminiEmbedder
+def _gemini_embedder(spec: EmbedderSpec) -> Embedder:
+    from pipelines.clients.gemini import GeminiEmbedder
 
-        return GeminiEmbedder.from_spec(spec)
-    if spec.backend == "local":
-        from pipelines.clients.local_embedder import LocalEmbedder
-
-        return LocalEmbedder.from_spec(spec)
-    raise ValueError(f"unknown embedder backend {spec.backend!r}: expected 'local', 'gemini' or 'custom'")
+    return GeminiEmbedder(spec.model_name, **_gemini_connection(spec))
 
 
-# --- Gemini thinking --------------------------------------------------------------------------------------------------
+def _gemini_connection(spec: LLMSpec | EmbedderSpec) -> dict[str, Any]:
+    """What both Gemini backends take from a spec: the endpoint, timeout, retry policy and requests in flight."""
+    from pipelines.clients.retry import RetryPolicy
+
+    return {
+        "base_url": spec.base_url,
+        "api_version": spec.api_version,
+        "timeout_s": spec.timeout_s,
+        "retry": RetryPolicy(spec.max_attempts, spec.backoff_initial_s, spec.backoff_max_s),
+        "concurrency": spec.concurrency,
+    }
 
 
-@dataclass(frozen=True)
-class ThinkingRange:
-    """The thinking budgets (tokens) a Gemini model accepts, besides -1 (dynamic thinking)."""
+def _local_llm(spec: LLMSpec) -> LLM:
+    from pipelines.clients.local_llm import LocalLLM
 
-    #: Whether 0 switches thinking off; where it cannot, the model always thinks at least `minimum` tokens.
-    can_switch_off: bool
-    minimum: int
-    maximum: int
+    return LocalLLM(spec.model_name, **_local_model(spec))
 
 
-#: Gemini 2.5's thinking budgets (ai.google.dev/gemini-api/docs/thinking). Other models get no thinking config unless
-#: `LLMSpec.thinking_budget` is given.
-GEMINI_THINKING: dict[str, ThinkingRange] = {
-    "gemini-2.5-flash": ThinkingRange(True, 1, 24576),
-    "gemini-2.5-flash-lite": ThinkingRange(True, 512, 24576),
-    "gemini-2.5-pro": ThinkingRange(False, 128, 32768),
-}
-DYNAMIC_THINKING = -1
+def _local_embedder(spec: EmbedderSpec) -> Embedder:
+    from pipelines.clients.local_embedder import LocalEmbedder
+
+    return LocalEmbedder(
+        spec.model_name,
+        **_local_model(spec),
+        batch_size=spec.batch_size,
+        task_prompts=dict(spec.task_prompts),
+        max_seq_length=spec.max_seq_length,
+    )
 
 
-def thinking_range(model: str) -> ThinkingRange | None:
-    """The range of `model` (`models/` prefix and `-preview-...` suffix allowed), None for models not in the table."""
-    name = model.rsplit("/", 1)[-1]
-    for known, budgets in GEMINI_THINKING.items():
-        if name == known or name.startswith(f"{known}-preview"):
-            return budgets
-    return None
-
-
-def gemini_thinking_budget(model: str, requested: int | None) -> int | None:
-    """The thinking budget a request to `model` carries: `requested` when given (checked against the model's range),
-    else 0 (thinking off) where the model allows it, else its minimum; None (no thinking config: the model's own
-    default) for a model outside `GEMINI_THINKING` when none is requested.
-
-    Short JSON answers need no thinking, and thinking tokens are billed as output.
-    """
-    budgets = thinking_range(model)
-    if requested is None:
-        if budgets is None:
-            return None
-        return 0 if budgets.can_switch_off else budgets.minimum
-    if requested == DYNAMIC_THINKING:
-        if budgets is None:
-            raise ValueError(
-                f"thinking_budget=-1 (dynamic) for {model!r}: its maximum thinking budget is unknown "
-                f"(known models: {sorted(GEMINI_THINKING)}), so the answer's tokens could not be kept "
-                "apart from it; give a budget in tokens"
-            )
-        return requested
-    if requested < 0:
-        raise ValueError(f"thinking_budget must be -1 (dynamic), 0 (off) or a number of tokens, got {requested}")
-    if budgets is not None:
-        allowed = f"{budgets.minimum}..{budgets.maximum} or -1 (dynamic)"
-        if requested == 0 and not budgets.can_switch_off:
-            raise ValueError(
-                f"{model} cannot switch thinking off: thinking_budget must be {allowed}, or unset "
-                f"for its minimum ({budgets.minimum})"
-            )
-        if requested != 0 and not budgets.minimum <= requested <= budgets.maximum:
-            off = "0 (off), " if budgets.can_switch_off else ""
-            raise ValueError(f"{model}: thinking_budget must be {off}{allowed}, got {requested}")
-    return requested
-
-
-def gemini_output_token_limit(model: str, answer_tokens: int, thinking_budget: int | None) -> int:
-    """The max_output_tokens to send: the answer's budget plus the thinking budget (dynamic thinking: the model's
-    maximum), because Gemini 2.5 counts thinking tokens inside max_output_tokens. So thinking never eats the answer's
-    tokens, and this is also the most output tokens one request can be billed for (thinking is billed as output).
-
-    `thinking_budget` is what `gemini_thinking_budget` returned; None (no thinking config) adds nothing.
-    """
-    if thinking_budget is None:
-        return answer_tokens
-    if thinking_budget == DYNAMIC_THINKING:
-        budgets = thinking_range(model)
-        if budgets is None:
-            raise ValueError(f"dynamic thinking for {model!r}: its maximum thinking budget is unknown")
-        return answer_tokens + budgets.maximum
-    return answer_tokens + thinking_budget
+def _local_model(spec: LLMSpec | EmbedderSpec) -> dict[str, Any]:
+    """What both local backends take from a spec: the torch device, the model cache and the torch threads."""
+    return {"device": spec.device, "cache_dir": spec.cache_dir, "torch_threads": spec.torch_threads}
 
 
 def billable_output_tokens(spec: LLMSpec, answer_tokens: int) -> int:

@@ -3,15 +3,16 @@
 What this module adds on top of the SDK:
 
 1. Retries. The SDK's own retry is switched off (it is off by default, ignores Retry-After, and its aiohttp path retries
-   connection errors on its own), so tenacity here is the only retry layer and its counts are true. 429, 500, 502, 503,
-   504, timeouts and dropped connections are retried up to `max_attempts`; the wait is the server's Retry-After header
-   or google.rpc.RetryInfo (Gemini sends the latter in 429 bodies), else exponential backoff with jitter, capped.
-   Other 4xx are never retried.
+   connection errors on its own), so the policy of `pipelines.clients.retry` is the only retry layer and its counts
+   are true: 429, 500, 502, 503, 504, timeouts and dropped connections are retried up to `max_attempts`, waiting as
+   the server asks (Gemini sends google.rpc.RetryInfo in 429 bodies) or with capped backoff. Other 4xx are never
+   retried.
 2. Answer checking. An answer that is not JSON, violates the pydantic output model, has no candidate or was blocked is
    asked again up to `max_parse_attempts` times, then comes back as a failed `GenerationResult` keeping the raw text:
    a bad answer is data (a rejected row), an unreachable service is an exception (`GeminiUnavailableError`).
 3. Bounded concurrency. `generate_many`/`agenerate_many` and `embed`/`aembed` run requests through the async client
-   under a semaphore, results in input order.
+   under a semaphore, results in input order; the sync methods run them on the client's own event loop thread
+   (`pipelines.clients.event_loop`).
 4. Key hygiene. The key comes only from GOOGLE_API_KEY or GEMINI_API_KEY; it never appears in a repr, log record or
    exception text of ours (server messages are redacted too), and specs never hold it.
 
@@ -22,19 +23,12 @@ a new release gets a new name). Moving aliases such as `gemini-flash-latest` the
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import email.utils
 import functools
-import importlib
 import json
 import logging
 import os
-import random
-import re
-import threading
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -56,19 +50,12 @@ from pipelines.clients.base import (
     per_request,
     truncate_and_normalize,
 )
-from pipelines.clients.factory import gemini_output_token_limit, gemini_thinking_budget
-from pipelines.clients.specs import (
-    API_KEY_VARIABLES,
-    DEFAULT_GEMINI_EMBEDDER,
-    DEFAULT_GEMINI_LLM,
-    EmbedderSpec,
-    LLMSpec,
-)
+from pipelines.clients.event_loop import LoopThread, gather_in_order
+from pipelines.clients.gemini_thinking import gemini_output_token_limit, gemini_thinking_budget
+from pipelines.clients.retry import TRANSIENT_STATUS_CODES, TRANSPORT_ERRORS, RetryPolicy
+from pipelines.clients.specs import API_KEY_VARIABLES, DEFAULT_GEMINI_EMBEDDER, DEFAULT_GEMINI_LLM
 
 logger = logging.getLogger(__name__)
-
-#: Status codes worth another attempt: rate limits and server-side failures. Other 4xx mean the request is wrong.
-TRANSIENT_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
 
 #: Finish reasons meaning the answer was withheld: asking again may get an answer, the text we have is not one.
 _BLOCKED_FINISH_REASONS = frozenset(
@@ -79,30 +66,6 @@ _BLOCKED_FINISH_REASONS = frozenset(
 _NATIVE_DIMENSIONS = {"gemini-embedding-001": 3072, "text-embedding-004": 768}
 
 _T = TypeVar("_T")
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Timeouts and dropped connections of whichever HTTP stack the installed SDK uses (httpx, httpx2 or aiohttp)."""
-    found: list[type[BaseException]] = [TimeoutError, asyncio.TimeoutError]
-    for module_name in ("httpx", "httpx2"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        # NetworkError: connect, read, write or close failed (ReadError is a connection reset mid-answer, e.g. when a
-        # server's accept queue overflows under many concurrent new connections). RemoteProtocolError: the server
-        # closed the connection without a (complete) answer.
-        found += [module.TimeoutException, module.NetworkError, module.RemoteProtocolError]
-    try:
-        aiohttp = importlib.import_module("aiohttp")
-    except ImportError:
-        pass
-    else:
-        found += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
-    return tuple(found)
-
-
-_TRANSPORT_ERRORS = _transport_errors()
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------
@@ -177,143 +140,7 @@ def api_key_from_env(environ: Mapping[str, str] | None = None) -> str:
     )
 
 
-# --- retry policy -----------------------------------------------------------------------------------------------------
-
-
-def _parse_duration(value: str) -> float | None:
-    """google.protobuf.Duration in JSON ("17s", "0.250s") -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)s\s*", value)
-    return float(match.group(1)) if match else None
-
-
-def retry_delay_from_error(error: BaseException | None) -> float | None:
-    """Seconds the server asked us to wait: the Retry-After header (seconds or HTTP date) or google.rpc.RetryInfo."""
-    headers = getattr(getattr(error, "response", None), "headers", None)
-    value = headers.get("retry-after") if headers is not None and hasattr(headers, "get") else None
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                moment = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                moment = None
-            if moment is not None and moment.tzinfo is not None:
-                return max(0.0, moment.timestamp() - time.time())
-    # Gemini's own 429s carry the hint in the body: {"error": {"details": [{"@type": ".../google.rpc.RetryInfo",
-    # "retryDelay": "17s"}]}}.
-    body = getattr(error, "details", None)
-    if isinstance(body, dict):
-        details = body.get("error", body).get("details") if isinstance(body.get("error", body), dict) else None
-        for detail in details if isinstance(details, list) else []:
-            if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
-                delay = _parse_duration(str(detail.get("retryDelay", "")))
-                if delay is not None:
-                    return delay
-    return None
-
-
-def is_transient(error: BaseException, *, truncated_body_is_transient: bool = False) -> bool:
-    """Worth another attempt: 429 / 5xx from the service, a timeout or a dropped connection."""
-    if isinstance(error, genai_errors.APIError):
-        return error.code in TRANSIENT_STATUS_CODES
-    if truncated_body_is_transient and isinstance(error, json.JSONDecodeError):
-        return True
-    return isinstance(error, _TRANSPORT_ERRORS)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How transient failures are retried. Attempts count the first request."""
-
-    max_attempts: int = 6
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    #: Jitter only; nothing depends on its sequence, so it is not seeded.
-    rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
-        if not 0 <= self.backoff_initial_s <= self.backoff_max_s:
-            raise ValueError(
-                f"need 0 <= backoff_initial_s <= backoff_max_s, got {self.backoff_initial_s} and {self.backoff_max_s}"
-            )
-
-    def delay(self, attempt_number: int, error: BaseException | None) -> float:
-        """Seconds to wait after failed attempt `attempt_number` (1-based)."""
-        hinted = retry_delay_from_error(error)
-        if hinted is not None:
-            # The server knows when capacity returns: wait at least that long (up to the cap, so a bad header cannot
-            # park a worker for hours), plus up to 10% so clients told the same delay do not come back in lockstep.
-            base = min(hinted, self.backoff_max_s)
-            return base + self.rng.uniform(0.0, 0.1 * base)
-        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt_number - 1))
-        # Equal jitter: at least half the exponential step (so retries still back off), the rest random (so
-        # concurrent callers spread out).
-        return ceiling / 2 + self.rng.uniform(0.0, ceiling / 2)
-
-    def wait(self, retry_state: tenacity.RetryCallState) -> float:
-        """tenacity `wait=` callback."""
-        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
-        return self.delay(retry_state.attempt_number, error)
-
-
 # --- request plumbing shared by both backends ------------------------------------------------------------------------
-
-
-class _LoopThread:
-    """A private event loop on a daemon thread; the sync API submits coroutines to it.
-
-    Why not `asyncio.run` per call: it fails inside a running loop (notebooks, async callers), and an httpx async
-    connection pool cannot move between event loops (google-genai before 3.x keeps one pool per client), so every
-    async request of one client runs on this one loop.
-    """
-
-    def __init__(self, name: str):
-        self._name = name
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def _ensure_started(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name=self._name, daemon=True)
-                self._thread.start()
-            return self._loop
-
-    def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        loop = self._ensure_started()
-        if threading.current_thread() is self._thread:
-            coroutine.close()
-            raise RuntimeError("sync Gemini call from the client's own event loop: await the async method instead")
-        future: concurrent.futures.Future[_T] = asyncio.run_coroutine_threadsafe(coroutine, loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt: stop the requests still in flight
-            raise
-
-    def close(self, final: Callable[[], Awaitable[None]] | None = None) -> None:
-        with self._lock:
-            loop, thread = self._loop, self._thread
-            self._loop = self._thread = None
-        if loop is None or thread is None:
-            return
-        if final is not None:
-
-            async def _final() -> None:
-                await final()
-
-            try:
-                asyncio.run_coroutine_threadsafe(_final(), loop).result(timeout=10)
-            except Exception as error:  # closing must not fail the caller
-                logger.debug("closing the Gemini async client failed: %s", type(error).__name__)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
 
 
 @dataclass
@@ -321,18 +148,6 @@ class _Counter:
     """HTTP requests made for one logical call, retries included."""
 
     requests: int = 0
-
-
-async def _gather_in_order(coroutines: Sequence[Coroutine[Any, Any, _T]]) -> list[_T]:
-    """Results in input order; if one raises, the rest are cancelled (not left running) and the error propagates."""
-    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 class _Connection:
@@ -363,7 +178,7 @@ class _Connection:
         )
         # vertexai=False: GOOGLE_GENAI_USE_VERTEXAI in the environment must not reroute an API-key client.
         self.client = genai.Client(api_key=self._key.reveal(), vertexai=False, http_options=http_options)
-        self.loop = _LoopThread(name=f"gemini-{model}")
+        self.loop = LoopThread(name=f"gemini-{model}")
 
     def describe(self, error: BaseException) -> str:
         """A short, key-free description of a failure for logs and error messages."""
@@ -412,14 +227,8 @@ class _Connection:
         Raises GeminiUnavailableError when retries run out, GeminiAuthError / GeminiRequestError for other 4xx.
         A truncated response body (json.JSONDecodeError from the SDK) propagates unless it is declared transient.
         """
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(self.retry.max_attempts),
-            wait=self.retry.wait,
-            retry=tenacity.retry_if_exception(
-                functools.partial(is_transient, truncated_body_is_transient=truncated_body_is_transient)
-            ),
-            before_sleep=self._log_retry,
-            reraise=True,
+        retrying = self.retry.retrying(
+            truncated_body_is_transient=truncated_body_is_transient, before_sleep=self._log_retry
         )
         try:
             async for attempt in retrying:
@@ -429,7 +238,7 @@ class _Connection:
         except genai_errors.APIError as error:
             # `from None`: the SDK error holds the HTTP request (headers included); keep it out of tracebacks.
             raise self._translate(error, counter.requests) from None
-        except (*_TRANSPORT_ERRORS, json.JSONDecodeError) as error:
+        except (*TRANSPORT_ERRORS, json.JSONDecodeError) as error:
             if isinstance(error, json.JSONDecodeError) and not truncated_body_is_transient:
                 raise
             raise GeminiUnavailableError(
@@ -446,6 +255,31 @@ class _Connection:
 
     def __repr__(self) -> str:
         return f"_Connection(model={self.model!r}, base_url={self.base_url!r}, api_version={self.api_version!r})"
+
+
+class _ConnectedBackend:
+    """What both backends share: one `_Connection`, closed with the backend (also on leaving a `with` block)."""
+
+    model_id: str
+    _connection: _Connection
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self: _Backend) -> _Backend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self.model_id!r}, base_url={self._connection.base_url!r}, "
+            f"api_version={self._connection.api_version!r})"
+        )
+
+
+_Backend = TypeVar("_Backend", bound=_ConnectedBackend)
 
 
 # --- generation -------------------------------------------------------------------------------------------------------
@@ -525,7 +359,7 @@ def parse_generate_response(
     return ParsedAnswer(value, raw, None, usage)
 
 
-class GeminiLLM(LLM):
+class GeminiLLM(_ConnectedBackend, LLM):
     """Structured generation with Gemini: JSON mode with the pydantic output model as response schema.
 
     `GenerationResult.attempts` counts the HTTP requests one call made (transient retries and re-asks together);
@@ -559,19 +393,6 @@ class GeminiLLM(LLM):
         self.thinking_budget = gemini_thinking_budget(model, thinking_budget)
         self._connection = _Connection(
             model, base_url=base_url, api_version=api_version, timeout_s=timeout_s, retry=retry or RetryPolicy()
-        )
-
-    @classmethod
-    def from_spec(cls, spec: LLMSpec) -> GeminiLLM:
-        return cls(
-            spec.model_name,
-            base_url=spec.base_url,
-            api_version=spec.api_version,
-            timeout_s=spec.timeout_s,
-            retry=RetryPolicy(spec.max_attempts, spec.backoff_initial_s, spec.backoff_max_s),
-            max_parse_attempts=spec.max_parse_attempts,
-            concurrency=spec.concurrency,
-            thinking_budget=spec.thinking_budget,
         )
 
     def _request_config(
@@ -664,7 +485,7 @@ class GeminiLLM(LLM):
                 return await self.agenerate(messages, output_model, each)
 
         configs = per_request(config, len(requests))
-        return await _gather_in_order([one(messages, each) for messages, each in zip(requests, configs, strict=True)])
+        return await gather_in_order([one(messages, each) for messages, each in zip(requests, configs, strict=True)])
 
     def generate_many(
         self,
@@ -675,26 +496,12 @@ class GeminiLLM(LLM):
     ) -> list[GenerationResult[OutputT]]:
         return self._connection.loop.run(self.agenerate_many(requests, output_model, config, concurrency))
 
-    def close(self) -> None:
-        self._connection.close()
-
-    def __enter__(self) -> GeminiLLM:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"GeminiLLM(model={self.model_id!r}, base_url={self._connection.base_url!r}, "
-            f"api_version={self._connection.api_version!r})"
-        )
 
 
 # --- embeddings -------------------------------------------------------------------------------------------------------
 
 
-class GeminiEmbedder(Embedder):
+class GeminiEmbedder(_ConnectedBackend, Embedder):
     """Embeddings from gemini-embedding-001, one text per request, float32 L2-normalized rows.
 
     `stats.calls` counts texts (one request each), `stats.retries` the extra requests transient failures cost.
@@ -725,17 +532,6 @@ class GeminiEmbedder(Embedder):
         self.concurrency = concurrency
         self._connection = _Connection(
             model, base_url=base_url, api_version=api_version, timeout_s=timeout_s, retry=retry or RetryPolicy()
-        )
-
-    @classmethod
-    def from_spec(cls, spec: EmbedderSpec) -> GeminiEmbedder:
-        return cls(
-            spec.model_name,
-            base_url=spec.base_url,
-            api_version=spec.api_version,
-            timeout_s=spec.timeout_s,
-            retry=RetryPolicy(spec.max_attempts, spec.backoff_initial_s, spec.backoff_max_s),
-            concurrency=spec.concurrency,
         )
 
     async def _embed_one(self, text: str, task_type: TaskType, dimension: int) -> np.ndarray:
@@ -779,24 +575,9 @@ class GeminiEmbedder(Embedder):
             async with semaphore:
                 return await self._embed_one(text, task_type, dimension)
 
-        vectors = await _gather_in_order([one(text) for text in texts])
+        vectors = await gather_in_order([one(text) for text in texts])
         # Gemini normalizes only full 3072-d output; truncated (Matryoshka) vectors come back with norms below 1.
         return truncate_and_normalize(np.stack(vectors), dimension)
 
     def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
         return self._connection.loop.run(self.aembed(texts, task_type, dimension))
-
-    def close(self) -> None:
-        self._connection.close()
-
-    def __enter__(self) -> GeminiEmbedder:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"GeminiEmbedder(model={self.model_id!r}, base_url={self._connection.base_url!r}, "
-            f"api_version={self._connection.api_version!r})"
-        )

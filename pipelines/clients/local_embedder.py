@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,9 +24,6 @@ from pipelines.clients.base import Embedder, TaskType, truncate_and_normalize
 from pipelines.clients.packaged_models import cap_torch_threads, resolve_model, unavailable_error
 from pipelines.clients.specs import DEFAULT_LOCAL_TEACHER
 from pipelines.clients.task_prompts import prompts_by_task_type
-
-if TYPE_CHECKING:
-    from pipelines.clients.specs import EmbedderSpec
 
 
 def select_task_prompts(
@@ -85,18 +81,6 @@ class LocalEmbedder(Embedder):
         self.task_prompts = select_task_prompts(self._model.prompts or {}, task_prompts)
         # One encode at a time: torch already uses every thread it is given, and interleaved calls only thrash.
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_spec(cls, spec: EmbedderSpec) -> LocalEmbedder:
-        return cls(
-            spec.model_name,
-            device=spec.device,
-            cache_dir=spec.cache_dir,
-            batch_size=spec.batch_size,
-            torch_threads=spec.torch_threads,
-            task_prompts=dict(spec.task_prompts),
-            max_seq_length=spec.max_seq_length,
-        )
 
     def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
         dimension = dimension or self.native_dimension

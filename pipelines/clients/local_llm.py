@@ -13,6 +13,9 @@ written (or chosen) by the model:
 - `list[str]`: a JSON array whose items are free text as above; before each item, "another item" is weighed against
   "close the list", within the field's min/max length (at most `DEFAULT_MAX_LIST_ITEMS` when it sets none).
 
+Which of these a field is, and the JSON text around the values, come from pure functions tested without a model
+(`pipelines.clients.json_decoding`); this module runs the model.
+
 Values are re-encoded with `json.dumps`, so the assembled answer is valid JSON whatever the model wrote; pydantic then
 validates it (lengths, patterns, validators), and a violation is a failed `GenerationResult` with the raw answer kept.
 
@@ -27,20 +30,17 @@ CPU cores with transformers 5) and loaded from there afterwards (under a second 
 from __future__ import annotations
 
 import copy
-import enum
 import hashlib
 import inspect
 import json
 import re
 import threading
-import typing
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import annotated_types
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from pipelines.clients.base import (
     LLM,
@@ -61,6 +61,14 @@ from pipelines.clients.batched_decoding import (
     common_prefix_length,
     supports_batching,
 )
+from pipelines.clients.json_decoding import (
+    FieldPlan,
+    decode_string_content,
+    find_string_end,
+    key_text,
+    list_text,
+    plan_fields,
+)
 from pipelines.clients.packaged_models import (
     ResolvedModel,
     cap_torch_threads,
@@ -74,13 +82,6 @@ from pipelines.clients.specs import DEFAULT_LOCAL_LLM
 if TYPE_CHECKING:
     import torch
 
-    from pipelines.clients.specs import LLMSpec
-
-#: Items a `list[str]` field may get when its model sets no max_length: enough for keywords or sub-queries, few
-#: enough that a small model stuck in a loop ends quickly.
-DEFAULT_MAX_LIST_ITEMS = 8
-#: Most allowed values a choice field may have: each is scored, so `int` ranges must stay small (a 1-5 grade).
-MAX_CHOICES = 101
 #: Continuations scored per forward pass in `score` and choice fields: bounds the (batch x length x vocabulary)
 #: logits tensor, about 16 x 32 x 49k floats = 100 MB for SmolLM2.
 SCORE_BATCH_SIZE = 16
@@ -88,139 +89,6 @@ SCORE_BATCH_SIZE = 16
 #: every weight once whatever the batch, so on 2 CPU cores a step of 8 answers costs about 2-2.5 steps of one; each
 #: answer holds its own KV cache (~45 KB a token for SmolLM2, ~50 MB for a 1,000-token prompt and answer).
 DEFAULT_BATCH_SIZE = 8
-
-
-# --- the answer's shape: pure functions, tested without a model -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FieldPlan:
-    """How one field of the output model is decoded."""
-
-    #: The JSON key (the field's alias when it has one, as pydantic validates by alias).
-    key: str
-    kind: Literal["string", "choice", "string_list"]
-    #: choice: each allowed value as JSON text (`"relevant"`, `3`, `true`), in declaration order.
-    choices: tuple[str, ...] = ()
-    min_items: int = 0
-    max_items: int = DEFAULT_MAX_LIST_ITEMS
-
-
-def _unannotated(annotation: Any) -> Any:
-    """`Annotated[str, validator]` -> str: item validators (e.g. prompts.NonEmptyText) run when the answer is parsed."""
-    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
-
-
-def plan_fields(output_model: type[BaseModel]) -> tuple[FieldPlan, ...]:
-    """One `FieldPlan` per field, in declaration order; TypeError for a field constrained decoding cannot produce."""
-    plans = []
-    for name, info in output_model.model_fields.items():
-        key = info.alias or name
-        annotation = info.annotation
-        where = f"{output_model.__name__}.{name}"
-        if annotation is str:
-            plans.append(FieldPlan(key, "string"))
-        elif annotation is bool:
-            plans.append(FieldPlan(key, "choice", ("true", "false")))
-        elif annotation is int:
-            low, high = _int_bounds(info.metadata, where)
-            if high - low + 1 > MAX_CHOICES:
-                raise TypeError(
-                    f"{where}: {high - low + 1} allowed values; constrained decoding scores at most "
-                    f"{MAX_CHOICES}, narrow the ge/le bounds"
-                )
-            plans.append(FieldPlan(key, "choice", tuple(str(value) for value in range(low, high + 1))))
-        elif typing.get_origin(annotation) is Literal:
-            plans.append(FieldPlan(key, "choice", _json_choices(typing.get_args(annotation), where)))
-        elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-            plans.append(FieldPlan(key, "choice", _json_choices([member.value for member in annotation], where)))
-        elif typing.get_origin(annotation) is list and tuple(map(_unannotated, typing.get_args(annotation))) == (str,):
-            min_items = max((m.min_length for m in info.metadata if isinstance(m, annotated_types.MinLen)), default=0)
-            declared_max = [m.max_length for m in info.metadata if isinstance(m, annotated_types.MaxLen)]
-            max_items = min(declared_max) if declared_max else DEFAULT_MAX_LIST_ITEMS
-            plans.append(FieldPlan(key, "string_list", min_items=min_items, max_items=max(max_items, min_items)))
-        else:
-            raise TypeError(
-                f"{where}: {annotation!r} is not supported by LocalLLM's constrained decoding; use str, bool, "
-                f"int with ge/le bounds, Literal[...], an Enum or list[str]"
-            )
-    if not plans:
-        raise TypeError(f"{output_model.__name__} has no fields to generate")
-    return tuple(plans)
-
-
-def _int_bounds(metadata: Sequence[Any], where: str) -> tuple[int, int]:
-    low = high = None
-    for item in metadata:
-        if isinstance(item, annotated_types.Ge):
-            low = int(item.ge)
-        elif isinstance(item, annotated_types.Gt):
-            low = int(item.gt) + 1
-        elif isinstance(item, annotated_types.Le):
-            high = int(item.le)
-        elif isinstance(item, annotated_types.Lt):
-            high = int(item.lt) - 1
-    if low is None or high is None:
-        raise TypeError(f"{where}: an int field needs both bounds (Field(ge=..., le=...)) so its value can be chosen")
-    if low > high:
-        raise TypeError(f"{where}: empty range {low}..{high}")
-    return low, high
-
-
-def _json_choices(values: Sequence[Any], where: str) -> tuple[str, ...]:
-    if not values or not all(isinstance(value, str | int | bool) for value in values):
-        raise TypeError(f"{where}: choices must be str, int or bool values, got {list(values)!r}")
-    if len(values) > MAX_CHOICES:
-        raise TypeError(f"{where}: {len(values)} choices; constrained decoding scores at most {MAX_CHOICES}")
-    return tuple(json.dumps(value, ensure_ascii=False) for value in values)
-
-
-def key_text(index: int, key: str) -> str:
-    """The skeleton before field `index`'s value: `{"key":` for the first field, `, "key":` after."""
-    return ("{" if index == 0 else ", ") + json.dumps(key, ensure_ascii=False) + ":"
-
-
-def find_string_end(text: str) -> int | None:
-    """Index of the first unescaped `"` or raw newline in generated string content, or None if it is still open.
-
-    A raw newline ends the string because a JSON string cannot contain one, and small models use it to start rambling.
-    """
-    escaped = False
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char in '"\n':
-            return index
-    return None
-
-
-_JSON_ESCAPE = re.compile(r'\\(["\\/bfnrt]|u[0-9a-fA-F]{4})|\\')
-
-
-def decode_string_content(content: str) -> str:
-    """Generated string content (JSON-escaped as the model wrote it) -> the Python string.
-
-    Invalid escapes (a lone backslash, `\\x`) are kept as literal text rather than failing the whole answer.
-    """
-    # strict=False: a raw tab or other control character is kept rather than rejected.
-    decoder = json.JSONDecoder(strict=False)
-    try:
-        return decoder.decode(f'"{content}"')
-    except json.JSONDecodeError:
-        # Double every backslash that does not start a valid JSON escape, then decode again. Valid escapes are
-        # matched whole, so the second half of an escaped backslash is never taken for the start of another escape.
-        repaired = _JSON_ESCAPE.sub(lambda match: match.group(0) if match.group(1) else "\\\\", content)
-        try:
-            return decoder.decode(f'"{repaired}"')
-        except json.JSONDecodeError:
-            return content
-
-
-def list_text(items: Sequence[str]) -> str:
-    """A JSON array from already JSON-encoded items, spaced as `json.dumps` spaces it."""
-    return "[" + ", ".join(items) + "]"
 
 
 def render_fallback_chat(messages: Sequence[ChatMessage]) -> str:
@@ -264,16 +132,12 @@ class LocalLLM(LLM):
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._keeps_last_logits = "logits_to_keep" in parameters
         self._stop_ids = self._special_token_ids()
-        # Padding in batched steps is masked out, so any id will do.
+        # Padding is never attended to (masked in batched steps, after the real tokens in scoring), so any id will do.
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         # Models whose cache is not one plain layer per block (sliding windows) answer `generate_many` one by one.
         self._batches = supports_batching(self._model.config)
         # One call at a time: torch already uses every thread it is given, and interleaved calls only thrash.
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_spec(cls, spec: LLMSpec) -> LocalLLM:
-        return cls(spec.model_name, device=spec.device, cache_dir=spec.cache_dir, torch_threads=spec.torch_threads)
 
     # --- loading ---
 
@@ -390,7 +254,7 @@ class LocalLLM(LLM):
         prompts = [self._encode(self._render_prompt(messages)) for messages in requests]
         if not all(prompts):
             raise ValueError(EMPTY_PROMPT)
-        decoder = BatchDecoder(self._forward_at, pad_id=self._pad_id, device=self.device, batch_size=concurrency,
+        decoder = BatchDecoder(self._forward, pad_id=self._pad_id, device=self.device, batch_size=concurrency,
                                score_batch_size=SCORE_BATCH_SIZE)
         programs = [self._answer_steps(_Answer.start(prompt_ids, each), plans)
                     for prompt_ids, each in zip(prompts, configs, strict=True)]
@@ -547,14 +411,14 @@ class LocalLLM(LLM):
 
         scores: list[float] = []
         first = torch.log_softmax(last_logits.float(), dim=-1)
-        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         for start in range(0, len(suffixes), SCORE_BATCH_SIZE):
             batch = suffixes[start : start + SCORE_BATCH_SIZE]
             longest = max(len(suffix) for suffix in batch)
             following = None
             if longest > 1:
                 # Right padding: pads come after each row's real tokens, and causal attention keeps them out of view.
-                ids = torch.tensor([suffix + [pad] * (longest - len(suffix)) for suffix in batch], device=self.device)
+                rows = [suffix + [self._pad_id] * (longest - len(suffix)) for suffix in batch]
+                ids = torch.tensor(rows, device=self.device)
                 batch_cache = copy.deepcopy(cache)
                 batch_cache.batch_repeat_interleave(len(batch))
                 following = torch.log_softmax(self._forward(ids[:, :-1], batch_cache).float(), dim=-1)
@@ -566,15 +430,7 @@ class LocalLLM(LLM):
                 scores.append(total)
         return scores
 
-
-    def _forward(self, ids: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor:
-        kwargs: dict[str, Any] = {self._cache_argument: cache, "use_cache": True}
-        if last_only and self._keeps_last_logits:
-            # Skips the vocabulary projection for every prompt token but the last (~10% of a prompt's compute).
-            kwargs["logits_to_keep"] = 1
-        return self._model(input_ids=ids, **kwargs).logits
-
-    def _forward_at(
+    def _forward(
         self,
         ids: torch.Tensor,
         cache: Any,
@@ -582,14 +438,16 @@ class LocalLLM(LLM):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`_forward` for `BatchDecoder`: the logits at chunk positions `logits_at` only (None: all), with a mask."""
+        """One forward pass of `ids` after `cache`: the logits at chunk positions `logits_at` only (None: all); the
+        mask and positions are for `BatchDecoder`'s padded rows."""
         import torch
 
         kwargs: dict[str, Any] = {self._cache_argument: cache, "use_cache": True}
         if attention_mask is not None:
             kwargs.update(attention_mask=attention_mask, position_ids=position_ids)
         if logits_at is not None and self._keeps_last_logits:
-            # An int keeps the last positions exactly as `_forward` does; a tensor picks positions.
+            # Skips the vocabulary projection for every other position (~10% of a prompt's compute): an int keeps the
+            # last positions, a tensor picks positions.
             last = list(logits_at) == [ids.shape[1] - 1]
             kwargs["logits_to_keep"] = 1 if last else torch.tensor(list(logits_at), device=ids.device)
         logits = self._model(input_ids=ids, **kwargs).logits
@@ -667,7 +525,7 @@ class _DecodeState:
     def _forward(self, ids: list[int]) -> torch.Tensor:
         import torch
 
-        logits = self._llm._forward(torch.tensor([ids], device=self._llm.device), self.cache, last_only=True)
+        logits = self._llm._forward(torch.tensor([ids], device=self._llm.device), self.cache, [len(ids) - 1])
         self.ids.extend(ids)
         return logits[0, -1]
 
