@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field, create_model
 
 from prompts import PromptSpec
 
-#: Most labels one judgment may list. A local model scores every allowed number (pipelines/clients/local_llm.py allows
-#: 101 choices), and a longer list is more than one prompt should ask a model to weigh.
+#: Most labels one judgment may list. A local model scores every allowed number (MAX_CHOICES in
+#: pipelines/clients/json_decoding.py allows 101), and a longer list is more than one prompt should ask a model to weigh.
 MAX_LABELS = 100
 
 
