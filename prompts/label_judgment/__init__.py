@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, create_model
 from prompts import PromptSpec
 
 #: Most labels one judgment may list. A local model scores every allowed number (MAX_CHOICES in
-#: pipelines/clients/json_decoding.py allows 101), and a longer list is more than one prompt should ask a model to weigh.
+#: pipelines/clients/json_decoding.py allows 101), and a longer list is more than one prompt should weigh.
 MAX_LABELS = 100
 
 
