@@ -35,7 +35,7 @@ from pipelines.stages.generate_queries import (
 from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfig
 from pipelines.stages.mine_negatives import MineNegativesConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
-from pipelines.stages.text_overlap import extractive_share, first_sentence
+from pipelines.text_matching import extractive_share, first_sentence
 from prompts.query_generation import MAX_USER_EXAMPLES
 
 SPEC = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:query_writer")
@@ -192,11 +192,11 @@ def test_unknown_query_type_is_a_config_error():
 
 
 def test_judge_answers_keeps_good_and_rejects_each_failure_with_reason():
-    example_query = next(iter(few_shot_queries()))
+    example_query = few_shot_queries()[0]
     answers = [
         _query(0, "how do I serialize a dict?"),
         _answer(1, None, raw='{"task": "Giv'),
-        _query(2, " ".join(example_query)),
+        _query(2, example_query.upper()),
         _query(3, PASSAGE["text"]),
         _query(4, "How do I serialize a dict"),
     ]
@@ -442,7 +442,7 @@ GOOD_LINE = '{"passage": "Statins lower LDL cholesterol.", "query": "do statins 
     ('{"passage": "p", "query": "q", "query_type": "haiku"}\n', "line 1: field 'query_type' is 'haiku'"),
     ('{"passage": "p", "query": "q", "qurey": "q"}\n', "line 1: unknown field 'qurey'"),
     ('{"passage": "p", "query": "' + "word " * 70 + '"}\n', "line 1: field 'query': .*more than 64"),
-    ("{not json\n", "line 1: not JSON"),
+    ("{not json\n", "line 1: not valid JSON \\(Expecting property name enclosed in double quotes at column 2\\)"),
     ('["p", "q"]\n', "line 1: expected a JSON object"),
     (GOOD_LINE * (MAX_USER_EXAMPLES + 1), f"line {MAX_USER_EXAMPLES + 1}: more than {MAX_USER_EXAMPLES} examples"),
     ("\n\n", "holds no examples"),
