@@ -31,7 +31,6 @@ Resumable: generation runs, trained models and per-query scores under --work-dir
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import logging
@@ -57,6 +56,7 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
 from data_schemas.records import TRIPLET
 from embedder.evaluate import find_shared_data
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
+from pipelines.run_layout import read_kind
 
 LOGGER = logging.getLogger("quality_scifact")
 #: The issue's goal: the trained student beats the base model by at least 3 nDCG@10 points.
@@ -124,8 +124,7 @@ def few_shot_examples(args: argparse.Namespace, work_dir: Path) -> Path:
 
 
 def triplet_rows(run_dir: Path) -> list[dict]:
-    return [row for path in sorted(glob.glob(str(run_dir / "triplets" / "*.parquet")))
-            for row in pq.read_table(path, schema=TRIPLET).to_pylist()]
+    return read_kind(str(run_dir), "triplets", TRIPLET).to_pylist()
 
 
 def write_random_negatives(source: Path, target: Path, seed: int) -> Path:

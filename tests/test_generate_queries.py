@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -19,6 +17,7 @@ from pipelines.config import GenerateConfig
 from pipelines.config_loading import ConfigError
 from pipelines.llm_calls import LLMAnswer, LLMRequest
 from pipelines.run import build_generate_pipeline, generate
+from pipelines.run_layout import read_kind
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.generate_queries import (
     GenerateQueries,
@@ -333,8 +332,7 @@ def test_a_run_with_candidates_balances_and_writes_one_pair_per_slot(tmp_path):
     assert stages["generate_queries"]["expanded"] == len(texts) * 2
     assert stages["grade_relevance"]["input"] == stages["generate_queries"]["kept"]
     assert stages["grade_relevance"]["reasons"]["surplus_candidate"] >= 3
-    pairs = [row for path in glob.glob(str(tmp_path / "run" / "pairs" / "*.parquet"))
-             for row in pq.read_table(path).to_pylist()]
+    pairs = read_kind(str(tmp_path / "run"), "pairs", PAIR).to_pylist()
     assert sorted(row["query_id"] for row in pairs) == sorted(f"{pid}::q0" for pid in texts)
     assert {row["pair_id"] for row in pairs} >= {"sort::q0c1", "zip::q0c2", "heap::q0", "json::q0c1"}
 
