@@ -293,10 +293,6 @@ def test_edit_ratio_threshold_admits_the_prompts_own_demonstration():
     ratio = edit_ratio("The battery lasts all day and the screen is bright even in sunlight.", scripted.DEMONSTRATION)
     assert ratio == pytest.approx(6 / 14)
     assert ratio <= GenerateCounterfactualsConfig(task_spec="x").max_edit_ratio
-    assert edit_ratio("I love it", "I LOVE it!") == 0.0
-    assert edit_ratio("I love it", "I hate it") == pytest.approx(1 / 3)
-    assert edit_ratio("a b c", "x y z w") == 1.0
-    assert edit_ratio("", "") == 0.0
 
 
 def test_duplicates_keep_one_copy_and_conflicting_labels_keep_none():

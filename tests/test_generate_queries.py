@@ -34,7 +34,6 @@ from pipelines.stages.generate_queries import (
 from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfig
 from pipelines.stages.mine_negatives import MineNegativesConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
-from pipelines.text_matching import extractive_share, first_sentence
 from prompts.query_generation import MAX_USER_EXAMPLES
 
 SPEC = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:query_writer")
@@ -130,36 +129,13 @@ def test_copies_first_sentence(query, passage, copied):
     assert copies_first_sentence(query, passage) is copied
 
 
-@pytest.mark.parametrize(("text", "sentence"), [
-    (CORNEA, "The cornea is an immune privileged tissue, and arginase is a key component."),
-    ("Create an archive file (e.g. zip or tar).  Then return its name.", "Create an archive file (e.g. zip or tar)."),
-    ("Heading\n\nBody text. More.", "Heading"),
-    ("no sentence end here", "no sentence end here"),
-    ("", ""),
-])
-def test_first_sentence(text, sentence):
-    assert first_sentence(text) == sentence
-
-
 def test_first_sentence_is_capped_so_an_unsplit_passage_is_not_compared_whole():
     passage = " ".join(f"w{index}" for index in range(200))  # no sentence end: one 200-word "sentence"
     assert not copies_first_sentence(" ".join(f"w{index}" for index in range(100, 106)), passage)
     assert copies_first_sentence(" ".join(f"w{index}" for index in range(6)), passage)
 
 
-# --- how extractive a query is ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("query", "share"), [
-    ("json module encodes Python objects", 1.0),  # every word pair copied
-    ("The JSON module, as text!", 0.5),  # the json, json module / module as, as text: punctuation ignored
-    ("how do I turn a dict into text?", 0.0),
-    ("json", 1.0),  # one word: measured on the word
-    ("yaml", 0.0),
-    ("", 0.0),
-])
-def test_extractive_share(query, share):
-    assert extractive_share(query, PASSAGE["text"]) == pytest.approx(share)
+# --- how extractive a query is (the measure itself: test_text_matching.py) --------------------------------------------
 
 
 def test_extractive_filter_is_off_by_default_and_rejects_above_the_threshold():
