@@ -12,6 +12,7 @@ then review the fixture's diff like code.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Any
@@ -20,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.run import generate
-from pipelines.run_layout import parquet_files
 from tests.test_pipeline_e2e import gemini, gemini_config  # noqa: F401 - `gemini` is a fixture used by name
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def _masked(value: Any, replacements: dict[str, str]) -> Any:
 def _folder(folder: str, replacements: dict[str, str]) -> dict[str, list[str]]:
     """The rows of every shard in `folder` (sorted, as JSON lines) and the shards' schemas (with their metadata)."""
     rows, schemas = [], set()
-    for path in parquet_files(folder):
+    for path in sorted(glob.glob(os.path.join(folder, "*.parquet"))):
         table = pq.read_table(path)
         if table.num_columns:  # Beam's sharding can leave a shard without columns
             schemas.add(table.schema.to_string(show_schema_metadata=True))
