@@ -10,7 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from data_schemas import PAIR, REJECTED, stage_balances, validate_rows
+from data_schemas import PAIR, REJECTED, SCHEMAS, stage_balances, validate_rows
 from pipelines.clients.base import Usage
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import GenerateConfig
@@ -308,7 +308,7 @@ def test_a_run_with_candidates_balances_and_writes_one_pair_per_slot(tmp_path):
     assert stages["generate_queries"]["expanded"] == len(texts) * 2
     assert stages["grade_relevance"]["input"] == stages["generate_queries"]["kept"]
     assert stages["grade_relevance"]["reasons"]["surplus_candidate"] >= 3
-    pairs = read_kind(str(tmp_path / "run"), "pairs", PAIR).to_pylist()
+    pairs = read_kind(str(tmp_path / "run"), "pairs", SCHEMAS["pairs"]).to_pylist()
     assert sorted(row["query_id"] for row in pairs) == sorted(f"{pid}::q0" for pid in texts)
     assert {row["pair_id"] for row in pairs} >= {"sort::q0c1", "zip::q0c2", "heap::q0", "json::q0c1"}
 
