@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import logging
 import os
@@ -34,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from quality_runs import (  # benchmarks/ is on sys.path when a script in it runs
     RESULTS_DIR,
     classification_scores,
@@ -44,9 +42,11 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
     write_results,
 )
 
+from data_schemas import CLASSIFICATION_EXAMPLE
 from embedder.eval_data import load_labeled
 from embedder.metrics import ClassificationSamples, ItemScores
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
+from pipelines.run_layout import read_kind, shard_paths
 from tests.shared_data import find_shared_data
 
 LOGGER = logging.getLogger("quality_banking77")
@@ -111,7 +111,7 @@ def generate(args: argparse.Namespace, work_dir: Path, spec: Path) -> Path:
     train_data = work_dir / "runs" / "classification_only"
     if not train_data.exists():
         (train_data / "classification").mkdir(parents=True)
-        for path in glob.glob(str(run_dir / "classification" / "*.parquet")):
+        for path in shard_paths(str(run_dir), "classification"):
             shutil.copy(path, train_data / "classification")
     return run_dir
 
@@ -129,9 +129,8 @@ def train(args: argparse.Namespace, work_dir: Path, seed: int) -> Path:
 def generated_counts(run_dir: Path) -> dict:
     """Kept rows by origin, and the stage's rejection reasons: what the judge and the filters took out."""
     kept: dict[str, int] = {}
-    for path in glob.glob(str(run_dir / "classification" / "*.parquet")):
-        for origin in pq.read_table(path, columns=["origin"]).column("origin").to_pylist():
-            kept[origin] = kept.get(origin, 0) + 1
+    for origin in read_kind(str(run_dir), "classification", CLASSIFICATION_EXAMPLE).column("origin").to_pylist():
+        kept[origin] = kept.get(origin, 0) + 1
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stage = next(stage for stage in manifest["stages"] if stage["stage"] == "generate_counterfactuals")
     return {"kept_by_origin": kept, "rejected": stage["reasons"]}

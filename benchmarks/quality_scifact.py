@@ -31,7 +31,6 @@ Resumable: generation runs, trained models and per-query scores under --work-dir
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import logging
@@ -56,6 +55,7 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
 
 from data_schemas.records import TRIPLET
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
+from pipelines.run_layout import read_kind
 from tests.shared_data import find_shared_data
 
 LOGGER = logging.getLogger("quality_scifact")
@@ -124,8 +124,7 @@ def few_shot_examples(args: argparse.Namespace, work_dir: Path) -> Path:
 
 
 def triplet_rows(run_dir: Path) -> list[dict]:
-    return [row for path in sorted(glob.glob(str(run_dir / "triplets" / "*.parquet")))
-            for row in pq.read_table(path, schema=TRIPLET).to_pylist()]
+    return read_kind(str(run_dir), "triplets", TRIPLET).to_pylist()
 
 
 def write_random_negatives(source: Path, target: Path, seed: int) -> Path:

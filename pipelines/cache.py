@@ -28,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from data_schemas import EMBEDDING_CACHE_ENTRY, LLM_CACHE_ENTRY, validate_table
 from pipelines.outputs import ensure_folder
+from pipelines.run_layout import parquet_files, read_shard
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,16 +38,13 @@ _SCHEMAS = {LLM_CACHE: LLM_CACHE_ENTRY, EMBEDDING_CACHE: EMBEDDING_CACHE_ENTRY}
 
 
 def cache_files(cache_dir: str, kind: str) -> list[str]:
-    """Completed cache files of `kind` (temporary files of a run in progress or a killed run are skipped)."""
-    pattern = posixpath.join(cache_dir, kind, "*.parquet")
-    matches = FileSystems.match([pattern])[0].metadata_list
-    return sorted(match.path for match in matches)
+    """Completed cache files of `kind`, listed as a run's shards are (temporary files of a run in progress or a killed
+    run start with "." and are skipped)."""
+    return parquet_files(posixpath.join(cache_dir, kind))
 
 
 def read_cache_file(path: str, kind: str) -> pa.Table:
-    with FileSystems.open(path) as handle:
-        table = pq.read_table(io.BytesIO(handle.read()))
-    return validate_table(table, _SCHEMAS[kind], source=path)
+    return read_shard(path, _SCHEMAS[kind])
 
 
 def write_cache_file(cache_dir: str, kind: str, rows: list[dict[str, Any]]) -> str:

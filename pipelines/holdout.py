@@ -26,8 +26,9 @@ from apache_beam.io.filesystems import FileSystems
 from data_schemas import CLASSIFICATION_EXAMPLE, PASSAGE, TRIPLET
 from pipelines.outputs import promote, remove_tree
 from pipelines.run_layout import read_kind, write_table
-from pipelines.stages import stable_hash
-from pipelines.stages.read_corpus import ReadCorpusConfig, plan_corpus, read_corpus_file
+from pipelines.stages.corpus_files import plan_corpus
+from pipelines.stages.read_corpus import ReadCorpusConfig, read_corpus_file
+from pipelines.text_matching import stable_hash
 
 TRAIN_SPLIT = "train_split"
 HOLDOUT_EVAL = "holdout_eval"
@@ -56,7 +57,7 @@ def corpus_passages(config: ReadCorpusConfig) -> list[dict[str, Any]]:
     path, rows in file order, as ReadCorpus keeps them). Read in this process: meant for corpora one machine can
     embed for evaluation."""
     passages: dict[str, dict[str, Any]] = {}
-    for corpus_file in sorted(plan_corpus(config), key=lambda item: item.path):
+    for corpus_file in sorted(plan_corpus(config.path, config.format), key=lambda item: item.path):
         for outcome in read_corpus_file(corpus_file, config):
             if outcome.passage is not None:
                 passages.setdefault(outcome.passage["passage_id"], outcome.passage)

@@ -35,14 +35,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import IO, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.config_loading import ConfigError
-from pipelines.run_layout import shard_paths
+from pipelines.run_layout import shard_paths, shard_rows
 
 LOGGER = logging.getLogger(__name__)
 
@@ -99,13 +97,6 @@ def _split(path: str) -> tuple[str, str]:
 
 def _match(pattern: str) -> list[str]:
     return sorted(metadata.path for result in FileSystems.match([pattern]) for metadata in result.metadata_list)
-
-
-def _parquet_rows(path: str) -> int:
-    """Rows of a Parquet file from its footer: a seekable file is not read whole (a shard may be gigabytes)."""
-    with _open(path) as handle:
-        source = handle if handle.seekable() else pa.BufferReader(handle.read())
-        return pq.ParquetFile(source).metadata.num_rows
 
 
 @dataclass(frozen=True)
@@ -424,7 +415,7 @@ def _dataset_files(run_dir: str, include_rejected: bool) -> tuple[dict[str, list
         paths = shard_paths(run_dir, kind)
         # Beam's sharding can leave an empty shard; `datasets` fails on a Parquet file without rows ("BatchSize
         # must be greater than 0"), and it holds no data, so it stays home.
-        counts = {path: _parquet_rows(path) for path in paths}
+        counts = {path: shard_rows(path) for path in paths}
         kept = [path for path in paths if counts[path] > 0]
         if len(kept) < len(paths):
             LOGGER.info("%s: leaving out %d empty shard(s)", kind, len(paths) - len(kept))

@@ -26,17 +26,31 @@ SHARD_PREFIX = "part"
 OUTPUT_KINDS = ("triplets", "pairs", "passages", "classification", "rejected")
 
 
-def shard_paths(run_dir: str, kind: str) -> list[str]:
-    """`<run_dir>/<kind>/*.parquet`, sorted. Names starting with "." are temporary or tool files, never shards."""
-    pattern = posixpath.join(run_dir, kind, "*.parquet")
+def parquet_files(folder: str) -> list[str]:
+    """`<folder>/*.parquet`, sorted: a record kind's shards, or a cache's files. Names starting with "." are
+    temporary or tool files (a write in progress, a sync tool's), never data."""
+    pattern = posixpath.join(folder, "*.parquet")
     return sorted(meta.path for meta in FileSystems.match([pattern])[0].metadata_list
                   if not posixpath.basename(meta.path).startswith("."))
 
 
+def shard_paths(run_dir: str, kind: str) -> list[str]:
+    """The shards of one record kind: `<run_dir>/<kind>/*.parquet` (see `parquet_files`)."""
+    return parquet_files(posixpath.join(run_dir, kind))
+
+
+def shard_rows(path: str) -> int:
+    """Rows of a shard from its Parquet footer, without reading the data (a shard may be gigabytes); 0 for an empty
+    shard, with or without columns."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        source = handle if handle.seekable() else pa.BufferReader(handle.read())
+        return pq.ParquetFile(source).metadata.num_rows
+
+
 def read_shard(path: str, schema: pa.Schema) -> pa.Table:
-    """One shard, validated against `schema` (errors name the file, row and column). A shard without any column is
-    an empty shard (Beam's sharding can leave one) and reads as an empty table of `schema`; an empty shard with
-    columns must still match, so a shard of another schema version is refused even without rows."""
+    """One shard (or cache file), validated against `schema` (errors name the file, row and column). A shard without
+    any column is an empty shard (Beam's sharding can leave one) and reads as an empty table of `schema`; an empty
+    shard with columns must still match, so a shard of another schema version is refused even without rows."""
     try:
         # Uncompressed: a shard is zstd inside Parquet, never gzip around it. The whole file is read into memory:
         # some Beam file objects cannot seek, and Parquet's footer is at the end.

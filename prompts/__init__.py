@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import importlib
 import importlib.resources
-import json
 import pkgutil
 import re
 import string
@@ -31,6 +30,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ValidationError
 
 from pipelines.clients.base import ChatMessage
+from pipelines.json_lines import INVALID_JSON, INVALID_UTF8, parse_json_lines
 
 #: A value a template field accepts: inline fields take str or int; data fields take str or a sequence of str.
 FieldValue = str | int | tuple[str, ...]
@@ -203,19 +203,16 @@ class PromptSpec:
         examples_file = folder.joinpath(EXAMPLES_FILE)
         if not examples_file.is_file():
             return spec
-        examples = spec._parse_examples(examples_file.read_text(encoding="utf-8"))
+        examples = spec._parse_examples(examples_file.read_bytes())
         return dataclasses.replace(spec, examples=examples)
 
-    def _parse_examples(self, text: str) -> tuple[FewShotExample, ...]:
+    def _parse_examples(self, data: bytes) -> tuple[FewShotExample, ...]:
         examples = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"prompt {self.name}: {EXAMPLES_FILE} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not JSON ({error})") from None
+        for line in parse_json_lines(data):
+            where = f"prompt {self.name}: {EXAMPLES_FILE} line {line.number}"
+            if line.problem in (INVALID_UTF8, INVALID_JSON):
+                raise ValueError(f"{where}: {line.detail}")
+            row = line.value
             if not isinstance(row, dict) or EXAMPLE_OUTPUT_KEY not in row:
                 raise ValueError(f"{where}: expected an object with an {EXAMPLE_OUTPUT_KEY!r} key")
             output = row.pop(EXAMPLE_OUTPUT_KEY)

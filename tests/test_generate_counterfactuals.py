@@ -23,15 +23,11 @@ from pipelines.stages.generate_counterfactuals import (
     GenerateCounterfactuals,
     GenerateCounterfactualsConfig,
     GenerationUnit,
-    TaskSpecError,
     build_request,
     classification_row,
     counterfactual_seeds,
-    edit_ratio,
-    example_id,
     few_shot_seeds,
     judge_answer,
-    load_task_spec,
     plan_units,
     resolve_duplicates,
     seed_outcomes,
@@ -50,16 +46,14 @@ from pipelines.stages.label_judge import (
     teacher_scores,
     teacher_verdict,
 )
+from pipelines.stages.task_spec import TaskSpecError, example_id, load_task_spec
+from pipelines.text_matching import edit_ratio
 from prompts.label_judgment import MAX_LABELS, choice_model
 from tests.fakes import classification_llm as scripted
+from tests.test_task_spec import DATA, LABELS, TASK_YAML, write_spec
 
-DATA = Path(__file__).parent / "data" / "counterfactuals"
-TASK_YAML = str(DATA / "task.yaml")
-TASK_JSON = str(DATA / "task_inline.json")
 LLM = LLMSpec(backend="custom", model="tests.fakes.classification_llm:factory")
 TEACHER = EmbedderSpec(backend="custom", model="tests.fakes.classification_llm:teacher")
-LABELS = [{"name": "spam", "description": "Unsolicited advertising"},
-          {"name": "ham", "description": "A message the reader wants"}]
 
 
 def _config(**changes) -> GenerateCounterfactualsConfig:
@@ -67,139 +61,27 @@ def _config(**changes) -> GenerateCounterfactualsConfig:
                                                  max_seeds_per_label=None), **changes)
 
 
-def _write(tmp_path: Path, document, *, name: str = "task.yaml", files: dict[str, str] | None = None) -> str:
-    for file_name, text in (files or {}).items():
-        (tmp_path / file_name).write_text(text, encoding="utf-8")
-    path = tmp_path / name
-    path.write_text(document if isinstance(document, str) else
-                    (json.dumps(document) if name.endswith(".json") else yaml.safe_dump(document)), encoding="utf-8")
-    return str(path)
+# --- Seeds from the task spec -----------------------------------------------------------------------------------------
+# Reading the spec itself: test_task_spec.py.
 
 
-# --- Task spec --------------------------------------------------------------------------------------------------------
-
-
-def test_loads_the_yaml_spec_with_a_csv_seed_file_and_named_columns():
-    spec = load_task_spec(TASK_YAML)
-    assert spec.name == "bike_share_support"
-    assert spec.label_names == ("payment", "broken_bike", "docking")
-    assert len(spec.seeds) == 12 and spec.seed_rows_read == 13
-    assert collections.Counter(seed.label for seed in spec.seeds) == {"payment": 4, "broken_bike": 4, "docking": 4}
-    # Quoted CSV fields keep their commas; the seed path was resolved relative to the spec file.
-    assert "The brakes on bike 4417 barely work, please check it." in {seed.text for seed in spec.seeds}
-    [bad] = spec.rejected_seeds
-    assert bad.reason == "unknown_label"
-    assert bad.location == f"{DATA / 'seeds.csv'} line 14"
-    assert "field 'topic'" in bad.detail and "'lost_item'" in bad.detail
-    assert json.loads(bad.payload)["row"]["message"] == "I left my phone in the basket of a bike this morning."
-
-
-def test_loads_a_json_spec_with_inline_examples():
-    spec = load_task_spec(TASK_JSON)
-    assert spec.label_names == ("positive", "negative")
-    assert [seed.location for seed in spec.seeds] == [f"{TASK_JSON} examples[{index}]" for index in range(4)]
-    assert spec.rejected_seeds == ()
-
-
-def test_seed_ids_come_from_the_text_not_the_line(tmp_path):
-    """Reordering the seed file keeps every id, hence every deterministic choice and cache key."""
+def test_a_reordered_seed_file_plans_the_same_requests(tmp_path):
+    """Seed ids come from the text, so reordering the seed file keeps every deterministic choice and cache key."""
     lines = (DATA / "seeds.csv").read_text(encoding="utf-8").splitlines()
     reordered = "\n".join([lines[0], *reversed(lines[1:])]) + "\n"
     document = yaml.safe_load((DATA / "task.yaml").read_text(encoding="utf-8"))
-    spec = load_task_spec(_write(tmp_path, document, files={"seeds.csv": reordered}))
-    original = load_task_spec(TASK_YAML)
-    assert {seed.seed_id: seed.text for seed in spec.seeds} == {seed.seed_id: seed.text for seed in original.seeds}
-    assert plan_units(spec, _config()) == plan_units(original, _config())
+    spec = load_task_spec(write_spec(tmp_path, document, files={"seeds.csv": reordered}))
+    assert plan_units(spec, _config()) == plan_units(load_task_spec(TASK_YAML), _config())
 
 
-def test_bad_seed_rows_become_rejected_rows_naming_line_and_field(tmp_path):
-    rows = [
-        '{"text": "Win a free cruise now", "label": "spam"}',
-        '{"text": "Lunch at noon?", "label": "ham"}',
-        '{"text": "truncated',
-        '["not", "an", "object"]',
-        '{"text": "   ", "label": "spam"}',
-        '{"label": "spam"}',
-        '{"text": "Meeting moved to 3pm", "label": ""}',
-        '{"text": "Cheap watches", "label": "eggs"}',
-        '{"text": "WIN a free cruise, now!", "label": "ham"}',
-        '{"text": 42, "label": "spam"}',
-        "",
-    ]
-    path = _write(tmp_path, {"name": "t", "description": "d", "labels": LABELS, "seed_examples": "seeds.jsonl"},
-                  files={"seeds.jsonl": "\n".join(rows)})
-    spec = load_task_spec(path)
-    assert [seed.text for seed in spec.seeds] == ["Win a free cruise now", "Lunch at noon?"]
-    seeds_path = tmp_path / "seeds.jsonl"
-    assert [(bad.reason, bad.location) for bad in spec.rejected_seeds] == [
-        ("malformed_row", f"{seeds_path} line 3"),
-        ("malformed_row", f"{seeds_path} line 4"),
-        ("empty_text", f"{seeds_path} line 5"),
-        ("empty_text", f"{seeds_path} line 6"),
-        ("missing_label", f"{seeds_path} line 7"),
-        ("unknown_label", f"{seeds_path} line 8"),
-        ("duplicate_seed", f"{seeds_path} line 9"),
-        ("malformed_row", f"{seeds_path} line 10"),
-    ]
-    assert "the same text as" in spec.rejected_seeds[6].detail and "line 1" in spec.rejected_seeds[6].detail
-    assert "'text' is int" in spec.rejected_seeds[7].detail
-    # Every rejected seed becomes a valid REJECTED row of this stage, with the raw row as payload.
-    rejected = [row for kind, row in seed_outcomes(spec, _config(task_spec=path)) if kind == "rejected"]
+def test_rejected_seeds_become_valid_rejected_rows_of_the_stage(tmp_path):
+    seeds = '{"text": "Win a free cruise", "label": "spam"}\n{"text": "truncated\n{"text": "Cheap", "label": "eggs"}\n'
+    path = write_spec(tmp_path, {"name": "t", "description": "d", "labels": LABELS, "seed_examples": "seeds.jsonl"},
+                      files={"seeds.jsonl": seeds})
+    rejected = [row for kind, row in seed_outcomes(load_task_spec(path), _config(task_spec=path)) if kind == "rejected"]
     validate_rows(rejected, REJECTED, source="rejected seeds")
+    assert [row["reason"] for row in rejected] == ["malformed_row", "unknown_label"]
     assert rejected[0]["payload"] == '{"text": "truncated' and {row["stage"] for row in rejected} == {STAGE}
-
-
-def test_csv_rows_with_shifted_columns_are_malformed(tmp_path):
-    seeds = "text,label\nWin a free cruise,spam\nLunch at noon, tomorrow?,ham\n\nSee you,ham\n"
-    path = _write(tmp_path, {"name": "t", "description": "d", "labels": LABELS, "seed_examples": "seeds.csv"},
-                  files={"seeds.csv": seeds})
-    spec = load_task_spec(path)
-    assert [seed.text for seed in spec.seeds] == ["Win a free cruise", "See you"]
-    [bad] = spec.rejected_seeds
-    assert (bad.reason, bad.location) == ("malformed_row", f"{tmp_path / 'seeds.csv'} line 3")
-
-
-def test_int_labels_match_label_names(tmp_path):
-    # SST-2 style seeds label with 0/1, and YAML reads `name: 0` as an int: labels compare as strings.
-    document = {"name": "t", "description": "d",
-                "labels": [{"name": 0, "description": "negative"}, {"name": 1, "description": "positive"}],
-                "examples": [{"text": "awful", "label": 0}, {"text": "lovely", "label": "1"}]}
-    spec = load_task_spec(_write(tmp_path, document))
-    assert spec.label_names == ("0", "1")
-    assert [(seed.text, seed.label) for seed in spec.seeds] == [("awful", "0"), ("lovely", "1")]
-
-
-@pytest.mark.parametrize(("document", "files", "message"), [
-    ({"name": "t", "description": "d", "labels": LABELS[:1]}, {}, "at least 2 labels"),
-    ({"name": "t", "description": "d", "labels": [LABELS[0], LABELS[0]]}, {},
-     r"labels\[1\]: duplicate label name 'spam' \(first at labels\[0\]\)"),
-    ({"name": "t", "description": "d", "labels": [LABELS[0], {"name": "ham"}]}, {},
-     r"labels\[1\]: missing or empty 'description'"),
-    ({"name": "t", "description": "d"}, {}, "missing 'labels'"),
-    ({"description": "d", "labels": LABELS}, {}, "missing or empty 'name'"),
-    ({"name": "t", "description": "d", "labels": LABELS, "lables": []}, {}, "unknown key 'lables'"),
-    ({"name": "t", "description": "d", "labels": LABELS, "seed_examples": "missing.csv"}, {}, "cannot read"),
-    ({"name": "t", "description": "d", "labels": LABELS, "seed_examples": "seeds.txt"}, {"seeds.txt": "x"},
-     "unknown seed file format"),
-    ({"name": "t", "description": "d", "labels": LABELS, "seed_examples": "seeds.csv"},
-     {"seeds.csv": "message,label\nhi,ham\n"}, r"no column 'text' \(columns: message, label\)"),
-    ({"name": "t", "description": "d", "labels": LABELS,
-      "seed_examples": {"path": "seeds.csv", "text_field": "message", "label_field": "topic"}},
-     {"seeds.csv": "message,topic\nhi,greeting\nbuy now,advert\n"}, "all 2 seed rows are unusable"),
-    ({"name": "t", "description": "d", "labels": LABELS, "examples": {"text": "hi"}}, {}, "'examples' must be a list"),
-    ("name: [unclosed", {}, "not valid YAML"),
-    (["a", "list"], {}, "expected a mapping"),
-])
-def test_structural_problems_raise_naming_file_and_field(tmp_path, document, files, message):
-    path = _write(tmp_path, document, files=files)
-    with pytest.raises(TaskSpecError, match=message) as error:
-        load_task_spec(path)
-    assert str(tmp_path) in str(error.value)
-
-
-def test_unknown_spec_format_is_an_error(tmp_path):
-    with pytest.raises(TaskSpecError, match="unknown task spec format"):
-        load_task_spec(_write(tmp_path, "name = 't'", name="task.toml"))
 
 
 # --- Config and plan --------------------------------------------------------------------------------------------------
@@ -295,7 +177,7 @@ def test_a_rerun_makes_the_same_requests_so_the_cache_answers_them_all():
 
 def test_a_label_without_seeds_is_asked_without_examples(tmp_path):
     document = {"name": "t", "description": "d", "labels": LABELS, "examples": [{"text": "Lunch?", "label": "ham"}]}
-    spec = load_task_spec(_write(tmp_path, document))
+    spec = load_task_spec(write_spec(tmp_path, document))
     config = _config(task_spec=spec.source)
     units = plan_units(spec, config)
     assert [(unit.kind, unit.label) for unit in units] == [("generated", "spam"), ("generated", "ham"),
@@ -411,10 +293,6 @@ def test_edit_ratio_threshold_admits_the_prompts_own_demonstration():
     ratio = edit_ratio("The battery lasts all day and the screen is bright even in sunlight.", scripted.DEMONSTRATION)
     assert ratio == pytest.approx(6 / 14)
     assert ratio <= GenerateCounterfactualsConfig(task_spec="x").max_edit_ratio
-    assert edit_ratio("I love it", "I LOVE it!") == 0.0
-    assert edit_ratio("I love it", "I hate it") == pytest.approx(1 / 3)
-    assert edit_ratio("a b c", "x y z w") == 1.0
-    assert edit_ratio("", "") == 0.0
 
 
 def test_duplicates_keep_one_copy_and_conflicting_labels_keep_none():
@@ -622,8 +500,8 @@ def test_an_impossible_judge_fails_when_the_pipeline_is_built(tmp_path):
     with pytest.raises(ValueError, match="judge must be one of"):
         JudgeLabels(spec, stage=STAGE, judge="oracle", llm=LLM, teacher=TEACHER)
     many = [{"name": f"l{index}", "description": f"label {index}"} for index in range(MAX_LABELS + 1)]
-    path = _write(tmp_path, {"name": "t", "description": "d", "labels": many,
-                             "examples": [{"text": "hi", "label": "l0"}]})
+    path = write_spec(tmp_path, {"name": "t", "description": "d", "labels": many,
+                      "examples": [{"text": "hi", "label": "l0"}]})
     with pytest.raises(TaskSpecError, match=f"{MAX_LABELS + 1} labels, more than the {MAX_LABELS}"):
         JudgeLabels(load_task_spec(path), stage=STAGE, judge="llm", llm=LLM)
     JudgeLabels(load_task_spec(path), stage=STAGE, judge="teacher", teacher=TEACHER)  # the teacher has no limit
@@ -745,7 +623,7 @@ def test_the_llm_judge_draws_on_the_run_budget_after_generation(max_calls):
 
 
 def test_a_broken_spec_fails_when_the_pipeline_is_built(tmp_path):
-    path = _write(tmp_path, {"name": "t", "description": "d", "labels": LABELS[:1]})
+    path = write_spec(tmp_path, {"name": "t", "description": "d", "labels": LABELS[:1]})
     pipeline = TestPipeline()
     with pytest.raises(TaskSpecError, match="at least 2 labels"):
         _ = pipeline | GenerateCounterfactuals(_config(task_spec=path), LLM, teacher=TEACHER)

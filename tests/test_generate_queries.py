@@ -1,24 +1,23 @@
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from data_schemas import REJECTED, UNGRADED_PAIR, stage_balances, validate_rows
+from data_schemas import REJECTED, SCHEMAS, UNGRADED_PAIR, stage_balances, validate_rows
 from pipelines.clients.base import Usage
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import GenerateConfig
 from pipelines.config_loading import ConfigError
 from pipelines.llm_calls import LLMAnswer, LLMRequest
 from pipelines.run import build_generate_pipeline, generate
+from pipelines.run_layout import read_kind
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.generate_queries import (
     GenerateQueries,
@@ -35,7 +34,6 @@ from pipelines.stages.generate_queries import (
 from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfig
 from pipelines.stages.mine_negatives import MineNegativesConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
-from pipelines.stages.text_overlap import extractive_share, first_sentence
 from prompts.query_generation import MAX_USER_EXAMPLES
 
 SPEC = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:query_writer")
@@ -131,36 +129,13 @@ def test_copies_first_sentence(query, passage, copied):
     assert copies_first_sentence(query, passage) is copied
 
 
-@pytest.mark.parametrize(("text", "sentence"), [
-    (CORNEA, "The cornea is an immune privileged tissue, and arginase is a key component."),
-    ("Create an archive file (e.g. zip or tar).  Then return its name.", "Create an archive file (e.g. zip or tar)."),
-    ("Heading\n\nBody text. More.", "Heading"),
-    ("no sentence end here", "no sentence end here"),
-    ("", ""),
-])
-def test_first_sentence(text, sentence):
-    assert first_sentence(text) == sentence
-
-
 def test_first_sentence_is_capped_so_an_unsplit_passage_is_not_compared_whole():
     passage = " ".join(f"w{index}" for index in range(200))  # no sentence end: one 200-word "sentence"
     assert not copies_first_sentence(" ".join(f"w{index}" for index in range(100, 106)), passage)
     assert copies_first_sentence(" ".join(f"w{index}" for index in range(6)), passage)
 
 
-# --- how extractive a query is ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("query", "share"), [
-    ("json module encodes Python objects", 1.0),  # every word pair copied
-    ("The JSON module, as text!", 0.5),  # the json, json module / module as, as text: punctuation ignored
-    ("how do I turn a dict into text?", 0.0),
-    ("json", 1.0),  # one word: measured on the word
-    ("yaml", 0.0),
-    ("", 0.0),
-])
-def test_extractive_share(query, share):
-    assert extractive_share(query, PASSAGE["text"]) == pytest.approx(share)
+# --- how extractive a query is (the measure itself: test_text_matching.py) --------------------------------------------
 
 
 def test_extractive_filter_is_off_by_default_and_rejects_above_the_threshold():
@@ -192,11 +167,11 @@ def test_unknown_query_type_is_a_config_error():
 
 
 def test_judge_answers_keeps_good_and_rejects_each_failure_with_reason():
-    example_query = next(iter(few_shot_queries()))
+    example_query = few_shot_queries()[0]
     answers = [
         _query(0, "how do I serialize a dict?"),
         _answer(1, None, raw='{"task": "Giv'),
-        _query(2, " ".join(example_query)),
+        _query(2, example_query.upper()),
         _query(3, PASSAGE["text"]),
         _query(4, "How do I serialize a dict"),
     ]
@@ -333,8 +308,7 @@ def test_a_run_with_candidates_balances_and_writes_one_pair_per_slot(tmp_path):
     assert stages["generate_queries"]["expanded"] == len(texts) * 2
     assert stages["grade_relevance"]["input"] == stages["generate_queries"]["kept"]
     assert stages["grade_relevance"]["reasons"]["surplus_candidate"] >= 3
-    pairs = [row for path in glob.glob(str(tmp_path / "run" / "pairs" / "*.parquet"))
-             for row in pq.read_table(path).to_pylist()]
+    pairs = read_kind(str(tmp_path / "run"), "pairs", SCHEMAS["pairs"]).to_pylist()
     assert sorted(row["query_id"] for row in pairs) == sorted(f"{pid}::q0" for pid in texts)
     assert {row["pair_id"] for row in pairs} >= {"sort::q0c1", "zip::q0c2", "heap::q0", "json::q0c1"}
 
@@ -442,7 +416,7 @@ GOOD_LINE = '{"passage": "Statins lower LDL cholesterol.", "query": "do statins 
     ('{"passage": "p", "query": "q", "query_type": "haiku"}\n', "line 1: field 'query_type' is 'haiku'"),
     ('{"passage": "p", "query": "q", "qurey": "q"}\n', "line 1: unknown field 'qurey'"),
     ('{"passage": "p", "query": "' + "word " * 70 + '"}\n', "line 1: field 'query': .*more than 64"),
-    ("{not json\n", "line 1: not JSON"),
+    ("{not json\n", "line 1: not valid JSON \\(Expecting property name enclosed in double quotes at column 2\\)"),
     ('["p", "q"]\n', "line 1: expected a JSON object"),
     (GOOD_LINE * (MAX_USER_EXAMPLES + 1), f"line {MAX_USER_EXAMPLES + 1}: more than {MAX_USER_EXAMPLES} examples"),
     ("\n\n", "holds no examples"),

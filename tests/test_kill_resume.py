@@ -6,7 +6,6 @@ and the outputs hold no duplicates.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -14,11 +13,11 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import stage_balances
+from data_schemas import TRIPLET, stage_balances
 from pipelines.cache import LLM_CACHE, cache_files, read_cache_file
+from pipelines.run_layout import read_kind
 from tests.fakes.gemini_server import FakeGeminiServer, FaultPlan
 from tests.test_pipeline_e2e import keyword_vector, write_gemini_toml
 
@@ -73,7 +72,6 @@ def test_sigkill_during_llm_stage_then_rerun_completes_from_cache(tmp_path):
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["balanced"] and all(stage_balances(stage) for stage in manifest["stages"])
     assert manifest["llm_usage"][0]["cache_hits"] == len(paid)
-    triplets = [row for path in glob.glob(str(output / "triplets" / "*.parquet"))
-                for row in pq.read_table(path).to_pylist()]
+    triplets = read_kind(str(output), "triplets", TRIPLET).to_pylist()
     query_ids = [row["query_id"] for row in triplets]
     assert len(query_ids) == len(set(query_ids)) == manifest["outputs"]["triplets"], "duplicate or missing triplets"

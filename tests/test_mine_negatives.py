@@ -20,7 +20,7 @@ from data_schemas import REJECTED, TRIPLET, validate_rows
 from pipelines.clients.base import Usage
 from pipelines.clients.specs import LLMSpec
 from pipelines.llm_calls import LLMAnswer
-from pipelines.stages import rejected_row, stable_hash
+from pipelines.stages import rejected_row
 from pipelines.stages.mine_negatives import (
     RRF_K,
     STAGE,
@@ -50,6 +50,7 @@ from pipelines.stages.mine_negatives import (
     select_candidates,
     teacher_score,
 )
+from pipelines.text_matching import stable_hash
 from tests.fakes.mine_negatives_llm import FACTORY
 
 TEACHER = "test-teacher"

@@ -18,10 +18,10 @@ import re
 from dataclasses import replace
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import SCHEMAS, stage_balances, validate_table
+from data_schemas import SCHEMAS, stage_balances
+from pipelines import run_layout
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import BeamConfig, GenerateConfig, load_run_config
 from pipelines.run import GenerationFailed, generate
@@ -153,10 +153,8 @@ num_negatives = 3
 
 
 def read_kind(run_dir: str, kind: str) -> list[dict]:
-    rows = []
-    for path in sorted(glob.glob(os.path.join(run_dir, kind, "*.parquet"))):
-        rows += validate_table(pq.read_table(path), SCHEMAS[kind], source=path).to_pylist()
-    return rows
+    """Every row of one record kind, validated against its schema."""
+    return run_layout.read_kind(run_dir, kind, SCHEMAS[kind]).to_pylist()
 
 
 def check_run(run_dir: str, manifest: dict) -> None:

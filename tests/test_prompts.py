@@ -418,6 +418,27 @@ def test_discovery_picks_up_a_new_prompt_folder_without_a_registry_edit(tmp_path
     )
 
 
+def test_an_examples_file_with_a_line_separator_inside_a_string_parses(tmp_path, monkeypatch):
+    """U+2028 is a line break to str.splitlines() but plain text inside a JSON string: the example stays one line."""
+    _write_package(tmp_path, "sep_prompts", {"echo": {"__init__.py": ECHO_INIT, "template.txt": "Repeat: $text\n"}})
+    example = {"text": "first\u2028second", "output": {"text": "a\u2029b"}}
+    examples = "\ufeff" + json.dumps(example, ensure_ascii=False) + "\n\n"  # a BOM and a blank line, too
+    (tmp_path / "sep_prompts" / "echo" / "examples.jsonl").write_bytes(examples.encode("utf-8"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    [shown] = discover_prompts("sep_prompts")["echo"].examples
+    assert shown.fields == {"text": "first\u2028second"}
+    assert json.loads(shown.answer) == {"text": "a\u2029b"}
+
+
+def test_an_examples_file_that_is_not_utf8_names_the_line(tmp_path, monkeypatch):
+    _write_package(tmp_path, "latin_prompts", {"echo": {"__init__.py": ECHO_INIT, "template.txt": "Repeat: $text\n"}})
+    (tmp_path / "latin_prompts" / "echo" / "examples.jsonl").write_bytes(
+        b'{"text": "hi", "output": {"text": "a"}}\n{"text": "caf\xe9", "output": {"text": "b"}}\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"examples.jsonl line 2: not valid UTF-8 \(byte 13: 0xe9\)"):
+        discover_prompts("latin_prompts")
+
+
 def test_discovery_rejects_a_folder_without_prompt(tmp_path, monkeypatch):
     _write_package(tmp_path, "broken_prompts", {"empty": {"__init__.py": "X = 1\n"}})
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -431,7 +452,7 @@ def test_discovery_rejects_a_folder_without_prompt(tmp_path, monkeypatch):
         ({"examples.jsonl": '{"text": "hi", "output": {"text": "  "}}\n'}, r"examples.jsonl line 1: output does not"),
         ({"examples.jsonl": '\n{"txt": "hi", "output": {"text": "a"}}\n'}, r"line 2: .*missing field 'text'"),
         ({"examples.jsonl": '{"text": "hi"}\n'}, r"line 1: expected an object with an 'output' key"),
-        ({"examples.jsonl": "{not json\n"}, r"line 1: not JSON"),
+        ({"examples.jsonl": "{not json\n"}, r"line 1: not valid JSON \(Expecting property name .* at column 2\)"),
         ({"template.txt": "Cost: 5$ for $text\n"}, r"template.txt line 1: stray '\$'"),
         ({"system.txt": "Hello $name\n"}, r"system.txt takes no fields, found name"),
     ],

@@ -17,11 +17,11 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import validate_manifest
+from data_schemas import SCHEMAS, validate_manifest
 from pipelines.publish import NO_CHANGES, PublishError, dataset_card, publish
+from pipelines.run_layout import read_kind
 from pipelines.stages.write_shards import assemble_manifest
 from tests.fakes.hub_server import FakeHubServer
 from tests.fakes.memory_filesystem import MemoryFileSystem, copy_local_tree
@@ -127,7 +127,7 @@ def _report() -> dict:
 
 
 def _shard_rows(run_dir: Path, kind: str, key: str) -> list[dict]:
-    rows = [row for path in sorted((run_dir / kind).glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+    rows = read_kind(str(run_dir), kind, SCHEMAS[kind]).to_pylist()
     # Through JSON, as the subprocess sends its rows: float32 values become the same Python floats on both sides.
     return json.loads(json.dumps(sorted(rows, key=lambda row: row[key])))
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,34 +14,36 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that
 
 from data_schemas import PASSAGE, REJECTED, validate_rows
+from pipelines.json_lines import parse_json_line
+from pipelines.stages.corpus_files import BUILTIN_STDLIB, CorpusError, CorpusFile, plan_corpus
+from pipelines.stages.document_splitting import split_document
 from pipelines.stages.read_corpus import (
-    BUILTIN_STDLIB,
-    CorpusError,
-    CorpusFile,
     Location,
     ReadCorpus,
     ReadCorpusConfig,
+    RowOutcome,
     _ReadFileFn,
     count_tokens,
-    detect_format,
-    document_title,
-    parse_jsonl_line,
+    passage_from_json_line,
     passage_from_record,
-    plan_corpus,
     read_corpus_file,
     sample_key,
-    split_document,
     split_first_occurrence,
     text_document_passages,
     truncate_to_tokens,
 )
 from pipelines.stdlib_corpus import MIN_WORDS, build_stdlib_corpus, stdlib_records
+from tests.test_document_splitting import DOC
 
 HERE = Location("corpus.jsonl", 7)
 
 
 def _line(record) -> bytes:
     return json.dumps(record).encode() + b"\n"
+
+
+def _parse(raw: bytes) -> RowOutcome:
+    return passage_from_json_line(parse_json_line(HERE.number, raw), HERE)
 
 
 def _write_jsonl(path: Path, lines: list[bytes]) -> Path:
@@ -55,7 +56,7 @@ def _write_jsonl(path: Path, lines: list[bytes]) -> Path:
 
 
 def test_a_good_line_becomes_a_passage_row():
-    outcome = parse_jsonl_line(_line({"id": 42, "title": " JSON ", "text": "  Parse JSON text.  ", "x": 1}), HERE)
+    outcome = _parse(_line({"id": 42, "title": " JSON ", "text": "  Parse JSON text.  ", "x": 1}))
     assert outcome.rejected is None
     assert outcome.passage == {"passage_id": "42", "title": "JSON", "text": "Parse JSON text.",
                                "source": "corpus.jsonl:7", "truncated": False}
@@ -79,7 +80,7 @@ def test_a_good_line_becomes_a_passage_row():
     (b"17\n", "not_an_object", "got int"),
 ])
 def test_a_bad_line_is_rejected_with_its_reason_and_place(raw, reason, detail):
-    outcome = parse_jsonl_line(raw, HERE)
+    outcome = _parse(raw)
     assert outcome.passage is None
     assert outcome.reason == reason
     assert outcome.rejected["detail"].startswith("corpus.jsonl line 7: ")
@@ -89,7 +90,7 @@ def test_a_bad_line_is_rejected_with_its_reason_and_place(raw, reason, detail):
 
 def test_invalid_utf8_keeps_the_raw_bytes():
     raw = b'{"id": "a", "text": "\xff\xfe broken"}'
-    outcome = parse_jsonl_line(raw + b"\r\n", HERE)
+    outcome = _parse(raw + b"\r\n")
     assert outcome.reason == "invalid_utf8"
     assert json.loads(outcome.rejected["payload"])["raw_bytes"].encode("latin-1") == raw
     assert outcome.rejected["record_id"] == "corpus.jsonl:7"
@@ -124,62 +125,7 @@ def test_overlong_passages_are_truncated_and_flagged():
     assert count_tokens(outcome.passage["text"]) == 512
 
 
-# --- pure functions: .txt / .md documents ---------------------------------------------------------------------------
-
-DOC = """# Guide
-
-Short intro.
-
-Another short paragraph.
-
-## Install
-### From PyPI
-
-```bash
-pip install embforge
-
-pip install embforge[dev]
-```
-
-## Reference
-""" + " ".join(f"w{i}" for i in range(450)) + """
-
----
-Closing words.
-"""
-
-
-def _words(text: str) -> list[str]:
-    # Markup the splitter drops: heading markers and the horizontal rule.
-    return [word for word in text.split() if word not in ("#", "##", "###", "---")]
-
-
-def test_documents_split_on_headings_and_merge_small_paragraphs():
-    passages = split_document(DOC, target_words=200)
-    texts = [text for _, text in passages]
-    assert texts[0] == "Guide\n\nShort intro.\n\nAnother short paragraph."
-    # A heading with no text of its own joins the next passage; the fenced block survives its blank line.
-    assert texts[1] == "Install\n\nFrom PyPI\n\n```bash\npip install embforge\n\npip install embforge[dev]\n```"
-    assert [line for line, _ in passages[:2]] == [1, 7]
-    assert texts[2].startswith("Reference\n\nw0 w1")
-    # Nothing but markup is dropped, and no passage is far over the target.
-    assert sorted(word for text in texts for word in text.split()) == sorted(_words(DOC))
-    assert all(len(text.split()) <= 201 for text in texts)
-    assert texts[-1].endswith("Closing words.")
-
-
-def test_a_big_paragraph_is_split_to_the_target():
-    lines = "\n".join(" ".join(["x"] * 30) for _ in range(20))  # one paragraph, 20 lines, 600 words
-    passages = split_document(lines, target_words=100)
-    assert [len(text.split()) for _, text in passages] == [90] * 6 + [60]
-    assert [line for line, _ in passages] == [1, 4, 7, 10, 13, 16, 19]
-
-
-def test_document_title_is_the_first_heading_or_the_file_stem():
-    assert document_title(DOC, "docs/guide.md") == "Guide"
-    assert document_title("Title\n=====\n\ntext", "x.txt") == "Title"
-    assert document_title("no heading here", "notes/meeting.notes.txt") == "meeting.notes"
-
+# --- pure functions: .txt / .md documents (splitting itself: test_document_splitting.py) ----------------------------
 
 def test_text_document_passages_have_path_ids_and_sources():
     outcomes = text_document_passages(b"\xef\xbb\xbf# T\n\nalpha\n\n# U\n\nbeta", "/c/docs/a.md", "docs/a.md")
@@ -198,58 +144,12 @@ def test_a_document_that_is_not_utf8_is_one_rejection():
     assert outcome.rejected["detail"].startswith("/c/a.txt line 3: not valid UTF-8")
 
 
-# --- pure functions: formats, planning, dedup, sampling -------------------------------------------------------------
+# --- pure functions: dedup, sampling (finding the files: test_corpus_files.py) ------------------------------------
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("gs://b/corpus/part-0.jsonl", "jsonl"),
-    ("x.JSONL.gz", "jsonl"),
-    ("x.json", "jsonl"),
-    ("beir/scifact/corpus.jsonl", "beir"),
-    ("shard-00000.parquet", "parquet"),
-    ("shard.parquet.gz", None),
-    ("README.md", "text"),
-    ("notes.txt", "text"),
-    ("image.png", None),
-    ("Makefile", None),
-])
-def test_format_from_the_file_name(path, expected):
-    assert detect_format(path) == expected
-
-
-def test_a_path_that_matches_nothing_fails_at_construction(tmp_path):
-    missing = str(tmp_path / "nope" / "*.jsonl")
-    with pytest.raises(CorpusError, match=re.escape(f"corpus path {missing} matches no files")):
-        plan_corpus(ReadCorpusConfig(path=missing))
+def test_a_path_that_matches_nothing_fails_when_the_pipeline_is_built(tmp_path):
     with pytest.raises(CorpusError, match="matches no files"), TestPipeline() as pipeline:
         _ = pipeline | ReadCorpus(ReadCorpusConfig(path=str(tmp_path / "absent.jsonl")))
-    (tmp_path / "empty_folder").mkdir()
-    with pytest.raises(CorpusError, match="matches no files"):
-        plan_corpus(ReadCorpusConfig(path=str(tmp_path / "empty_folder")))
-    with pytest.raises(CorpusError, match="unknown builtin corpus"):
-        plan_corpus(ReadCorpusConfig(path="builtin:nope"))
-
-
-def test_folders_read_known_formats_and_skip_hidden_files(tmp_path):
-    for name in ("b.md", "sub/a.txt", "sub/c.jsonl", ".git/x.md", "logo.png"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("x")
-    files = plan_corpus(ReadCorpusConfig(path=str(tmp_path)))
-    assert [(f.relative_path, f.format) for f in files] == [("b.md", "text"), ("sub/a.txt", "text"),
-                                                           ("sub/c.jsonl", "jsonl")]
-    globbed = plan_corpus(ReadCorpusConfig(path=str(tmp_path / "**" / "*.txt")))
-    assert [f.relative_path for f in globbed] == ["sub/a.txt"]
-    with pytest.raises(CorpusError, match="cannot tell the format"):
-        plan_corpus(ReadCorpusConfig(path=str(tmp_path / "logo.png")))
-    assert plan_corpus(ReadCorpusConfig(path=str(tmp_path / "logo.png"), format="text"))[0].format == "text"
-
-
-def test_a_beir_folder_reads_only_its_corpus(tmp_path):
-    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("")
-    assert [(f.relative_path, f.format) for f in plan_corpus(ReadCorpusConfig(path=str(tmp_path)))] == [
-        ("corpus.jsonl", "beir")]
 
 
 def test_the_first_occurrence_wins_by_file_then_line():
@@ -484,7 +384,7 @@ def test_builtin_and_materialized_stdlib_corpora_agree(stdlib, tmp_path):
     build_stdlib_corpus(str(path))
     config = ReadCorpusConfig()
     assert config.path == BUILTIN_STDLIB
-    [builtin] = plan_corpus(config)
+    [builtin] = plan_corpus(config.path)
     from_builtin = [o.passage for o in read_corpus_file(builtin, config)]
     from_file = [o.passage for o in read_corpus_file(CorpusFile(str(path), "jsonl", "stdlib.jsonl"), config)]
     assert from_builtin == [{**row, "source": row["source"].replace(str(path), BUILTIN_STDLIB)} for row in from_file]

@@ -10,21 +10,12 @@ Conventions every stage follows, so `run.py` can account for every row:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 import apache_beam as beam
 
-# Text comparison lives in text_overlap; `normalize` is re-exported because every stage compares texts in its form.
-from pipelines.stages.text_overlap import normalize
-
-__all__ = ["StageCounters", "normalize", "rejected_row", "stable_hash"]
-
-
-def stable_hash(*parts: object) -> int:
-    """A 64-bit hash that is the same in every process and run (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
+__all__ = ["StageCounters", "rejected_row"]
 
 
 def rejected_row(

@@ -50,18 +50,11 @@ import numpy as np
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
-from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
+from pipelines.stages import StageCounters, rejected_row
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.label_judge import JUDGES, JudgeLabels
-from pipelines.stages.task_spec import (  # noqa: F401 - re-exported: the stage's public names, as before the split
-    LabelSpec,
-    RejectedSeed,
-    SeedExample,
-    TaskSpec,
-    TaskSpecError,
-    example_id,
-    load_task_spec,
-)
+from pipelines.stages.task_spec import SeedExample, TaskSpec, example_id, load_task_spec
+from pipelines.text_matching import copies_example, edit_ratio, stable_hash, text_key
 from prompts import PromptSpec, get_prompt
 from prompts.example_generation import MAX_EXAMPLES
 
@@ -267,29 +260,6 @@ def build_request(unit: GenerationUnit, spec: TaskSpec, config: GenerateCounterf
 # --- Judging answers (pure) -------------------------------------------------------------------------------------------
 
 
-def text_key(text: str) -> str:
-    """The form texts are compared in: lowercase words, punctuation and spacing ignored."""
-    return " ".join(normalize(text))
-
-
-def word_edit_distance(source: list[str], edited: list[str]) -> int:
-    """Levenshtein distance over words (insert, delete, substitute one word)."""
-    previous = list(range(len(edited) + 1))
-    for i, source_word in enumerate(source, start=1):
-        current = [i] + [0] * len(edited)
-        for j, edited_word in enumerate(edited, start=1):
-            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (source_word != edited_word))
-        previous = current
-    return previous[-1]
-
-
-def edit_ratio(source: str, edited: str) -> float:
-    """Word edit distance over the longer text's length: 0 identical, 1 nothing in common."""
-    source_words, edited_words = normalize(source), normalize(edited)
-    longest = max(len(source_words), len(edited_words))
-    return word_edit_distance(source_words, edited_words) / longest if longest else 0.0
-
-
 def classification_row(
     spec: TaskSpec,
     *,
@@ -364,7 +334,7 @@ def judge_answer(
         return [("rejected", rejected_row(STAGE, reason, payload, record_id=request_id, raw_answer=answer.raw,
                                           detail=answer.error))]
     prompt_version = f"{answer.request.prompt_name}@{answer.request.prompt_version}"
-    shown = {text_key(text) for text in answer.request.context["shown"]}
+    shown = answer.request.context["shown"]
     seed: SeedExample | None = answer.request.context["seed"]
     if unit.kind == "generated":
         texts = list(answer.value["examples"])
@@ -389,7 +359,7 @@ def judge_answer(
             reason, detail = "empty_text", "the text has no words"
         elif seed is not None and key == text_key(seed.text):
             reason, detail = "unchanged", "the counterfactual is the seed text itself"
-        elif key in shown:
+        elif copies_example(text, shown):
             reason, detail = "copies_example", "the text repeats an example the prompt showed"
         elif key in seeds_by_text:
             twin = seeds_by_text[key]

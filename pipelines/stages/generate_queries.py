@@ -36,12 +36,15 @@ from pipelines.clients.base import GenerationConfig
 from pipelines.clients.specs import LLMSpec
 from pipelines.config_loading import ConfigError
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
-from pipelines.stages import StageCounters, rejected_row, stable_hash
-from pipelines.stages.text_overlap import (
+from pipelines.stages import StageCounters, rejected_row
+from pipelines.text_matching import (
+    copies_example,
     extractive_share,
     first_sentence,
     longest_common_run,
     normalize,
+    stable_hash,
+    text_key,
     trigram_similarity,
     word_share,
 )
@@ -142,9 +145,7 @@ def load_examples(path: str) -> tuple[FewShotExample, ...]:
     except Exception as error:  # Beam wraps every filesystem's own error type; any of them means "cannot read"
         raise ConfigError(f"{where}: cannot read ({type(error).__name__})") from error
     try:
-        return parse_user_examples(data.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{where}: not UTF-8 ({error.reason} at byte {error.start})") from error
+        return parse_user_examples(data)
     except ValueError as error:
         raise ConfigError(f"{where} {error}") from error
 
@@ -262,10 +263,10 @@ def copies_first_sentence(query: str, passage: str) -> bool:
     return word_share(query_words, sentence_words) >= FIRST_SENTENCE_SHARE
 
 
-def few_shot_queries(examples: Sequence[FewShotExample] | None = None) -> frozenset[tuple[str, ...]]:
-    """Normalized queries of every few-shot example the prompt can show: the user's `examples`, else the built-in."""
+def few_shot_queries(examples: Sequence[FewShotExample] | None = None) -> tuple[str, ...]:
+    """Queries of every few-shot example the prompt can show: the user's `examples`, else the built-in."""
     shown = get_prompt(PROMPT_NAME).examples if examples is None else examples
-    return frozenset(tuple(normalize(json.loads(example.answer)["query"])) for example in shown)
+    return tuple(json.loads(example.answer)["query"] for example in shown)
 
 
 def _copy_reason(query: str, passage: dict[str, Any], config: GenerateQueriesConfig) -> tuple[str, str] | None:
@@ -294,7 +295,7 @@ def judge_answers(
     `examples` are the user's few-shot examples when the prompt showed those instead of the built-in ones.
     """
     example_queries = few_shot_queries(examples)
-    seen: set[tuple[str, ...]] = set()
+    seen: set[str] = set()
     for answer in sorted(answers, key=lambda item: (item.request.context["slot"], item.request.context["candidate"])):
         context = answer.request.context
         passage = context["passage"]
@@ -306,19 +307,19 @@ def judge_answers(
                                            detail=answer.error)
             continue
         query = answer.value["query"]
-        words = tuple(normalize(query))
-        if words in example_queries:
+        key = text_key(query)
+        if copies_example(query, example_queries):
             problem = "copies_example", "the query repeats a few-shot example of the prompt"
         else:
             problem = _copy_reason(query, passage, config)
-        if problem is None and words in seen:
+        if problem is None and key in seen:
             problem = "duplicate_query", "an earlier slot or candidate of this passage produced the same query"
         if problem:
             reason, detail = problem
             yield "rejected", rejected_row(STAGE, reason, record, record_id=answer.request.request_id,
                                            raw_answer=answer.raw, detail=detail)
             continue
-        seen.add(words)
+        seen.add(key)
         yield "kept", {
             "pair_id": answer.request.request_id,
             "query_id": slot_id(passage["passage_id"], context["slot"]),

@@ -32,7 +32,7 @@ from pipelines.clients.specs import LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
 from pipelines.stages import StageCounters, rejected_row
 from pipelines.stages.generate_queries import candidate_number
-from pipelines.stages.text_overlap import extractive_share
+from pipelines.text_matching import extractive_share
 from prompts import get_prompt
 
 STAGE = "grade_relevance"

@@ -27,8 +27,8 @@ The steps, per query:
    depends on the data (docs/design.md) and a missed neighbour here is a silently easier negative; the exact search is
    also what makes sharded and unsharded runs identical. Teacher scores are recomputed exactly (see
    `search_shard_rows`), and ties are broken by passage_id, so the top-k does not depend on how the corpus was sharded.
-2. The positive is dropped, and so is any candidate whose words equal the positive's (`stages.normalize`): a duplicate
-   in the corpus is a false negative too.
+2. The positive is dropped, and so is any candidate whose words equal the positive's (`text_matching.normalize`): a
+   duplicate in the corpus is a false negative too.
 3. Positive-aware threshold (NV-Retriever TopK-PercPos): candidates scoring above `max_negative_score_ratio` times the
    positive's teacher score are dropped and counted as false negatives.
 4. Optional LLM scoring (Gecko) of the `llm_candidates` hardest survivors and of the positive, through `CallLLM`:
@@ -100,7 +100,8 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.clients.specs import LLMSpec
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget
-from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
+from pipelines.stages import StageCounters, rejected_row
+from pipelines.text_matching import normalize, stable_hash
 from prompts import get_prompt
 
 STAGE = "mine_negatives"
@@ -139,7 +140,7 @@ class MineNegativesConfig:
     min_negatives: int = 1
     #: Drop candidates scoring above this fraction of the positive's score: 0.95 is NV-Retriever's best setting.
     max_negative_score_ratio: float = 0.95
-    #: Also drop candidates whose words equal the positive's (`stages.normalize`: case and punctuation ignored).
+    #: Also drop candidates whose words equal the positive's (`text_matching.normalize`: case and punctuation ignored).
     drop_positive_text_duplicates: bool = True
     #: Passages per search shard. 1M x 768 float32 is about 3 GB (plus the shard's texts): fits a standard worker with
     #: room for faiss.

@@ -1,13 +1,14 @@
 """Stage 1, ReadCorpus: a corpus on disk (or `gs://`) -> PASSAGE rows, one per unique passage id.
 
-Input: `ReadCorpusConfig.path`, a file, a folder or a glob, in one of these formats (auto-detected, or set `format`):
+Input: `ReadCorpusConfig.path`, a file, a folder or a glob, in one of these formats (auto-detected from file names as
+corpus_files.py describes, or set `format`):
 - `jsonl`: one JSON object per line (`.jsonl`, `.ndjson`, `.json`, optionally `.gz` / `.bz2` / `.zst` ...), fields
   `id_field`, `text_field`, `title_field`. Read line by line: a big file never sits whole in a worker's memory.
 - `beir`: a BEIR `corpus.jsonl` (`_id`, `title`, `text`); a BEIR folder reads only its `corpus.jsonl`.
 - `parquet`: same fields as JSONL, read one batch of rows at a time.
 - `save_to_disk`: a folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`), read with
   `datasets.load_from_disk`. Local folders only: the Arrow files are memory-mapped, which Beam filesystems cannot do.
-- `text`: `.txt` / `.md` files, each split into passages (see `split_document`); id `<relative path>#<index>`, title
+- `text`: `.txt` / `.md` files, each split into passages (document_splitting.py); id `<relative path>#<index>`, title
   the document's first heading or its file stem. A document is read whole: it is one document, not a corpus.
 - `builtin:python-stdlib`: the offline default corpus (`pipelines.stdlib_corpus`), built by the worker that reads it
   from its own Python's docstrings: nothing to ship in the pipeline graph, and no launcher temp file that Dataflow
@@ -26,17 +27,15 @@ Output (`expand` returns a dict):
 Beam counters (namespace `embforge.read_corpus`): `input`, `kept`, `rejected`, `rejected.<reason>`, `truncated` (kept
 passages that were cut to max_tokens) and `sampled_out`.
 
-A path that matches no file stops the pipeline at construction (`CorpusError`). Files that exist but hold no rows (empty
-files, empty Parquet shards) give 0 passages without an error: the run's manifest reports the empty stage.
+A path that matches no file stops the pipeline at construction (`CorpusError`, from corpus_files.py). Files that exist
+but hold no rows (empty files, empty Parquet shards) give 0 passages without an error: the run's manifest reports the
+empty stage.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
-import json
-import logging
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,33 +45,15 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.config_loading import ConfigError
+from pipelines.json_lines import INVALID_JSON, INVALID_UTF8, JsonLine, json_type_name, read_json_lines
 from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages.corpus_files import BUILTIN_STDLIB, CorpusFile, CorpusFormat, plan_corpus
+from pipelines.stages.document_splitting import document_title, split_document
 from pipelines.stdlib_corpus import stdlib_records
 
-LOGGER = logging.getLogger(__name__)
-
 STAGE = "read_corpus"
-BUILTIN_STDLIB = "builtin:python-stdlib"
-BUILTIN_CORPORA = (BUILTIN_STDLIB,)
-
-CorpusFormat = Literal["auto", "jsonl", "beir", "parquet", "save_to_disk", "text"]
-
-#: File suffix -> format, for `format = "auto"`. `.json` is read as JSON Lines: most `.json` corpora are.
-_SUFFIX_FORMATS = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
-    ".txt": "text", ".md": "text", ".markdown": "text",
-}
-_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".deflate", ".zst", ".zstd", ".xz", ".lzma")
-_SAVE_TO_DISK_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
-_BEIR_CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
-_GLOB_CHARS = re.compile(r"[*?\[]")
 #: Rows per Parquet / Arrow batch: bounds a worker's memory to one batch, whatever the file size.
 _BATCH_ROWS = 1024
-
-
-class CorpusError(ConfigError):
-    """The corpus setting names nothing readable; raised while the pipeline is built, before any work."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +98,8 @@ class ReadCorpusConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pure helpers: tokens, records, documents, sampling, deduplication.
+# Pure helpers: tokens, records, documents, sampling, deduplication. Finding the files is corpus_files.py; splitting a
+# document into passages is document_splitting.py.
 
 
 @dataclass(frozen=True)
@@ -170,10 +152,6 @@ def truncate_to_tokens(text: str, max_tokens: int) -> tuple[str, bool]:
     return text, False
 
 
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
 def _reject(location: Location, reason: str, payload: Any, detail: str, record_id: str | None = None) -> RowOutcome:
     # Unparseable rows have no passage id: their location is the id that lets someone find them.
     return RowOutcome(location.source, rejected=rejected_row(
@@ -192,20 +170,20 @@ def passage_from_record(
     """A decoded record (JSON value, Parquet / dataset row) -> a PASSAGE row, or a rejection saying what is wrong."""
     if not isinstance(record, dict):
         return _reject(location, "not_an_object", record, f"expected an object with \"{id_field}\" and "
-                       f"\"{text_field}\", got {_type_name(record)}")
+                       f"\"{text_field}\", got {json_type_name(record)}")
     raw_id = record.get(id_field)
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         return _reject(location, "missing_id", record, f"missing \"{id_field}\"")
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
         return _reject(location, "missing_id", record,
-                       f"\"{id_field}\" must be a string or an integer, got {_type_name(raw_id)}")
+                       f"\"{id_field}\" must be a string or an integer, got {json_type_name(raw_id)}")
     passage_id = str(raw_id)
     text = record.get(text_field)
     if text is None:
         return _reject(location, "missing_text", record, f"missing \"{text_field}\"", passage_id)
     if not isinstance(text, str):
         return _reject(location, "missing_text", record,
-                       f"\"{text_field}\" must be a string, got {_type_name(text)}", passage_id)
+                       f"\"{text_field}\" must be a string, got {json_type_name(text)}", passage_id)
     text = text.strip()
     if not text:
         return _reject(location, "empty_text", record, f"\"{text_field}\" is empty", passage_id)
@@ -224,172 +202,17 @@ def passage_from_record(
     })
 
 
-def parse_jsonl_line(raw: bytes, location: Location, **fields: Any) -> RowOutcome:
-    """One JSONL line (bytes, line ending optional) -> `passage_from_record`, or `invalid_utf8` / `invalid_json`.
+def passage_from_json_line(line: JsonLine, location: Location, **fields: Any) -> RowOutcome:
+    """One JSONL line -> `passage_from_record` (which also words `not_an_object`), or `invalid_utf8` / `invalid_json`.
 
     `fields` are `passage_from_record`'s keyword arguments (field names, max_tokens).
     """
-    raw = raw.rstrip(b"\r\n")
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
+    if line.problem == INVALID_UTF8:
         # The raw bytes go to the payload (escaped by rejected_row), so the line can be repaired and replayed.
-        return _reject(location, "invalid_utf8", raw, f"not valid UTF-8 (byte {error.start}: {raw[error.start]:#04x})")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        return _reject(location, "invalid_json", line, f"not valid JSON ({error.msg} at column {error.colno})")
-    return passage_from_record(record, location, **fields)
-
-
-_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
-_SETEXT_UNDERLINE = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
-_THEMATIC_BREAK = re.compile(r"^ {0,3}(?:(?:\*[ \t]*){3,}|(?:-[ \t]*){3,}|(?:_[ \t]*){3,}|(?:=[ \t]*){3,})$")
-_FENCE = re.compile(r"^ {0,3}(```|~~~)")
-
-
-@dataclass(frozen=True)
-class _Block:
-    line: int  # 1-based line where the block starts
-    text: str
-    heading: bool
-
-
-def _blocks(text: str) -> list[_Block]:
-    """Paragraphs (separated by blank lines) and headings (ATX `# x` or setext underlined), in order.
-
-    A fenced code block is one paragraph even where it holds blank lines, so code is never split mid-block here.
-    """
-    blocks: list[_Block] = []
-    lines: list[str] = []
-    start = 0
-    in_fence = False
-
-    def flush() -> None:
-        if lines:
-            blocks.append(_Block(start, "\n".join(lines), False))
-            lines.clear()
-
-    for number, line in enumerate(text.splitlines(), 1):
-        if _FENCE.match(line):
-            in_fence = not in_fence
-        elif in_fence:
-            pass
-        elif not line.strip():
-            flush()
-            continue
-        elif heading := _HEADING.match(line):
-            flush()
-            blocks.append(_Block(number, heading.group(1), True))
-            continue
-        elif _SETEXT_UNDERLINE.match(line) and lines:
-            # Under one line, an underline makes it a heading; under a longer paragraph it is read as a rule (markup),
-            # not a heading: plain-text files underline whole paragraphs as separators.
-            if len(lines) == 1:
-                blocks.append(_Block(start, lines[0].strip(), True))
-                lines.clear()
-            flush()
-            continue
-        elif not lines and _THEMATIC_BREAK.match(line):
-            continue  # a horizontal rule is markup, not text
-        if not lines:
-            start = number
-        lines.append(line)
-    flush()
-    return blocks
-
-
-def _word_count(text: str) -> int:
-    return len(text.split())
-
-
-def _split_long(block: _Block, target_words: int) -> list[tuple[int, str]]:
-    """A paragraph over the target -> pieces of about `target_words`, cut between lines where it has lines (so code
-    and lists keep their shape), and between words inside a single overlong line."""
-    pieces: list[tuple[int, str]] = []
-    current: list[str] = []
-    current_start = block.line
-    words = 0
-    for offset, line in enumerate(block.text.split("\n")):
-        number = block.line + offset
-        line_words = line.split()
-        if len(line_words) > target_words:
-            if current:
-                pieces.append((current_start, "\n".join(current)))
-                current, words = [], 0
-            pieces += [(number, " ".join(line_words[i:i + target_words]))
-                       for i in range(0, len(line_words), target_words)]
-            continue
-        if current and words + len(line_words) > target_words:
-            pieces.append((current_start, "\n".join(current)))
-            current, words = [], 0
-        if not current:
-            current_start = number
-        current.append(line)
-        words += len(line_words)
-    if current:
-        pieces.append((current_start, "\n".join(current)))
-    return pieces
-
-
-def split_document(text: str, target_words: int = 200) -> list[tuple[int, str]]:
-    """A .txt / .md document -> passages as (1-based start line, text).
-
-    Headings start a new passage and are kept as its first line (without `#`), so a passage says what it is about;
-    headings with no text of their own join the next passage. Paragraphs of one section are merged while the passage
-    stays within `target_words`; a paragraph over the target is split (between lines, else between words). Nothing is
-    dropped except markup (blank lines, `#` markers, setext underlines, horizontal rules).
-    """
-    passages: list[tuple[int, str]] = []
-    parts: list[str] = []
-    start = 0
-    words = 0
-    pending_headings: list[_Block] = []
-
-    def flush() -> None:
-        nonlocal words
-        if parts:
-            passages.append((start, "\n\n".join(parts)))
-            parts.clear()
-            words = 0
-
-    for block in _blocks(text):
-        if block.heading:
-            flush()
-            pending_headings.append(block)
-            continue
-        pieces = _split_long(block, target_words) if _word_count(block.text) > target_words else [
-            (block.line, block.text)]
-        for line, piece in pieces:
-            piece_words = _word_count(piece)
-            if parts and words + piece_words > target_words:
-                flush()
-            if not parts:
-                start = pending_headings[0].line if pending_headings else line
-                parts.extend(heading.text for heading in pending_headings)
-                words = sum(_word_count(heading.text) for heading in pending_headings)
-                pending_headings.clear()
-            parts.append(piece)
-            words += piece_words
-    flush()
-    if pending_headings:  # trailing headings with no text after them: still text of the document
-        passages.append((pending_headings[0].line, "\n\n".join(heading.text for heading in pending_headings)))
-    return passages
-
-
-def _file_stem(path: str) -> str:
-    name = path.replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in _COMPRESSION_SUFFIXES:
-        name = name.removesuffix(suffix)
-    return name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-
-
-def document_title(text: str, path: str) -> str:
-    """The document's first heading, else its file stem (`docs/install.md` -> `install`)."""
-    for block in _blocks(text):
-        if block.heading:
-            return block.text
-    return _file_stem(path)
+        return _reject(location, INVALID_UTF8, line.raw, line.detail)
+    if line.problem == INVALID_JSON:
+        return _reject(location, INVALID_JSON, line.text, line.detail)
+    return passage_from_record(line.value, location, **fields)
 
 
 def text_document_passages(data: bytes, path: str, relative_path: str, *, passage_words: int = 200,
@@ -434,125 +257,13 @@ def split_first_occurrence(passage_id: str, occurrences: Iterable[tuple[Any, dic
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Finding the files (at pipeline construction) and reading one (on a worker).
-
-
-@dataclass(frozen=True)
-class CorpusFile:
-    """One unit of reading: a file, a saved dataset folder, or a builtin corpus."""
-
-    path: str
-    format: str
-    #: Path relative to the corpus root, used in text passage ids so they do not depend on where the corpus lies.
-    relative_path: str
-    size: int | None = None
-
-
-def detect_format(path: str) -> str | None:
-    """The format a file's name says (`corpus.jsonl` -> beir, `a.jsonl.gz` -> jsonl), None when it says nothing."""
-    name = path.replace("\\", "/").rsplit("/", 1)[-1].lower()
-    compressed = False
-    for suffix in _COMPRESSION_SUFFIXES:
-        if name.endswith(suffix):
-            name, compressed = name.removesuffix(suffix), True
-    if name == "corpus.jsonl":
-        return "beir"
-    dot = name.rfind(".")
-    file_format = _SUFFIX_FORMATS.get(name[dot:]) if dot > 0 else None
-    # Parquet compresses inside the file; an externally compressed one is not something pyarrow can open.
-    return None if compressed and file_format == "parquet" else file_format
-
-
-def _relative(path: str, root: str) -> str:
-    root = root.rstrip("/")
-    if not root:
-        return path
-    return path[len(root) + 1:] if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
-
-
-def _is_hidden(relative_path: str) -> bool:
-    # .git/, .ipynb_checkpoints/, .DS_Store: tool files inside a corpus folder, never corpus text.
-    return any(part.startswith(".") and part not in (".", "..") for part in relative_path.split("/"))
-
-
-def _is_local_folder(path: str) -> bool:
-    # An empty local folder "exists" for FileSystems like a file does; object stores have no empty folders.
-    return "://" not in path and os.path.isdir(path)
-
-
-def _match(pattern: str) -> list[tuple[str, int]]:
-    return sorted((metadata.path, metadata.size_in_bytes)
-                  for result in FileSystems.match([pattern]) for metadata in result.metadata_list)
-
-
-def plan_corpus(config: ReadCorpusConfig) -> tuple[CorpusFile, ...]:
-    """The files `config.path` names, each with its format, sorted by path. Raises `CorpusError` when there are none.
-
-    Runs on the launcher while the pipeline is built, so a wrong path fails before any worker starts.
-    """
-    path = config.path
-    if path.startswith("builtin:"):
-        if path not in BUILTIN_CORPORA:
-            raise CorpusError(f"unknown builtin corpus {path!r} (known: {', '.join(BUILTIN_CORPORA)})")
-        return (CorpusFile(path, "builtin", path),)
-
-    explicit_file = False
-    if _GLOB_CHARS.search(path):
-        # Relative paths are taken from the folder above the first wildcard: data/*/x.md -> <dir>/x.md.
-        root = _GLOB_CHARS.split(path, maxsplit=1)[0].rsplit("/", 1)[0]
-        matched = _match(path)
-    else:
-        root = path.rstrip("/")
-        if config.format in ("auto", "save_to_disk") and any(
-                FileSystems.exists(FileSystems.join(root, marker)) for marker in _SAVE_TO_DISK_MARKERS):
-            return (CorpusFile(root, "save_to_disk", root.rsplit("/", 1)[-1]),)
-        matched = _match(FileSystems.join(root, "**"))  # a folder: every file below it
-        if matched and config.format in ("auto", "beir"):
-            beir_corpus = [entry for entry in matched if _relative(entry[0], root) in _BEIR_CORPUS_NAMES]
-            matched = beir_corpus or matched  # a BEIR folder also holds queries and qrels, which are not the corpus
-        elif not matched and FileSystems.exists(root) and not _is_local_folder(root):
-            matched = _match(root)
-            root = root.rsplit("/", 1)[0] if "/" in root else ""
-            explicit_file = True
-    if config.format == "save_to_disk":
-        raise CorpusError(f"corpus path {path} is not a folder written by save_to_disk "
-                          f"(no {' / '.join(_SAVE_TO_DISK_MARKERS)} in it)")
-    if not matched:
-        raise CorpusError(f"corpus path {path} matches no files")
-
-    files: list[CorpusFile] = []
-    skipped: list[str] = []
-    for file_path, size in matched:
-        relative_path = _relative(file_path, root)
-        if _is_hidden(relative_path) and not explicit_file:
-            continue
-        file_format = config.format if config.format != "auto" else detect_format(file_path)
-        if file_format is None:
-            if explicit_file:
-                raise CorpusError(f"cannot tell the format of {file_path} from its name; set format to one of "
-                                  f"jsonl, beir, parquet, text")
-            skipped.append(relative_path)
-            continue
-        files.append(CorpusFile(file_path, file_format, relative_path, size))
-    if skipped:
-        LOGGER.warning("corpus path %s: skipping %d files of no known format (e.g. %s); set format to read them",
-                       path, len(skipped), ", ".join(skipped[:3]))
-    if not files:
-        hint = "; a save_to_disk dataset is read from its folder" if any(
-            name.endswith(".arrow") for name in skipped) else "; set format to read them anyway"
-        raise CorpusError(f"corpus path {path} matches no corpus files ({len(matched)} file(s), none of them "
-                          f"{', '.join(sorted(_SUFFIX_FORMATS))}){hint}")
-    return tuple(files)
+# Reading one file (on a worker).
 
 
 def read_jsonl(path: str, **fields: Any) -> Iterator[RowOutcome]:
     """Stream a JSON Lines file (compressed or not, any Beam filesystem) line by line; blank lines are not rows."""
-    with FileSystems.open(path) as handle:  # AUTO compression: .gz, .bz2, .zst ... by suffix
-        for number, raw in enumerate(iter(handle.readline, b""), 1):
-            if number == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            if raw.strip():
-                yield parse_jsonl_line(raw, Location(path, number), **fields)
+    for line in read_json_lines(path):
+        yield passage_from_json_line(line, Location(path, line.number), **fields)
 
 
 def _records_of_batches(batches: Iterable[dict[str, list[Any]]]) -> Iterator[dict[str, Any]]:
@@ -697,7 +408,7 @@ class ReadCorpus(beam.PTransform):
 
     def expand(self, pbegin):
         config = self._config
-        files = plan_corpus(config)
+        files = plan_corpus(config.path, config.format)
         read = (
             pbegin
             | "Files" >> beam.Create(files)

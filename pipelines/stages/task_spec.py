@@ -36,7 +36,8 @@ import yaml
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.config_loading import ConfigError
-from pipelines.stages import normalize
+from pipelines.json_lines import parse_json_lines
+from pipelines.text_matching import normalize
 
 _SPEC_KEYS = ("name", "description", "labels", "seed_examples", "examples")
 _LABEL_KEYS = ("name", "description")
@@ -108,12 +109,16 @@ def example_id(task: str, origin: str, source_id: str, index: int | str) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
-def _read_text(path: str, what: str) -> str:
+def _read_bytes(path: str, what: str) -> bytes:
     try:
         with FileSystems.open(path) as handle:
-            data = handle.read()
+            return handle.read()
     except Exception as error:  # Beam wraps every filesystem's own error type; any of them means "cannot read"
         raise TaskSpecError(f"{path}: cannot read the {what} ({error})") from error
+
+
+def _read_text(path: str, what: str) -> str:
+    data = _read_bytes(path, what)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -165,26 +170,18 @@ def _read_seed_file(
     path: str, text_field: str, label_field: str
 ) -> Iterator[tuple[str, Mapping[str, Any] | RejectedSeed]]:
     """(location, row) per data row of a CSV or JSONL seed file; a row that does not parse comes as a RejectedSeed."""
-    text = _read_text(path, "seed file")
     base = path.lower().removesuffix(".gz")  # FileSystems.open decompresses .gz by itself
     if base.endswith(".jsonl"):
-        # split("\n"), not splitlines(): a JSON string may hold U+2028 and friends, which splitlines() breaks on.
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            location = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield location, _malformed(location, f"not valid JSON ({error.msg})", line)
-                continue
-            if not isinstance(row, dict):
-                yield location, _malformed(location, f"expected a JSON object, got {type(row).__name__}", line)
-                continue
-            yield location, row
+        # A seed file travels inside the pipeline graph, so it is small: read whole, then line by line.
+        for line in parse_json_lines(_read_bytes(path, "seed file")):
+            location = f"{path} line {line.number}"
+            if line.problem is None:
+                yield location, line.value
+            else:
+                yield location, _malformed(location, line.detail, line.text)
     elif base.endswith(".csv"):
         # csv.reader, not DictReader: DictReader skips blank lines silently, which would misnumber the rows.
-        reader = csv.reader(io.StringIO(text, newline=""))
+        reader = csv.reader(io.StringIO(_read_text(path, "seed file"), newline=""))
         header = next(reader, None)
         if header is None:
             raise TaskSpecError(f"{path}: empty seed file (expected a header row naming {text_field!r} and "

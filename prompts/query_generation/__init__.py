@@ -9,12 +9,12 @@ A user may replace them with examples from their own domain (Promptagator): `par
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ValidationError
 
+from pipelines.json_lines import parse_json_lines
 from prompts import FewShotExample, NonEmptyText, PromptSpec, at_most_words
 
 #: The query types the template explains and examples.jsonl demonstrates (each needs examples there).
@@ -77,25 +77,20 @@ def _text_field(row: Mapping[str, Any], name: str, where: str, *, required: bool
     return value.strip()
 
 
-def parse_user_examples(text: str) -> tuple[FewShotExample, ...]:
+def parse_user_examples(data: str | bytes) -> tuple[FewShotExample, ...]:
     """A user's few-shot examples, one JSON object a line: `passage` and `query`, optionally `title`, `query_type`
     (default "question") and `task` (default: DEFAULT_TASKS for the type). Blank lines are skipped.
 
     Raises ValueError naming the line and field, e.g. `line 3: missing field 'query'`.
     """
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"line {number}"
+    for line in parse_json_lines(data):
+        where = f"line {line.number}"
         if len(examples) == MAX_USER_EXAMPLES:
             raise ValueError(f"{where}: more than {MAX_USER_EXAMPLES} examples (a request shows {PROMPT.max_examples})")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if line.problem is not None:
+            raise ValueError(f"{where}: {line.detail}")
+        row = line.value
         unknown = sorted(set(row) - {*_REQUIRED, *_OPTIONAL})
         if unknown:
             raise ValueError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join((*_REQUIRED, *_OPTIONAL))})")

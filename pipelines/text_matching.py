@@ -1,14 +1,16 @@
-"""How much of one text another repeats: the word-level measures the stages' copy and duplicate checks are built on.
+"""Comparing texts: the word-level measures the stages' copy, duplicate and minimal-edit checks are built on, and the
+stable hash their deterministic choices use.
 
 Every measure compares `normalize`d words (lower-cased, punctuation and spacing ignored), so "Cerebral organoids." and
-"cerebral organoids" are the same text. Stages import these from here (or `normalize` from `pipelines.stages`); keep
-one copy of each.
+"cerebral organoids" are the same text. A leaf module (it imports nothing from the project), so stages, prompts,
+benchmarks and tests can all use the one copy of each measure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -19,9 +21,25 @@ _WORDS = re.compile(r"\w+", re.UNICODE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(\[])|\n\s*\n")
 
 
+def stable_hash(*parts: object) -> int:
+    """A 64-bit hash that is the same in every process and run (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
+
+
 def normalize(text: str) -> list[str]:
     """Lower-cased words: the form texts are compared in when checking copies and duplicates."""
     return _WORDS.findall(text.lower())
+
+
+def text_key(text: str) -> str:
+    """`normalize`d words as one string: two texts with the same key are copies (case, punctuation, spacing aside)."""
+    return " ".join(normalize(text))
+
+
+def copies_example(text: str, examples: Iterable[str]) -> bool:
+    """`text` repeats one of the few-shot `examples` a prompt showed, up to case, punctuation and spacing."""
+    key = text_key(text)
+    return any(text_key(example) == key for example in examples)
 
 
 def first_sentence(text: str) -> str:
@@ -79,3 +97,21 @@ def extractive_share(text: str, source: str) -> float:
     grams = ngrams(words, n)
     source_grams = set(ngrams(normalize(source), n))
     return sum(gram in source_grams for gram in grams) / len(grams)
+
+
+def word_edit_distance(source: Sequence[str], edited: Sequence[str]) -> int:
+    """Levenshtein distance over words (insert, delete, substitute one word)."""
+    previous = list(range(len(edited) + 1))
+    for i, source_word in enumerate(source, start=1):
+        current = [i] + [0] * len(edited)
+        for j, edited_word in enumerate(edited, start=1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (source_word != edited_word))
+        previous = current
+    return previous[-1]
+
+
+def edit_ratio(source: str, edited: str) -> float:
+    """Word edit distance of the normalized texts over the longer one's length: 0 identical, 1 nothing in common."""
+    source_words, edited_words = normalize(source), normalize(edited)
+    longest = max(len(source_words), len(edited_words))
+    return word_edit_distance(source_words, edited_words) / longest if longest else 0.0
