@@ -11,13 +11,14 @@ import codecs
 import csv
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
+
+from pipelines.json_lines import read_json_lines
 
 LOGGER = logging.getLogger(__name__)
 
@@ -62,17 +63,12 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
 
 
 def _json_objects(path: str) -> Iterator[tuple[int, dict]]:
-    """The JSON objects of a JSON Lines file with their line numbers; blank lines are skipped."""
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise EvalDataError(f"{path} line {number}: invalid JSON ({error.msg})") from error
-        if not isinstance(record, dict):
-            raise EvalDataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+    """The JSON objects of a JSON Lines file with their line numbers; blank lines are skipped, any bad line stops the
+    read with an error naming the file and line."""
+    for line in read_json_lines(path):
+        if line.problem is not None:
+            raise EvalDataError(f"{path} line {line.number}: {line.detail}")
+        yield line.number, line.value
 
 
 def _read_jsonl(path: str, required: Sequence[str], optional: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:

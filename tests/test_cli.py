@@ -83,7 +83,7 @@ def test_every_user_error_is_one_line_and_exit_2(tmp_path, capsys, case):
         "corpus": (["generate", *output, "--corpus", str(tmp_path / "absent.jsonl")], "absent.jsonl"),
         "evaluation-data": (["evaluate", "--model", "base=packaged:all-minilm-l6-v2", "--retrieval",
                              _bad_beir(tmp_path), "--output", str(tmp_path / "report")],
-                            "corpus.jsonl line 2: invalid JSON"),
+                            "corpus.jsonl line 2: not valid JSON"),
         "model": (["evaluate", "--model", f"mine={tmp_path / 'no-such-model'}", "--retrieval", _bad_beir(tmp_path)],
                   "no-such-model"),
         "unknown-packaged-model": (["evaluate", "--model", "mine=packaged:no-such-model", "--retrieval",

@@ -53,7 +53,7 @@ def test_subsample_is_seeded_and_keeps_file_order(tmp_path):
          r'corpus.jsonl line 2: missing "text"'),
         ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n{"_id": "d1", "text": "b"}\n',
          r'corpus.jsonl line 2: duplicate "_id"'),
-        ("queries.jsonl", '{"_id": "q_alpha", "text": "alpha"\n', r"queries.jsonl line 1: invalid JSON"),
+        ("queries.jsonl", '{"_id": "q_alpha", "text": "alpha"\n', r"queries.jsonl line 1: not valid JSON"),
         ("queries.jsonl", '{"_id": "q_alpha", "text": ["alpha"]}\n', r'queries.jsonl line 1: "text" must be a string'),
     ],
 )
