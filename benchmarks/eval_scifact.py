@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 from embedder.evaluate import RetrievalTask, evaluate_models  # noqa: E402  (after the path fix-up above)
 from pipelines.clients.factory import build_embedder  # noqa: E402
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT, EmbedderSpec  # noqa: E402
-from tests.shared_data import find_shared_data  # noqa: E402
+from tests.shared_data import data_set_folder  # noqa: E402
 
 EXPECTED_NDCG = 0.645
 #: MTEB's and our own figures differ by 0.004 on identical weights (tokenizer and library versions); 0.01 leaves room
@@ -47,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    data = args.data
-    if data is None:
-        shared = find_shared_data()
-        if shared is None:
-            parser.error("no shared data folder: pass --data or set EMBFORGE_SHARED_DATA")
-        data = str(shared / "scifact")
+    data = data_set_folder(parser, args.data, "scifact")
     output = args.output or tempfile.mkdtemp(prefix="embforge-eval-scifact-")
 
     started = time.perf_counter()

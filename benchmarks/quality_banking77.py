@@ -47,7 +47,7 @@ from embedder.eval_data import load_labeled
 from embedder.metrics import ClassificationSamples, ItemScores
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
 from pipelines.run_layout import read_kind, shard_paths
-from tests.shared_data import find_shared_data
+from tests.shared_data import data_set_folder
 
 LOGGER = logging.getLogger("quality_banking77")
 
@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="seeds the draw of seed examples")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    if args.data is None:
-        shared = find_shared_data()
-        if shared is None:
-            parser.error("no shared data folder: pass --data or set EMBFORGE_SHARED_DATA")
-        args.data = str(shared / "banking77")
+    args.data = data_set_folder(parser, args.data, "banking77")
     work_dir = Path(args.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

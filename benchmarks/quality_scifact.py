@@ -56,7 +56,7 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
 from data_schemas.records import TRIPLET
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
 from pipelines.run_layout import read_kind
-from tests.shared_data import find_shared_data
+from tests.shared_data import data_set_folder
 
 LOGGER = logging.getLogger("quality_scifact")
 #: The issue's goal: the trained student beats the base model by at least 3 nDCG@10 points.
@@ -240,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the few-shot draw and the random negatives")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    if args.data is None:
-        shared = find_shared_data()
-        if shared is None:
-            parser.error("no shared data folder: pass --data or set EMBFORGE_SHARED_DATA")
-        args.data = str(shared / "scifact")
+    args.data = data_set_folder(parser, args.data, "scifact")
     args.data = os.path.abspath(args.data)
     work_dir = Path(args.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)

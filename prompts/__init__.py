@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from pipelines.clients.base import ChatMessage
 from pipelines.json_lines import INVALID_JSON, INVALID_UTF8, parse_json_lines
@@ -74,6 +74,18 @@ def at_most_words(limit: int) -> AfterValidator:
 
 #: A string answer field: surrounding whitespace stripped, empty rejected.
 NonEmptyText = Annotated[str, AfterValidator(_strip_non_empty)]
+
+#: What each relevance grade means; the system.txt of relevance_grading and of negative_scoring state the same rubric.
+RELEVANCE_LEVELS: dict[int, str] = {
+    0: "irrelevant",
+    1: "related but does not answer",
+    2: "partially answers",
+    3: "fully answers",
+}
+
+#: A relevance grade answer field, one of RELEVANCE_LEVELS. strict: "2", 2.0 or true mean the model ignored the
+#: schema, so the answer is not trusted.
+RelevanceLevel = Annotated[int, Field(ge=min(RELEVANCE_LEVELS), le=max(RELEVANCE_LEVELS), strict=True)]
 
 
 # --- The spec ---------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ It is not part of embforge: the product is always given its data paths. Tests th
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -19,3 +20,14 @@ def find_shared_data() -> Path | None:
     configured = os.environ.get(SHARED_DATA_ENV)
     folder = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "data"
     return folder if folder.is_dir() else None
+
+
+def data_set_folder(parser: argparse.ArgumentParser, given: str | None, name: str) -> str:
+    """A benchmark's data folder: `given` (its --data), else data set `name` in the shared data folder; stops `parser`
+    with a message naming --data and the variable when neither is there."""
+    if given is not None:
+        return given
+    shared = find_shared_data()
+    if shared is None:
+        parser.error(f"no shared data folder: pass --data or set {SHARED_DATA_ENV}")
+    return str(shared / name)

@@ -24,7 +24,7 @@ from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.llm_calls import LLMRequest
 from pipelines.stages.embed_teacher import embedding_cache_key
 from prompts import get_prompt
-from tests.fakes.hub_server import FakeHubServer
+from tests.fakes.hub_server import FakeHubServer, serve_hub
 
 GRADING = get_prompt("relevance_grading")
 REQUEST = LLMRequest(request_id="a", prompt_name=GRADING.name, prompt_version=GRADING.version,
@@ -142,20 +142,11 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHubServ
     """The stub Hub, huggingface_hub in this process pointed at it, and an empty Hugging Face cache."""
     from huggingface_hub import constants
 
-    with FakeHubServer() as server:
+    with serve_hub(monkeypatch, tmp_path) as server:
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         monkeypatch.delenv("HF_TOKEN", raising=False)
-        # huggingface_hub reads these once, at import.
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
-        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
         yield server
-        assert not server.unknown, f"the stub Hub lacks routes for {server.unknown}"
 
 
 def _tiny_encoder_files(root: Path) -> dict[str, bytes]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pipelines.cli import main
 from tests.fakes.gemini_server import FakeGeminiServer
-from tests.test_pipeline_e2e import CORPUS, KEY, scripted_gemini
+from tests.test_pipeline_e2e import CORPUS, KEY, scripted_gemini, write_gemini_toml
 
 #: Passages whose every request succeeds at the first ask, so a re-run has nothing left to ask.
 CLEAN_CORPUS = [(passage_id, text) for passage_id, text in CORPUS if "[" not in text]
@@ -27,23 +27,8 @@ pytestmark = pytest.mark.slow
 def _write_config(folder, server) -> str:
     corpus = folder / "passages.jsonl"
     corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n" for pid, text in CLEAN_CORPUS))
-    path = folder / "run.toml"
-    path.write_text(f"""
-[generate]
-cache_dir = "{folder / 'cache'}"
-[generate.corpus]
-path = "{corpus}"
-[generate.llm]
-backend = "gemini"
-base_url = "{server.base_url}"
-[generate.teacher]
-backend = "gemini"
-base_url = "{server.base_url}"
-[generate.embed]
-dimension = 64
-[generate.mining]
-k = 4
-num_negatives = 2
+    return write_gemini_toml(folder / "run.toml", server, cache_dir=folder / "cache", corpus=corpus, k=4,
+                             num_negatives=2, more=f"""
 [train]
 # --output wins over these: `embforge run --output DIR` puts everything under DIR.
 output_dir = "{folder / 'elsewhere' / 'student'}"
@@ -58,7 +43,6 @@ dims = [384, 64]
 int8 = false
 holdout_fraction = 0.3
 """)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

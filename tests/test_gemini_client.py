@@ -63,8 +63,9 @@ def echo_prompt(body) -> str:
     return json.dumps({"query": body["contents"][-1]["parts"][0]["text"], "score": 1})
 
 
-def make_llm(server: FakeGeminiServer, **overrides) -> GeminiLLM:
-    options = dict(
+def fast_options(server: FakeGeminiServer) -> dict:
+    """Spec settings both backends take: the fake server's endpoint and retries short enough for tests."""
+    return dict(
         backend="gemini",
         base_url=server.base_url,
         api_version="v1",
@@ -72,27 +73,17 @@ def make_llm(server: FakeGeminiServer, **overrides) -> GeminiLLM:
         max_attempts=MAX_ATTEMPTS,
         backoff_initial_s=0.01,
         backoff_max_s=1.0,
-        max_parse_attempts=3,
     )
-    options.update(overrides)
-    llm = build_llm(LLMSpec(**options))
+
+
+def make_llm(server: FakeGeminiServer, **overrides) -> GeminiLLM:
+    llm = build_llm(LLMSpec(**{**fast_options(server), "max_parse_attempts": 3, **overrides}))
     assert isinstance(llm, GeminiLLM)
     return llm
 
 
 def make_embedder(server: FakeGeminiServer, **overrides) -> GeminiEmbedder:
-    options = dict(
-        backend="gemini",
-        base_url=server.base_url,
-        api_version="v1",
-        timeout_s=2.0,
-        max_attempts=MAX_ATTEMPTS,
-        backoff_initial_s=0.01,
-        backoff_max_s=1.0,
-        concurrency=4,
-    )
-    options.update(overrides)
-    embedder = build_embedder(EmbedderSpec(**options))
+    embedder = build_embedder(EmbedderSpec(**{**fast_options(server), "concurrency": 4, **overrides}))
     assert isinstance(embedder, GeminiEmbedder)
     return embedder
 

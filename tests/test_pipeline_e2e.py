@@ -128,12 +128,16 @@ def gemini_config(tmp_path, server, corpus_rows=CORPUS, **beam) -> GenerateConfi
     )
 
 
-def write_gemini_toml(path, server, *, output, cache_dir, corpus, llm_concurrency: int = 8) -> str:
-    """A config file for `embforge generate --config` on the fake Gemini server (for CLI and subprocess runs)."""
+def write_gemini_toml(path, server, *, cache_dir, corpus, output=None, llm_concurrency: int = 8, k: int = 8,
+                      num_negatives: int = 3, more: str = "") -> str:
+    """A config file for `embforge generate` / `embforge run` on the fake Gemini server (for CLI and subprocess runs).
+
+    Without `output` the run goes where `--output` says; `more` is appended as is (the [train] and [evaluate] tables).
+    """
+    output_line = f'output = "{output}"\n' if output is not None else ""
     path.write_text(f"""
 [generate]
-output = "{output}"
-cache_dir = "{cache_dir}"
+{output_line}cache_dir = "{cache_dir}"
 [generate.corpus]
 path = "{corpus}"
 [generate.llm]
@@ -146,9 +150,9 @@ base_url = "{server.base_url}"
 [generate.embed]
 dimension = 64
 [generate.mining]
-k = 8
-num_negatives = 3
-""")
+k = {k}
+num_negatives = {num_negatives}
+{more}""")
     return str(path)
 
 

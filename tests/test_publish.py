@@ -23,7 +23,7 @@ from data_schemas import SCHEMAS, validate_manifest
 from pipelines.publish import NO_CHANGES, PublishError, dataset_card, publish
 from pipelines.run_layout import read_kind
 from pipelines.stages.write_shards import assemble_manifest
-from tests.fakes.hub_server import FakeHubServer
+from tests.fakes.hub_server import FakeHubServer, serve_hub
 from tests.fakes.memory_filesystem import MemoryFileSystem, copy_local_tree
 from tests.shard_factory import classification_rows, triplet_rows, write_run
 
@@ -78,24 +78,14 @@ def run_dir(tmp_path: Path) -> Path:
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHubServer]:
     """A started stub Hub, with huggingface_hub in this process (and subprocesses, via the env) pointed at it and the
     sentinel token in HF_TOKEN."""
-    from huggingface_hub import constants
-
     home = tmp_path / "hf_home"
-    with FakeHubServer() as server:
+    with serve_hub(monkeypatch, home) as server:
         env = {"HF_ENDPOINT": server.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
                "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
                "HF_TOKEN": SENTINEL_TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
         yield server
-        assert not server.unknown, f"the stub Hub lacks routes for {server.unknown}"
 
 
 def _read_back(script: str, tmp_path: Path) -> tuple[dict, str]:

@@ -12,11 +12,14 @@ import hashlib
 import importlib
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.clients.base import LLM, Embedder, TaskType
 from pipelines.clients.gemini_thinking import gemini_output_token_limit, gemini_thinking_budget, thinking_range
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
+
+if TYPE_CHECKING:
+    from pipelines.clients.gemini import GeminiEndpoint
 
 
 def build_llm(spec: LLMSpec) -> LLM:
@@ -47,7 +50,8 @@ def _gemini_llm(spec: LLMSpec) -> LLM:
 
     return GeminiLLM(
         spec.model_name,
-        **_gemini_connection(spec),
+        endpoint=_gemini_endpoint(spec),
+        concurrency=spec.concurrency,
         max_parse_attempts=spec.max_parse_attempts,
         thinking_budget=spec.thinking_budget,
     )
@@ -56,20 +60,20 @@ def _gemini_llm(spec: LLMSpec) -> LLM:
 def _gemini_embedder(spec: EmbedderSpec) -> Embedder:
     from pipelines.clients.gemini import GeminiEmbedder
 
-    return GeminiEmbedder(spec.model_name, **_gemini_connection(spec))
+    return GeminiEmbedder(spec.model_name, endpoint=_gemini_endpoint(spec), concurrency=spec.concurrency)
 
 
-def _gemini_connection(spec: LLMSpec | EmbedderSpec) -> dict[str, Any]:
-    """What both Gemini backends take from a spec: the endpoint, timeout, retry policy and requests in flight."""
+def _gemini_endpoint(spec: LLMSpec | EmbedderSpec) -> GeminiEndpoint:
+    """What both Gemini backends take from a spec alike: the endpoint, timeout and retry policy."""
+    from pipelines.clients.gemini import GeminiEndpoint
     from pipelines.clients.retry import RetryPolicy
 
-    return {
-        "base_url": spec.base_url,
-        "api_version": spec.api_version,
-        "timeout_s": spec.timeout_s,
-        "retry": RetryPolicy(spec.max_attempts, spec.backoff_initial_s, spec.backoff_max_s),
-        "concurrency": spec.concurrency,
-    }
+    return GeminiEndpoint(
+        base_url=spec.base_url,
+        api_version=spec.api_version,
+        timeout_s=spec.timeout_s,
+        retry=RetryPolicy(spec.max_attempts, spec.backoff_initial_s, spec.backoff_max_s),
+    )
 
 
 def _local_llm(spec: LLMSpec) -> LLM:

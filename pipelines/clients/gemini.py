@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -150,29 +150,33 @@ class _Counter:
     requests: int = 0
 
 
+@dataclass(frozen=True)
+class GeminiEndpoint:
+    """Where and how both Gemini backends send their requests."""
+
+    #: None is Google's API; tests point it at the local fake server.
+    base_url: str | None = None
+    api_version: str | None = None
+    timeout_s: float = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
 class _Connection:
     """One google-genai client, its event loop thread, the key and the retry policy; owned by one backend."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        base_url: str | None,
-        api_version: str | None,
-        timeout_s: float,
-        retry: RetryPolicy,
-    ):
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    def __init__(self, model: str, endpoint: GeminiEndpoint):
         self.model = model
-        self.base_url = base_url
-        self.api_version = api_version
-        self.retry = retry
+        self.endpoint = endpoint
+        self.retry = endpoint.retry
         self._key = _Secret(api_key_from_env())
         http_options = types.HttpOptions(
-            base_url=base_url,
-            api_version=api_version,
-            timeout=max(1, round(timeout_s * 1000)),  # the SDK takes milliseconds
+            base_url=endpoint.base_url,
+            api_version=endpoint.api_version,
+            timeout=max(1, round(endpoint.timeout_s * 1000)),  # the SDK takes milliseconds
             # attempts=1: the SDK's retry off explicitly, which also stops its aiohttp path from retrying on its own.
             retry_options=types.HttpRetryOptions(attempts=1),
         )
@@ -254,14 +258,24 @@ class _Connection:
             close_sync()
 
     def __repr__(self) -> str:
-        return f"_Connection(model={self.model!r}, base_url={self.base_url!r}, api_version={self.api_version!r})"
+        return (
+            f"_Connection(model={self.model!r}, base_url={self.endpoint.base_url!r}, "
+            f"api_version={self.endpoint.api_version!r})"
+        )
 
 
 class _ConnectedBackend:
-    """What both backends share: one `_Connection`, closed with the backend (also on leaving a `with` block)."""
+    """What both backends share: the model (its name is its version), the requests in flight, and one `_Connection`,
+    closed with the backend (also on leaving a `with` block)."""
 
-    model_id: str
-    _connection: _Connection
+    def __init__(self, model: str, endpoint: GeminiEndpoint | None, concurrency: int):
+        super().__init__()
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.model_id = model
+        self.model_version = model
+        self.concurrency = concurrency
+        self._connection = _Connection(model, endpoint or GeminiEndpoint())
 
     def close(self) -> None:
         self._connection.close()
@@ -274,8 +288,8 @@ class _ConnectedBackend:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(model={self.model_id!r}, base_url={self._connection.base_url!r}, "
-            f"api_version={self._connection.api_version!r})"
+            f"{type(self).__name__}(model={self.model_id!r}, base_url={self._connection.endpoint.base_url!r}, "
+            f"api_version={self._connection.endpoint.api_version!r})"
         )
 
 
@@ -372,28 +386,17 @@ class GeminiLLM(_ConnectedBackend, LLM):
         self,
         model: str = DEFAULT_GEMINI_LLM,
         *,
-        base_url: str | None = None,
-        api_version: str | None = None,
-        timeout_s: float = 60.0,
-        retry: RetryPolicy | None = None,
-        max_parse_attempts: int = 3,
+        endpoint: GeminiEndpoint | None = None,
         concurrency: int = 8,
+        max_parse_attempts: int = 3,
         thinking_budget: int | None = None,
     ):
-        super().__init__()
         if max_parse_attempts < 1:
             raise ValueError(f"max_parse_attempts must be at least 1, got {max_parse_attempts}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        self.model_id = model
-        self.model_version = model
+        super().__init__(model, endpoint, concurrency)
         self.max_parse_attempts = max_parse_attempts
-        self.concurrency = concurrency
         #: What every request carries: the requested budget, else the model's default (see LLMSpec.thinking_budget).
         self.thinking_budget = gemini_thinking_budget(model, thinking_budget)
-        self._connection = _Connection(
-            model, base_url=base_url, api_version=api_version, timeout_s=timeout_s, retry=retry or RetryPolicy()
-        )
 
     def _request_config(
         self, output_model: type[BaseModel], config: GenerationConfig, system: str | None, ask: int
@@ -511,28 +514,17 @@ class GeminiEmbedder(_ConnectedBackend, Embedder):
         self,
         model: str = DEFAULT_GEMINI_EMBEDDER,
         *,
-        base_url: str | None = None,
-        api_version: str | None = None,
-        timeout_s: float = 60.0,
-        retry: RetryPolicy | None = None,
+        endpoint: GeminiEndpoint | None = None,
         concurrency: int = 8,
         native_dimension: int | None = None,
     ):
-        super().__init__()
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         short_name = model.rsplit("/", 1)[-1]
         if native_dimension is None and short_name not in _NATIVE_DIMENSIONS:
             raise ValueError(
                 f"native dimension of {model!r} unknown (known: {sorted(_NATIVE_DIMENSIONS)}): pass native_dimension"
             )
-        self.model_id = model
-        self.model_version = model
+        super().__init__(model, endpoint, concurrency)
         self.native_dimension = native_dimension or _NATIVE_DIMENSIONS[short_name]
-        self.concurrency = concurrency
-        self._connection = _Connection(
-            model, base_url=base_url, api_version=api_version, timeout_s=timeout_s, retry=retry or RetryPolicy()
-        )
 
     async def _embed_one(self, text: str, task_type: TaskType, dimension: int) -> np.ndarray:
         # One types.Content per request, never a list of strings: how the SDK sends a list depends on its version

@@ -7,17 +7,13 @@ fusion, as Gecko does. Needs a capable model: a tiny local LLM grades at chance 
 
 from __future__ import annotations
 
-from typing import Annotated
+from pydantic import BaseModel
 
-from pydantic import BaseModel, Field
-
-from prompts import PromptSpec
+from prompts import PromptSpec, RelevanceLevel
 
 
 class CandidateRelevance(BaseModel):
-    #: 0 irrelevant, 1 related but does not answer, 2 partially answers, 3 fully answers (same scale as grading).
-    # strict: "2", 2.0 or true mean the model ignored the schema, so the answer is not trusted.
-    relevance: Annotated[int, Field(ge=0, le=3, strict=True)]
+    relevance: RelevanceLevel
 
 
 PROMPT = PromptSpec.from_package(

@@ -8,17 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from prompts import NonEmptyText, PromptSpec, at_most_words
-
-#: What each grade means; system.txt states the same rubric to the model.
-RELEVANCE_LEVELS: dict[int, str] = {
-    0: "irrelevant",
-    1: "related but does not answer",
-    2: "partially answers",
-    3: "fully answers",
-}
+from prompts import NonEmptyText, PromptSpec, RelevanceLevel, at_most_words
 
 # One or two sentences are asked for; 60 words leaves slack and still rejects a model that lost the format.
 MAX_REASON_WORDS = 60
@@ -26,8 +18,7 @@ MAX_REASON_WORDS = 60
 
 class RelevanceGrade(BaseModel):
     reason: Annotated[NonEmptyText, at_most_words(MAX_REASON_WORDS)]
-    # strict: "2", 2.0 or true mean the model ignored the schema, so the answer is not trusted.
-    relevance: Annotated[int, Field(ge=0, le=3, strict=True)]
+    relevance: RelevanceLevel
 
 
 PROMPT = PromptSpec.from_package(

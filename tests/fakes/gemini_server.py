@@ -11,7 +11,7 @@ and `server.max_in_flight` afterwards. Faults are chosen by hashing (seed, reque
 seen), so which attempt of which request fails does not depend on thread scheduling.
 
     with FakeGeminiServer(faults=FaultPlan(errors={429: 0.3}, retry_after_s=0.2)) as server:
-        llm = GeminiLLM(base_url=server.base_url, api_version="v1")
+        llm = GeminiLLM(endpoint=GeminiEndpoint(base_url=server.base_url, api_version="v1"))
 
 Benchmarks run it in a process of its own, so its request handling does not share a GIL with the client it measures:
 `serve_over_stdio` prints the base URL as one JSON line, then answers `stats` / `reset` lines on stdin

@@ -33,10 +33,14 @@ import json
 import re
 import threading
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 #: Suffixes the real Hub's default .gitattributes routes to LFS.
@@ -230,6 +234,25 @@ class FakeHubServer:
             repo.commits[oid] = commit
             repo.branches[branch] = oid
             return commit
+
+
+@contextmanager
+def serve_hub(monkeypatch: pytest.MonkeyPatch, home: Path) -> Iterator[FakeHubServer]:
+    """A started stub Hub with huggingface_hub in this process pointed at it and its token files under `home`; fails
+    on leaving if a request matched no route. huggingface_hub reads these settings once, at import, so setting the
+    environment would not reach this process."""
+    from huggingface_hub import constants
+
+    with FakeHubServer() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+        yield server
+        assert not server.unknown, f"the stub Hub lacks routes for {server.unknown}"
 
 
 def _entries(commit: Commit, base: str, recursive: bool) -> list[dict[str, Any]]:
