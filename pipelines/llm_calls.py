@@ -26,8 +26,9 @@ from pydantic import BaseModel
 from pipelines import progress
 from pipelines.cache import LLM_CACHE, CacheWriter, SplitByCache
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
-from pipelines.clients.factory import billable_output_tokens, build_llm, llm_identity
+from pipelines.clients.factory import billable_output_tokens, build_llm
 from pipelines.clients.specs import LLMSpec
+from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.pricing import estimated_cost_micro_usd
 
 
@@ -280,8 +281,10 @@ def _budget_refusal(requests: list[LLMRequest], limits: str) -> list[LLMAnswer]:
 class _CallMissesFn(beam.DoFn):
     """Calls the backend for a batch of cache misses, with the backend's own concurrency, and caches successes."""
 
-    def __init__(self, spec: LLMSpec, stage: str, cache_dir: str | None, budget_limits: str = ""):
+    def __init__(self, spec: LLMSpec, identity: ModelIdentity, stage: str, cache_dir: str | None,
+                 budget_limits: str = ""):
         self._spec = spec
+        self._model_id, self._model_version = identity
         self._stage = stage
         self._cache_dir = cache_dir
         self._budget_limits = budget_limits
@@ -292,7 +295,6 @@ class _CallMissesFn(beam.DoFn):
 
     def setup(self) -> None:
         self._llm = build_llm(self._spec)
-        self._model_id, self._model_version = llm_identity(self._spec)
         self._writer = CacheWriter(self._cache_dir, LLM_CACHE)
 
     def process(self, batch: list[tuple[str, list[LLMRequest]]], allowed_keys: frozenset[str] | None = None):
@@ -351,13 +353,13 @@ class CallLLM(beam.PTransform):
     smallest keys that fit what the run has left (see the module docstring); the others are answered as skipped.
     """
 
-    def __init__(self, spec: LLMSpec, stage: str, cache_dir: str | None = None, budget: RunBudget | None = None):
+    def __init__(self, access: ModelAccess, stage: str):
         super().__init__()
-        self._spec = spec
+        self._spec = access.spec
         self._stage = stage
-        self._cache_dir = cache_dir
-        self._budget = budget
-        self._identity = llm_identity(spec)
+        self._cache_dir = access.cache_dir
+        self._budget = access.budget
+        self._identity = access.identity
 
     def expand(self, requests):
         model_id, model_version = self._identity
@@ -377,7 +379,7 @@ class CallLLM(beam.PTransform):
             misses
             | "Batch" >> beam.BatchElements(min_batch_size=batch_size, max_batch_size=batch_size)
             | "Call" >> beam.ParDo(
-                _CallMissesFn(self._spec, self._stage, self._cache_dir,
+                _CallMissesFn(self._spec, self._identity, self._stage, self._cache_dir,
                               self._budget.describe() if self._budget else ""), allowed)
         )
         if self._budget is not None:

@@ -27,9 +27,10 @@ import apache_beam as beam
 from pipelines import progress
 from pipelines.cache import EMBEDDING_CACHE, CacheWriter, SplitByCache
 from pipelines.clients.base import Embedder, TaskType, Usage
-from pipelines.clients.factory import build_embedder, embedder_identity
+from pipelines.clients.factory import build_embedder
 from pipelines.clients.specs import EmbedderSpec
-from pipelines.llm_calls import BUDGET_REASON, RunBudget, Spend, add_spends, upper_token_estimate
+from pipelines.llm_calls import BUDGET_REASON, Spend, add_spends, upper_token_estimate
+from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.pricing import estimated_cost_micro_usd, price_per_million
 from pipelines.stages import StageCounters, rejected_row
 
@@ -91,8 +92,10 @@ class _EmbedMissesFn(beam.DoFn):
     sent goes to the "sent" output as its estimated (input tokens, micro-USD).
     """
 
-    def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig, cache_dir: str | None, budget_limits: str = ""):
+    def __init__(self, spec: EmbedderSpec, identity: ModelIdentity, config: EmbedTeacherConfig, cache_dir: str | None,
+                 budget_limits: str = ""):
         self._spec = spec
+        self._model_id, self._model_version = identity
         self._config = config
         self._cache_dir = cache_dir
         self._budget_limits = budget_limits
@@ -103,7 +106,6 @@ class _EmbedMissesFn(beam.DoFn):
 
     def setup(self) -> None:
         self._embedder = build_embedder(self._spec)
-        self._model_id, self._model_version = embedder_identity(self._spec)
         self._writer = CacheWriter(self._cache_dir, EMBEDDING_CACHE, flush_every=1024)
 
     def process(self, batch: list[tuple[str, list[dict[str, Any]]]],
@@ -162,13 +164,13 @@ class EmbedTeacher(beam.PTransform):
     """Text items -> {"kept": embeddings, "rejected": failures and texts skipped by the budget, "texts_embedded": count,
     "cache_hits": count, "sent": (estimated input tokens, micro-USD) per distinct text sent to the backend}."""
 
-    def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig = EmbedTeacherConfig(),
-                 cache_dir: str | None = None, budget: RunBudget | None = None):
+    def __init__(self, access: ModelAccess, config: EmbedTeacherConfig = EmbedTeacherConfig()):
         super().__init__()
+        spec, budget = access.spec, access.budget
         self._spec = spec
         self._config = config
-        self._cache_dir = cache_dir
-        self._identity = embedder_identity(spec)
+        self._cache_dir = access.cache_dir
+        self._identity = access.identity
         # Only a cost limit applies to embeddings, and only a priced teacher can reach it: a local teacher costs 0,
         # so planning it would hold every key in memory to allow them all.
         priced = price_per_million(spec.model_name) != (0.0, 0.0)
@@ -194,7 +196,7 @@ class EmbedTeacher(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=self._config.batch_size,
                                             max_batch_size=self._config.batch_size)
             | "Embed" >> beam.ParDo(
-                _EmbedMissesFn(self._spec, self._config, self._cache_dir,
+                _EmbedMissesFn(self._spec, self._identity, self._config, self._cache_dir,
                                self._budget.describe() if self._budget else ""), allowed).with_outputs(
                 "rejected", "sent", main="kept")
         )
@@ -219,3 +221,34 @@ class EmbedTeacher(beam.PTransform):
             lambda key, items: (key, estimated_embedding_usage(model, items[0]["text"])[1]))
         # Embeddings are not LLM calls: only the cost limit applies to them.
         return self._budget.plan(candidates, counts_calls=False)
+
+
+class RetrievalTexts(beam.PTransform):
+    """{"passages": PASSAGE rows, "pairs": PAIR rows} -> the text items EmbedTeacher embeds: every passage as a
+    document, every generated query as a query, each under its row's id."""
+
+    def expand(self, inputs):
+        return (
+            inputs["passages"] | "PassageTexts" >> beam.Map(
+                lambda row: {"id": row["passage_id"], "text": row["text"],
+                             "task_type": TaskType.RETRIEVAL_DOCUMENT.value}),
+            inputs["pairs"] | "QueryTexts" >> beam.Map(
+                lambda row: {"id": row["pair_id"], "text": row["query"], "task_type": TaskType.RETRIEVAL_QUERY.value}),
+        ) | "AllTexts" >> beam.Flatten()
+
+
+class TeacherVectors(beam.PTransform):
+    """EmbedTeacher's kept items -> (id, embedding) of those embedded as `task_type`: how a stage picks the vectors it
+    reads (the queries', or the passages') out of all the run's teacher vectors."""
+
+    def __init__(self, task_type: TaskType):
+        super().__init__()
+        self._task_type = task_type.value
+
+    def expand(self, vectors):
+        task_type = self._task_type
+        return (
+            vectors
+            | "OfTaskType" >> beam.Filter(lambda item: item["task_type"] == task_type)
+            | "ById" >> beam.Map(lambda item: (item["id"], item["embedding"]))
+        )

@@ -48,8 +48,8 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.clients.base import GenerationConfig
-from pipelines.clients.specs import EmbedderSpec, LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
+from pipelines.model_access import ModelAccess
 from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.label_judge import JUDGES, JudgeLabels
@@ -525,18 +525,15 @@ class GenerateCounterfactuals(beam.PTransform):
     Apply it to the pipeline (`pipeline | GenerateCounterfactuals(...)`). The spec is read when the pipeline is built,
     so a broken spec fails before any work; it travels inside the graph, which suits seed sets (hundreds to a few
     thousand rows), not whole labelled corpora. `teacher` (the run's teacher) and `embed` (its dimension and batch
-    size) serve the "teacher" and "both" judges; every LLM call and teacher embedding draws on `budget`, in that
-    order: generation, then the teacher's judgment, then the LLM's.
+    size) serve the "teacher" and "both" judges; every LLM call and teacher embedding draws on the run's budget, in
+    that order: generation, then the teacher's judgment, then the LLM's.
     """
 
-    def __init__(self, config: GenerateCounterfactualsConfig, llm: LLMSpec, cache_dir: str | None = None,
-                 budget: RunBudget | None = None, teacher: EmbedderSpec | None = None,
+    def __init__(self, config: GenerateCounterfactualsConfig, llm: ModelAccess, teacher: ModelAccess | None = None,
                  embed: EmbedTeacherConfig | None = None):
         super().__init__()
         self._config = config
         self._llm = llm
-        self._cache_dir = cache_dir
-        self._budget = budget
         self._teacher = teacher
         self._embed = embed or EmbedTeacherConfig()
 
@@ -544,8 +541,7 @@ class GenerateCounterfactuals(beam.PTransform):
         spec = load_task_spec(self._config.task_spec)
         # Built first, so an impossible judge (no teacher, too many labels for the LLM) fails before any work too.
         judge = JudgeLabels(spec, stage=STAGE, judge=self._config.judge, margin=self._config.judge_margin,
-                            llm=self._llm, teacher=self._teacher, embed=self._embed, cache_dir=self._cache_dir,
-                            budget=self._budget)
+                            llm=self._llm, teacher=self._teacher, embed=self._embed)
         seeds = (
             pbegin
             | "SeedRows" >> beam.Create(seed_outcomes(spec, self._config))
@@ -555,10 +551,10 @@ class GenerateCounterfactuals(beam.PTransform):
             pbegin
             | "Units" >> beam.Create(plan_units(spec, self._config))
             | "Requests" >> beam.Map(build_request, spec, self._config)
-            | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
+            | "CallLLM" >> CallLLM(self._llm, STAGE)
         )
         judged = answers | "Judge" >> beam.ParDo(
-            _JudgeFn(spec, self._config, self._llm.model_name)).with_outputs(REJECTED, TALLIES, main="candidates")
+            _JudgeFn(spec, self._config, self._llm.spec.model_name)).with_outputs(REJECTED, TALLIES, main="candidates")
         # Duplicates across requests and labels: one group per normalized text, decided in one place.
         resolved = (
             judged["candidates"]

@@ -33,9 +33,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.clients.base import GenerationConfig
-from pipelines.clients.specs import LLMSpec
 from pipelines.config_loading import ConfigError
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
+from pipelines.model_access import ModelAccess
 from pipelines.stages import StageCounters, rejected_row, stable_hash
 from pipelines.stages.text_overlap import (
     extractive_share,
@@ -351,26 +351,23 @@ class GenerateQueries(beam.PTransform):
     ConfigError before any work.
     """
 
-    def __init__(self, config: GenerateQueriesConfig, llm: LLMSpec, cache_dir: str | None = None,
-                 budget: RunBudget | None = None):
+    def __init__(self, config: GenerateQueriesConfig, llm: ModelAccess):
         super().__init__()
         self._config = config
         self._llm = llm
-        self._cache_dir = cache_dir
-        self._budget = budget
         self._examples = load_examples(config.examples) if config.examples else None
 
     def expand(self, passages):
         answers = (
             passages
             | "Requests" >> beam.FlatMap(build_requests, self._config, self._examples)
-            | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
+            | "CallLLM" >> CallLLM(self._llm, STAGE)
         )
         judged = (
             answers
             | "ByPassage" >> beam.Map(lambda answer: (answer.request.context["passage"]["passage_id"], answer))
             | "Group" >> beam.GroupByKey()
-            | "Judge" >> beam.ParDo(_JudgeFn(self._config, self._llm.model_name, self._examples)).with_outputs(
+            | "Judge" >> beam.ParDo(_JudgeFn(self._config, self._llm.spec.model_name, self._examples)).with_outputs(
                 "rejected", main="kept")
         )
         return {"kept": judged["kept"], "rejected": judged["rejected"], "answers": answers}

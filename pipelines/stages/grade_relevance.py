@@ -1,13 +1,15 @@
 """Stage 4, GradeRelevance: drop noisy generated pairs with two combinable graders.
 
-Input: PAIR rows, plus (when the round-trip grader is on) the teacher's rank of each pair's positive for its query.
-Output: `{"kept": GRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer}`; every input pair ends in exactly
-one of kept / rejected, and a rejected pair keeps the scores and reasons that rejected it.
+Input: PAIR rows, plus (when the round-trip grader is on) the run's teacher vectors, from which the stage ranks each
+pair's positive for its query. Output: `{"kept": GRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer}`;
+every input pair ends in exactly one of kept / rejected, and a rejected pair keeps the scores and reasons that
+rejected it.
 
 - LLM grading: the `relevance_grading` prompt returns a reason and a 0-3 grade; pairs below `llm_min_relevance` go.
   Measured here: the tiny local LLM's judgments are at chance, so offline runs default to round-trip only.
 - Round-trip consistency (Promptagator): the positive must rank in the teacher's top `roundtrip_top_k` for its own
-  query; the ranks come from the same exact faiss search the mining stage uses (`ranks` input).
+  query; the stage ranks it with the same exact sharded search the mining stage uses (pipelines/sharded_search.py),
+  over the teacher's passage vectors, for the teacher's query vectors.
 
 Candidates (`generate.queries.candidates` > 1, `select_candidates`): query generation wrote several candidate queries
 per slot, all with the slot's `query_id`. Of the candidates of a slot that passed the graders, the least extractive
@@ -26,10 +28,12 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipelines.clients.base import GenerationConfig
-from pipelines.clients.specs import LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
+from pipelines.clients.base import GenerationConfig, TaskType
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
+from pipelines.model_access import ModelAccess
+from pipelines.sharded_search import ShardedTopK
 from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages.embed_teacher import TeacherVectors
 from pipelines.stages.generate_queries import candidate_number
 from pipelines.stages.text_overlap import extractive_share
 from prompts import get_prompt
@@ -98,6 +102,15 @@ def grade_pair(
     return "kept", graded
 
 
+def positive_rank(element: tuple[str, dict[str, list[Any]]]) -> Iterator[tuple[str, int | None]]:
+    """(pair_id, {"hits": [the query's top hits], "pairs": [its positive's passage_id]}) -> (pair_id, 1-based rank of
+    the positive among the hits, or None when it is not among them)."""
+    pair_id, grouped = element
+    for passage_id in grouped["pairs"]:
+        ranked = [candidate for hits in grouped["hits"] for candidate, _ in hits]
+        yield pair_id, (ranked.index(passage_id) + 1 if passage_id in ranked else None)
+
+
 def select_candidate(graded: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
     """The graded pairs of one slot (one `query_id`): ("kept", the least extractive) and ("rejected", each other one
     as `surplus_candidate`). Ties go to the earlier candidate, so the first (temperature 0) wins when all are equal."""
@@ -145,21 +158,22 @@ class _SelectFn(beam.DoFn):
 
 
 class GradeRelevance(beam.PTransform):
-    """{"pairs": PAIR rows, "ranks": (pair_id, rank | None)} -> kept / rejected / answers.
+    """{"pairs": PAIR rows, "vectors": the run's teacher vectors (EmbedTeacher's kept items; read only by the round
+    trip)} -> kept / rejected / answers.
 
-    `select_candidates`: the pairs hold several candidates per `query_id`; keep one of each (see the module docstring).
+    `llm` serves the LLM grader. `select_candidates`: the pairs hold several candidates per `query_id`; keep one of
+    each (see the module docstring). `shard_size`: passages per shard of the round trip's search.
     """
 
-    def __init__(self, config: GradeRelevanceConfig, llm: LLMSpec | None = None, cache_dir: str | None = None,
-                 budget: RunBudget | None = None, select_candidates: bool = False):
+    def __init__(self, config: GradeRelevanceConfig, llm: ModelAccess | None = None, select_candidates: bool = False,
+                 shard_size: int = 1_000_000):
         super().__init__()
         if config.use_llm and llm is None:
             raise ValueError("GradeRelevance: use_llm needs an LLM spec")
         self._config = config
         self._llm = llm
-        self._cache_dir = cache_dir
-        self._budget = budget
         self._select_candidates = select_candidates
+        self._shard_size = shard_size
 
     def expand(self, inputs):
         pairs = inputs["pairs"]
@@ -169,12 +183,13 @@ class GradeRelevance(beam.PTransform):
             answers = (
                 pairs
                 | "Requests" >> beam.Map(build_request, self._config)
-                | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
+                | "CallLLM" >> CallLLM(self._llm, STAGE)
             )
         else:
             answers = pipeline | "NoAnswers" >> beam.Create([])
-        ranks = inputs.get("ranks") if self._config.use_roundtrip else None
-        if ranks is None:
+        if self._config.use_roundtrip:
+            ranks = self._round_trip_ranks(pairs, inputs["vectors"])
+        else:
             ranks = pipeline | "NoRanks" >> beam.Create([])
         graded = (
             {
@@ -195,3 +210,16 @@ class GradeRelevance(beam.PTransform):
         )
         rejected = (graded["rejected"], selected["rejected"]) | "AllRejected" >> beam.Flatten()
         return {"kept": selected["kept"], "rejected": rejected, "answers": answers}
+
+    def _round_trip_ranks(self, pairs, vectors):
+        """(pair_id, rank of the pair's positive in the teacher's top `roundtrip_top_k` for its query, or None)."""
+        hits = {
+            "queries": vectors | "QueryVectors" >> TeacherVectors(TaskType.RETRIEVAL_QUERY),
+            "passages": vectors | "PassageVectors" >> TeacherVectors(TaskType.RETRIEVAL_DOCUMENT),
+        } | "RoundTripSearch" >> ShardedTopK(self._config.roundtrip_top_k, self._shard_size, stage=STAGE)
+        return (
+            {"hits": hits, "pairs": pairs | "PairPositive" >> beam.Map(lambda pair: (pair["pair_id"],
+                                                                                       pair["passage_id"]))}
+            | "JoinHits" >> beam.CoGroupByKey()
+            | "Rank" >> beam.FlatMap(positive_rank)
+        )

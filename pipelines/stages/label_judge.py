@@ -48,8 +48,8 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.clients.base import GenerationConfig, TaskType
-from pipelines.clients.specs import EmbedderSpec, LLMSpec
-from pipelines.llm_calls import BUDGET_REASON, CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
+from pipelines.llm_calls import BUDGET_REASON, CallLLM, LLMAnswer, LLMRequest, failure_reason
+from pipelines.model_access import ModelAccess
 from pipelines.stages import StageCounters, rejected_row
 from pipelines.stages.embed_teacher import EmbedTeacher, EmbedTeacherConfig
 from pipelines.stages.task_spec import TaskSpec, TaskSpecError
@@ -284,17 +284,16 @@ class JudgeLabels(beam.PTransform):
     """
 
     def __init__(self, spec: TaskSpec, *, stage: str, judge: str = "teacher", margin: float = 0.0,
-                 llm: LLMSpec | None = None, teacher: EmbedderSpec | None = None,
-                 embed: EmbedTeacherConfig | None = None, cache_dir: str | None = None,
-                 budget: RunBudget | None = None):
+                 llm: ModelAccess | None = None, teacher: ModelAccess | None = None,
+                 embed: EmbedTeacherConfig | None = None):
         super().__init__()
         if judge not in JUDGES:
             raise ValueError(f"judge must be one of {', '.join(JUDGES)}, got {judge!r}")
         if uses_teacher(judge) and teacher is None:
-            raise ValueError(f"judge {judge!r} needs the run's teacher (an EmbedderSpec)")
+            raise ValueError(f"judge {judge!r} needs the run's teacher (an embedder's ModelAccess)")
         if uses_llm(judge):
             if llm is None:
-                raise ValueError(f"judge {judge!r} needs an LLMSpec")
+                raise ValueError(f"judge {judge!r} needs an LLM's ModelAccess")
             if len(spec.labels) > MAX_LABELS:
                 raise TaskSpecError(f"{spec.source}: {len(spec.labels)} labels, more than the {MAX_LABELS} the LLM "
                                     f"judge lists in one prompt; set generate.counterfactuals.judge = \"teacher\"")
@@ -305,8 +304,6 @@ class JudgeLabels(beam.PTransform):
         self._llm = llm
         self._teacher = teacher
         self._embed = embed or EmbedTeacherConfig()
-        self._cache_dir = cache_dir
-        self._budget = budget
 
     def expand(self, candidates):
         pipeline = candidates.pipeline
@@ -319,7 +316,7 @@ class JudgeLabels(beam.PTransform):
             judged_answers = (
                 candidates
                 | "JudgeRequests" >> beam.Map(judge_request, self._spec)
-                | "CallJudgeLLM" >> CallLLM(self._llm, self._stage, self._cache_dir, self._budget)
+                | "CallJudgeLLM" >> CallLLM(self._llm, self._stage)
             )
             judged = judged_answers | "LLMVerdicts" >> beam.ParDo(
                 _LLMVerdictFn(self._spec, self._stage)).with_outputs(REJECTED, main="kept")
@@ -340,8 +337,7 @@ class JudgeLabels(beam.PTransform):
                 lambda candidate: {"id": _CANDIDATE + candidate["row"]["example_id"],
                                    "text": candidate["row"]["text"], "task_type": TASK_TYPE.value}),
         ) | "TeacherTexts" >> beam.Flatten()
-        embedded = texts | "TeacherEmbeddings" >> EmbedTeacher(self._teacher, self._embed, self._cache_dir,
-                                                               self._budget)
+        embedded = texts | "TeacherEmbeddings" >> EmbedTeacher(self._teacher, self._embed)
         tallies += [
             embedded["sent"] | "TeacherUsage" >> beam.FlatMap(_teacher_usage),
             embedded["cache_hits"] | "TeacherHits" >> beam.FlatMap(
