@@ -14,7 +14,7 @@ from pipelines.clients.factory import embedder_identity, llm_identity
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 
 if TYPE_CHECKING:
-    from pipelines.llm_calls import RunBudget
+    from pipelines.budget import RunBudget
 
 
 class ModelIdentity(NamedTuple):

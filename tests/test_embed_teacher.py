@@ -5,11 +5,11 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipelines.budget import RunBudget, Spend, cheapest_prefix
 from pipelines.cache import EMBEDDING_CACHE, cache_files, read_cache_file
 from pipelines.clients.base import TaskType
 from pipelines.clients.factory import embedder_identity
 from pipelines.clients.specs import EmbedderSpec
-from pipelines.llm_calls import RunBudget, Spend, cheapest_prefix
 from pipelines.model_access import ModelAccess
 from pipelines.stages.embed_teacher import (
     EmbedTeacher,

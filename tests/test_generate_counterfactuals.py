@@ -15,9 +15,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import CLASSIFICATION_EXAMPLE, REJECTED, stage_balances, validate_rows
+from pipelines.budget import RunBudget
 from pipelines.clients.base import TaskType, Usage
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
-from pipelines.llm_calls import LLMAnswer, RunBudget
+from pipelines.llm_calls import LLMAnswer
 from pipelines.model_access import ModelAccess
 from pipelines.stages.generate_counterfactuals import (
     STAGE,

@@ -22,21 +22,23 @@ from pipelines.llm_calls import LLMAnswer
 from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.sharded_search import pack_vector, teacher_score
 from pipelines.stages import rejected_row
-from pipelines.stages.mine_negatives import (
+from pipelines.stages.candidate_scoring import (
     RRF_K,
+    LLMJudgement,
+    build_llm_requests,
+    decide_relabel,
+    fuse_llm_scores,
+    read_judgement,
+)
+from pipelines.stages.mine_negatives import (
     STAGE,
     Candidate,
-    LLMJudgement,
     MineNegatives,
     MineNegativesConfig,
     _MineEmbedded,
-    build_llm_requests,
     build_triplet,
-    decide_relabel,
-    fuse_llm_scores,
     judge_candidates,
     mine_without_llm,
-    read_judgement,
     rejected_payload,
     select_candidates,
 )
@@ -247,7 +249,8 @@ def test_llm_requests_cover_the_positive_and_the_top_candidates_and_read_back() 
     row = _row()
     selection = select_candidates("pos", "x is y.", 0.6, [_candidate(f"c{i}", 0.5 - i / 10) for i in range(4)],
                                   config)
-    requests = build_llm_requests(row, selection, config)
+    scored = [(candidate.passage_id, candidate.text) for candidate in selection.candidates[:config.llm_candidates]]
+    requests = build_llm_requests(row, scored, query_likelihood=config.query_likelihood)
     assert [r.request_id for r in requests] == [
         f"pair-1/{pid}/{signal}" for pid in ("pos", "c0", "c1") for signal in ("relevance", "likelihood")
     ]
@@ -363,7 +366,9 @@ def _run_mining(
         answers = outputs["answers"] | f"{label}/CountAnswers" >> beam.combiners.Count.Globally()
         assert_that(answers, equal_to([expected_answers]), label=f"{label}/CheckAnswers")
         if expected_statistics is not None:
-            statistics = outputs["statistics"] | f"{label}/StatisticNames" >> beam.Map(lambda kv: (kv[0][1], kv[1]))
+            statistics = (outputs["tallies"]
+                          | f"{label}/Statistics" >> beam.Filter(lambda kv: kv[0][0] == "mining")
+                          | f"{label}/StatisticNames" >> beam.Map(lambda kv: (kv[0][1], kv[1])))
             assert_that(statistics, equal_to(list(expected_statistics.items())), label=f"{label}/CheckStatistics")
     result = pipeline.run()
     result.wait_until_finish()

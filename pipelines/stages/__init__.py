@@ -1,11 +1,12 @@
 """Pipeline stages: one module, one public PTransform each.
 
-Conventions every stage follows, so `run.py` can account for every row:
-- `expand` returns `{"kept": PCollection, "rejected": PCollection}` (plus stage-specific extras where documented).
+Conventions every stage follows, so the run can account for every row:
+- `expand` returns `{"kept": PCollection, "rejected": PCollection, "tallies": PCollection}` (plus stage-specific
+  extras where documented).
 - Rejected rows are built with `rejected_row` and match `data_schemas.REJECTED`; `reason` is a short snake_case code
   that the manifest aggregates, `detail` the human sentence.
-- DoFns count in Beam metrics under namespace `embforge.<stage>`: `input`, `kept`, `rejected` and
-  `rejected.<reason>`, through `StageCounters`.
+- DoFns count input, kept, rejected (by reason), skipped and expanded rows through `pipelines.accounting.StageTally`,
+  which feeds both the Beam metrics (namespace `embforge.<stage>`) and the stage's "tallies" for the manifest.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import hashlib
 import json
 from typing import Any
 
-import apache_beam as beam
-
 # Text comparison lives in text_overlap; `normalize` is re-exported because every stage compares texts in its form.
 from pipelines.stages.text_overlap import normalize
 
-__all__ = ["StageCounters", "normalize", "rejected_row", "stable_hash"]
+__all__ = ["normalize", "rejected_row", "stable_hash"]
 
 
 def stable_hash(*parts: object) -> int:
@@ -52,25 +51,3 @@ def rejected_row(
         "raw_answer": raw_answer,
         "detail": detail,
     }
-
-
-class StageCounters:
-    """Beam metrics for one stage: input, kept, rejected and rejected.<reason>."""
-
-    def __init__(self, stage: str):
-        self.namespace = f"embforge.{stage}"
-        self.input = beam.metrics.Metrics.counter(self.namespace, "input")
-        self.kept = beam.metrics.Metrics.counter(self.namespace, "kept")
-        self.rejected = beam.metrics.Metrics.counter(self.namespace, "rejected")
-
-    def reject(self, reason: str) -> None:
-        self.rejected.inc()
-        beam.metrics.Metrics.counter(self.namespace, f"rejected.{reason}").inc()
-
-    def route(self, outcome: str, row: dict[str, Any]) -> Any:
-        """Count a ("kept" | "rejected", row) outcome; return the row for the main output, or tagged "rejected"."""
-        if outcome == "kept":
-            self.kept.inc()
-            return row
-        self.reject(row["reason"])
-        return beam.pvalue.TaggedOutput("rejected", row)

@@ -3,7 +3,7 @@
 Input: a task spec file (YAML or JSON, read through Beam filesystems, so `gs://` works; format and checks in
 pipelines/stages/task_spec.py), loaded when the pipeline is built so a broken spec stops the run before any work.
 Output: `{"kept": CLASSIFICATION_EXAMPLE rows, "rejected": REJECTED rows, "tallies": manifest tallies (the stage's
-counts, and the label judge's teacher usage), "answers": LLMAnswer for usage (generation and LLM judge)}`.
+rows and rejections, its LLM usage and the label judge's), "answers": LLMAnswer (generation and LLM judge)}`.
 
 Three kinds of kept rows (`origin`):
 - "seed": the spec's own labelled examples (when `include_seed_examples`).
@@ -33,8 +33,8 @@ chunk of `examples_per_request` new examples, one per seed and target label for 
 `skipped`. A request's answer ends as one rejected row (`llm_failed`) or as one row per text it listed, each kept or
 rejected; the rows beyond the first of an answer are reported as `expanded`. The label judge takes one row and gives
 back one outcome, so it adds no unit. So the manifest's balance holds: `input + expanded = kept + rejected +
-skipped`. The "tallies" output carries input, expanded, kept and skipped (rejected is counted from the rejected rows,
-as for every stage).
+skipped`. The "tallies" output carries input, expanded, kept, skipped and every rejection's reason, counted where
+the row is decided (pipelines/accounting.py).
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ from typing import Any, Literal
 import apache_beam as beam
 import numpy as np
 
+from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
 from pipelines.clients.base import GenerationConfig
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
 from pipelines.model_access import ModelAccess
-from pipelines.stages import StageCounters, normalize, rejected_row, stable_hash
+from pipelines.stages import normalize, rejected_row, stable_hash
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.label_judge import JUDGES, JudgeLabels
 from pipelines.stages.task_spec import (  # noqa: F401 - re-exported: the stage's public names, as before the split
@@ -434,40 +435,33 @@ def resolve_duplicates(candidates: Iterable[Mapping[str, Any]]) -> list[tuple[st
 
 # --- Beam ------------------------------------------------------------------------------------------------------------
 
-TALLIES = "tallies"
 REJECTED = "rejected"
 
 
-def _tally(name: str, count: int = 1) -> beam.pvalue.TaggedOutput:
-    return beam.pvalue.TaggedOutput(TALLIES, (("stage", STAGE, name), count))
-
-
-class _SeedFn(beam.DoFn):
+class _SeedFn(CountingDoFn):
     def __init__(self):
-        self._counters = StageCounters(STAGE)
+        super().__init__(STAGE)
 
     def process(self, outcome: tuple[str, dict[str, Any] | None]):
         kind, row = outcome
-        self._counters.input.inc()
-        yield _tally("input")
+        self.tally.count("input")
         if kind == "kept":
-            self._counters.kept.inc()
-            yield _tally("kept")
+            self.tally.count("kept")
             yield row
         elif kind == "skipped":
-            yield _tally("skipped")
+            self.tally.count("skipped")
         else:
             assert row is not None
-            self._counters.reject(row["reason"])
+            self.tally.reject(row["reason"])
             yield beam.pvalue.TaggedOutput(REJECTED, row)
 
 
-class _JudgeFn(beam.DoFn):
+class _JudgeFn(CountingDoFn):
     def __init__(self, spec: TaskSpec, config: GenerateCounterfactualsConfig, llm_model: str):
+        super().__init__(STAGE)
         self._spec = spec
         self._config = config
         self._llm_model = llm_model
-        self._counters = StageCounters(STAGE)
         self._seeds_by_text: dict[str, SeedExample] = {}
 
     def setup(self) -> None:
@@ -475,24 +469,23 @@ class _JudgeFn(beam.DoFn):
 
     def process(self, answer: LLMAnswer):
         outcomes = judge_answer(answer, self._spec, self._config, self._llm_model, self._seeds_by_text)
-        self._counters.input.inc()
-        yield _tally("input")
+        self.tally.count("input")
         # One unit, len(outcomes) rows: the rows beyond the first are the fan-out the manifest calls "expanded".
         if len(outcomes) > 1:
-            yield _tally("expanded", len(outcomes) - 1)
+            self.tally.count("expanded", len(outcomes) - 1)
         for kind, row in outcomes:
             if kind == "candidate":
                 yield text_key(row["row"]["text"]), row
             else:
-                self._counters.reject(row["reason"])
+                self.tally.reject(row["reason"])
                 yield beam.pvalue.TaggedOutput(REJECTED, row)
 
 
-class _ResolveFn(beam.DoFn):
+class _ResolveFn(CountingDoFn):
     """One text's candidates -> the copy that goes on to the label judge (main output) or REJECTED rows."""
 
     def __init__(self):
-        self._counters = StageCounters(STAGE)
+        super().__init__(STAGE)
 
     def process(self, element):
         _, candidates = element
@@ -501,19 +494,18 @@ class _ResolveFn(beam.DoFn):
             if kind == "kept":
                 yield by_id[row["example_id"]]
             else:
-                self._counters.reject(row["reason"])
+                self.tally.reject(row["reason"])
                 yield beam.pvalue.TaggedOutput(REJECTED, row)
 
 
-class _KeptFn(beam.DoFn):
+class _KeptFn(CountingDoFn):
     """A candidate the label judge kept -> its row, counted as kept."""
 
     def __init__(self):
-        self._counters = StageCounters(STAGE)
+        super().__init__(STAGE)
 
     def process(self, candidate):
-        self._counters.kept.inc()
-        yield _tally("kept")
+        self.tally.count("kept")
         yield candidate["row"]
 
 
@@ -547,19 +539,19 @@ class GenerateCounterfactuals(beam.PTransform):
             | "SeedRows" >> beam.Create(seed_outcomes(spec, self._config))
             | "Seeds" >> beam.ParDo(_SeedFn()).with_outputs(REJECTED, TALLIES, main="kept")
         )
-        answers = (
+        called = (
             pbegin
             | "Units" >> beam.Create(plan_units(spec, self._config))
             | "Requests" >> beam.Map(build_request, spec, self._config)
             | "CallLLM" >> CallLLM(self._llm, STAGE)
         )
-        judged = answers | "Judge" >> beam.ParDo(
+        judged = called["answers"] | "Judge" >> beam.ParDo(
             _JudgeFn(spec, self._config, self._llm.spec.model_name)).with_outputs(REJECTED, TALLIES, main="candidates")
         # Duplicates across requests and labels: one group per normalized text, decided in one place.
         resolved = (
             judged["candidates"]
             | "ByText" >> beam.GroupByKey()
-            | "Resolve" >> beam.ParDo(_ResolveFn()).with_outputs(REJECTED, main="survivors")
+            | "Resolve" >> beam.ParDo(_ResolveFn()).with_outputs(REJECTED, TALLIES, main="survivors")
         )
         # After the duplicate check: copies of one text share one label, so judging the surviving copy judges them all.
         labelled = resolved["survivors"] | "JudgeLabels" >> judge
@@ -567,10 +559,7 @@ class GenerateCounterfactuals(beam.PTransform):
         kept = (seeds["kept"], accepted["kept"]) | "Kept" >> beam.Flatten()
         rejected = ((seeds[REJECTED], judged[REJECTED], resolved[REJECTED], labelled["rejected"])
                     | "Rejected" >> beam.Flatten())
-        tallies = (
-            (seeds[TALLIES], judged[TALLIES], accepted[TALLIES], labelled["tallies"])
-            | "AllTallies" >> beam.Flatten()
-            | "SumTallies" >> beam.CombinePerKey(sum)
-        )
-        all_answers = (answers, labelled["answers"]) | "AllAnswers" >> beam.Flatten()
+        tallies = sum_tallies((seeds[TALLIES], called["tallies"], judged[TALLIES], resolved[TALLIES],
+                               labelled["tallies"], accepted[TALLIES]))
+        all_answers = (called["answers"], labelled["answers"]) | "AllAnswers" >> beam.Flatten()
         return {"kept": kept, "rejected": rejected, "tallies": tallies, "answers": all_answers}

@@ -1,7 +1,8 @@
 """Stage 4, GradeRelevance: drop noisy generated pairs with two combinable graders.
 
 Input: PAIR rows, plus (when the round-trip grader is on) the run's teacher vectors, from which the stage ranks each
-pair's positive for its query. Output: `{"kept": GRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer}`;
+pair's positive for its query. Output: `{"kept": GRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer,
+"tallies": the stage's rows and LLM usage}`;
 every input pair ends in exactly one of kept / rejected, and a rejected pair keeps the scores and reasons that
 rejected it.
 
@@ -28,11 +29,12 @@ from typing import Any
 
 import apache_beam as beam
 
+from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
 from pipelines.clients.base import GenerationConfig, TaskType
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
 from pipelines.model_access import ModelAccess
 from pipelines.sharded_search import ShardedTopK
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages import rejected_row
 from pipelines.stages.embed_teacher import TeacherVectors
 from pipelines.stages.generate_queries import candidate_number
 from pipelines.stages.text_overlap import extractive_share
@@ -127,10 +129,10 @@ def select_candidate(graded: Iterable[dict[str, Any]]) -> Iterator[tuple[str, di
             detail=f"{share:.0%} of its word pairs come from the passage; {best['pair_id']} copies {best_share:.0%}")
 
 
-class _GradeFn(beam.DoFn):
+class _GradeFn(CountingDoFn):
     def __init__(self, config: GradeRelevanceConfig):
+        super().__init__(STAGE)
         self._config = config
-        self._counters = StageCounters(STAGE)
 
     def process(self, element) -> Iterator[Any]:
         _, grouped = element
@@ -138,14 +140,14 @@ class _GradeFn(beam.DoFn):
         ranks = list(grouped["ranks"])
         # Evidence without a pair (a key only in answers or ranks) yields nothing: the loop does not run.
         for pair in list(grouped["pairs"])[:1]:
-            self._counters.input.inc()
-            yield self._counters.route(*grade_pair(pair, answers[0] if answers else None,
+            self.tally.count("input")
+            yield self.tally.route(*grade_pair(pair, answers[0] if answers else None,
                                                    ranks[0] if ranks else None, self._config))
 
 
-class _SelectFn(beam.DoFn):
+class _SelectFn(CountingDoFn):
     def __init__(self):
-        self._counters = StageCounters(STAGE)
+        super().__init__(STAGE)
 
     def process(self, element) -> Iterator[Any]:
         _, graded = element
@@ -153,8 +155,8 @@ class _SelectFn(beam.DoFn):
             if outcome == "kept":
                 yield row
             else:
-                self._counters.kept.dec()  # counted kept by grading; a surplus candidate moves to rejected
-                yield self._counters.route(outcome, row)
+                self.tally.count("kept", -1)  # counted kept by grading; a surplus candidate moves to rejected
+                yield self.tally.route(outcome, row)
 
 
 class GradeRelevance(beam.PTransform):
@@ -178,13 +180,16 @@ class GradeRelevance(beam.PTransform):
     def expand(self, inputs):
         pairs = inputs["pairs"]
         pipeline = pairs.pipeline
+        tallies = []
         if self._config.use_llm:
             assert self._llm is not None
-            answers = (
+            called = (
                 pairs
                 | "Requests" >> beam.Map(build_request, self._config)
                 | "CallLLM" >> CallLLM(self._llm, STAGE)
             )
+            answers = called["answers"]
+            tallies.append(called["tallies"])
         else:
             answers = pipeline | "NoAnswers" >> beam.Create([])
         if self._config.use_roundtrip:
@@ -198,18 +203,21 @@ class GradeRelevance(beam.PTransform):
                 "ranks": ranks,
             }
             | "Join" >> beam.CoGroupByKey()
-            | "Grade" >> beam.ParDo(_GradeFn(self._config)).with_outputs("rejected", main="kept")
+            | "Grade" >> beam.ParDo(_GradeFn(self._config)).with_outputs("rejected", TALLIES, main="kept")
         )
+        tallies.append(graded[TALLIES])
         if not self._select_candidates:
-            return {"kept": graded["kept"], "rejected": graded["rejected"], "answers": answers}
+            return {"kept": graded["kept"], "rejected": graded["rejected"], "answers": answers,
+                    "tallies": sum_tallies(tallies)}
         selected = (
             graded["kept"]
             | "BySlot" >> beam.Map(lambda pair: (pair["query_id"], pair))
             | "GroupSlots" >> beam.GroupByKey()
-            | "SelectCandidate" >> beam.ParDo(_SelectFn()).with_outputs("rejected", main="kept")
+            | "SelectCandidate" >> beam.ParDo(_SelectFn()).with_outputs("rejected", TALLIES, main="kept")
         )
+        tallies.append(selected[TALLIES])
         rejected = (graded["rejected"], selected["rejected"]) | "AllRejected" >> beam.Flatten()
-        return {"kept": selected["kept"], "rejected": rejected, "answers": answers}
+        return {"kept": selected["kept"], "rejected": rejected, "answers": answers, "tallies": sum_tallies(tallies)}
 
     def _round_trip_ranks(self, pairs, vectors):
         """(pair_id, rank of the pair's positive in the teacher's top `roundtrip_top_k` for its query, or None)."""

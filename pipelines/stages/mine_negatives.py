@@ -16,7 +16,7 @@ Inside, the mining works on `queries` and `passages` (`_MineEmbedded`):
   normalized. A passage without an embedding, or of another dimension than the queries, is a pipeline error (raised),
   not data.
 
-Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows, "answers": LLMAnswer, "statistics": tallies}` (see
+Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows, "answers": LLMAnswer, "tallies": tallies}` (see
 `MineNegatives`). Every input query ends in exactly one of kept and rejected. Reasons: `missing_field` (a required
 field is absent or empty), `missing_embedding` (no query_embedding, or no positive_embedding and the positive is not in
 the corpus), `embedding_mismatch` (query and positive embeddings differ in dimension), `duplicate_pair_id` (every row
@@ -45,35 +45,21 @@ query group, and hands out hits with their passage texts (and vectors, with `kee
 positive_embedding asks it for its positive's vector, which the shard holding it returns. The per-shard results are
 merged in the one join with the query rows, keyed by pair_id: no join of hits with the corpus afterwards.
 
-LLM decisions, and why:
-
-- Relevance grades use the 0-3 scale of `negative_scoring`. A candidate graded `llm_relevant_grade` (2, "partially
-  answers") or more is a false negative and is dropped: contrastive training would push the query away from a passage
-  that answers it. Grade 1 ("on the topic but does not answer") is exactly the hard negative we want.
-- The positive is graded the same way. Relabel when the top fused candidate has grade >= `relabel_min_grade` (3),
-  a strictly higher grade than the positive and a strictly higher fused score: both signals and the absolute grade
-  must agree before a generated pair is changed. The old positive is then dropped, not kept as a negative: it was
-  written from and graded for this query, so as a negative it would almost surely be a false negative.
-- A candidate whose LLM answer failed (unparseable, off-schema, non-finite log-probability) is not used as a negative:
-  without a grade it cannot be ruled out as a false negative, and candidates are plentiful. Failures are counted
-  (`dropped.llm_failed`; `dropped.llm_skipped` when the run's LLM budget left the request uncalled); when they
-  leave too few negatives the rejection carries the first failed raw answer. A failed grade of the positive disables
-  relabelling and the positive check for that query (`positive_llm_failed`).
-- `negative_llm_scores` holds each negative's fused RRF score, sum over signals of 1 / (60 + rank) within this query's
-  judged passages (positive included), ranks 1-based with ties sharing the best rank. Higher means more relevant.
+How the LLM's grades decide (which candidates drop, when the positive is relabelled, what a failed answer means):
+pipelines/stages/candidate_scoring.py.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import apache_beam as beam
 
+from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
 from pipelines.clients.base import TaskType
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest
+from pipelines.llm_calls import CallLLM, LLMAnswer
 from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.sharded_search import (
     DEFAULT_QUERY_BATCH_SIZE,
@@ -83,17 +69,20 @@ from pipelines.sharded_search import (
     teacher_score,
     unpack_vector,
 )
-from pipelines.stages import StageCounters, normalize, rejected_row
+from pipelines.stages import normalize, rejected_row
+from pipelines.stages.candidate_scoring import (
+    LIKELIHOOD,
+    RELEVANCE,
+    LLMJudgement,
+    build_llm_requests,
+    decide_relabel,
+    fuse_llm_scores,
+    read_judgement,
+)
 from pipelines.stages.embed_teacher import TeacherVectors
-from prompts import get_prompt
 
 STAGE = "mine_negatives"
 
-#: Reciprocal rank fusion constant: 60 is the standard value (Cormack et al., 2009), also used by Gecko.
-RRF_K = 60
-
-_RELEVANCE = "relevance"
-_LIKELIHOOD = "likelihood"
 _EMBEDDING_FIELDS = ("query_embedding", "positive_embedding")
 _REQUIRED_FIELDS = ("pair_id", "query_id", "query", "task", "passage_id", "passage")
 
@@ -259,119 +248,6 @@ def positive_candidate(row: Mapping[str, Any], positive_score: float, config: Mi
 # --- LLM scoring ------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LLMJudgement:
-    """One LLM answer about one (query, passage), reduced to what the fusion needs."""
-
-    pair_id: str
-    passage_id: str
-    #: "relevance" (grade 0-3) or "likelihood" (log p(query | passage)).
-    signal: str
-    ok: bool
-    value: float | None
-    raw: str
-    error: str | None = None
-    #: Not called because the run's LLM call budget was spent (`LLMAnswer.source == "budget"`).
-    skipped: bool = False
-
-
-def build_llm_requests(
-    row: Mapping[str, Any], selection: CandidateSelection, config: MineNegativesConfig
-) -> list[LLMRequest]:
-    """Requests for the positive and the `llm_candidates` hardest candidates.
-
-    Each request's `context` is (pair_id, passage_id, signal): what `read_judgement` needs to re-join the answer.
-    """
-    pair_id, query = row["pair_id"], row["query"]
-    scored = [(row["passage_id"], row["passage"])]
-    scored += [(candidate.passage_id, candidate.text) for candidate in selection.candidates[: config.llm_candidates]]
-    grading = get_prompt("negative_scoring")
-    likelihood = get_prompt("query_likelihood") if config.query_likelihood else None
-    requests = []
-    for passage_id, text in scored:
-        requests.append(LLMRequest(
-            request_id=f"{pair_id}/{passage_id}/{_RELEVANCE}",
-            prompt_name=grading.name,
-            prompt_version=grading.version,
-            messages=grading.render(query=query, passage=text),
-            output_model=grading.output_model,
-            context=(pair_id, passage_id, _RELEVANCE),
-        ))
-        if likelihood is not None:
-            requests.append(LLMRequest(
-                request_id=f"{pair_id}/{passage_id}/{_LIKELIHOOD}",
-                prompt_name=likelihood.name,
-                prompt_version=likelihood.version,
-                messages=likelihood.render(passage=text),
-                mode="score",
-                continuations=(likelihood.format_answer({"query": query}),),
-                context=(pair_id, passage_id, _LIKELIHOOD),
-            ))
-    return requests
-
-
-def read_judgement(answer: LLMAnswer) -> LLMJudgement:
-    pair_id, passage_id, signal = answer.request.context
-    value: float | None = None
-    ok, error = answer.ok, answer.error
-    if ok and answer.value is not None:
-        value = float(answer.value["relevance"] if signal == _RELEVANCE else answer.value["logprobs"][0])
-        if not math.isfinite(value):
-            ok, error, value = False, f"non-finite {signal} {value}", None
-    elif ok:
-        ok, error = False, "answer has no value"
-    return LLMJudgement(pair_id, passage_id, signal, ok, value, answer.raw, error, answer.source == "budget")
-
-
-def fuse_llm_scores(signals: Sequence[Mapping[str, float]], *, rrf_k: int = RRF_K) -> dict[str, float]:
-    """Reciprocal rank fusion: sum over signals of 1 / (rrf_k + rank), higher is more relevant.
-
-    Each signal maps passage_id -> score (higher = more relevant) over the same passages. Ranks are 1-based and equal
-    scores share the best rank (grades are 0-3, so ties are the rule): equal evidence gets equal credit.
-    """
-    if not signals:
-        return {}
-    items = set(signals[0])
-    for signal in signals[1:]:
-        if set(signal) != items:
-            raise ValueError("every signal must score the same passages")
-    fused = dict.fromkeys(items, 0.0)
-    for signal in signals:
-        ordered = sorted(signal.values(), reverse=True)
-        best_rank = {}
-        for rank, score in enumerate(ordered, start=1):
-            best_rank.setdefault(score, rank)
-        for passage_id, score in signal.items():
-            fused[passage_id] += 1.0 / (rrf_k + best_rank[score])
-    return fused
-
-
-def decide_relabel(
-    positive_id: str,
-    grades: Mapping[str, int],
-    fused: Mapping[str, float],
-    teacher_scores: Mapping[str, float],
-    *,
-    min_grade: int,
-) -> str | None:
-    """The passage_id that should replace the positive, or None.
-
-    The top fused candidate (ties: higher grade, higher teacher score, passage_id) replaces the positive only when its
-    grade is at least `min_grade`, strictly above the positive's, and its fused score is strictly above the positive's.
-    No grade for the positive (failed answer) means no relabel.
-    """
-    if positive_id not in grades:
-        return None
-    others = [passage_id for passage_id in grades if passage_id != positive_id]
-    if not others:
-        return None
-    best = min(others, key=lambda pid: (-fused[pid], -grades[pid], -teacher_scores.get(pid, 0.0), pid))
-    clearly_better = (
-        grades[best] >= min_grade and grades[best] > grades[positive_id] and fused[best] > fused[positive_id]
-    )
-    return best if clearly_better else None
-
-
 # --- Outcomes ---------------------------------------------------------------------------------------------------------
 
 
@@ -441,7 +317,7 @@ def judge_candidates(
     """Steps 4 and 5 with LLM scoring: fuse, relabel, drop what the LLM finds relevant, keep the hardest."""
     positive = positive_candidate(row, selection.positive_score, config)
     scored = selection.candidates[: config.llm_candidates]
-    signals = (_RELEVANCE, _LIKELIHOOD) if config.query_likelihood else (_RELEVANCE,)
+    signals = (RELEVANCE, LIKELIHOOD) if config.query_likelihood else (RELEVANCE,)
     answers = {(judgement.passage_id, judgement.signal): judgement for judgement in judgements}
 
     complete: list[str] = []
@@ -453,10 +329,10 @@ def judge_candidates(
             failed.append(bad[0])
         else:
             complete.append(passage_id)
-    grades = {pid: int(answers[(pid, _RELEVANCE)].value) for pid in complete}  # type: ignore[arg-type]
+    grades = {pid: int(answers[(pid, RELEVANCE)].value) for pid in complete}  # type: ignore[arg-type]
     signal_scores: list[Mapping[str, float]] = [grades]
     if config.query_likelihood:
-        signal_scores.append({pid: answers[(pid, _LIKELIHOOD)].value for pid in complete})  # type: ignore[misc]
+        signal_scores.append({pid: answers[(pid, LIKELIHOOD)].value for pid in complete})  # type: ignore[misc]
     fused = fuse_llm_scores(signal_scores)
     failed_raw = next((judgement.raw for judgement in failed if judgement is not None and judgement.raw), None)
     positive_failed = positive.passage_id not in grades
@@ -476,7 +352,7 @@ def judge_candidates(
             positive.passage_id, grades, fused, teacher, min_grade=config.relabel_min_grade
         )
     if new_positive_id is None and not positive_failed and grades[positive.passage_id] < config.min_positive_grade:
-        positive_raw = answers[(positive.passage_id, _RELEVANCE)].raw
+        positive_raw = answers[(positive.passage_id, RELEVANCE)].raw
         detail = (f"the LLM graded the positive {grades[positive.passage_id]} (< min_positive_grade "
                   f"{config.min_positive_grade}) and no candidate qualified as a better positive")
         return MiningOutcome(None, "positive_judged_irrelevant", detail, positive_raw, tuple(counts.items()))
@@ -526,9 +402,9 @@ _REJECTED = "rejected"
 _SEARCH = "search"
 _PENDING = "pending"
 _REQUESTS = "requests"
-_STATISTICS = "statistics"
-#: Tally keys of the manifest's "mining" section: (("mining", name), count).
-_TALLY = "mining"
+#: Tally kind of the manifest's "mining" section: (("mining", name), count).
+_MINING = "mining"
+
 
 def _passage_search_item(passage: Mapping[str, Any]) -> tuple[str, bytes | Sequence[float], str]:
     embedding = passage.get("embedding")
@@ -542,45 +418,42 @@ def _missing_fields(row: Mapping[str, Any]) -> list[str]:
     return [name for name in _REQUIRED_FIELDS if row.get(name) is None or len(row[name]) == 0]
 
 
-class _OutcomeFn(beam.DoFn):
-    """Base of the DoFns that take queries: rejects with counters, counts statistics (metrics and manifest tallies)."""
+class _OutcomeFn(CountingDoFn):
+    """Base of the DoFns that take queries: rejects and counts statistics through the stage's tally."""
 
     def __init__(self, config: MineNegativesConfig):
+        super().__init__(STAGE)
         self._config = config
-        self._counters = StageCounters(STAGE)
 
-    def _statistics(self, counts: Iterable[tuple[str, int]]) -> Iterator[Any]:
+    def _statistics(self, counts: Iterable[tuple[str, int]]) -> None:
         for name, value in counts:
-            if value:
-                beam.metrics.Metrics.counter(self._counters.namespace, name).inc(value)
-                yield beam.pvalue.TaggedOutput(_STATISTICS, ((_TALLY, name), value))
+            self.tally.statistic(_MINING, name, value)
 
     def _reject(self, row: Mapping[str, Any], reason: str, detail: str | None, raw_answer: str | None = None):
-        self._counters.reject(reason)
+        self.tally.reject(reason)
         return beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
             STAGE, reason, rejected_payload(row), record_id=row.get("pair_id"), raw_answer=raw_answer, detail=detail,
         ))
 
     def _finish(self, row: Mapping[str, Any], outcome: MiningOutcome) -> Iterator[Any]:
-        yield from self._statistics(outcome.counts)
+        self._statistics(outcome.counts)
         if outcome.triplet is None:
             assert outcome.reason is not None
             yield self._reject(row, outcome.reason, outcome.detail, outcome.raw_answer)
             return
-        self._counters.kept.inc()
+        self.tally.count("kept")
         negatives = len(outcome.triplet["negative_ids"])
-        yield from self._statistics([("negatives", negatives),
-                                     ("short_triplets", int(negatives < self._config.num_negatives))])
+        self._statistics([("negatives", negatives), ("short_triplets", int(negatives < self._config.num_negatives))])
         yield outcome.triplet
 
 
 class _KeyQueriesFn(_OutcomeFn):
     """Checks a query row; emits it keyed by pair_id (embeddings as `pack_vector` bytes), and its search item: its
     vector, and its positive's passage_id when the row carries no positive_embedding (the search looks the vector up
-    in the shard that holds it)."""
+    in the shard that holds it). Every query row that reaches the mining is one input row here."""
 
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
-        self._counters.input.inc()
+        self.tally.count("input")
         missing = _missing_fields(row)
         if missing:
             yield self._reject(row, "missing_field", f"query row lacks {', '.join(missing)} (empty or null)")
@@ -639,7 +512,7 @@ class _SelectFn(_OutcomeFn):
         positive_score = teacher_score(row["query_embedding"], row["positive_embedding"])
         hits = [Candidate(*hit) for hit in merge_shard_hits([shard_hits for shard_hits, _ in results], config.k)]
         selection = select_candidates(row["passage_id"], row["passage"], positive_score, hits, config)
-        yield from self._statistics([
+        self._statistics([
             ("hits", selection.hits),
             ("dropped.positive", selection.dropped_positive),
             ("dropped.duplicate_text", len(selection.dropped_duplicates)),
@@ -650,7 +523,8 @@ class _SelectFn(_OutcomeFn):
             yield from self._finish(row, mine_without_llm(row, selection, config))
             return
         yield beam.pvalue.TaggedOutput(_PENDING, (pair_id, (row, selection)))
-        for request in build_llm_requests(row, selection, config):
+        scored = [(candidate.passage_id, candidate.text) for candidate in selection.candidates[:config.llm_candidates]]
+        for request in build_llm_requests(row, scored, query_likelihood=config.query_likelihood):
             yield beam.pvalue.TaggedOutput(_REQUESTS, request)
 
 
@@ -686,7 +560,7 @@ class _MineEmbedded(beam.PTransform):
         pipeline = queries.pipeline
 
         keyed = queries | "KeyQueries" >> beam.ParDo(_KeyQueriesFn(config)).with_outputs(
-            _SEARCH, _REJECTED, _STATISTICS, main="rows"
+            _SEARCH, _REJECTED, TALLIES, main="rows"
         )
         # Passages enter the search with their texts, so hits come out with them: no join of hits with the corpus.
         shard_results = {
@@ -700,45 +574,52 @@ class _MineEmbedded(beam.PTransform):
             {"query": keyed["rows"], "results": shard_results}
             | "JoinQueriesWithHits" >> beam.CoGroupByKey()
             | "SelectCandidates" >> beam.ParDo(_SelectFn(config, llm=self._llm is not None)).with_outputs(
-                _REJECTED, _PENDING, _REQUESTS, _STATISTICS, main=_KEPT
+                _REJECTED, _PENDING, _REQUESTS, TALLIES, main=_KEPT
             )
         )
         kept = [selected[_KEPT]]
         rejected = [keyed[_REJECTED], selected[_REJECTED]]
-        statistics = [keyed[_STATISTICS], selected[_STATISTICS]]
+        tallies = [keyed[TALLIES], selected[TALLIES]]
         if self._llm is not None:
-            answers = selected[_REQUESTS] | "ScoreCandidates" >> CallLLM(self._llm, STAGE)
+            called = selected[_REQUESTS] | "ScoreCandidates" >> CallLLM(self._llm, STAGE)
+            answers = called["answers"]
             judged = (
                 {"pending": selected[_PENDING], "judgements": answers | "KeyJudgements" >> beam.Map(_key_judgement)}
                 | "JoinJudgements" >> beam.CoGroupByKey()
-                | "JudgeCandidates" >> beam.ParDo(_JudgeFn(config)).with_outputs(_REJECTED, _STATISTICS, main=_KEPT)
+                | "JudgeCandidates" >> beam.ParDo(_JudgeFn(config)).with_outputs(_REJECTED, TALLIES, main=_KEPT)
             )
             kept.append(judged[_KEPT])
             rejected.append(judged[_REJECTED])
-            statistics.append(judged[_STATISTICS])
+            tallies += [called["tallies"], judged[TALLIES]]
         else:
             answers = pipeline | "NoAnswers" >> beam.Create([])
         return {
             "kept": tuple(kept) | "FlattenKept" >> beam.Flatten(),
             "rejected": tuple(rejected) | "FlattenRejected" >> beam.Flatten(),
             "answers": answers,
-            "statistics": (
-                tuple(statistics) | "FlattenStatistics" >> beam.Flatten() | "SumStatistics" >> beam.CombinePerKey(sum)
-            ),
+            "tallies": sum_tallies(tallies),
         }
 
 
-def _attach_query_embedding(element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
-    """A graded pair joined with its query's teacher vector; a pair whose query has none is rejected."""
-    _, grouped = element
-    vectors = list(grouped["vectors"])
-    for pair in grouped["pairs"]:
-        if not vectors:
-            yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
-                STAGE, "missing_embedding", pair, record_id=pair["pair_id"],
-                detail="the teacher embedding of this query failed (see embed_teacher rejections)"))
-            continue
-        yield {**pair, "query_embedding": vectors[0]}
+class _AttachEmbeddingFn(CountingDoFn):
+    """A graded pair joined with its query's teacher vector; a pair whose query has none is rejected here, and counted
+    as input here (the others are counted by `_KeyQueriesFn`, where they enter the mining)."""
+
+    def __init__(self) -> None:
+        super().__init__(STAGE)
+
+    def process(self, element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
+        _, grouped = element
+        vectors = list(grouped["vectors"])
+        for pair in grouped["pairs"]:
+            if not vectors:
+                self.tally.count("input")
+                self.tally.reject("missing_embedding")
+                yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
+                    STAGE, "missing_embedding", pair, record_id=pair["pair_id"],
+                    detail="the teacher embedding of this query failed (see embed_teacher rejections)"))
+                continue
+            yield {**pair, "query_embedding": vectors[0]}
 
 
 def _passage_rows(element: tuple[str, Mapping[str, list[Any]]]) -> list[dict[str, Any]]:
@@ -750,10 +631,10 @@ def _passage_rows(element: tuple[str, Mapping[str, list[Any]]]) -> list[dict[str
 
 class MineNegatives(beam.PTransform):
     """{"pairs": GRADED_PAIR rows, "passages": PASSAGE rows, "vectors": the run's teacher vectors} -> kept / rejected /
-    answers / statistics.
+    answers / tallies.
 
     Outputs: "kept" TRIPLET rows; "rejected" REJECTED rows; "answers" the LLMAnswers of LLM scoring (empty without
-    it), for usage accounting; "statistics" (("mining", name), count) tallies for the manifest (names as the Beam
+    it); "tallies" the stage's rows, LLM usage and (("mining", name), count) statistics (names as the Beam
     counters: hits, dropped.positive, dropped.duplicate_text, dropped.teacher_threshold, dropped.llm_relevant,
     dropped.llm_failed, dropped.llm_skipped, positive_llm_failed, relabeled, negatives, short_triplets), summed.
     See the module docstring for the input contract, the sharded search and the LLM decisions. `llm` serves LLM
@@ -785,7 +666,7 @@ class MineNegatives(beam.PTransform):
                 "vectors": vectors | "QueryVectors" >> TeacherVectors(TaskType.RETRIEVAL_QUERY),
             }
             | "JoinQueryEmbeddings" >> beam.CoGroupByKey()
-            | "AttachEmbeddings" >> beam.FlatMap(_attach_query_embedding).with_outputs(_REJECTED, main="queries")
+            | "AttachEmbeddings" >> beam.ParDo(_AttachEmbeddingFn()).with_outputs(_REJECTED, TALLIES, main="queries")
         )
         passages = (
             {
@@ -797,4 +678,5 @@ class MineNegatives(beam.PTransform):
         )
         mined = {"queries": queries["queries"], "passages": passages} | "Mine" >> _MineEmbedded(self._config, self._llm)
         rejected = (queries[_REJECTED], mined["rejected"]) | "AllRejected" >> beam.Flatten()
-        return {**mined, "rejected": rejected}
+        tallies = sum_tallies((queries[TALLIES], mined["tallies"]), "StageTallies")
+        return {**mined, "rejected": rejected, "tallies": tallies}

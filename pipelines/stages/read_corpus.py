@@ -18,13 +18,13 @@ Output (`expand` returns a dict):
   saved datasets, 0-based as in `dataset[row]`), text truncated to `max_tokens` (then `truncated=True`).
 - `rejected`: REJECTED rows: `missing_id`, `missing_text`, `empty_text`, `invalid_utf8`, `invalid_json`,
   `not_an_object`, `duplicate_id` (every occurrence after the first, ordered by file path then line / row).
-- `rows_read`: one element (the row's `source`) per input row read: the stage's input count for the manifest.
-  Blank JSONL lines are not rows; a text document counts one row per passage it was split into.
 - `sampled_out`: with `sample` set, the unique passages left out by sampling, as PASSAGE rows. Not rejections (nothing
-  is wrong with them); the manifest reports them as the stage's `skipped`, so rows_read = kept + rejected + sampled_out.
+  is wrong with them); the manifest reports them as the stage's `skipped`, so input = kept + rejected + sampled_out.
+- `tallies`: the stage's manifest tallies (pipelines/accounting.py). Its input is every row read: blank JSONL lines
+  are not rows; a text document counts one row per passage it was split into.
 
-Beam counters (namespace `embforge.read_corpus`): `input`, `kept`, `rejected`, `rejected.<reason>`, `truncated` (kept
-passages that were cut to max_tokens) and `sampled_out`.
+Beam counters (namespace `embforge.read_corpus`): `input`, `kept`, `skipped` (sampled out), `rejected`,
+`rejected.<reason>` and `truncated` (kept passages that were cut to max_tokens).
 
 A path that matches no file stops the pipeline at construction (`CorpusError`). Files that exist but hold no rows (empty
 files, empty Parquet shards) give 0 passages without an error: the run's manifest reports the empty stage.
@@ -46,8 +46,9 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
 from pipelines.config_loading import ConfigError
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages import rejected_row
 from pipelines.stdlib_corpus import stdlib_records
 
 LOGGER = logging.getLogger(__name__)
@@ -630,19 +631,18 @@ def read_corpus_file(corpus_file: CorpusFile, config: ReadCorpusConfig) -> Itera
 # Beam.
 
 
-class _ReadFileFn(beam.DoFn):
-    """CorpusFile -> (passage_id, ((path, index), PASSAGE row)); rejected rows and one `rows_read` source per row."""
+class _ReadFileFn(CountingDoFn):
+    """CorpusFile -> (passage_id, ((path, index), PASSAGE row)) and rejected rows; every row read counts as input."""
 
     def __init__(self, config: ReadCorpusConfig):
+        super().__init__(STAGE)
         self._config = config
-        self._counters = StageCounters(STAGE)
 
     def process(self, corpus_file: CorpusFile) -> Iterator[Any]:
         for index, outcome in enumerate(read_corpus_file(corpus_file, self._config)):
-            self._counters.input.inc()
-            yield beam.pvalue.TaggedOutput("rows_read", outcome.source)
+            self.tally.count("input")
             if outcome.rejected is not None:
-                self._counters.reject(outcome.rejected["reason"])
+                self.tally.reject(outcome.rejected["reason"])
                 yield beam.pvalue.TaggedOutput("rejected", outcome.rejected)
             else:
                 assert outcome.passage is not None
@@ -650,42 +650,42 @@ class _ReadFileFn(beam.DoFn):
                 yield outcome.passage["passage_id"], ((corpus_file.path, index), outcome.passage)
 
 
-class _FirstOccurrenceFn(beam.DoFn):
+class _FirstOccurrenceFn(CountingDoFn):
     def __init__(self) -> None:
-        self._counters = StageCounters(STAGE)
+        super().__init__(STAGE)
 
     def process(self, element: tuple[str, Iterable[tuple[Any, dict[str, Any]]]]) -> Iterator[Any]:
         passage_id, occurrences = element
         first, duplicates = split_first_occurrence(passage_id, occurrences)
         yield first
         for duplicate in duplicates:
-            self._counters.reject("duplicate_id")
+            self.tally.reject("duplicate_id")
             yield beam.pvalue.TaggedOutput("rejected", duplicate)
 
 
-class _KeepFn(beam.DoFn):
-    """Unique passages -> kept, or `sampled_out` when sampling and the passage's key is above the threshold."""
+class _KeepFn(CountingDoFn):
+    """Unique passages -> kept, or `sampled_out` (counted as skipped) when sampling and the passage's key is above the
+    threshold."""
 
     def __init__(self, seed: int, sampling: bool):
+        super().__init__(STAGE)
         self._seed = seed
         self._sampling = sampling
-        self._counters = StageCounters(STAGE)
-        self._truncated = beam.metrics.Metrics.counter(self._counters.namespace, "truncated")
-        self._sampled_out = beam.metrics.Metrics.counter(self._counters.namespace, "sampled_out")
+        self._truncated = beam.metrics.Metrics.counter(self.tally.namespace, "truncated")
 
     def process(self, row: dict[str, Any], threshold: tuple[int, str] | None = None) -> Iterator[Any]:
         if self._sampling and (threshold is None or sample_key(self._seed, row["passage_id"]) > threshold):
-            self._sampled_out.inc()
+            self.tally.count("skipped")
             yield beam.pvalue.TaggedOutput("sampled_out", row)
             return
-        self._counters.kept.inc()
+        self.tally.count("kept")
         if row["truncated"]:
             self._truncated.inc()
         yield row
 
 
 class ReadCorpus(beam.PTransform):
-    """Root transform: `pipeline | ReadCorpus(config)` -> {"kept", "rejected", "rows_read", "sampled_out"}.
+    """Root transform: `pipeline | ReadCorpus(config)` -> {"kept", "rejected", "sampled_out", "tallies"}.
 
     See the module docstring for formats and outputs. Raises `CorpusError` while being applied when the path matches
     no file.
@@ -703,16 +703,16 @@ class ReadCorpus(beam.PTransform):
             | "Files" >> beam.Create(files)
             # One file per element: spread the files over workers before the (possibly long) reads.
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadFileFn(config)).with_outputs("rejected", "rows_read", main="parsed")
+            | "Read" >> beam.ParDo(_ReadFileFn(config)).with_outputs("rejected", TALLIES, main="parsed")
         )
         unique = (
             read["parsed"]
             | "GroupById" >> beam.GroupByKey()
-            | "FirstOccurrence" >> beam.ParDo(_FirstOccurrenceFn()).with_outputs("rejected", main="unique")
+            | "FirstOccurrence" >> beam.ParDo(_FirstOccurrenceFn()).with_outputs("rejected", TALLIES, main="unique")
         )
         keep_fn = _KeepFn(config.seed, sampling=config.sample is not None)
         if config.sample is None:
-            kept = unique["unique"] | "Keep" >> beam.ParDo(keep_fn).with_outputs("sampled_out", main="kept")
+            kept = unique["unique"] | "Keep" >> beam.ParDo(keep_fn).with_outputs("sampled_out", TALLIES, main="kept")
         else:
             seed = config.seed
             # Exact and deterministic: the threshold is the sample-th smallest key over the whole corpus, so the kept
@@ -724,10 +724,10 @@ class ReadCorpus(beam.PTransform):
                 | "Threshold" >> beam.Map(lambda keys: max(keys) if keys else None)
             )
             kept = unique["unique"] | "Sample" >> beam.ParDo(
-                keep_fn, threshold=beam.pvalue.AsSingleton(threshold)).with_outputs("sampled_out", main="kept")
+                keep_fn, threshold=beam.pvalue.AsSingleton(threshold)).with_outputs("sampled_out", TALLIES, main="kept")
         return {
             "kept": kept["kept"],
             "rejected": (read["rejected"], unique["rejected"]) | "Rejected" >> beam.Flatten(),
-            "rows_read": read["rows_read"],
             "sampled_out": kept["sampled_out"],
+            "tallies": sum_tallies((read[TALLIES], unique[TALLIES], kept[TALLIES])),
         }
