@@ -1,11 +1,16 @@
 """One accounting path for every stage's rows, as datatrove counts them in its base pipeline step.
 
-A stage's DoFns count what they take in, keep, reject (with the reason), skip and fan out through a `StageTally`. One
-call feeds both places a count is read: it increments the Beam counter `embforge.<stage>/<name>` (what a runner's UI
-shows while the run goes) and adds to the manifest tallies, `((kind, stage, field), count)` elements that WriteShards
-sums into manifest.json. The tallies are held per bundle and emitted on the DoFn's `TALLIES` output when the bundle
-ends (`finish_bundle`), so counting adds a few elements per bundle, not one per row. Each stage returns its tallies
-summed (`SumTallies`); run.py only flattens them.
+Every count goes through a `StageTally`. One call feeds both places a count is read: it increments the Beam counter
+`embforge.<stage>/<name>` (what a runner's UI shows while the run goes) and adds to the manifest tallies,
+`((kind, stage, field), count)` elements that WriteShards sums into manifest.json. The tallies are held per bundle
+and emitted on the `TALLIES` output when the bundle ends (`finish_bundle`), so counting adds a few elements per
+bundle, not one per row. Each stage returns its tallies summed (`sum_tallies`); run.py only flattens them.
+
+A stage counts its rows where they cross its boundary (`CountRows`): its input as it enters, its kept, rejected (by
+reason) and skipped rows as they leave. So a row a stage loses on the way, without a rejection, unbalances the manifest
+(input + expanded = kept + rejected + skipped) and fails the run, whatever step lost it. Inside, DoFns count only what
+is not a row: the fan-out (`expanded`), statistics, model usage; and the input of a root stage, where rows come into
+being.
 
 Tally keys (data_schemas/manifest.py reads them through WriteShards' `assemble_manifest`): ("stage", stage, field)
 for input / kept / expanded / skipped; ("reason", stage, reason) for rejections; ("llm", stage, field),
@@ -53,7 +58,7 @@ class StageTally:
         beam.metrics.Metrics.counter(self.namespace, name).inc(count)
 
     def count(self, field: str, count: int = 1) -> None:
-        """`count` more rows of `field` (one of ROW_FIELDS); a negative count moves rows out of a field."""
+        """`count` more rows of `field` (one of ROW_FIELDS)."""
         if field not in ROW_FIELDS:
             raise ValueError(f"{self.stage}: unknown row field {field!r} (known: {', '.join(ROW_FIELDS)})")
         self._metric(field, count)
@@ -70,13 +75,6 @@ class StageTally:
             self._metric(name, count)
             self.add((kind, name), count)
 
-    def route(self, outcome: str, row: dict[str, Any]) -> Any:
-        """Count a ("kept" | "rejected", row) outcome; return the row for the main output, or tagged "rejected"."""
-        if outcome == "kept":
-            self.count("kept")
-            return row
-        self.reject(row["reason"])
-        return beam.pvalue.TaggedOutput("rejected", row)
 
 
 class CountingDoFn(beam.DoFn):
@@ -88,6 +86,38 @@ class CountingDoFn(beam.DoFn):
 
     def finish_bundle(self) -> Iterator[Any]:
         yield from self.tally.flush()
+
+
+class _CountRowsFn(CountingDoFn):
+    def __init__(self, stage: str, field: str):
+        super().__init__(stage)
+        self._field = field
+
+    def process(self, row: Any) -> Iterator[Any]:
+        if self._field == "rejected":
+            self.tally.reject(row["reason"])
+        else:
+            self.tally.count(self._field)
+        yield row
+
+
+class CountRows(beam.PTransform):
+    """rows -> {"rows": the same rows, "tallies": each counted as `field` of `stage` ("rejected": by its reason)}.
+
+    Fused with the steps around it, it costs one function call a row, no shuffle.
+    """
+
+    def __init__(self, stage: str, field: str):
+        super().__init__()
+        if field not in (*ROW_FIELDS, "rejected"):
+            raise ValueError(f"{stage}: unknown row field {field!r} (known: {', '.join(ROW_FIELDS)}, rejected)")
+        self._stage = stage
+        self._field = field
+
+    def expand(self, rows):
+        counted = rows | "Count" >> beam.ParDo(_CountRowsFn(self._stage, self._field)).with_outputs(
+            TALLIES, main="rows")
+        return {"rows": counted["rows"], "tallies": counted[TALLIES]}
 
 
 def sum_tallies(parts, label: str = "SumTallies"):

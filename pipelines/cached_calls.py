@@ -28,7 +28,8 @@ from pipelines.model_access import ModelIdentity
 
 class CallHandler(abc.ABC):
     """How one kind of backend is called through the cache. Subclasses set the class attributes and implement the
-    methods; `tally` counts into the stage's manifest tallies and Beam counters from whichever DoFn runs the handler.
+    methods; `tally` counts the calls' usage into the stage's manifest tallies and Beam counters, from whichever DoFn
+    runs the handler.
     """
 
     #: Cache folder kind (pipelines/cache.py).
@@ -41,9 +42,6 @@ class CallHandler(abc.ABC):
     spend_output: str | None = None
     #: Whether the run's call limit applies (LLM calls) or only its cost limit (embeddings).
     counts_calls: bool = True
-    #: Whether the items are the stage's own rows, each counted as input when keyed (the teacher's texts), or requests
-    #: the calling stage counts itself (LLM requests).
-    items_are_rows: bool = False
 
     def __init__(self, stage: str, identity: ModelIdentity, batch_size: int):
         self.stage = stage
@@ -92,12 +90,7 @@ class _KeyFn(beam.DoFn):
         self._handler = handler
 
     def process(self, item: Any) -> Iterator[tuple[str, Any]]:
-        if self._handler.items_are_rows:
-            self._handler.tally.count("input")
         yield self._handler.key(item), item
-
-    def finish_bundle(self) -> Iterator[Any]:
-        yield from self._handler.tally.flush()
 
 
 class _FromCacheFn(beam.DoFn):
@@ -167,9 +160,9 @@ class CachedCall(beam.PTransform):
 
     def expand(self, items):
         handler = self._handler
-        keyed = items | "Key" >> beam.ParDo(_KeyFn(handler)).with_outputs(TALLIES, main="main")
+        keyed = items | "Key" >> beam.ParDo(_KeyFn(handler))
         read_label = f"ReadCache.{handler.stage}"
-        split = keyed["main"] | "Cache" >> SplitByCache(self._cache_dir, handler.cache_kind, read_label)
+        split = keyed | "Cache" >> SplitByCache(self._cache_dir, handler.cache_kind, read_label)
         hits = split["hits"] | "FromCache" >> beam.ParDo(_FromCacheFn(handler)).with_outputs(TALLIES, main="main")
         misses = split["misses"] | "Order" >> beam.MapTuple(lambda key, items: (key, handler.group(items)))
         allowed = None if self._budget is None else beam.pvalue.AsSingleton(self._plan(misses))
@@ -188,7 +181,7 @@ class CachedCall(beam.PTransform):
         return {
             **outputs,
             "main": (hits["main"], called["main"]) | "Outputs" >> beam.Flatten(),
-            "tallies": sum_tallies((keyed[TALLIES], hits[TALLIES], called[TALLIES]), "SumCallTallies"),
+            "tallies": sum_tallies((hits[TALLIES], called[TALLIES]), "SumCallTallies"),
         }
 
     def _plan(self, misses):

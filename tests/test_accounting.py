@@ -1,4 +1,5 @@
-"""The one accounting path: a StageTally call feeds the Beam counter and the manifest tally together."""
+"""The one accounting path: a StageTally call feeds the Beam counter and the manifest tally together, and CountRows
+counts a stage's rows as they cross its boundary, so a row lost inside the stage shows."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.accounting import TALLIES, CountingDoFn, StageTally, sum_tallies
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, StageTally, sum_tallies
 
 
 class _ParityFn(CountingDoFn):
@@ -20,9 +21,11 @@ class _ParityFn(CountingDoFn):
     def process(self, number: int):
         self.tally.count("input")
         if number % 2:
-            yield self.tally.route("rejected", {"reason": "odd", "number": number})
+            self.tally.reject("odd")
+            yield beam.pvalue.TaggedOutput("rejected", {"reason": "odd", "number": number})
         else:
-            yield self.tally.route("kept", {"number": number})
+            self.tally.count("kept")
+            yield {"number": number}
 
 
 def _tallies(outputs) -> dict:
@@ -46,14 +49,31 @@ def test_statistics_and_usage_tallies_go_beside_the_row_counts():
     tally.statistic("mining", "hits", 3)
     tally.statistic("mining", "relabeled", 0)  # a zero statistic is not reported
     tally.add(("cache", "llm_hits"), 0)  # a zero usage tally is: the manifest lists it
-    tally.count("kept", 2)
-    tally.count("kept", -1)  # moved out of kept, e.g. a surplus candidate
-    assert _tallies(tally.flush()) == {("mining", "hits"): 3, ("cache", "llm_hits"): 0, ("stage", "mine", "kept"): 1}
+    tally.count("expanded", 2)
+    assert _tallies(tally.flush()) == {("mining", "hits"): 3, ("cache", "llm_hits"): 0,
+                                       ("stage", "mine", "expanded"): 2}
 
 
 def test_an_unknown_row_field_is_refused():
     with pytest.raises(ValueError, match="unknown row field 'kep'"):
         StageTally("x").count("kep")
+    with pytest.raises(ValueError, match="unknown row field 'rejects'"):
+        CountRows("x", "rejects")
+
+
+@pytest.mark.slow
+def test_rows_counted_at_the_boundary_pass_through_and_a_lost_row_unbalances_the_stage():
+    with TestPipeline() as pipeline:
+        entering = pipeline | beam.Create(range(6)) | "CountInput" >> CountRows("lossy", "input")
+        # A buggy step between the boundaries drops the number 5 without a rejection.
+        rows = entering["rows"] | beam.Filter(lambda number: number != 5)
+        kept = rows | "Even" >> beam.Filter(lambda number: number % 2 == 0) | "CountKept" >> CountRows("lossy", "kept")
+        rejected = (rows | "Odd" >> beam.Filter(lambda number: number % 2) | beam.Map(lambda n: {"reason": "odd"})
+                    | "CountRejected" >> CountRows("lossy", "rejected"))
+        assert_that(kept["rows"], equal_to([0, 2, 4]), label="PassedThrough")
+        tallies = sum_tallies((entering["tallies"], kept["tallies"], rejected["tallies"]))
+        assert_that(tallies, equal_to([(("stage", "lossy", "input"), 6), (("stage", "lossy", "kept"), 3),
+                                       (("reason", "lossy", "odd"), 2)]), label="Tallies")
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def test_teacher_lifecycle_embeds_caches_and_rejects_a_failed_batch_uncached(tmp
     assert sorted(vectors) == ["a", "b"] and vectors["a"] == pytest.approx(list(expected))
     assert len([output for output in outputs if getattr(output, "tag", None) == "sent"]) == 2
     assert len(cache_files(str(tmp_path), EMBEDDING_CACHE)) == 1
-    assert tallies[("stage", "embed", "kept")] == 2 and tallies[("embedding", "embed", "texts_embedded")] == 2
+    assert tallies[("embedding", "embed", "texts_embedded")] == tallies[("cache", "embeddings_computed")] == 2
 
     failing = TeacherCallHandler("embed", FAILING_TEACHER, IDENTITY, config)
     outputs, tallies = _run_lifecycle(_CallMissesFn(failing, str(tmp_path / "failed")), batch)
@@ -96,7 +96,7 @@ def test_teacher_lifecycle_embeds_caches_and_rejects_a_failed_batch_uncached(tmp
                                                                        ("b", "embedding_failed")]
     assert "ConnectionError: the teacher is unreachable" in rejected[0]["detail"]
     assert cache_files(str(tmp_path / "failed"), EMBEDDING_CACHE) == []
-    assert tallies[("reason", "embed", "embedding_failed")] == 2
+    assert tallies[("embedding", "embed", "texts_embedded")] == 2  # sent, so paid for, though it failed
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ Conventions every stage follows, so the run can account for every row:
   extras where documented).
 - Rejected rows are built with `rejected_row` and match `data_schemas.REJECTED`; `reason` is a short snake_case code
   that the manifest aggregates, `detail` the human sentence.
-- DoFns count input, kept, rejected (by reason), skipped and expanded rows through `pipelines.accounting.StageTally`,
-  which feeds both the Beam metrics (namespace `embforge.<stage>`) and the stage's "tallies" for the manifest.
+- A stage counts its input, kept, rejected (by reason) and skipped rows where they cross its boundary, and its
+  fan-out (`expanded`) where it happens, through pipelines/accounting.py, which feeds both the Beam metrics (namespace
+  `embforge.<stage>`) and the stage's "tallies" for the manifest.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import hashlib
 import json
 from typing import Any
 
+import apache_beam as beam
+
 # Text comparison lives in text_overlap; `normalize` is re-exported because every stage compares texts in its form.
 from pipelines.stages.text_overlap import normalize
 
-__all__ = ["normalize", "rejected_row", "stable_hash"]
+__all__ = ["normalize", "rejected_row", "route", "stable_hash"]
 
 
 def stable_hash(*parts: object) -> int:
@@ -51,3 +54,8 @@ def rejected_row(
         "raw_answer": raw_answer,
         "detail": detail,
     }
+
+
+def route(outcome: str, row: dict[str, Any]) -> Any:
+    """A ("kept" | "rejected", row) outcome as a DoFn output: the row itself, or tagged "rejected"."""
+    return row if outcome == "kept" else beam.pvalue.TaggedOutput("rejected", row)

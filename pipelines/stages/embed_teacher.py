@@ -27,7 +27,7 @@ from typing import Any
 import apache_beam as beam
 
 from pipelines import progress
-from pipelines.accounting import sum_tallies
+from pipelines.accounting import CountRows, sum_tallies
 from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
 from pipelines.cache import EMBEDDING_CACHE, CacheWriter
 from pipelines.cached_calls import CachedCall, CallHandler
@@ -111,8 +111,8 @@ def _baseline_tallies(stage: str) -> list[tuple[tuple[str, ...], int]]:
 
 class TeacherCallHandler(CallHandler):
     """The teacher behind `CachedCall`: texts keyed by `embedding_cache_key`, misses embedded one task type per backend
-    call. Texts are the stage's rows: each is counted as input when keyed, then kept (hit or embedded) or rejected.
-    Every text sent goes to the "sent" output as its estimated (input tokens, micro-USD), and into the usage tallies.
+    call. Every text sent goes to the "sent" output as its estimated (input tokens, micro-USD), and into the usage
+    tallies with the cache hits and the texts the budget skipped.
     """
 
     cache_kind = EMBEDDING_CACHE
@@ -122,7 +122,6 @@ class TeacherCallHandler(CallHandler):
     spend_output = "sent"
     # Embeddings are not LLM calls: only the cost limit applies to them.
     counts_calls = False
-    items_are_rows = True
 
     def __init__(self, stage: str, spec: EmbedderSpec, identity: ModelIdentity, config: EmbedTeacherConfig):
         # Fixed-size batches: on a busy CPU a forward pass of 1-2 texts costs nearly as much as one of 32 (torch's
@@ -136,7 +135,6 @@ class TeacherCallHandler(CallHandler):
         return embedding_cache_key(*self.identity, item["task_type"], self.config.dimension, item["text"])
 
     def from_cache(self, items: list[dict[str, Any]], entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        self.tally.count("kept", len(items))
         for key, count in _hit_tallies(self.stage, len(items)):
             self.tally.add(key, count)
         for item in items:
@@ -148,7 +146,6 @@ class TeacherCallHandler(CallHandler):
 
     def refuse(self, items: list[dict[str, Any]], budget_limits: str) -> Iterator[Any]:
         for item in items:
-            self.tally.reject(BUDGET_REASON)
             self.tally.add(("embedding", self.stage, "skipped_by_budget"))
             yield beam.pvalue.TaggedOutput("rejected", rejected_row(
                 self.stage, BUDGET_REASON, item, record_id=item["id"],
@@ -180,7 +177,6 @@ class TeacherCallHandler(CallHandler):
         except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
             for _, items in groups:
                 for item in items:
-                    self.tally.reject("embedding_failed")
                     yield beam.pvalue.TaggedOutput("rejected", rejected_row(
                         self.stage, "embedding_failed", item, record_id=item["id"],
                         detail=f"{type(error).__name__}: {error}"))
@@ -190,7 +186,6 @@ class TeacherCallHandler(CallHandler):
         for (key, items), vector in zip(groups, vectors, strict=True):
             cache.add(cache_entry(key, *self.identity, task_type, items[0]["text"], vector))
             embedding = [float(x) for x in vector]
-            self.tally.count("kept", len(items))
             for item in items:
                 yield {"id": item["id"], "task_type": task_type, "embedding": embedding}
 
@@ -221,13 +216,13 @@ class EmbedTeacher(beam.PTransform):
         if budget is None or budget.max_micro_usd is None or not priced:
             budget = None
         handler = TeacherCallHandler(self._stage, access.spec, access.identity, self._config)
-        called = items | "Embed" >> CachedCall(handler, access.cache_dir, budget)
+        entering = items | "CountInput" >> CountRows(self._stage, "input")
+        called = entering["rows"] | "Embed" >> CachedCall(handler, access.cache_dir, budget)
+        kept = called["main"] | "CountKept" >> CountRows(self._stage, "kept")
+        rejected = called["rejected"] | "CountRejected" >> CountRows(self._stage, "rejected")
         baseline = items.pipeline | "UsageBaseline" >> beam.Create(_baseline_tallies(self._stage))
-        return {
-            "kept": called["main"],
-            "rejected": called["rejected"],
-            "tallies": sum_tallies((baseline, called["tallies"])),
-        }
+        tallies = (baseline, entering["tallies"], called["tallies"], kept["tallies"], rejected["tallies"])
+        return {"kept": kept["rows"], "rejected": rejected["rows"], "tallies": sum_tallies(tallies)}
 
 
 class RetrievalTexts(beam.PTransform):

@@ -33,8 +33,8 @@ chunk of `examples_per_request` new examples, one per seed and target label for 
 `skipped`. A request's answer ends as one rejected row (`llm_failed`) or as one row per text it listed, each kept or
 rejected; the rows beyond the first of an answer are reported as `expanded`. The label judge takes one row and gives
 back one outcome, so it adds no unit. So the manifest's balance holds: `input + expanded = kept + rejected +
-skipped`. The "tallies" output carries input, expanded, kept, skipped and every rejection's reason, counted where
-the row is decided (pipelines/accounting.py).
+skipped`. The "tallies" output carries input, expanded and skipped, counted where the rows come into being, and
+kept and every rejection's reason, counted as the rows leave the stage (pipelines/accounting.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any, Literal
 import apache_beam as beam
 import numpy as np
 
-from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, sum_tallies
 from pipelines.clients.base import GenerationConfig
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
 from pipelines.model_access import ModelAccess
@@ -439,6 +439,9 @@ REJECTED = "rejected"
 
 
 class _SeedFn(CountingDoFn):
+    """A seed row's outcome -> the row, kept or rejected; each is one input row (the stage's rows come into being
+    here), and a seed left out (`include_seed_examples` off) is counted as skipped."""
+
     def __init__(self):
         super().__init__(STAGE)
 
@@ -446,13 +449,11 @@ class _SeedFn(CountingDoFn):
         kind, row = outcome
         self.tally.count("input")
         if kind == "kept":
-            self.tally.count("kept")
             yield row
         elif kind == "skipped":
             self.tally.count("skipped")
         else:
             assert row is not None
-            self.tally.reject(row["reason"])
             yield beam.pvalue.TaggedOutput(REJECTED, row)
 
 
@@ -477,15 +478,11 @@ class _JudgeFn(CountingDoFn):
             if kind == "candidate":
                 yield text_key(row["row"]["text"]), row
             else:
-                self.tally.reject(row["reason"])
                 yield beam.pvalue.TaggedOutput(REJECTED, row)
 
 
-class _ResolveFn(CountingDoFn):
+class _ResolveFn(beam.DoFn):
     """One text's candidates -> the copy that goes on to the label judge (main output) or REJECTED rows."""
-
-    def __init__(self):
-        super().__init__(STAGE)
 
     def process(self, element):
         _, candidates = element
@@ -494,19 +491,7 @@ class _ResolveFn(CountingDoFn):
             if kind == "kept":
                 yield by_id[row["example_id"]]
             else:
-                self.tally.reject(row["reason"])
                 yield beam.pvalue.TaggedOutput(REJECTED, row)
-
-
-class _KeptFn(CountingDoFn):
-    """A candidate the label judge kept -> its row, counted as kept."""
-
-    def __init__(self):
-        super().__init__(STAGE)
-
-    def process(self, candidate):
-        self.tally.count("kept")
-        yield candidate["row"]
 
 
 class GenerateCounterfactuals(beam.PTransform):
@@ -551,15 +536,15 @@ class GenerateCounterfactuals(beam.PTransform):
         resolved = (
             judged["candidates"]
             | "ByText" >> beam.GroupByKey()
-            | "Resolve" >> beam.ParDo(_ResolveFn()).with_outputs(REJECTED, TALLIES, main="survivors")
+            | "Resolve" >> beam.ParDo(_ResolveFn()).with_outputs(REJECTED, main="survivors")
         )
         # After the duplicate check: copies of one text share one label, so judging the surviving copy judges them all.
         labelled = resolved["survivors"] | "JudgeLabels" >> judge
-        accepted = labelled["kept"] | "Accepted" >> beam.ParDo(_KeptFn()).with_outputs(TALLIES, main="kept")
-        kept = (seeds["kept"], accepted["kept"]) | "Kept" >> beam.Flatten()
+        accepted = labelled["kept"] | "Accepted" >> beam.Map(lambda candidate: candidate["row"])
+        kept = (seeds["kept"], accepted) | "Kept" >> beam.Flatten() | "CountKept" >> CountRows(STAGE, "kept")
         rejected = ((seeds[REJECTED], judged[REJECTED], resolved[REJECTED], labelled["rejected"])
-                    | "Rejected" >> beam.Flatten())
-        tallies = sum_tallies((seeds[TALLIES], called["tallies"], judged[TALLIES], resolved[TALLIES],
-                               labelled["tallies"], accepted[TALLIES]))
+                    | "Rejected" >> beam.Flatten() | "CountRejected" >> CountRows(STAGE, "rejected"))
+        tallies = sum_tallies((seeds[TALLIES], called["tallies"], judged[TALLIES], labelled["tallies"],
+                               kept["tallies"], rejected["tallies"]))
         all_answers = (called["answers"], labelled["answers"]) | "AllAnswers" >> beam.Flatten()
-        return {"kept": kept, "rejected": rejected, "tallies": tallies, "answers": all_answers}
+        return {"kept": kept["rows"], "rejected": rejected["rows"], "tallies": tallies, "answers": all_answers}

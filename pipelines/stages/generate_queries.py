@@ -32,12 +32,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, sum_tallies
 from pipelines.clients.base import GenerationConfig
 from pipelines.config_loading import ConfigError
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
 from pipelines.model_access import ModelAccess
-from pipelines.stages import rejected_row, stable_hash
+from pipelines.stages import rejected_row, route, stable_hash
 from pipelines.stages.text_overlap import (
     extractive_share,
     first_sentence,
@@ -333,7 +333,7 @@ def judge_answers(
 
 
 class _RequestsFn(CountingDoFn):
-    """A passage -> its requests; the passage is one input row, fanned out to one row per request (`expanded`)."""
+    """A passage -> its requests: one input row fanned out to one row per request (the rest counted as `expanded`)."""
 
     def __init__(self, config: GenerateQueriesConfig, examples: tuple[FewShotExample, ...] | None):
         super().__init__(STAGE)
@@ -342,14 +342,12 @@ class _RequestsFn(CountingDoFn):
 
     def process(self, passage: dict[str, Any]) -> Iterator[Any]:
         requests = build_requests(passage, self._config, self._examples)
-        self.tally.count("input")
         self.tally.count("expanded", len(requests) - 1)
         yield from requests
 
 
-class _JudgeFn(CountingDoFn):
+class _JudgeFn(beam.DoFn):
     def __init__(self, config: GenerateQueriesConfig, llm_model: str, examples: tuple[FewShotExample, ...] | None):
-        super().__init__(STAGE)
         self._config = config
         self._llm_model = llm_model
         self._examples = examples
@@ -357,7 +355,7 @@ class _JudgeFn(CountingDoFn):
     def process(self, element):
         _, answers = element
         for outcome, row in judge_answers(answers, self._config, self._llm_model, self._examples):
-            yield self.tally.route(outcome, row)
+            yield route(outcome, row)
 
 
 class GenerateQueries(beam.PTransform):
@@ -375,7 +373,8 @@ class GenerateQueries(beam.PTransform):
         self._examples = load_examples(config.examples) if config.examples else None
 
     def expand(self, passages):
-        requests = passages | "Requests" >> beam.ParDo(_RequestsFn(self._config, self._examples)).with_outputs(
+        entering = passages | "CountInput" >> CountRows(STAGE, "input")
+        requests = entering["rows"] | "Requests" >> beam.ParDo(_RequestsFn(self._config, self._examples)).with_outputs(
             TALLIES, main="requests")
         called = requests["requests"] | "CallLLM" >> CallLLM(self._llm, STAGE)
         answers = called["answers"]
@@ -384,7 +383,10 @@ class GenerateQueries(beam.PTransform):
             | "ByPassage" >> beam.Map(lambda answer: (answer.request.context["passage"]["passage_id"], answer))
             | "Group" >> beam.GroupByKey()
             | "Judge" >> beam.ParDo(_JudgeFn(self._config, self._llm.spec.model_name, self._examples)).with_outputs(
-                "rejected", TALLIES, main="kept")
+                "rejected", main="kept")
         )
-        tallies = sum_tallies((requests[TALLIES], called["tallies"], judged[TALLIES]))
-        return {"kept": judged["kept"], "rejected": judged["rejected"], "answers": answers, "tallies": tallies}
+        kept = judged["kept"] | "CountKept" >> CountRows(STAGE, "kept")
+        rejected = judged["rejected"] | "CountRejected" >> CountRows(STAGE, "rejected")
+        tallies = sum_tallies((entering["tallies"], requests[TALLIES], called["tallies"], kept["tallies"],
+                               rejected["tallies"]))
+        return {"kept": kept["rows"], "rejected": rejected["rows"], "answers": answers, "tallies": tallies}

@@ -29,12 +29,12 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
+from pipelines.accounting import CountRows, sum_tallies
 from pipelines.clients.base import GenerationConfig, TaskType
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
 from pipelines.model_access import ModelAccess
 from pipelines.sharded_search import ShardedTopK
-from pipelines.stages import rejected_row
+from pipelines.stages import rejected_row, route
 from pipelines.stages.embed_teacher import TeacherVectors
 from pipelines.stages.generate_queries import candidate_number
 from pipelines.stages.text_overlap import extractive_share
@@ -129,9 +129,8 @@ def select_candidate(graded: Iterable[dict[str, Any]]) -> Iterator[tuple[str, di
             detail=f"{share:.0%} of its word pairs come from the passage; {best['pair_id']} copies {best_share:.0%}")
 
 
-class _GradeFn(CountingDoFn):
+class _GradeFn(beam.DoFn):
     def __init__(self, config: GradeRelevanceConfig):
-        super().__init__(STAGE)
         self._config = config
 
     def process(self, element) -> Iterator[Any]:
@@ -140,28 +139,19 @@ class _GradeFn(CountingDoFn):
         ranks = list(grouped["ranks"])
         # Evidence without a pair (a key only in answers or ranks) yields nothing: the loop does not run.
         for pair in list(grouped["pairs"])[:1]:
-            self.tally.count("input")
-            yield self.tally.route(*grade_pair(pair, answers[0] if answers else None,
-                                                   ranks[0] if ranks else None, self._config))
+            yield route(*grade_pair(pair, answers[0] if answers else None, ranks[0] if ranks else None, self._config))
 
 
-class _SelectFn(CountingDoFn):
-    def __init__(self):
-        super().__init__(STAGE)
-
+class _SelectFn(beam.DoFn):
     def process(self, element) -> Iterator[Any]:
         _, graded = element
         for outcome, row in select_candidate(graded):
-            if outcome == "kept":
-                yield row
-            else:
-                self.tally.count("kept", -1)  # counted kept by grading; a surplus candidate moves to rejected
-                yield self.tally.route(outcome, row)
+            yield route(outcome, row)
 
 
 class GradeRelevance(beam.PTransform):
     """{"pairs": PAIR rows, "vectors": the run's teacher vectors (EmbedTeacher's kept items; read only by the round
-    trip)} -> kept / rejected / answers.
+    trip)} -> kept / rejected / answers / tallies.
 
     `llm` serves the LLM grader. `select_candidates`: the pairs hold several candidates per `query_id`; keep one of
     each (see the module docstring). `shard_size`: passages per shard of the round trip's search.
@@ -178,9 +168,10 @@ class GradeRelevance(beam.PTransform):
         self._shard_size = shard_size
 
     def expand(self, inputs):
-        pairs = inputs["pairs"]
+        entering = inputs["pairs"] | "CountInput" >> CountRows(STAGE, "input")
+        pairs = entering["rows"]
         pipeline = pairs.pipeline
-        tallies = []
+        tallies = [entering["tallies"]]
         if self._config.use_llm:
             assert self._llm is not None
             called = (
@@ -203,21 +194,23 @@ class GradeRelevance(beam.PTransform):
                 "ranks": ranks,
             }
             | "Join" >> beam.CoGroupByKey()
-            | "Grade" >> beam.ParDo(_GradeFn(self._config)).with_outputs("rejected", TALLIES, main="kept")
+            | "Grade" >> beam.ParDo(_GradeFn(self._config)).with_outputs("rejected", main="kept")
         )
-        tallies.append(graded[TALLIES])
-        if not self._select_candidates:
-            return {"kept": graded["kept"], "rejected": graded["rejected"], "answers": answers,
-                    "tallies": sum_tallies(tallies)}
-        selected = (
-            graded["kept"]
-            | "BySlot" >> beam.Map(lambda pair: (pair["query_id"], pair))
-            | "GroupSlots" >> beam.GroupByKey()
-            | "SelectCandidate" >> beam.ParDo(_SelectFn()).with_outputs("rejected", TALLIES, main="kept")
-        )
-        tallies.append(selected[TALLIES])
-        rejected = (graded["rejected"], selected["rejected"]) | "AllRejected" >> beam.Flatten()
-        return {"kept": selected["kept"], "rejected": rejected, "answers": answers, "tallies": sum_tallies(tallies)}
+        kept, rejected = graded["kept"], graded["rejected"]
+        if self._select_candidates:
+            selected = (
+                kept
+                | "BySlot" >> beam.Map(lambda pair: (pair["query_id"], pair))
+                | "GroupSlots" >> beam.GroupByKey()
+                | "SelectCandidate" >> beam.ParDo(_SelectFn()).with_outputs("rejected", main="kept")
+            )
+            kept = selected["kept"]
+            rejected = (rejected, selected["rejected"]) | "AllRejected" >> beam.Flatten()
+        counted_kept = kept | "CountKept" >> CountRows(STAGE, "kept")
+        counted_rejected = rejected | "CountRejected" >> CountRows(STAGE, "rejected")
+        tallies += [counted_kept["tallies"], counted_rejected["tallies"]]
+        return {"kept": counted_kept["rows"], "rejected": counted_rejected["rows"], "answers": answers,
+                "tallies": sum_tallies(tallies)}
 
     def _round_trip_ranks(self, pairs, vectors):
         """(pair_id, rank of the pair's positive in the teacher's top `roundtrip_top_k` for its query, or None)."""

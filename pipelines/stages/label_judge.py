@@ -47,7 +47,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
+from pipelines.accounting import sum_tallies
 from pipelines.budget import BUDGET_REASON
 from pipelines.clients.base import GenerationConfig, TaskType
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
@@ -177,12 +177,11 @@ def _vector_outcomes(embedded) -> beam.PCollection:
     ) | "VectorOutcomes" >> beam.Flatten()
 
 
-class _TeacherFn(CountingDoFn):
+class _TeacherFn(beam.DoFn):
     """(example_id, {"candidates": [{"row", "raw"}], "vectors": [(vector, reason)]}) + the prototype texts' outcomes
     -> the candidate (main output) or its REJECTED row."""
 
     def __init__(self, spec: TaskSpec, margin: float, stage: str):
-        super().__init__(stage)
         self._spec = spec
         self._margin = margin
         self._stage = stage
@@ -215,7 +214,6 @@ class _TeacherFn(CountingDoFn):
 
     def _reject(self, candidate, reason: str, detail: str):
         row = candidate["row"]
-        self.tally.reject(reason)
         return beam.pvalue.TaggedOutput(REJECTED, rejected_row(
             self._stage, reason, row, record_id=row["example_id"], raw_answer=candidate["raw"], detail=detail))
 
@@ -251,9 +249,8 @@ class _TeacherFn(CountingDoFn):
                     f"{row['label']!r} ({scores[row['label']]:.3f}; judge_margin {self._margin:g})"))
 
 
-class _LLMVerdictFn(CountingDoFn):
+class _LLMVerdictFn(beam.DoFn):
     def __init__(self, spec: TaskSpec, stage: str):
-        super().__init__(stage)
         self._spec = spec
         self._stage = stage
 
@@ -264,7 +261,6 @@ class _LLMVerdictFn(CountingDoFn):
             yield candidate
             return
         row = candidate["row"]
-        self.tally.reject(reason)
         yield beam.pvalue.TaggedOutput(REJECTED, rejected_row(
             self._stage, reason, row, record_id=row["example_id"], raw_answer=answer.raw, detail=detail))
 
@@ -272,7 +268,7 @@ class _LLMVerdictFn(CountingDoFn):
 class JudgeLabels(beam.PTransform):
     """Candidates `{"row": CLASSIFICATION_EXAMPLE row, "raw": the generating LLM answer}` -> {"kept": candidates,
     "rejected": REJECTED rows of `stage`, "answers": the LLM judge's LLMAnswers (empty without it),
-    "tallies": the judges' rejections and usage (the teacher's embeddings, the LLM's calls), summed}.
+    "tallies": the judges' usage (the teacher's embeddings, the LLM's calls), summed}.
 
     Exactly one outcome per candidate. Built while the pipeline is built, so an impossible judge fails before any work.
     """
@@ -306,7 +302,6 @@ class JudgeLabels(beam.PTransform):
             judged = self._teacher_judge(candidates, tallies)
             candidates = judged["kept"]
             rejected.append(judged[REJECTED])
-            tallies.append(judged[TALLIES])
         if uses_llm(self._judge):
             called = (
                 candidates
@@ -314,11 +309,11 @@ class JudgeLabels(beam.PTransform):
                 | "CallJudgeLLM" >> CallLLM(self._llm, self._stage)
             )
             judged = called["answers"] | "LLMVerdicts" >> beam.ParDo(
-                _LLMVerdictFn(self._spec, self._stage)).with_outputs(REJECTED, TALLIES, main="kept")
+                _LLMVerdictFn(self._spec, self._stage)).with_outputs(REJECTED, main="kept")
             candidates = judged["kept"]
             rejected.append(judged[REJECTED])
             answers.append(called["answers"])
-            tallies += [called["tallies"], judged[TALLIES]]
+            tallies.append(called["tallies"])
 
         def gathered(parts, label):
             return tuple(parts) | label >> beam.Flatten() if parts else pipeline | label >> beam.Create([])
@@ -353,5 +348,5 @@ class JudgeLabels(beam.PTransform):
             | "JoinVectors" >> beam.CoGroupByKey()
             | "TeacherVerdicts" >> beam.ParDo(
                 _TeacherFn(self._spec, self._margin, self._stage),
-                beam.pvalue.AsList(prototype_outcomes)).with_outputs(REJECTED, TALLIES, main="kept")
+                beam.pvalue.AsList(prototype_outcomes)).with_outputs(REJECTED, main="kept")
         )

@@ -57,7 +57,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, sum_tallies
 from pipelines.clients.base import TaskType
 from pipelines.llm_calls import CallLLM, LLMAnswer
 from pipelines.model_access import ModelAccess, ModelIdentity
@@ -419,7 +419,7 @@ def _missing_fields(row: Mapping[str, Any]) -> list[str]:
 
 
 class _OutcomeFn(CountingDoFn):
-    """Base of the DoFns that take queries: rejects and counts statistics through the stage's tally."""
+    """Base of the DoFns that take queries: rejects, and counts statistics through the stage's tally."""
 
     def __init__(self, config: MineNegativesConfig):
         super().__init__(STAGE)
@@ -430,7 +430,6 @@ class _OutcomeFn(CountingDoFn):
             self.tally.statistic(_MINING, name, value)
 
     def _reject(self, row: Mapping[str, Any], reason: str, detail: str | None, raw_answer: str | None = None):
-        self.tally.reject(reason)
         return beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
             STAGE, reason, rejected_payload(row), record_id=row.get("pair_id"), raw_answer=raw_answer, detail=detail,
         ))
@@ -441,7 +440,6 @@ class _OutcomeFn(CountingDoFn):
             assert outcome.reason is not None
             yield self._reject(row, outcome.reason, outcome.detail, outcome.raw_answer)
             return
-        self.tally.count("kept")
         negatives = len(outcome.triplet["negative_ids"])
         self._statistics([("negatives", negatives), ("short_triplets", int(negatives < self._config.num_negatives))])
         yield outcome.triplet
@@ -450,10 +448,9 @@ class _OutcomeFn(CountingDoFn):
 class _KeyQueriesFn(_OutcomeFn):
     """Checks a query row; emits it keyed by pair_id (embeddings as `pack_vector` bytes), and its search item: its
     vector, and its positive's passage_id when the row carries no positive_embedding (the search looks the vector up
-    in the shard that holds it). Every query row that reaches the mining is one input row here."""
+    in the shard that holds it)."""
 
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
-        self.tally.count("input")
         missing = _missing_fields(row)
         if missing:
             yield self._reject(row, "missing_field", f"query row lacks {', '.join(missing)} (empty or null)")
@@ -601,25 +598,17 @@ class _MineEmbedded(beam.PTransform):
         }
 
 
-class _AttachEmbeddingFn(CountingDoFn):
-    """A graded pair joined with its query's teacher vector; a pair whose query has none is rejected here, and counted
-    as input here (the others are counted by `_KeyQueriesFn`, where they enter the mining)."""
-
-    def __init__(self) -> None:
-        super().__init__(STAGE)
-
-    def process(self, element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
-        _, grouped = element
-        vectors = list(grouped["vectors"])
-        for pair in grouped["pairs"]:
-            if not vectors:
-                self.tally.count("input")
-                self.tally.reject("missing_embedding")
-                yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
-                    STAGE, "missing_embedding", pair, record_id=pair["pair_id"],
-                    detail="the teacher embedding of this query failed (see embed_teacher rejections)"))
-                continue
-            yield {**pair, "query_embedding": vectors[0]}
+def _attach_query_embedding(element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
+    """A graded pair joined with its query's teacher vector; a pair whose query has none is rejected."""
+    _, grouped = element
+    vectors = list(grouped["vectors"])
+    for pair in grouped["pairs"]:
+        if not vectors:
+            yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
+                STAGE, "missing_embedding", pair, record_id=pair["pair_id"],
+                detail="the teacher embedding of this query failed (see embed_teacher rejections)"))
+            continue
+        yield {**pair, "query_embedding": vectors[0]}
 
 
 def _passage_rows(element: tuple[str, Mapping[str, list[Any]]]) -> list[dict[str, Any]]:
@@ -660,13 +649,14 @@ class MineNegatives(beam.PTransform):
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
         vectors = inputs["vectors"]
+        entering = inputs["pairs"] | "CountInput" >> CountRows(STAGE, "input")
         queries = (
             {
-                "pairs": inputs["pairs"] | "KeyPairs" >> beam.Map(lambda pair: (pair["pair_id"], pair)),
+                "pairs": entering["rows"] | "KeyPairs" >> beam.Map(lambda pair: (pair["pair_id"], pair)),
                 "vectors": vectors | "QueryVectors" >> TeacherVectors(TaskType.RETRIEVAL_QUERY),
             }
             | "JoinQueryEmbeddings" >> beam.CoGroupByKey()
-            | "AttachEmbeddings" >> beam.ParDo(_AttachEmbeddingFn()).with_outputs(_REJECTED, TALLIES, main="queries")
+            | "AttachEmbeddings" >> beam.FlatMap(_attach_query_embedding).with_outputs(_REJECTED, main="queries")
         )
         passages = (
             {
@@ -678,5 +668,8 @@ class MineNegatives(beam.PTransform):
         )
         mined = {"queries": queries["queries"], "passages": passages} | "Mine" >> _MineEmbedded(self._config, self._llm)
         rejected = (queries[_REJECTED], mined["rejected"]) | "AllRejected" >> beam.Flatten()
-        tallies = sum_tallies((queries[TALLIES], mined["tallies"]), "StageTallies")
-        return {**mined, "rejected": rejected, "tallies": tallies}
+        kept = mined["kept"] | "CountKept" >> CountRows(STAGE, "kept")
+        rejected = rejected | "CountRejected" >> CountRows(STAGE, "rejected")
+        tallies = (entering["tallies"], mined["tallies"], kept["tallies"], rejected["tallies"])
+        return {"kept": kept["rows"], "rejected": rejected["rows"], "answers": mined["answers"],
+                "tallies": sum_tallies(tallies, "StageTallies")}

@@ -46,7 +46,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.accounting import TALLIES, CountingDoFn, sum_tallies
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, sum_tallies
 from pipelines.config_loading import ConfigError
 from pipelines.stages import rejected_row
 from pipelines.stdlib_corpus import stdlib_records
@@ -632,7 +632,8 @@ def read_corpus_file(corpus_file: CorpusFile, config: ReadCorpusConfig) -> Itera
 
 
 class _ReadFileFn(CountingDoFn):
-    """CorpusFile -> (passage_id, ((path, index), PASSAGE row)) and rejected rows; every row read counts as input."""
+    """CorpusFile -> (passage_id, ((path, index), PASSAGE row)) and rejected rows; every row read counts as input
+    (the stage's rows come into being here)."""
 
     def __init__(self, config: ReadCorpusConfig):
         super().__init__(STAGE)
@@ -642,7 +643,6 @@ class _ReadFileFn(CountingDoFn):
         for index, outcome in enumerate(read_corpus_file(corpus_file, self._config)):
             self.tally.count("input")
             if outcome.rejected is not None:
-                self.tally.reject(outcome.rejected["reason"])
                 yield beam.pvalue.TaggedOutput("rejected", outcome.rejected)
             else:
                 assert outcome.passage is not None
@@ -650,35 +650,27 @@ class _ReadFileFn(CountingDoFn):
                 yield outcome.passage["passage_id"], ((corpus_file.path, index), outcome.passage)
 
 
-class _FirstOccurrenceFn(CountingDoFn):
-    def __init__(self) -> None:
-        super().__init__(STAGE)
-
+class _FirstOccurrenceFn(beam.DoFn):
     def process(self, element: tuple[str, Iterable[tuple[Any, dict[str, Any]]]]) -> Iterator[Any]:
         passage_id, occurrences = element
         first, duplicates = split_first_occurrence(passage_id, occurrences)
         yield first
         for duplicate in duplicates:
-            self.tally.reject("duplicate_id")
             yield beam.pvalue.TaggedOutput("rejected", duplicate)
 
 
-class _KeepFn(CountingDoFn):
-    """Unique passages -> kept, or `sampled_out` (counted as skipped) when sampling and the passage's key is above the
-    threshold."""
+class _KeepFn(beam.DoFn):
+    """Unique passages -> kept, or `sampled_out` when sampling and the passage's key is above the threshold."""
 
     def __init__(self, seed: int, sampling: bool):
-        super().__init__(STAGE)
         self._seed = seed
         self._sampling = sampling
-        self._truncated = beam.metrics.Metrics.counter(self.tally.namespace, "truncated")
+        self._truncated = beam.metrics.Metrics.counter(f"embforge.{STAGE}", "truncated")
 
     def process(self, row: dict[str, Any], threshold: tuple[int, str] | None = None) -> Iterator[Any]:
         if self._sampling and (threshold is None or sample_key(self._seed, row["passage_id"]) > threshold):
-            self.tally.count("skipped")
             yield beam.pvalue.TaggedOutput("sampled_out", row)
             return
-        self.tally.count("kept")
         if row["truncated"]:
             self._truncated.inc()
         yield row
@@ -708,11 +700,11 @@ class ReadCorpus(beam.PTransform):
         unique = (
             read["parsed"]
             | "GroupById" >> beam.GroupByKey()
-            | "FirstOccurrence" >> beam.ParDo(_FirstOccurrenceFn()).with_outputs("rejected", TALLIES, main="unique")
+            | "FirstOccurrence" >> beam.ParDo(_FirstOccurrenceFn()).with_outputs("rejected", main="unique")
         )
         keep_fn = _KeepFn(config.seed, sampling=config.sample is not None)
         if config.sample is None:
-            kept = unique["unique"] | "Keep" >> beam.ParDo(keep_fn).with_outputs("sampled_out", TALLIES, main="kept")
+            kept = unique["unique"] | "Keep" >> beam.ParDo(keep_fn).with_outputs("sampled_out", main="kept")
         else:
             seed = config.seed
             # Exact and deterministic: the threshold is the sample-th smallest key over the whole corpus, so the kept
@@ -724,10 +716,12 @@ class ReadCorpus(beam.PTransform):
                 | "Threshold" >> beam.Map(lambda keys: max(keys) if keys else None)
             )
             kept = unique["unique"] | "Sample" >> beam.ParDo(
-                keep_fn, threshold=beam.pvalue.AsSingleton(threshold)).with_outputs("sampled_out", TALLIES, main="kept")
-        return {
-            "kept": kept["kept"],
-            "rejected": (read["rejected"], unique["rejected"]) | "Rejected" >> beam.Flatten(),
-            "sampled_out": kept["sampled_out"],
-            "tallies": sum_tallies((read[TALLIES], unique[TALLIES], kept[TALLIES])),
+                keep_fn, threshold=beam.pvalue.AsSingleton(threshold)).with_outputs("sampled_out", main="kept")
+        rejected = (read["rejected"], unique["rejected"]) | "Rejected" >> beam.Flatten()
+        counted = {
+            "kept": kept["kept"] | "CountKept" >> CountRows(STAGE, "kept"),
+            "rejected": rejected | "CountRejected" >> CountRows(STAGE, "rejected"),
+            "sampled_out": kept["sampled_out"] | "CountSkipped" >> CountRows(STAGE, "skipped"),
         }
+        tallies = sum_tallies((read[TALLIES], *(output["tallies"] for output in counted.values())))
+        return {**{name: output["rows"] for name, output in counted.items()}, "tallies": tallies}
