@@ -8,13 +8,11 @@ it may read a model's files (`resolve_model`), so a run resolves each model once
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from pipelines.budget import RunBudget
 from pipelines.clients.factory import embedder_identity, llm_identity
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
-
-if TYPE_CHECKING:
-    from pipelines.budget import RunBudget
 
 
 class ModelIdentity(NamedTuple):
