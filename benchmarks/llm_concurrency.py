@@ -61,6 +61,7 @@ def run_stage(base_url: str, rows: list[dict[str, str]], concurrency: int) -> tu
 
     from pipelines.clients.specs import LLMSpec
     from pipelines.config import GenerateConfig
+    from pipelines.model_access import ModelAccess
     from pipelines.run import pipeline_options
     from pipelines.stages.generate_queries import GenerateQueries, GenerateQueriesConfig
 
@@ -69,7 +70,7 @@ def run_stage(base_url: str, rows: list[dict[str, str]], concurrency: int) -> tu
         start = time.perf_counter()
         with beam.Pipeline(options=pipeline_options(GenerateConfig())) as pipeline:
             outputs = (pipeline | beam.Create(rows)
-                       | GenerateQueries(GenerateQueriesConfig(), spec, cache_dir=f"{folder}/cache"))
+                       | GenerateQueries(GenerateQueriesConfig(), ModelAccess.llm(spec, f"{folder}/cache")))
             ((outputs["kept"], outputs["rejected"])
              | beam.Flatten()
              | beam.combiners.Count.Globally()

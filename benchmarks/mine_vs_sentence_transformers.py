@@ -128,10 +128,18 @@ def run_beam(corpus: np.ndarray, queries: np.ndarray, positives: np.ndarray) -> 
         }), f"{folder}/queries.parquet", row_group_size=PARQUET_ROW_GROUP)
         start = start_measuring()
         with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as pipeline:
-            outputs = {
-                "queries": pipeline | "Queries" >> beam.io.ReadFromParquet(f"{folder}/queries.parquet"),
-                "passages": pipeline | "Passages" >> beam.io.ReadFromParquet(f"{folder}/passages.parquet"),
-            } | MineNegatives(config)
+            pairs = pipeline | "Queries" >> beam.io.ReadFromParquet(f"{folder}/queries.parquet")
+            passages = pipeline | "Passages" >> beam.io.ReadFromParquet(f"{folder}/passages.parquet")
+            # The teacher vectors as EmbedTeacher hands them out; the stage joins them back onto pairs and passages.
+            vectors = (
+                pairs | "QueryVectors" >> beam.Map(
+                    lambda row: {"id": row["pair_id"], "task_type": "RETRIEVAL_QUERY",
+                                 "embedding": row["query_embedding"]}),
+                passages | "PassageVectors" >> beam.Map(
+                    lambda row: {"id": row["passage_id"], "task_type": "RETRIEVAL_DOCUMENT",
+                                 "embedding": row["embedding"]}),
+            ) | "Vectors" >> beam.Flatten()
+            outputs = {"pairs": pairs, "passages": passages, "vectors": vectors} | MineNegatives(config)
             (outputs["kept"]
              | beam.Map(lambda t: json.dumps([t["triplet_id"], t["negative_ids"]]))
              | beam.io.WriteToText(f"{folder}/kept"))
@@ -145,15 +153,8 @@ def run_beam(corpus: np.ndarray, queries: np.ndarray, positives: np.ndarray) -> 
 
 
 def run_core(corpus: np.ndarray, queries: np.ndarray, positives: np.ndarray) -> tuple[dict[int, list[int]], float]:
-    from pipelines.stages.mine_negatives import (
-        Candidate,
-        MineNegativesConfig,
-        build_shard_index,
-        mine_without_llm,
-        search_shard,
-        select_candidates,
-        teacher_score,
-    )
+    from pipelines.sharded_search import build_shard_index, search_shard, teacher_score
+    from pipelines.stages.mine_negatives import Candidate, MineNegativesConfig, mine_without_llm, select_candidates
 
     config = MineNegativesConfig(
         teacher_model=TEACHER, k=K, num_negatives=NUM_NEGATIVES, max_negative_score_ratio=RATIO, keep_embeddings=False

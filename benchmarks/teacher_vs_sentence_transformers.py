@@ -86,6 +86,7 @@ def run_beam(texts: list[str], model: str, batch_size: int, stage_batch: int) ->
     from pipelines.clients.base import TaskType
     from pipelines.clients.specs import EmbedderSpec
     from pipelines.config import GenerateConfig
+    from pipelines.model_access import ModelAccess
     from pipelines.run import pipeline_options
     from pipelines.stages.embed_teacher import EmbedTeacher, EmbedTeacherConfig
 
@@ -96,7 +97,8 @@ def run_beam(texts: list[str], model: str, batch_size: int, stage_batch: int) ->
         start = time.perf_counter()
         with beam.Pipeline(options=pipeline_options(GenerateConfig())) as pipeline:
             embedded = (pipeline | beam.Create(items)
-                        | EmbedTeacher(spec, EmbedTeacherConfig(batch_size=stage_batch), cache_dir=f"{folder}/cache"))
+                        | EmbedTeacher(ModelAccess.embedder(spec, f"{folder}/cache"),
+                                       EmbedTeacherConfig(batch_size=stage_batch)))
             (embedded["kept"]
              | beam.combiners.Count.Globally()
              | beam.Map(lambda n: Path(f"{folder}/count").write_text(str(n))))

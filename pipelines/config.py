@@ -42,7 +42,7 @@ class BudgetConfig:
     """Limits on the whole run's new LLM calls (cache hits are free), across every LLM stage.
 
     Exact on any runner: each stage calls a deterministic subset of its cache misses that fits what earlier stages
-    left, and the rest become rejected rows counted as skipped_by_budget (pipelines/llm_calls.py says how).
+    left, and the rest become rejected rows counted as skipped_by_budget (pipelines/budget.py says how).
     """
 
     max_llm_calls: int | None = None

@@ -1,7 +1,8 @@
 """Compose the stages into the generation pipeline, run it, and chain generate -> train -> evaluate.
 
-Every stage's kept and rejected rows are counted into tallies that `WriteShards` turns into the manifest; the run ends
-by checking that every stage balances (input + expanded = kept + rejected + skipped) and fails loudly if one does not.
+Every stage counts its own kept and rejected rows into tallies (pipelines/accounting.py) that `WriteShards` turns into
+the manifest; the run ends by checking that every stage balances (input + expanded = kept + rejected + skipped) and
+fails loudly if one does not.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_schemas import load_manifest, stage_balances
-from pipelines.clients.base import TaskType
-from pipelines.clients.factory import embedder_identity, llm_identity
+from pipelines.budget import RunBudget
 from pipelines.config import EvaluateConfig, GenerateConfig, RunConfig
 from pipelines.config_loading import ConfigError, config_to_dict
-from pipelines.llm_calls import BUDGET_REASON, LLMAnswer, RunBudget
+from pipelines.model_access import ModelAccess, RunModels
 from pipelines.outputs import (
     ensure_folder,
     promote,
@@ -35,15 +35,13 @@ from pipelines.outputs import (
     sibling_staging_path,
     staging_path,
 )
-from pipelines.pricing import estimated_cost_micro_usd
 from pipelines.progress import LiveProgress
 from pipelines.run_layout import MANIFEST_NAME, OUTPUT_KINDS
-from pipelines.stages import rejected_row
-from pipelines.stages.embed_teacher import EmbedTeacher
+from pipelines.stages.embed_teacher import EmbedTeacher, RetrievalTexts
 from pipelines.stages.generate_counterfactuals import GenerateCounterfactuals
 from pipelines.stages.generate_queries import GenerateQueries
 from pipelines.stages.grade_relevance import GradeRelevance
-from pipelines.stages.mine_negatives import MineNegatives, ShardedTopK
+from pipelines.stages.mine_negatives import MineNegatives
 from pipelines.stages.read_corpus import ReadCorpus
 from pipelines.stages.write_shards import WriteShards
 from prompts import prompt_versions
@@ -60,63 +58,20 @@ class GenerationFailed(RuntimeError):
     """The pipeline ran but its accounting does not balance: some rows went missing."""
 
 
-def _count(pcoll, label: str, key: tuple[str, ...]):
-    return (
-        pcoll
-        | f"Count{label}" >> beam.combiners.Count.Globally()
-        | f"Tally{label}" >> beam.Map(lambda count: (key, count))
-    )
-
-
-def _answer_tallies(answer: LLMAnswer, stage: str, model: str):
-    yield ("llm", stage, "calls"), int(answer.source == "backend")
-    yield ("llm", stage, "cache_hits"), int(answer.source == "cache")
-    yield ("llm", stage, "skipped_by_budget"), int(answer.source == "budget")
-    if answer.source == "backend":
-        yield ("llm", stage, "input_tokens"), answer.usage.input_tokens
-        yield ("llm", stage, "output_tokens"), answer.usage.output_tokens
-        yield ("cost", stage), estimated_cost_micro_usd(model, answer.usage)
-        yield ("cache", "llm_calls"), 1
-    elif answer.source == "cache":
-        yield ("cache", "llm_hits"), 1
-
-
-def _embedding_tallies(sent: tuple[int, int], stage: str):
-    """Tallies of one text sent to the teacher: its estimated tokens and cost (the API reports neither)."""
-    tokens, micro_usd = sent
-    yield ("embedding", stage, "estimated_input_tokens"), tokens
-    yield ("cost", stage), micro_usd
-
-
-def _attach_embeddings(element, stage: str):
-    """Join a graded pair with its query's teacher embedding; a pair whose query has none is rejected."""
-    _, grouped = element
-    vectors = list(grouped["vectors"])
-    for pair in grouped["pairs"]:
-        if not vectors:
-            yield beam.pvalue.TaggedOutput("rejected", rejected_row(
-                stage, "missing_embedding", pair, record_id=pair["pair_id"],
-                detail="the teacher embedding of this query failed (see embed_teacher rejections)"))
-            continue
-        yield {**pair, "query_embedding": vectors[0]}
-
-
-def static_manifest(config: GenerateConfig) -> dict[str, Any]:
+def static_manifest(config: GenerateConfig, models: RunModels) -> dict[str, Any]:
     versions = {}
     for package in _VERSIONED_PACKAGES:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             continue
-    llm_id, llm_version = llm_identity(config.llm)
-    teacher_id, teacher_version = embedder_identity(config.teacher)
     budget = {key: float(value) for key, value in config_to_dict(config.budget).items() if value is not None}
     return {
         "run_id": uuid.uuid4().hex,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "embforge_version": importlib.metadata.version("embforge"),
         "package_versions": versions,
-        "models": {"llm": f"{llm_id}@{llm_version}", "teacher": f"{teacher_id}@{teacher_version}"},
+        "models": {"llm": models.llm.tag, "teacher": models.teacher.tag},
         "prompt_versions": prompt_versions(),
         "budget": budget,
         "config": config_to_dict(config),
@@ -129,143 +84,41 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig, out
     cache_dir = config.cache_dir or None
     budget = None
     if config.budget.max_llm_calls is not None or config.budget.max_cost_usd is not None:
-        # One budget for the run: each LLM stage plans against what the stages applied before it spent.
+        # One budget for the run: each model-calling stage plans against what the stages applied before it spent.
         budget = RunBudget(config.budget.max_llm_calls, config.budget.max_cost_usd)
-    llm_model = config.llm.model_name
-    tallies = []
-    rejected = []
+    models = RunModels.resolve(config.llm, config.teacher)
+    llm = ModelAccess(config.llm, models.llm, cache_dir, budget)
+    teacher = ModelAccess(config.teacher, models.teacher, cache_dir, budget)
 
     corpus = pipeline | "ReadCorpus" >> ReadCorpus(config.corpus)
     passages = corpus["kept"]
-    rejected.append(corpus["rejected"])
-    tallies += [
-        _count(passages, "CorpusKept", ("stage", "read_corpus", "kept")),
-        _count(corpus["rows_read"], "CorpusRead", ("stage", "read_corpus", "input")),
-        _count(corpus["sampled_out"], "CorpusSampledOut", ("stage", "read_corpus", "skipped")),
-    ]
-
-    queries = passages | "GenerateQueries" >> GenerateQueries(config.queries, config.llm, cache_dir, budget)
+    queries = passages | "GenerateQueries" >> GenerateQueries(config.queries, llm)
     pairs = queries["kept"]
-    rejected.append(queries["rejected"])
-    # Each passage fans out to one row per candidate of each slot.
-    fan_out = config.queries.requests_per_passage - 1
-    tallies += [
-        _count(passages, "QueriesInput", ("stage", "generate_queries", "input")),
-        passages
-        | "QueriesFanOut" >> beam.combiners.Count.Globally()
-        | "TallyFanOut" >> beam.Map(lambda count: (("stage", "generate_queries", "expanded"), count * fan_out)),
-        _count(pairs, "QueriesKept", ("stage", "generate_queries", "kept")),
-        queries["answers"] | "QueryUsage" >> beam.FlatMap(_answer_tallies, "generate_queries", llm_model),
-    ]
-
-    texts = (
-        passages | "PassageTexts" >> beam.Map(
-            lambda row: {"id": row["passage_id"], "text": row["text"], "task_type": TaskType.RETRIEVAL_DOCUMENT.value}),
-        pairs | "QueryTexts" >> beam.Map(
-            lambda row: {"id": row["pair_id"], "text": row["query"], "task_type": TaskType.RETRIEVAL_QUERY.value}),
-    ) | "AllTexts" >> beam.Flatten()
+    texts = {"passages": passages, "pairs": pairs} | "TeacherTexts" >> RetrievalTexts()
     # Between query generation and grading on the budget's chain: its spend is planned against what query generation
     # left, and grading, mining and counterfactuals plan against what it spent.
-    embedded = texts | "EmbedTeacher" >> EmbedTeacher(config.teacher, config.embed, cache_dir, budget)
-    rejected.append(embedded["rejected"])
-    tallies += [
-        _count(texts, "EmbedInput", ("stage", "embed_teacher", "input")),
-        _count(embedded["kept"], "EmbedKept", ("stage", "embed_teacher", "kept")),
-        embedded["texts_embedded"] | "TallyEmbedded" >> beam.FlatMap(
-            lambda n: [(("cache", "embeddings_computed"), n), (("embedding", "embed_teacher", "texts_embedded"), n)]),
-        embedded["cache_hits"] | "TallyEmbedHits" >> beam.FlatMap(
-            lambda n: [(("cache", "embedding_hits"), n), (("embedding", "embed_teacher", "cache_hits"), n)]),
-        _count(embedded["rejected"] | "EmbedBudgetSkips" >> beam.Filter(lambda row: row["reason"] == BUDGET_REASON),
-               "EmbedSkipped", ("embedding", "embed_teacher", "skipped_by_budget")),
-        embedded["sent"] | "EmbedUsage" >> beam.FlatMap(_embedding_tallies, "embed_teacher"),
-    ]
+    embedded = texts | "EmbedTeacher" >> EmbedTeacher(teacher, config.embed)
     vectors = embedded["kept"]
-    passage_vectors = (
-        vectors
-        | "PassageVectors" >> beam.Filter(lambda item: item["task_type"] == TaskType.RETRIEVAL_DOCUMENT.value)
-        | "KeyPassageVectors" >> beam.Map(lambda item: (item["id"], item["embedding"]))
-    )
-    query_vectors = (
-        vectors
-        | "QueryVectors" >> beam.Filter(lambda item: item["task_type"] == TaskType.RETRIEVAL_QUERY.value)
-        | "KeyQueryVectors" >> beam.Map(lambda item: (item["id"], item["embedding"]))
-    )
-
-    grading_inputs = {"pairs": pairs}
-    if config.grading.use_roundtrip:
-        hits = {"queries": query_vectors, "passages": passage_vectors} | "RoundTripSearch" >> ShardedTopK(
-            config.grading.roundtrip_top_k, config.mining.shard_size)
-        grading_inputs["ranks"] = (
-            ({"hits": hits, "pairs": pairs | "PairPositive" >> beam.Map(lambda p: (p["pair_id"], p["passage_id"]))})
-            | "JoinHits" >> beam.CoGroupByKey()
-            | "Rank" >> beam.FlatMap(_positive_rank)
-        )
-    graded = grading_inputs | "GradeRelevance" >> GradeRelevance(
-        config.grading, config.llm, cache_dir, budget, select_candidates=config.queries.candidates > 1)
-    rejected.append(graded["rejected"])
-    tallies += [
-        _count(pairs, "GradeInput", ("stage", "grade_relevance", "input")),
-        _count(graded["kept"], "GradeKept", ("stage", "grade_relevance", "kept")),
-        graded["answers"] | "GradeUsage" >> beam.FlatMap(_answer_tallies, "grade_relevance", llm_model),
-    ]
-
-    with_embeddings = (
-        {
-            "pairs": graded["kept"] | "KeyGraded" >> beam.Map(lambda pair: (pair["pair_id"], pair)),
-            "vectors": query_vectors,
-        }
-        | "JoinQueryEmbeddings" >> beam.CoGroupByKey()
-        | "AttachEmbeddings" >> beam.FlatMap(_attach_embeddings, "mine_negatives").with_outputs(
-            "rejected", main="kept")
-    )
-    rejected.append(with_embeddings["rejected"])
-    passages_for_mining = (
-        {"passages": passages | "KeyPassages" >> beam.Map(lambda row: (row["passage_id"], row)),
-         "vectors": passage_vectors}
-        | "JoinPassageVectors" >> beam.CoGroupByKey()
-        | "PassageRows" >> beam.FlatMap(
-            lambda element: [{"passage_id": element[0], "text": passage["text"], "embedding": vector}
-                             for passage in element[1]["passages"] for vector in element[1]["vectors"][:1]])
-    )
-    teacher_model = "@".join(embedder_identity(config.teacher))
-    mined = {"queries": with_embeddings["kept"], "passages": passages_for_mining} | "MineNegatives" >> MineNegatives(
-        replace(config.mining, teacher_model=teacher_model), config.llm, cache_dir=cache_dir, budget=budget)
-    rejected.append(mined["rejected"])
-    tallies += [
-        _count(graded["kept"], "MineInput", ("stage", "mine_negatives", "input")),
-        _count(mined["kept"], "MineKept", ("stage", "mine_negatives", "kept")),
-        mined["answers"] | "MineUsage" >> beam.FlatMap(_answer_tallies, "mine_negatives", llm_model),
-        mined["statistics"],
-    ]
-
+    graded = {"pairs": pairs, "vectors": vectors} | "GradeRelevance" >> GradeRelevance(
+        config.grading, llm, select_candidates=config.queries.candidates > 1, shard_size=config.mining.shard_size)
+    mined = {"pairs": graded["kept"], "passages": passages, "vectors": vectors} | "MineNegatives" >> MineNegatives(
+        config.mining, llm, teacher=models.teacher)
+    stages = [corpus, queries, embedded, graded, mined]
     rows = {"triplets": mined["kept"], "pairs": graded["kept"], "passages": passages}
     if config.counterfactuals is not None:
         # The run's teacher is the default label judge; its embeddings and the LLM judge's calls draw on the budget
-        # after everything before them, and come back as the stage's tallies and answers.
+        # after everything before them.
         classification = pipeline | "GenerateCounterfactuals" >> GenerateCounterfactuals(
-            config.counterfactuals, config.llm, cache_dir=cache_dir, budget=budget, teacher=config.teacher,
-            embed=config.embed)
+            config.counterfactuals, llm, teacher=teacher, embed=config.embed)
+        stages.append(classification)
         rows["classification"] = classification["kept"]
-        rejected.append(classification["rejected"])
-        tallies += [
-            classification["tallies"],
-            classification["answers"] | "CounterfactualUsage" >> beam.FlatMap(
-                _answer_tallies, "generate_counterfactuals", llm_model),
-        ]
-    all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
-    rows["rejected"] = all_rejected
-    tallies.append(all_rejected | "ReasonTallies" >> beam.Map(lambda row: (("reason", row["stage"], row["reason"]), 1)))
-    all_tallies = tuple(tallies) | "AllTallies" >> beam.Flatten()
+
+    # Every stage counts its own rows and usage (pipelines/accounting.py): the run only gathers them.
+    rows["rejected"] = tuple(stage["rejected"] for stage in stages) | "AllRejected" >> beam.Flatten()
+    tallies = tuple(stage["tallies"] for stage in stages) | "AllTallies" >> beam.Flatten()
     stage_order = STAGE_ORDER if config.counterfactuals is not None else STAGE_ORDER[:-1]
-    {"rows": rows, "tallies": all_tallies} | "WriteShards" >> WriteShards(
-        output or config.output, static_manifest(config), stage_order)
-
-
-def _positive_rank(element):
-    pair_id, grouped = element
-    for passage_id in grouped["pairs"]:
-        ranked = [candidate for hits in grouped["hits"] for candidate, _ in hits]
-        yield pair_id, (ranked.index(passage_id) + 1 if passage_id in ranked else None)
+    {"rows": rows, "tallies": tallies} | "WriteShards" >> WriteShards(
+        output or config.output, static_manifest(config, models), stage_order)
 
 
 LOCAL_RUNNERS = ("DirectRunner", "direct", "FnApiRunner")

@@ -5,11 +5,12 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipelines.budget import RunBudget, Spend, cheapest_prefix
 from pipelines.cache import EMBEDDING_CACHE, cache_files, read_cache_file
 from pipelines.clients.base import TaskType
 from pipelines.clients.factory import embedder_identity
 from pipelines.clients.specs import EmbedderSpec
-from pipelines.llm_calls import RunBudget, Spend, cheapest_prefix
+from pipelines.model_access import ModelAccess
 from pipelines.stages.embed_teacher import (
     EmbedTeacher,
     EmbedTeacherConfig,
@@ -35,7 +36,7 @@ def _rounded(vector) -> tuple[float, ...]:
 def _run(cache_dir, dimension=None):
     with TestPipeline() as pipeline:
         outputs = pipeline | "Items" >> beam.Create(ITEMS) | EmbedTeacher(
-            SPEC, EmbedTeacherConfig(dimension=dimension, batch_size=2), cache_dir=str(cache_dir))
+            ModelAccess.embedder(SPEC, str(cache_dir)), EmbedTeacherConfig(dimension=dimension, batch_size=2))
         expected = keyword_embedder().embed([item["text"] for item in ITEMS], TaskType.RETRIEVAL_QUERY, dimension)
         assert_that(
             outputs["kept"] | "Round" >> beam.Map(
@@ -99,7 +100,8 @@ def test_a_cost_budget_embeds_the_smallest_keys_that_fit_what_earlier_stages_lef
         assert 0 < len(allowed) < len(items)
         with TestPipeline() as pipeline:
             budget.spent = pipeline | "SpentBefore" >> beam.Create([Spend(calls=4, micro_usd=20)])
-            outputs = pipeline | "Items" >> beam.Create(items) | EmbedTeacher(spec, config, str(tmp_path), budget)
+            outputs = pipeline | "Items" >> beam.Create(items) | EmbedTeacher(
+                ModelAccess.embedder(spec, str(tmp_path), budget), config)
             assert_that(outputs["kept"] | "KeptIds" >> beam.Map(lambda row: row["id"]), equal_to(allowed),
                         label="Embedded")
             assert_that(outputs["rejected"] | "SkippedIds" >> beam.Map(lambda row: (row["record_id"], row["reason"])),

@@ -15,9 +15,11 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import CLASSIFICATION_EXAMPLE, REJECTED, stage_balances, validate_rows
+from pipelines.budget import RunBudget
 from pipelines.clients.base import TaskType, Usage
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
-from pipelines.llm_calls import LLMAnswer, RunBudget
+from pipelines.llm_calls import LLMAnswer
+from pipelines.model_access import ModelAccess
 from pipelines.stages.generate_counterfactuals import (
     STAGE,
     GenerateCounterfactuals,
@@ -496,17 +498,19 @@ def test_llm_verdicts():
 def test_an_impossible_judge_fails_when_the_pipeline_is_built(tmp_path):
     spec = load_task_spec(TASK_YAML)
     with pytest.raises(ValueError, match="needs the run's teacher"):
-        JudgeLabels(spec, stage=STAGE, judge="teacher", llm=LLM)
+        JudgeLabels(spec, stage=STAGE, judge="teacher", llm=ModelAccess.llm(LLM))
     with pytest.raises(ValueError, match="judge must be one of"):
-        JudgeLabels(spec, stage=STAGE, judge="oracle", llm=LLM, teacher=TEACHER)
+        JudgeLabels(spec, stage=STAGE, judge="oracle", llm=ModelAccess.llm(LLM),
+                    teacher=ModelAccess.embedder(TEACHER))
     many = [{"name": f"l{index}", "description": f"label {index}"} for index in range(MAX_LABELS + 1)]
     path = write_spec(tmp_path, {"name": "t", "description": "d", "labels": many,
                       "examples": [{"text": "hi", "label": "l0"}]})
     with pytest.raises(TaskSpecError, match=f"{MAX_LABELS + 1} labels, more than the {MAX_LABELS}"):
-        JudgeLabels(load_task_spec(path), stage=STAGE, judge="llm", llm=LLM)
-    JudgeLabels(load_task_spec(path), stage=STAGE, judge="teacher", teacher=TEACHER)  # the teacher has no limit
+        JudgeLabels(load_task_spec(path), stage=STAGE, judge="llm", llm=ModelAccess.llm(LLM))
+    JudgeLabels(load_task_spec(path), stage=STAGE, judge="teacher",  # the teacher has no limit
+                teacher=ModelAccess.embedder(TEACHER))
     with pytest.raises(ValueError, match="needs the run's teacher"):
-        _ = TestPipeline() | GenerateCounterfactuals(_config(), LLM)
+        _ = TestPipeline() | GenerateCounterfactuals(_config(), ModelAccess.llm(LLM))
 
 
 # --- The PTransform ---------------------------------------------------------------------------------------------------
@@ -547,7 +551,9 @@ def _run_stage(config, check_rows, *, answers: int, budget: RunBudget | None = N
         check_rows(kept, rejected, tallies)
 
     with TestPipeline() as pipeline:
-        outputs = pipeline | GenerateCounterfactuals(config, LLM, budget=budget, teacher=teacher)
+        outputs = pipeline | GenerateCounterfactuals(
+            config, ModelAccess.llm(LLM, budget=budget),
+            teacher=None if teacher is None else ModelAccess.embedder(teacher, budget=budget))
         tagged = (
             outputs["kept"] | "TagKept" >> beam.Map(lambda row: ("kept", row)),
             outputs["rejected"] | "TagRejected" >> beam.Map(lambda row: ("rejected", row)),
@@ -626,4 +632,5 @@ def test_a_broken_spec_fails_when_the_pipeline_is_built(tmp_path):
     path = write_spec(tmp_path, {"name": "t", "description": "d", "labels": LABELS[:1]})
     pipeline = TestPipeline()
     with pytest.raises(TaskSpecError, match="at least 2 labels"):
-        _ = pipeline | GenerateCounterfactuals(_config(task_spec=path), LLM, teacher=TEACHER)
+        _ = pipeline | GenerateCounterfactuals(_config(task_spec=path), ModelAccess.llm(LLM),
+                                               teacher=ModelAccess.embedder(TEACHER))

@@ -11,11 +11,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import REJECTED, SCHEMAS, UNGRADED_PAIR, stage_balances, validate_rows
-from pipelines.clients.base import Usage
+from pipelines.clients.base import TaskType, Usage
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import GenerateConfig
 from pipelines.config_loading import ConfigError
 from pipelines.llm_calls import LLMAnswer, LLMRequest
+from pipelines.model_access import ModelAccess
 from pipelines.run import build_generate_pipeline, generate
 from pipelines.run_layout import read_kind
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
@@ -256,11 +257,21 @@ def test_candidates_keep_the_least_extractive_one_that_passed_the_round_trip_and
     passages = [{**PASSAGE, "passage_id": pid, "text": text} for pid, text in CANDIDATE_PASSAGES.items()]
     spec = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:candidate_writer")
     with TestPipeline() as pipeline:
-        generated = pipeline | beam.Create(passages) | GenerateQueries(config, spec)
-        # The teacher's round trip, scripted: an off-topic query does not find its passage.
-        ranks = generated["kept"] | "Ranks" >> beam.Map(
-            lambda pair: (pair["pair_id"], None if "csv" in pair["query"] else 1))
-        graded = {"pairs": generated["kept"], "ranks": ranks} | GradeRelevance(
+        generated = pipeline | beam.Create(passages) | GenerateQueries(config, ModelAccess.llm(spec))
+        # The teacher, scripted: a passage has a dimension of its own, and a query points along its passage's, except
+        # an off-topic one, which points away: it ranks its passage last, outside the round trip's top 3 of 4.
+        dimension = {passage_id: index for index, passage_id in enumerate(CANDIDATE_PASSAGES)}
+
+        def along(passage_id: str, length: float = 1.0) -> list[float]:
+            return [length if index == dimension[passage_id] else 0.0 for index in range(len(dimension))]
+
+        passage_vectors = pipeline | "PassageVectors" >> beam.Create(
+            [{"id": pid, "task_type": TaskType.RETRIEVAL_DOCUMENT.value, "embedding": along(pid)} for pid in dimension])
+        query_vectors = generated["kept"] | "QueryVectors" >> beam.Map(
+            lambda pair: {"id": pair["pair_id"], "task_type": TaskType.RETRIEVAL_QUERY.value,
+                          "embedding": along(pair["passage_id"], -1.0 if "csv" in pair["query"] else 1.0)})
+        vectors = (passage_vectors, query_vectors) | "Vectors" >> beam.Flatten()
+        graded = {"pairs": generated["kept"], "vectors": vectors} | GradeRelevance(
             GradeRelevanceConfig(), select_candidates=True)
         assert_that(generated["rejected"] | "GenR" >> beam.Map(lambda row: (row["record_id"], row["reason"])),
                     equal_to([("heap::q0c2", "duplicate_query"), ("json::q0c2", "duplicate_query")]),
@@ -322,7 +333,7 @@ def test_pipeline_accounts_for_every_slot():
     ]
     config = GenerateQueriesConfig(queries_per_passage=2)
     with TestPipeline() as pipeline:
-        outputs = pipeline | beam.Create(passages) | GenerateQueries(config, SPEC)
+        outputs = pipeline | beam.Create(passages) | GenerateQueries(config, ModelAccess.llm(SPEC))
         assert_that(outputs["kept"] | beam.Map(lambda row: (row["passage_id"], row["query"])),
                     equal_to([("a", "what is first?")]), label="Kept")
         assert_that(outputs["rejected"] | "R" >> beam.Map(lambda row: (row["record_id"], row["reason"])),

@@ -6,8 +6,16 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import GRADED_PAIR, REJECTED, validate_rows
+from pipelines.clients.base import TaskType
 from pipelines.clients.specs import LLMSpec
-from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfig, grade_pair, select_candidate
+from pipelines.model_access import ModelAccess
+from pipelines.stages.grade_relevance import (
+    GradeRelevance,
+    GradeRelevanceConfig,
+    grade_pair,
+    positive_rank,
+    select_candidate,
+)
 
 JSON_PASSAGE = "The json module encodes Python objects as JSON text."
 
@@ -22,6 +30,31 @@ def _graded(pair_id: str, query: str) -> dict:
     """A graded candidate of slot p::q0 (its pair_id is p::q0 for the first candidate, p::q0c<k> for the others)."""
     return {**_pair(pair_id, query, JSON_PASSAGE, query_id="p::q0"), "llm_relevance": None, "llm_reason": None,
             "roundtrip_rank": 1}
+
+
+def _teacher_vectors(ranks: dict[str, int | None], top_k: int) -> list[dict]:
+    """Teacher vectors under which the round trip ranks each pair's positive (`doc-<pair_id>`) at the given rank (None:
+    just outside the top `top_k`): each query has a dimension of its own, and passages ahead of its positive lie on
+    it."""
+    vectors = []
+    for index, (pair_id, rank) in enumerate(ranks.items()):
+        def along(length: float, index: int = index) -> list[float]:
+            return [length if dimension == index else 0.0 for dimension in range(len(ranks))]
+
+        vectors.append({"id": pair_id, "task_type": TaskType.RETRIEVAL_QUERY.value, "embedding": along(1.0)})
+        vectors.append({"id": f"doc-{pair_id}", "task_type": TaskType.RETRIEVAL_DOCUMENT.value,
+                        "embedding": along(0.5)})
+        vectors += [{"id": f"ahead-{pair_id}-{ahead}", "task_type": TaskType.RETRIEVAL_DOCUMENT.value,
+                     "embedding": along(0.9 - ahead / 100)} for ahead in range(top_k if rank is None else rank - 1)]
+    return vectors
+
+
+def test_positive_rank_is_the_positives_place_among_the_hits_or_none():
+    hits = [("doc-b", 0.9), ("doc-a", 0.5)]
+    assert list(positive_rank(("a", {"hits": [hits], "pairs": ["doc-a"]}))) == [("a", 2)]
+    assert list(positive_rank(("a", {"hits": [hits], "pairs": ["doc-c"]}))) == [("a", None)]
+    assert list(positive_rank(("a", {"hits": [], "pairs": ["doc-a"]}))) == [("a", None)]
+    assert list(positive_rank(("a", {"hits": [hits], "pairs": []}))) == []
 
 
 @pytest.mark.parametrize(("rank", "kept"), [(1, True), (3, True), (4, False), (None, False)])
@@ -41,14 +74,15 @@ def test_pipeline_with_llm_and_roundtrip_graders():
     pairs = [
         _pair("good", "what is json?", "the json module"),
         _pair("irrelevant", "what is heap?", "the json module"),
-        _pair("far", "what is csv?", "the csv module"),  # relevant, but the teacher ranks it 9th
+        _pair("far", "what is csv?", "the csv module"),  # relevant, but outside the teacher's top 3
     ]
-    ranks = [("good", 1), ("irrelevant", 1), ("far", 9)]
     config = GradeRelevanceConfig(use_llm=True, use_roundtrip=True)
+    vectors = _teacher_vectors({"good": 1, "irrelevant": 1, "far": None}, config.roundtrip_top_k)
     spec = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:grader")
     with TestPipeline() as pipeline:
         outputs = {"pairs": pipeline | "Pairs" >> beam.Create(pairs),
-                   "ranks": pipeline | "Ranks" >> beam.Create(ranks)} | GradeRelevance(config, spec)
+                   "vectors": pipeline | "Vectors" >> beam.Create(vectors)} | GradeRelevance(
+            config, ModelAccess.llm(spec))
         evidence = outputs["kept"] | "K" >> beam.Map(lambda r: (r["pair_id"], r["llm_relevance"], r["roundtrip_rank"]))
         assert_that(evidence, equal_to([("good", 3.0, 1)]), label="Kept")
         assert_that(outputs["rejected"] | "R" >> beam.Map(lambda r: (r["record_id"], r["reason"])),
@@ -89,10 +123,11 @@ def test_pipeline_selects_one_candidate_per_slot_among_those_that_passed():
         _pair("b::q0", "json module encodes Python objects", JSON_PASSAGE, query_id="b::q0"),
         _pair("b::q0c1", "how do I turn a dict into text?", JSON_PASSAGE, query_id="b::q0"),  # fails the round trip
     ]
-    ranks = [("a::q0", 1), ("a::q0c1", 2), ("a::q0c2", 1), ("b::q0", 2), ("b::q0c1", None)]
+    ranks = {"a::q0": 1, "a::q0c1": 2, "a::q0c2": 1, "b::q0": 2, "b::q0c1": None}
+    vectors = _teacher_vectors(ranks, GradeRelevanceConfig().roundtrip_top_k)
     with TestPipeline() as pipeline:
         outputs = {"pairs": pipeline | "Pairs" >> beam.Create(pairs),
-                   "ranks": pipeline | "Ranks" >> beam.Create(ranks)} | GradeRelevance(
+                   "vectors": pipeline | "Vectors" >> beam.Create(vectors)} | GradeRelevance(
             GradeRelevanceConfig(), select_candidates=True)
         assert_that(outputs["kept"] | "K" >> beam.Map(lambda r: (r["query_id"], r["pair_id"], r["roundtrip_rank"])),
                     equal_to([("a::q0", "a::q0c1", 2), ("b::q0", "b::q0", 2)]), label="Kept")

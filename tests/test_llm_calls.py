@@ -11,21 +11,13 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipelines.budget import RunBudget, Spend, _PrefixWithinLimits, cheapest_prefix, keys_within_remaining
 from pipelines.cache import LLM_CACHE, cache_files
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.factory import llm_identity
 from pipelines.clients.specs import LLMSpec
-from pipelines.llm_calls import (
-    CallLLM,
-    LLMRequest,
-    RunBudget,
-    Spend,
-    _PrefixWithinLimits,
-    billed_asks,
-    cheapest_prefix,
-    keys_within_remaining,
-    worst_case_micro_usd,
-)
+from pipelines.llm_calls import CallLLM, LLMRequest, billed_asks, worst_case_micro_usd
+from pipelines.model_access import ModelAccess
 from prompts import get_prompt
 
 SPEC = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:grader")
@@ -45,8 +37,8 @@ REQUESTS = [_request("a", "what is json?"), _request("a-again", "what is json?")
 def _assert_sources(cache_dir, max_calls, expected: dict[str, str]) -> None:
     budget = None if max_calls is None else RunBudget(max_calls=max_calls)
     with TestPipeline() as pipeline:
-        answers = pipeline | beam.Create(REQUESTS) | CallLLM(SPEC, "test", str(cache_dir), budget)
-        assert_that(answers | beam.Map(lambda answer: (answer.request.request_id, answer.source)),
+        called = pipeline | beam.Create(REQUESTS) | CallLLM(ModelAccess.llm(SPEC, str(cache_dir), budget), "test")
+        assert_that(called["answers"] | beam.Map(lambda answer: (answer.request.request_id, answer.source)),
                     equal_to(list(expected.items())))
 
 
@@ -83,8 +75,17 @@ def test_later_stages_get_only_what_earlier_stages_left_of_the_run_budget(tmp_pa
     budget = RunBudget(max_calls=5)
     later = [_request(f"later-{index}", f"what is module {index}?") for index in range(4)]
     with TestPipeline() as pipeline:
-        first = pipeline | "First" >> beam.Create(REQUESTS) | "CallFirst" >> CallLLM(SPEC, "a", str(tmp_path), budget)
-        second = pipeline | "Second" >> beam.Create(later) | "CallSecond" >> CallLLM(SPEC, "b", str(tmp_path), budget)
+        first = pipeline | "First" >> beam.Create(REQUESTS) | "CallFirst" >> CallLLM(
+            ModelAccess.llm(SPEC, str(tmp_path), budget), "a")
+        second = pipeline | "Second" >> beam.Create(later) | "CallSecond" >> CallLLM(
+            ModelAccess.llm(SPEC, str(tmp_path), budget), "b")
+        # Each stage reports its own usage: the paid calls and the ones the budget refused.
+        usage = ((first["tallies"], second["tallies"]) | "Usage" >> beam.Flatten() | beam.Filter(
+            lambda tally: tally[0][0] == "llm" and tally[0][2] in ("calls", "skipped_by_budget")))
+        assert_that(usage, equal_to([(("llm", "a", "calls"), 4), (("llm", "a", "skipped_by_budget"), 0),
+                                     (("llm", "b", "calls"), 1), (("llm", "b", "skipped_by_budget"), 3)]),
+                    label="Usage")
+        first, second = first["answers"], second["answers"]
         # The first stage has 4 distinct requests and calls them all; the second may call only 1 of its 4.
         assert_that(_count_sources(first, "First"), equal_to([("backend", 4), ("duplicate", 1)]), label="FirstStage")
         assert_that(_count_sources(second, "Second"), equal_to([("backend", 1), ("budget", 3)]), label="SecondStage")

@@ -18,6 +18,7 @@ from pipelines.json_lines import parse_json_line
 from pipelines.stages.corpus_files import BUILTIN_STDLIB, CorpusError, CorpusFile, plan_corpus
 from pipelines.stages.document_splitting import split_document
 from pipelines.stages.read_corpus import (
+    STAGE,
     Location,
     ReadCorpus,
     ReadCorpusConfig,
@@ -178,23 +179,25 @@ def test_impossible_settings_are_refused(field, value):
 # --- the DoFn, called directly --------------------------------------------------------------------------------------
 
 
-def test_read_file_fn_tags_rows_rejections_and_reads(tmp_path):
+def test_read_file_fn_yields_rows_tags_rejections_and_counts_the_rows_read(tmp_path):
     path = _write_jsonl(tmp_path / "c.jsonl", [_line({"id": "a", "text": "t"}), b"\n", b"oops\n"])
-    outputs = list(_ReadFileFn(ReadCorpusConfig(path=str(path))).process(
-        CorpusFile(str(path), "jsonl", "c.jsonl")))
+    read_file = _ReadFileFn(ReadCorpusConfig(path=str(path)))
+    outputs = list(read_file.process(CorpusFile(str(path), "jsonl", "c.jsonl")))
     main = [o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)]
     tagged = [(o.tag, o.value) for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)]
     assert main == [("a", ((str(path), 0), {"passage_id": "a", "title": None, "text": "t",
                                              "source": f"{path}:1", "truncated": False}))]
-    assert [tag for tag, _ in tagged] == ["rows_read", "rows_read", "rejected"]
-    assert tagged[1][1] == f"{path}:3"  # the blank line 2 is not a row
+    assert [(tag, row["reason"]) for tag, row in tagged] == [("rejected", "invalid_json")]
+    tallies = {output.value.value[0]: output.value.value[1] for output in read_file.finish_bundle()}
+    # Two rows read: the blank line 2 is not a row. (Kept and rejected rows are counted as they leave the stage.)
+    assert tallies == {("stage", STAGE, "input"): 2}
 
 
 # --- the PTransform on TestPipeline ---------------------------------------------------------------------------------
 # A TestPipeline costs about a second on its own, so the format cases share one pipeline (each with its own ReadCorpus
 # and one assert_that whose message names the case) and the sampling cases another.
 
-OUTPUTS = ("kept", "rejected", "rows_read", "sampled_out")
+OUTPUTS = ("kept", "rejected", "tallies", "sampled_out")
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ def _outputs_match(name: str, case: Case):
         actual = {
             "kept": sorted((r["passage_id"], r["title"]) if titles else r["passage_id"] for r in by_name["kept"]),
             "reasons": sorted(row["reason"] for row in by_name["rejected"]),
-            "rows_read": len(by_name["rows_read"]),
+            "rows_read": sum(count for key, count in by_name["tallies"] if key == ("stage", STAGE, "input")),
             "sampled_out": len(by_name["sampled_out"]),
         }
         expected = {

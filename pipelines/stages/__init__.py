@@ -1,11 +1,13 @@
 """Pipeline stages: one module, one public PTransform each.
 
-Conventions every stage follows, so `run.py` can account for every row:
-- `expand` returns `{"kept": PCollection, "rejected": PCollection}` (plus stage-specific extras where documented).
+Conventions every stage follows, so the run can account for every row:
+- `expand` returns `{"kept": PCollection, "rejected": PCollection, "tallies": PCollection}` (plus stage-specific
+  extras where documented).
 - Rejected rows are built with `rejected_row` and match `data_schemas.REJECTED`; `reason` is a short snake_case code
   that the manifest aggregates, `detail` the human sentence.
-- DoFns count in Beam metrics under namespace `embforge.<stage>`: `input`, `kept`, `rejected` and
-  `rejected.<reason>`, through `StageCounters`.
+- A stage counts its input, kept, rejected (by reason) and skipped rows where they cross its boundary, and its
+  fan-out (`expanded`) where it happens, through pipelines/accounting.py, which feeds both the Beam metrics (namespace
+  `embforge.<stage>`) and the stage's "tallies" for the manifest.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import apache_beam as beam
 
-__all__ = ["StageCounters", "rejected_row"]
+__all__ = ["rejected_row", "route"]
 
 
 def rejected_row(
@@ -45,23 +47,6 @@ def rejected_row(
     }
 
 
-class StageCounters:
-    """Beam metrics for one stage: input, kept, rejected and rejected.<reason>."""
-
-    def __init__(self, stage: str):
-        self.namespace = f"embforge.{stage}"
-        self.input = beam.metrics.Metrics.counter(self.namespace, "input")
-        self.kept = beam.metrics.Metrics.counter(self.namespace, "kept")
-        self.rejected = beam.metrics.Metrics.counter(self.namespace, "rejected")
-
-    def reject(self, reason: str) -> None:
-        self.rejected.inc()
-        beam.metrics.Metrics.counter(self.namespace, f"rejected.{reason}").inc()
-
-    def route(self, outcome: str, row: dict[str, Any]) -> Any:
-        """Count a ("kept" | "rejected", row) outcome; return the row for the main output, or tagged "rejected"."""
-        if outcome == "kept":
-            self.kept.inc()
-            return row
-        self.reject(row["reason"])
-        return beam.pvalue.TaggedOutput("rejected", row)
+def route(outcome: str, row: dict[str, Any]) -> Any:
+    """A ("kept" | "rejected", row) outcome as a DoFn output: the row itself, or tagged "rejected"."""
+    return row if outcome == "kept" else beam.pvalue.TaggedOutput("rejected", row)

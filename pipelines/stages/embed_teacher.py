@@ -1,9 +1,11 @@
 """Stage 3, EmbedTeacher: teacher embeddings for every query and passage, through the content-addressed cache.
 
 Input: PCollection of text items `{"id": str, "text": str, "task_type": TaskType value}` (queries as RETRIEVAL_QUERY,
-passages as RETRIEVAL_DOCUMENT). Output: `{"kept": {"id", "task_type", "embedding": list[float]}, "rejected": ...}`,
-exactly one output per input item. Rejects: `embedding_failed` (the backend failed after its retries; never cached),
-`skipped_by_budget` (the run's `--max-cost` left the text unembedded; a later run with a larger budget embeds it).
+passages as RETRIEVAL_DOCUMENT; `RetrievalTexts` makes them). Output: `{"kept": {"id", "task_type", "embedding":
+list[float]}, "rejected": ..., "tallies": ...}`, exactly one kept or rejected row per input item; a stage that reads
+the vectors picks its task type's with `TeacherVectors`. Rejects: `embedding_failed` (the backend failed after its
+retries; never cached), `skipped_by_budget` (the run's `--max-cost` left the text unembedded; a later run with a larger
+budget embeds it).
 
 The cache key is sha256 over model id, model version, task type, requested dimension and the text's sha256, so the same
 text embedded for another task type or dimension is a different entry. Identical texts in one run are embedded once.
@@ -25,13 +27,16 @@ from typing import Any
 import apache_beam as beam
 
 from pipelines import progress
-from pipelines.cache import EMBEDDING_CACHE, CacheWriter, SplitByCache
+from pipelines.accounting import CountRows, sum_tallies
+from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
+from pipelines.cache import EMBEDDING_CACHE, CacheWriter
+from pipelines.cached_calls import CachedCall, CallHandler
 from pipelines.clients.base import Embedder, TaskType, Usage
-from pipelines.clients.factory import build_embedder, embedder_identity
+from pipelines.clients.factory import build_embedder
 from pipelines.clients.specs import EmbedderSpec
-from pipelines.llm_calls import BUDGET_REASON, RunBudget, Spend, add_spends, upper_token_estimate
+from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.pricing import estimated_cost_micro_usd, price_per_million
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages import rejected_row
 
 STAGE = "embed_teacher"
 
@@ -84,138 +89,168 @@ def cache_entry(key: str, model_id: str, model_version: str, task_type: str, tex
     }
 
 
-class _EmbedMissesFn(beam.DoFn):
-    """Embeds a batch of missed texts (one task type per backend call) and caches the vectors.
+def usage_tallies(stage: str, sent: tuple[int, int]) -> Iterator[tuple[tuple[str, ...], int]]:
+    """The manifest tallies of one text sent to the teacher: its estimated tokens and cost (the API reports neither)."""
+    tokens, micro_usd = sent
+    yield ("embedding", stage, "texts_embedded"), 1
+    yield ("embedding", stage, "estimated_input_tokens"), tokens
+    yield ("cost", stage), micro_usd
+    yield ("cache", "embeddings_computed"), 1
 
-    Texts whose key is not in `allowed_keys` (when given) are rejected as skipped by the budget, not sent. Every text
-    sent goes to the "sent" output as its estimated (input tokens, micro-USD).
+
+def _hit_tallies(stage: str, count: int) -> Iterator[tuple[tuple[str, ...], int]]:
+    yield ("embedding", stage, "cache_hits"), count
+    yield ("cache", "embedding_hits"), count
+
+
+def _baseline_tallies(stage: str) -> list[tuple[tuple[str, ...], int]]:
+    """Zero counts of the usage every run reports, so the manifest shows them even when nothing was embedded or hit."""
+    return [*_hit_tallies(stage, 0), (("embedding", stage, "texts_embedded"), 0),
+            (("embedding", stage, "skipped_by_budget"), 0), (("cache", "embeddings_computed"), 0)]
+
+
+class TeacherCallHandler(CallHandler):
+    """The teacher behind `CachedCall`: texts keyed by `embedding_cache_key`, misses embedded one task type per backend
+    call. Every text sent goes to the "sent" output as its estimated (input tokens, micro-USD), and into the usage
+    tallies with the cache hits and the texts the budget skipped.
     """
 
-    def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig, cache_dir: str | None, budget_limits: str = ""):
-        self._spec = spec
-        self._config = config
-        self._cache_dir = cache_dir
-        self._budget_limits = budget_limits
-        self._embedder: Embedder | None = None
-        self._writer: CacheWriter | None = None
-        self._counters = StageCounters(STAGE)
-        self._calls = beam.metrics.Metrics.counter(f"embforge.{STAGE}", "texts_embedded")
+    cache_kind = EMBEDDING_CACHE
+    #: Vectors are cheap to recompute next to LLM answers: flush rarely, in few large files.
+    flush_every = 1024
+    outputs = ("rejected", "sent")
+    spend_output = "sent"
+    # Embeddings are not LLM calls: only the cost limit applies to them.
+    counts_calls = False
 
-    def setup(self) -> None:
-        self._embedder = build_embedder(self._spec)
-        self._model_id, self._model_version = embedder_identity(self._spec)
-        self._writer = CacheWriter(self._cache_dir, EMBEDDING_CACHE, flush_every=1024)
+    def __init__(self, stage: str, spec: EmbedderSpec, identity: ModelIdentity, config: EmbedTeacherConfig):
+        # Fixed-size batches: on a busy CPU a forward pass of 1-2 texts costs nearly as much as one of 32 (torch's
+        # threads wait on each other at every op), and an API backend keeps only a batch's worth of requests in flight.
+        super().__init__(stage, identity, config.batch_size)
+        self.spec = spec
+        self.config = config
+        self._embedded = beam.metrics.Metrics.counter(f"embforge.{stage}", "texts_embedded")
 
-    def process(self, batch: list[tuple[str, list[dict[str, Any]]]],
-                allowed_keys: frozenset[str] | None = None) -> Iterator[Any]:
-        assert self._embedder is not None and self._writer is not None
+    def key(self, item: dict[str, Any]) -> str:
+        return embedding_cache_key(*self.identity, item["task_type"], self.config.dimension, item["text"])
+
+    def from_cache(self, items: list[dict[str, Any]], entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        for key, count in _hit_tallies(self.stage, len(items)):
+            self.tally.add(key, count)
+        for item in items:
+            yield {"id": item["id"], "task_type": item["task_type"], "embedding": entry["embedding"]}
+
+    def worst_case_micro_usd(self, items: list[dict[str, Any]]) -> int:
+        """Each text priced as `estimated_embedding_usage` prices it (planned and recorded with one figure)."""
+        return estimated_embedding_usage(self.spec.model_name, items[0]["text"])[1]
+
+    def refuse(self, items: list[dict[str, Any]], budget_limits: str) -> Iterator[Any]:
+        for item in items:
+            self.tally.add(("embedding", self.stage, "skipped_by_budget"))
+            yield beam.pvalue.TaggedOutput("rejected", rejected_row(
+                self.stage, BUDGET_REASON, item, record_id=item["id"],
+                detail=f"not embedded: the run's budget ({budget_limits}) is spent"))
+
+    def load_client(self) -> Embedder:
+        return build_embedder(self.spec)
+
+    def call(self, embedder: Embedder, batch: list[tuple[str, list[dict[str, Any]]]],
+             cache: CacheWriter) -> Iterator[Any]:
         by_task: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
         for key, items in batch:
-            if allowed_keys is not None and key not in allowed_keys:
-                for item in items:
-                    self._counters.reject(BUDGET_REASON)
-                    yield beam.pvalue.TaggedOutput("rejected", rejected_row(
-                        STAGE, BUDGET_REASON, item, record_id=item["id"],
-                        detail=f"not embedded: the run's budget ({self._budget_limits}) is spent"))
-                continue
             by_task.setdefault(items[0]["task_type"], []).append((key, items))
         for task_type, groups in by_task.items():
-            texts = [items[0]["text"] for _, items in groups]
-            # Counted as spent whether or not the batch succeeds: a batch fails as a whole, after some of its texts
-            # may have been answered (and billed).
-            for text in texts:
-                yield beam.pvalue.TaggedOutput("sent", estimated_embedding_usage(self._spec.model_name, text))
-            try:
-                vectors = self._embedder.embed(texts, TaskType(task_type), self._config.dimension)
-            except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
-                for _, items in groups:
-                    for item in items:
-                        self._counters.reject("embedding_failed")
-                        yield beam.pvalue.TaggedOutput(
-                            "rejected",
-                            rejected_row(STAGE, "embedding_failed", item, record_id=item["id"],
-                                         detail=f"{type(error).__name__}: {error}"),
-                        )
-                continue
-            self._calls.inc(len(texts))
-            progress.advance("teacher embeddings", len(texts))
-            for (key, items), vector in zip(groups, vectors, strict=True):
-                self._writer.add(cache_entry(key, self._model_id, self._model_version, task_type, items[0]["text"],
-                                             vector))
-                embedding = [float(x) for x in vector]
+            yield from self._embed(embedder, task_type, groups, cache)
+
+    def _embed(self, embedder: Embedder, task_type: str, groups: list[tuple[str, list[dict[str, Any]]]],
+               cache: CacheWriter) -> Iterator[Any]:
+        texts = [items[0]["text"] for _, items in groups]
+        # Counted as spent whether or not the batch succeeds: a batch fails as a whole, after some of its texts may have
+        # been answered (and billed).
+        for text in texts:
+            sent = estimated_embedding_usage(self.spec.model_name, text)
+            for key, count in usage_tallies(self.stage, sent):
+                self.tally.add(key, count)
+            yield beam.pvalue.TaggedOutput("sent", sent)
+        try:
+            vectors = embedder.embed(texts, TaskType(task_type), self.config.dimension)
+        except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
+            for _, items in groups:
                 for item in items:
-                    yield {"id": item["id"], "task_type": task_type, "embedding": embedding}
+                    yield beam.pvalue.TaggedOutput("rejected", rejected_row(
+                        self.stage, "embedding_failed", item, record_id=item["id"],
+                        detail=f"{type(error).__name__}: {error}"))
+            return
+        self._embedded.inc(len(texts))
+        progress.advance("teacher embeddings", len(texts))
+        for (key, items), vector in zip(groups, vectors, strict=True):
+            cache.add(cache_entry(key, *self.identity, task_type, items[0]["text"], vector))
+            embedding = [float(x) for x in vector]
+            for item in items:
+                yield {"id": item["id"], "task_type": task_type, "embedding": embedding}
 
-    def finish_bundle(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-        progress.flush()
-
-    def teardown(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-        if self._embedder is not None:
-            self._embedder.close()
+    def spend(self, sent: tuple[int, int]) -> Spend:
+        return Spend(0, sent[1])
 
 
 class EmbedTeacher(beam.PTransform):
-    """Text items -> {"kept": embeddings, "rejected": failures and texts skipped by the budget, "texts_embedded": count,
-    "cache_hits": count, "sent": (estimated input tokens, micro-USD) per distinct text sent to the backend}."""
+    """Text items -> {"kept": embeddings, "rejected": failures and texts skipped by the budget, "tallies": the rows and
+    the teacher's usage (texts embedded, cache hits, texts skipped by the budget, estimated tokens and cost), summed}.
 
-    def __init__(self, spec: EmbedderSpec, config: EmbedTeacherConfig = EmbedTeacherConfig(),
-                 cache_dir: str | None = None, budget: RunBudget | None = None):
+    `stage` names the counters, the tallies and the rejected rows: the run's own stage by default; the label judge
+    embeds under its own name.
+    """
+
+    def __init__(self, access: ModelAccess, config: EmbedTeacherConfig = EmbedTeacherConfig(), stage: str = STAGE):
         super().__init__()
-        self._spec = spec
+        self._access = access
         self._config = config
-        self._cache_dir = cache_dir
-        self._identity = embedder_identity(spec)
-        # Only a cost limit applies to embeddings, and only a priced teacher can reach it: a local teacher costs 0,
-        # so planning it would hold every key in memory to allow them all.
-        priced = price_per_million(spec.model_name) != (0.0, 0.0)
-        self._budget = budget if budget is not None and budget.max_micro_usd is not None and priced else None
+        self._stage = stage
 
     def expand(self, items):
-        model_id, model_version = self._identity
-        dimension = self._config.dimension
-        keyed = items | "Key" >> beam.Map(
-            lambda item: (embedding_cache_key(model_id, model_version, item["task_type"], dimension, item["text"]),
-                          item)
-        )
-        split = keyed | "Cache" >> SplitByCache(self._cache_dir, EMBEDDING_CACHE, "ReadEmbeddingCache")
-        hits = split["hits"] | "FromCache" >> beam.FlatMap(
-            lambda hit: [{"id": item["id"], "task_type": item["task_type"], "embedding": hit[1]["embedding"]}
-                         for item in hit[0]])
-        allowed = None if self._budget is None else beam.pvalue.AsSingleton(self._plan(split["misses"]))
-        embedded = (
-            split["misses"]
-            # Fixed-size batches, not BatchElements' default ramp from 1: on a busy CPU a forward pass of 1-2 texts
-            # costs nearly as much as one of 32 (torch's threads wait on each other at every op), and an API
-            # backend keeps only a batch's worth of requests in flight. The last batch of a bundle may be smaller.
-            | "Batch" >> beam.BatchElements(min_batch_size=self._config.batch_size,
-                                            max_batch_size=self._config.batch_size)
-            | "Embed" >> beam.ParDo(
-                _EmbedMissesFn(self._spec, self._config, self._cache_dir,
-                               self._budget.describe() if self._budget else ""), allowed).with_outputs(
-                "rejected", "sent", main="kept")
-        )
-        if self._budget is not None:
-            self._budget.record(
-                embedded["sent"]
-                | "Spend" >> beam.MapTuple(lambda _, micro_usd: Spend(0, micro_usd))
-                | "StageSpend" >> beam.CombineGlobally(add_spends))
-        return {
-            "kept": (hits, embedded["kept"]) | "Embeddings" >> beam.Flatten(),
-            "rejected": embedded["rejected"],
-            # Distinct texts sent to the backend, and items answered from the cache.
-            "texts_embedded": embedded["sent"] | "CountSent" >> beam.combiners.Count.Globally(),
-            "cache_hits": hits | "CountHits" >> beam.combiners.Count.Globally(),
-            "sent": embedded["sent"],
-        }
+        access = self._access
+        budget = access.budget
+        # Only a cost limit applies to embeddings, and only a priced teacher can reach it: a local teacher costs 0,
+        # so planning it would hold every key in memory to allow them all.
+        priced = price_per_million(access.spec.model_name) != (0.0, 0.0)
+        if budget is None or budget.max_micro_usd is None or not priced:
+            budget = None
+        handler = TeacherCallHandler(self._stage, access.spec, access.identity, self._config)
+        entering = items | "CountInput" >> CountRows(self._stage, "input")
+        called = entering["rows"] | "Embed" >> CachedCall(handler, access.cache_dir, budget)
+        kept = called["main"] | "CountKept" >> CountRows(self._stage, "kept")
+        rejected = called["rejected"] | "CountRejected" >> CountRows(self._stage, "rejected")
+        baseline = items.pipeline | "UsageBaseline" >> beam.Create(_baseline_tallies(self._stage))
+        tallies = (baseline, entering["tallies"], called["tallies"], kept["tallies"], rejected["tallies"])
+        return {"kept": kept["rows"], "rejected": rejected["rows"], "tallies": sum_tallies(tallies)}
 
-    def _plan(self, misses):
-        """The set of miss keys this stage may embed: each text priced as `estimated_embedding_usage` prices it."""
-        model = self._spec.model_name
-        candidates = misses | "EstimatedCost" >> beam.MapTuple(
-            lambda key, items: (key, estimated_embedding_usage(model, items[0]["text"])[1]))
-        # Embeddings are not LLM calls: only the cost limit applies to them.
-        return self._budget.plan(candidates, counts_calls=False)
+
+class RetrievalTexts(beam.PTransform):
+    """{"passages": PASSAGE rows, "pairs": PAIR rows} -> the text items EmbedTeacher embeds: every passage as a
+    document, every generated query as a query, each under its row's id."""
+
+    def expand(self, inputs):
+        return (
+            inputs["passages"] | "PassageTexts" >> beam.Map(
+                lambda row: {"id": row["passage_id"], "text": row["text"],
+                             "task_type": TaskType.RETRIEVAL_DOCUMENT.value}),
+            inputs["pairs"] | "QueryTexts" >> beam.Map(
+                lambda row: {"id": row["pair_id"], "text": row["query"], "task_type": TaskType.RETRIEVAL_QUERY.value}),
+        ) | "AllTexts" >> beam.Flatten()
+
+
+class TeacherVectors(beam.PTransform):
+    """EmbedTeacher's kept items -> (id, embedding) of those embedded as `task_type`: how a stage picks the vectors it
+    reads (the queries', or the passages') out of all the run's teacher vectors."""
+
+    def __init__(self, task_type: TaskType):
+        super().__init__()
+        self._task_type = task_type.value
+
+    def expand(self, vectors):
+        task_type = self._task_type
+        return (
+            vectors
+            | "OfTaskType" >> beam.Filter(lambda item: item["task_type"] == task_type)
+            | "ById" >> beam.Map(lambda item: (item["id"], item["embedding"]))
+        )

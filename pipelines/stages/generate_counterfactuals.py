@@ -3,7 +3,7 @@
 Input: a task spec file (YAML or JSON, read through Beam filesystems, so `gs://` works; format and checks in
 pipelines/stages/task_spec.py), loaded when the pipeline is built so a broken spec stops the run before any work.
 Output: `{"kept": CLASSIFICATION_EXAMPLE rows, "rejected": REJECTED rows, "tallies": manifest tallies (the stage's
-counts, and the label judge's teacher usage), "answers": LLMAnswer for usage (generation and LLM judge)}`.
+rows and rejections, its LLM usage and the label judge's), "answers": LLMAnswer (generation and LLM judge)}`.
 
 Three kinds of kept rows (`origin`):
 - "seed": the spec's own labelled examples (when `include_seed_examples`).
@@ -33,8 +33,8 @@ chunk of `examples_per_request` new examples, one per seed and target label for 
 `skipped`. A request's answer ends as one rejected row (`llm_failed`) or as one row per text it listed, each kept or
 rejected; the rows beyond the first of an answer are reported as `expanded`. The label judge takes one row and gives
 back one outcome, so it adds no unit. So the manifest's balance holds: `input + expanded = kept + rejected +
-skipped`. The "tallies" output carries input, expanded, kept and skipped (rejected is counted from the rejected rows,
-as for every stage).
+skipped`. The "tallies" output carries input, expanded and skipped, counted where the rows come into being, and
+kept and every rejection's reason, counted as the rows leave the stage (pipelines/accounting.py).
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ from typing import Any, Literal
 import apache_beam as beam
 import numpy as np
 
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, sum_tallies
 from pipelines.clients.base import GenerationConfig
-from pipelines.clients.specs import EmbedderSpec, LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
+from pipelines.model_access import ModelAccess
+from pipelines.stages import rejected_row
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.label_judge import JUDGES, JudgeLabels
 from pipelines.stages.task_spec import SeedExample, TaskSpec, example_id, load_task_spec
@@ -404,40 +405,34 @@ def resolve_duplicates(candidates: Iterable[Mapping[str, Any]]) -> list[tuple[st
 
 # --- Beam ------------------------------------------------------------------------------------------------------------
 
-TALLIES = "tallies"
 REJECTED = "rejected"
 
 
-def _tally(name: str, count: int = 1) -> beam.pvalue.TaggedOutput:
-    return beam.pvalue.TaggedOutput(TALLIES, (("stage", STAGE, name), count))
+class _SeedFn(CountingDoFn):
+    """A seed row's outcome -> the row, kept or rejected; each is one input row (the stage's rows come into being
+    here), and a seed left out (`include_seed_examples` off) is counted as skipped."""
 
-
-class _SeedFn(beam.DoFn):
     def __init__(self):
-        self._counters = StageCounters(STAGE)
+        super().__init__(STAGE)
 
     def process(self, outcome: tuple[str, dict[str, Any] | None]):
         kind, row = outcome
-        self._counters.input.inc()
-        yield _tally("input")
+        self.tally.count("input")
         if kind == "kept":
-            self._counters.kept.inc()
-            yield _tally("kept")
             yield row
         elif kind == "skipped":
-            yield _tally("skipped")
+            self.tally.count("skipped")
         else:
             assert row is not None
-            self._counters.reject(row["reason"])
             yield beam.pvalue.TaggedOutput(REJECTED, row)
 
 
-class _JudgeFn(beam.DoFn):
+class _JudgeFn(CountingDoFn):
     def __init__(self, spec: TaskSpec, config: GenerateCounterfactualsConfig, llm_model: str):
+        super().__init__(STAGE)
         self._spec = spec
         self._config = config
         self._llm_model = llm_model
-        self._counters = StageCounters(STAGE)
         self._seeds_by_text: dict[str, SeedExample] = {}
 
     def setup(self) -> None:
@@ -445,24 +440,19 @@ class _JudgeFn(beam.DoFn):
 
     def process(self, answer: LLMAnswer):
         outcomes = judge_answer(answer, self._spec, self._config, self._llm_model, self._seeds_by_text)
-        self._counters.input.inc()
-        yield _tally("input")
+        self.tally.count("input")
         # One unit, len(outcomes) rows: the rows beyond the first are the fan-out the manifest calls "expanded".
         if len(outcomes) > 1:
-            yield _tally("expanded", len(outcomes) - 1)
+            self.tally.count("expanded", len(outcomes) - 1)
         for kind, row in outcomes:
             if kind == "candidate":
                 yield text_key(row["row"]["text"]), row
             else:
-                self._counters.reject(row["reason"])
                 yield beam.pvalue.TaggedOutput(REJECTED, row)
 
 
 class _ResolveFn(beam.DoFn):
     """One text's candidates -> the copy that goes on to the label judge (main output) or REJECTED rows."""
-
-    def __init__(self):
-        self._counters = StageCounters(STAGE)
 
     def process(self, element):
         _, candidates = element
@@ -471,20 +461,7 @@ class _ResolveFn(beam.DoFn):
             if kind == "kept":
                 yield by_id[row["example_id"]]
             else:
-                self._counters.reject(row["reason"])
                 yield beam.pvalue.TaggedOutput(REJECTED, row)
-
-
-class _KeptFn(beam.DoFn):
-    """A candidate the label judge kept -> its row, counted as kept."""
-
-    def __init__(self):
-        self._counters = StageCounters(STAGE)
-
-    def process(self, candidate):
-        self._counters.kept.inc()
-        yield _tally("kept")
-        yield candidate["row"]
 
 
 class GenerateCounterfactuals(beam.PTransform):
@@ -495,18 +472,15 @@ class GenerateCounterfactuals(beam.PTransform):
     Apply it to the pipeline (`pipeline | GenerateCounterfactuals(...)`). The spec is read when the pipeline is built,
     so a broken spec fails before any work; it travels inside the graph, which suits seed sets (hundreds to a few
     thousand rows), not whole labelled corpora. `teacher` (the run's teacher) and `embed` (its dimension and batch
-    size) serve the "teacher" and "both" judges; every LLM call and teacher embedding draws on `budget`, in that
-    order: generation, then the teacher's judgment, then the LLM's.
+    size) serve the "teacher" and "both" judges; every LLM call and teacher embedding draws on the run's budget, in
+    that order: generation, then the teacher's judgment, then the LLM's.
     """
 
-    def __init__(self, config: GenerateCounterfactualsConfig, llm: LLMSpec, cache_dir: str | None = None,
-                 budget: RunBudget | None = None, teacher: EmbedderSpec | None = None,
+    def __init__(self, config: GenerateCounterfactualsConfig, llm: ModelAccess, teacher: ModelAccess | None = None,
                  embed: EmbedTeacherConfig | None = None):
         super().__init__()
         self._config = config
         self._llm = llm
-        self._cache_dir = cache_dir
-        self._budget = budget
         self._teacher = teacher
         self._embed = embed or EmbedTeacherConfig()
 
@@ -514,21 +488,20 @@ class GenerateCounterfactuals(beam.PTransform):
         spec = load_task_spec(self._config.task_spec)
         # Built first, so an impossible judge (no teacher, too many labels for the LLM) fails before any work too.
         judge = JudgeLabels(spec, stage=STAGE, judge=self._config.judge, margin=self._config.judge_margin,
-                            llm=self._llm, teacher=self._teacher, embed=self._embed, cache_dir=self._cache_dir,
-                            budget=self._budget)
+                            llm=self._llm, teacher=self._teacher, embed=self._embed)
         seeds = (
             pbegin
             | "SeedRows" >> beam.Create(seed_outcomes(spec, self._config))
             | "Seeds" >> beam.ParDo(_SeedFn()).with_outputs(REJECTED, TALLIES, main="kept")
         )
-        answers = (
+        called = (
             pbegin
             | "Units" >> beam.Create(plan_units(spec, self._config))
             | "Requests" >> beam.Map(build_request, spec, self._config)
-            | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
+            | "CallLLM" >> CallLLM(self._llm, STAGE)
         )
-        judged = answers | "Judge" >> beam.ParDo(
-            _JudgeFn(spec, self._config, self._llm.model_name)).with_outputs(REJECTED, TALLIES, main="candidates")
+        judged = called["answers"] | "Judge" >> beam.ParDo(
+            _JudgeFn(spec, self._config, self._llm.spec.model_name)).with_outputs(REJECTED, TALLIES, main="candidates")
         # Duplicates across requests and labels: one group per normalized text, decided in one place.
         resolved = (
             judged["candidates"]
@@ -537,14 +510,11 @@ class GenerateCounterfactuals(beam.PTransform):
         )
         # After the duplicate check: copies of one text share one label, so judging the surviving copy judges them all.
         labelled = resolved["survivors"] | "JudgeLabels" >> judge
-        accepted = labelled["kept"] | "Accepted" >> beam.ParDo(_KeptFn()).with_outputs(TALLIES, main="kept")
-        kept = (seeds["kept"], accepted["kept"]) | "Kept" >> beam.Flatten()
+        accepted = labelled["kept"] | "Accepted" >> beam.Map(lambda candidate: candidate["row"])
+        kept = (seeds["kept"], accepted) | "Kept" >> beam.Flatten() | "CountKept" >> CountRows(STAGE, "kept")
         rejected = ((seeds[REJECTED], judged[REJECTED], resolved[REJECTED], labelled["rejected"])
-                    | "Rejected" >> beam.Flatten())
-        tallies = (
-            (seeds[TALLIES], judged[TALLIES], accepted[TALLIES], labelled["tallies"])
-            | "AllTallies" >> beam.Flatten()
-            | "SumTallies" >> beam.CombinePerKey(sum)
-        )
-        all_answers = (answers, labelled["answers"]) | "AllAnswers" >> beam.Flatten()
-        return {"kept": kept, "rejected": rejected, "tallies": tallies, "answers": all_answers}
+                    | "Rejected" >> beam.Flatten() | "CountRejected" >> CountRows(STAGE, "rejected"))
+        tallies = sum_tallies((seeds[TALLIES], called["tallies"], judged[TALLIES], labelled["tallies"],
+                               kept["tallies"], rejected["tallies"]))
+        all_answers = (called["answers"], labelled["answers"]) | "AllAnswers" >> beam.Flatten()
+        return {"kept": kept["rows"], "rejected": rejected["rows"], "tallies": tallies, "answers": all_answers}

@@ -1,6 +1,6 @@
 """Stage 2, GenerateQueries (Gecko): for each passage the LLM writes a retrieval task description and a query.
 
-Input: PASSAGE rows. Output: `{"kept": UNGRADED_PAIR rows, "rejected": REJECTED rows}`. Each passage yields
+Input: PASSAGE rows. Output: `{"kept": UNGRADED_PAIR rows, "rejected": REJECTED rows, "tallies"}`. Each passage yields
 `queries_per_passage` generation slots, each with a query type (question, keywords, claim, ...) rotated from a stable
 hash of the passage id, so a corpus gets an even mix of types and re-runs make the same requests (and hit the cache).
 With `candidates` = N the LLM is asked N times per slot (the first at `temperature`, the others sampled at
@@ -32,11 +32,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, sum_tallies
 from pipelines.clients.base import GenerationConfig
-from pipelines.clients.specs import LLMSpec
 from pipelines.config_loading import ConfigError
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
+from pipelines.model_access import ModelAccess
+from pipelines.stages import rejected_row, route
 from pipelines.text_matching import (
     copies_example,
     extractive_share,
@@ -333,47 +334,61 @@ def judge_answers(
         }
 
 
+class _RequestsFn(CountingDoFn):
+    """A passage -> its requests: one input row fanned out to one row per request (the rest counted as `expanded`)."""
+
+    def __init__(self, config: GenerateQueriesConfig, examples: tuple[FewShotExample, ...] | None):
+        super().__init__(STAGE)
+        self._config = config
+        self._examples = examples
+
+    def process(self, passage: dict[str, Any]) -> Iterator[Any]:
+        requests = build_requests(passage, self._config, self._examples)
+        self.tally.count("expanded", len(requests) - 1)
+        yield from requests
+
+
 class _JudgeFn(beam.DoFn):
     def __init__(self, config: GenerateQueriesConfig, llm_model: str, examples: tuple[FewShotExample, ...] | None):
         self._config = config
         self._llm_model = llm_model
         self._examples = examples
-        self._counters = StageCounters(STAGE)
 
     def process(self, element):
         _, answers = element
         for outcome, row in judge_answers(answers, self._config, self._llm_model, self._examples):
-            yield self._counters.route(outcome, row)
+            yield route(outcome, row)
 
 
 class GenerateQueries(beam.PTransform):
-    """PASSAGE rows -> {"kept": UNGRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer (for usage
-    accounting)}.
+    """PASSAGE rows -> {"kept": UNGRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer, "tallies": the
+    stage's rows and LLM usage}.
 
     The user's examples file (`config.examples`) is read here, while the pipeline is built: a bad file is a
     ConfigError before any work.
     """
 
-    def __init__(self, config: GenerateQueriesConfig, llm: LLMSpec, cache_dir: str | None = None,
-                 budget: RunBudget | None = None):
+    def __init__(self, config: GenerateQueriesConfig, llm: ModelAccess):
         super().__init__()
         self._config = config
         self._llm = llm
-        self._cache_dir = cache_dir
-        self._budget = budget
         self._examples = load_examples(config.examples) if config.examples else None
 
     def expand(self, passages):
-        answers = (
-            passages
-            | "Requests" >> beam.FlatMap(build_requests, self._config, self._examples)
-            | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
-        )
+        entering = passages | "CountInput" >> CountRows(STAGE, "input")
+        requests = entering["rows"] | "Requests" >> beam.ParDo(_RequestsFn(self._config, self._examples)).with_outputs(
+            TALLIES, main="requests")
+        called = requests["requests"] | "CallLLM" >> CallLLM(self._llm, STAGE)
+        answers = called["answers"]
         judged = (
             answers
             | "ByPassage" >> beam.Map(lambda answer: (answer.request.context["passage"]["passage_id"], answer))
             | "Group" >> beam.GroupByKey()
-            | "Judge" >> beam.ParDo(_JudgeFn(self._config, self._llm.model_name, self._examples)).with_outputs(
+            | "Judge" >> beam.ParDo(_JudgeFn(self._config, self._llm.spec.model_name, self._examples)).with_outputs(
                 "rejected", main="kept")
         )
-        return {"kept": judged["kept"], "rejected": judged["rejected"], "answers": answers}
+        kept = judged["kept"] | "CountKept" >> CountRows(STAGE, "kept")
+        rejected = judged["rejected"] | "CountRejected" >> CountRows(STAGE, "rejected")
+        tallies = sum_tallies((entering["tallies"], requests[TALLIES], called["tallies"], kept["tallies"],
+                               rejected["tallies"]))
+        return {"kept": kept["rows"], "rejected": rejected["rows"], "answers": answers, "tallies": tallies}

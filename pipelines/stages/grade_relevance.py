@@ -1,14 +1,15 @@
 """Stage 4, GradeRelevance: drop noisy generated pairs with two combinable graders.
 
-Input: UNGRADED_PAIR rows (GenerateQueries' output), plus (when the round-trip grader is on) the teacher's rank of each
-pair's positive for its query.
-Output: `{"kept": GRADED_PAIR rows, "rejected": REJECTED rows, "answers": LLMAnswer}`; every input pair ends in exactly
-one of kept / rejected, and a rejected pair keeps the scores and reasons that rejected it.
+Input: UNGRADED_PAIR rows (GenerateQueries' output), plus (when the round-trip grader is on) the run's teacher vectors,
+from which the stage ranks each pair's positive for its query. Output: `{"kept": GRADED_PAIR rows, "rejected": REJECTED
+rows, "answers": LLMAnswer, "tallies": the stage's rows and LLM usage}`; every input pair ends in exactly one of kept /
+rejected, and a rejected pair keeps the scores and reasons that rejected it.
 
 - LLM grading: the `relevance_grading` prompt returns a reason and a 0-3 grade; pairs below `llm_min_relevance` go.
   Measured here: the tiny local LLM's judgments are at chance, so offline runs default to round-trip only.
 - Round-trip consistency (Promptagator): the positive must rank in the teacher's top `roundtrip_top_k` for its own
-  query; the ranks come from the same exact faiss search the mining stage uses (`ranks` input).
+  query; the stage ranks it with the same exact sharded search the mining stage uses (pipelines/sharded_search.py),
+  over the teacher's passage vectors, for the teacher's query vectors.
 
 Candidates (`generate.queries.candidates` > 1, `select_candidates`): query generation wrote several candidate queries
 per slot, all with the slot's `query_id`. Of the candidates of a slot that passed the graders, the least extractive
@@ -27,10 +28,13 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipelines.clients.base import GenerationConfig
-from pipelines.clients.specs import LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.accounting import CountRows, sum_tallies
+from pipelines.clients.base import GenerationConfig, TaskType
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
+from pipelines.model_access import ModelAccess
+from pipelines.sharded_search import ShardedTopK
+from pipelines.stages import rejected_row, route
+from pipelines.stages.embed_teacher import TeacherVectors
 from pipelines.stages.generate_queries import candidate_number
 from pipelines.text_matching import extractive_share
 from prompts import get_prompt
@@ -99,6 +103,15 @@ def grade_pair(
     return "kept", graded
 
 
+def positive_rank(element: tuple[str, dict[str, list[Any]]]) -> Iterator[tuple[str, int | None]]:
+    """(pair_id, {"hits": [the query's top hits], "pairs": [its positive's passage_id]}) -> (pair_id, 1-based rank of
+    the positive among the hits, or None when it is not among them)."""
+    pair_id, grouped = element
+    for passage_id in grouped["pairs"]:
+        ranked = [candidate for hits in grouped["hits"] for candidate, _ in hits]
+        yield pair_id, (ranked.index(passage_id) + 1 if passage_id in ranked else None)
+
+
 def select_candidate(graded: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
     """The graded pairs of one slot (one `query_id`): ("kept", the least extractive) and ("rejected", each other one
     as `surplus_candidate`). Ties go to the earlier candidate, so the first (temperature 0) wins when all are equal."""
@@ -118,7 +131,6 @@ def select_candidate(graded: Iterable[dict[str, Any]]) -> Iterator[tuple[str, di
 class _GradeFn(beam.DoFn):
     def __init__(self, config: GradeRelevanceConfig):
         self._config = config
-        self._counters = StageCounters(STAGE)
 
     def process(self, element) -> Iterator[Any]:
         _, grouped = element
@@ -126,56 +138,53 @@ class _GradeFn(beam.DoFn):
         ranks = list(grouped["ranks"])
         # Evidence without a pair (a key only in answers or ranks) yields nothing: the loop does not run.
         for pair in list(grouped["pairs"])[:1]:
-            self._counters.input.inc()
-            yield self._counters.route(*grade_pair(pair, answers[0] if answers else None,
-                                                   ranks[0] if ranks else None, self._config))
+            yield route(*grade_pair(pair, answers[0] if answers else None, ranks[0] if ranks else None, self._config))
 
 
 class _SelectFn(beam.DoFn):
-    def __init__(self):
-        self._counters = StageCounters(STAGE)
-
     def process(self, element) -> Iterator[Any]:
         _, graded = element
         for outcome, row in select_candidate(graded):
-            if outcome == "kept":
-                yield row
-            else:
-                self._counters.kept.dec()  # counted kept by grading; a surplus candidate moves to rejected
-                yield self._counters.route(outcome, row)
+            yield route(outcome, row)
 
 
 class GradeRelevance(beam.PTransform):
-    """{"pairs": UNGRADED_PAIR rows, "ranks": (pair_id, rank | None)} -> kept / rejected / answers.
+    """{"pairs": UNGRADED_PAIR rows, "vectors": the run's teacher vectors (EmbedTeacher's kept items; read only by the
+    round trip)} -> kept / rejected / answers / tallies.
 
-    `select_candidates`: the pairs hold several candidates per `query_id`; keep one of each (see the module docstring).
+    `llm` serves the LLM grader. `select_candidates`: the pairs hold several candidates per `query_id`; keep one of
+    each (see the module docstring). `shard_size`: passages per shard of the round trip's search.
     """
 
-    def __init__(self, config: GradeRelevanceConfig, llm: LLMSpec | None = None, cache_dir: str | None = None,
-                 budget: RunBudget | None = None, select_candidates: bool = False):
+    def __init__(self, config: GradeRelevanceConfig, llm: ModelAccess | None = None, select_candidates: bool = False,
+                 shard_size: int = 1_000_000):
         super().__init__()
         if config.use_llm and llm is None:
             raise ValueError("GradeRelevance: use_llm needs an LLM spec")
         self._config = config
         self._llm = llm
-        self._cache_dir = cache_dir
-        self._budget = budget
         self._select_candidates = select_candidates
+        self._shard_size = shard_size
 
     def expand(self, inputs):
-        pairs = inputs["pairs"]
+        entering = inputs["pairs"] | "CountInput" >> CountRows(STAGE, "input")
+        pairs = entering["rows"]
         pipeline = pairs.pipeline
+        tallies = [entering["tallies"]]
         if self._config.use_llm:
             assert self._llm is not None
-            answers = (
+            called = (
                 pairs
                 | "Requests" >> beam.Map(build_request, self._config)
-                | "CallLLM" >> CallLLM(self._llm, STAGE, self._cache_dir, self._budget)
+                | "CallLLM" >> CallLLM(self._llm, STAGE)
             )
+            answers = called["answers"]
+            tallies.append(called["tallies"])
         else:
             answers = pipeline | "NoAnswers" >> beam.Create([])
-        ranks = inputs.get("ranks") if self._config.use_roundtrip else None
-        if ranks is None:
+        if self._config.use_roundtrip:
+            ranks = self._round_trip_ranks(pairs, inputs["vectors"])
+        else:
             ranks = pipeline | "NoRanks" >> beam.Create([])
         graded = (
             {
@@ -186,13 +195,31 @@ class GradeRelevance(beam.PTransform):
             | "Join" >> beam.CoGroupByKey()
             | "Grade" >> beam.ParDo(_GradeFn(self._config)).with_outputs("rejected", main="kept")
         )
-        if not self._select_candidates:
-            return {"kept": graded["kept"], "rejected": graded["rejected"], "answers": answers}
-        selected = (
-            graded["kept"]
-            | "BySlot" >> beam.Map(lambda pair: (pair["query_id"], pair))
-            | "GroupSlots" >> beam.GroupByKey()
-            | "SelectCandidate" >> beam.ParDo(_SelectFn()).with_outputs("rejected", main="kept")
+        kept, rejected = graded["kept"], graded["rejected"]
+        if self._select_candidates:
+            selected = (
+                kept
+                | "BySlot" >> beam.Map(lambda pair: (pair["query_id"], pair))
+                | "GroupSlots" >> beam.GroupByKey()
+                | "SelectCandidate" >> beam.ParDo(_SelectFn()).with_outputs("rejected", main="kept")
+            )
+            kept = selected["kept"]
+            rejected = (rejected, selected["rejected"]) | "AllRejected" >> beam.Flatten()
+        counted_kept = kept | "CountKept" >> CountRows(STAGE, "kept")
+        counted_rejected = rejected | "CountRejected" >> CountRows(STAGE, "rejected")
+        tallies += [counted_kept["tallies"], counted_rejected["tallies"]]
+        return {"kept": counted_kept["rows"], "rejected": counted_rejected["rows"], "answers": answers,
+                "tallies": sum_tallies(tallies)}
+
+    def _round_trip_ranks(self, pairs, vectors):
+        """(pair_id, rank of the pair's positive in the teacher's top `roundtrip_top_k` for its query, or None)."""
+        hits = {
+            "queries": vectors | "QueryVectors" >> TeacherVectors(TaskType.RETRIEVAL_QUERY),
+            "passages": vectors | "PassageVectors" >> TeacherVectors(TaskType.RETRIEVAL_DOCUMENT),
+        } | "RoundTripSearch" >> ShardedTopK(self._config.roundtrip_top_k, self._shard_size, stage=STAGE)
+        return (
+            {"hits": hits, "pairs": pairs | "PairPositive" >> beam.Map(lambda pair: (pair["pair_id"],
+                                                                                       pair["passage_id"]))}
+            | "JoinHits" >> beam.CoGroupByKey()
+            | "Rank" >> beam.FlatMap(positive_rank)
         )
-        rejected = (graded["rejected"], selected["rejected"]) | "AllRejected" >> beam.Flatten()
-        return {"kept": selected["kept"], "rejected": rejected, "answers": answers}

@@ -41,16 +41,18 @@ judgment, or a label's prototype, uncomputed; a later run with a larger budget j
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 
+from pipelines.accounting import sum_tallies
+from pipelines.budget import BUDGET_REASON
 from pipelines.clients.base import GenerationConfig, TaskType
-from pipelines.clients.specs import EmbedderSpec, LLMSpec
-from pipelines.llm_calls import BUDGET_REASON, CallLLM, LLMAnswer, LLMRequest, RunBudget, failure_reason
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
+from pipelines.model_access import ModelAccess
+from pipelines.stages import rejected_row
 from pipelines.stages.embed_teacher import EmbedTeacher, EmbedTeacherConfig
 from pipelines.stages.task_spec import TaskSpec, TaskSpecError
 from prompts import get_prompt
@@ -183,7 +185,6 @@ class _TeacherFn(beam.DoFn):
         self._spec = spec
         self._margin = margin
         self._stage = stage
-        self._counters = StageCounters(stage)
         self._source: list | None = None
         self._descriptions: dict[str, list[float]] = {}
         self._seeds: dict[str, list[tuple[str, list[float]]]] = {}
@@ -213,7 +214,6 @@ class _TeacherFn(beam.DoFn):
 
     def _reject(self, candidate, reason: str, detail: str):
         row = candidate["row"]
-        self._counters.reject(reason)
         return beam.pvalue.TaggedOutput(REJECTED, rejected_row(
             self._stage, reason, row, record_id=row["example_id"], raw_answer=candidate["raw"], detail=detail))
 
@@ -253,7 +253,6 @@ class _LLMVerdictFn(beam.DoFn):
     def __init__(self, spec: TaskSpec, stage: str):
         self._spec = spec
         self._stage = stage
-        self._counters = StageCounters(stage)
 
     def process(self, answer: LLMAnswer):
         candidate = answer.request.context
@@ -262,39 +261,29 @@ class _LLMVerdictFn(beam.DoFn):
             yield candidate
             return
         row = candidate["row"]
-        self._counters.reject(reason)
         yield beam.pvalue.TaggedOutput(REJECTED, rejected_row(
             self._stage, reason, row, record_id=row["example_id"], raw_answer=answer.raw, detail=detail))
 
 
-def _teacher_usage(sent: tuple[int, int]) -> Iterable[tuple[tuple[str, ...], int]]:
-    tokens, micro_usd = sent
-    yield ("embedding", TEACHER_USAGE, "texts_embedded"), 1
-    yield ("embedding", TEACHER_USAGE, "estimated_input_tokens"), tokens
-    yield ("cost", TEACHER_USAGE), micro_usd
-    yield ("cache", "embeddings_computed"), 1
-
-
 class JudgeLabels(beam.PTransform):
     """Candidates `{"row": CLASSIFICATION_EXAMPLE row, "raw": the generating LLM answer}` -> {"kept": candidates,
-    "rejected": REJECTED rows of `stage`, "answers": the LLM judge's LLMAnswers (for usage; empty without it),
-    "tallies": the teacher's embedding usage as manifest tallies (empty without it)}.
+    "rejected": REJECTED rows of `stage`, "answers": the LLM judge's LLMAnswers (empty without it),
+    "tallies": the judges' usage (the teacher's embeddings, the LLM's calls), summed}.
 
     Exactly one outcome per candidate. Built while the pipeline is built, so an impossible judge fails before any work.
     """
 
     def __init__(self, spec: TaskSpec, *, stage: str, judge: str = "teacher", margin: float = 0.0,
-                 llm: LLMSpec | None = None, teacher: EmbedderSpec | None = None,
-                 embed: EmbedTeacherConfig | None = None, cache_dir: str | None = None,
-                 budget: RunBudget | None = None):
+                 llm: ModelAccess | None = None, teacher: ModelAccess | None = None,
+                 embed: EmbedTeacherConfig | None = None):
         super().__init__()
         if judge not in JUDGES:
             raise ValueError(f"judge must be one of {', '.join(JUDGES)}, got {judge!r}")
         if uses_teacher(judge) and teacher is None:
-            raise ValueError(f"judge {judge!r} needs the run's teacher (an EmbedderSpec)")
+            raise ValueError(f"judge {judge!r} needs the run's teacher (an embedder's ModelAccess)")
         if uses_llm(judge):
             if llm is None:
-                raise ValueError(f"judge {judge!r} needs an LLMSpec")
+                raise ValueError(f"judge {judge!r} needs an LLM's ModelAccess")
             if len(spec.labels) > MAX_LABELS:
                 raise TaskSpecError(f"{spec.source}: {len(spec.labels)} labels, more than the {MAX_LABELS} the LLM "
                                     f"judge lists in one prompt; set generate.counterfactuals.judge = \"teacher\"")
@@ -305,8 +294,6 @@ class JudgeLabels(beam.PTransform):
         self._llm = llm
         self._teacher = teacher
         self._embed = embed or EmbedTeacherConfig()
-        self._cache_dir = cache_dir
-        self._budget = budget
 
     def expand(self, candidates):
         pipeline = candidates.pipeline
@@ -316,22 +303,24 @@ class JudgeLabels(beam.PTransform):
             candidates = judged["kept"]
             rejected.append(judged[REJECTED])
         if uses_llm(self._judge):
-            judged_answers = (
+            called = (
                 candidates
                 | "JudgeRequests" >> beam.Map(judge_request, self._spec)
-                | "CallJudgeLLM" >> CallLLM(self._llm, self._stage, self._cache_dir, self._budget)
+                | "CallJudgeLLM" >> CallLLM(self._llm, self._stage)
             )
-            judged = judged_answers | "LLMVerdicts" >> beam.ParDo(
+            judged = called["answers"] | "LLMVerdicts" >> beam.ParDo(
                 _LLMVerdictFn(self._spec, self._stage)).with_outputs(REJECTED, main="kept")
             candidates = judged["kept"]
             rejected.append(judged[REJECTED])
-            answers.append(judged_answers)
+            answers.append(called["answers"])
+            tallies.append(called["tallies"])
 
         def gathered(parts, label):
             return tuple(parts) | label >> beam.Flatten() if parts else pipeline | label >> beam.Create([])
 
         return {"kept": candidates, "rejected": gathered(rejected, "JudgeRejected"),
-                "answers": gathered(answers, "JudgeAnswers"), "tallies": gathered(tallies, "JudgeTallies")}
+                "answers": gathered(answers, "JudgeAnswers"),
+                "tallies": sum_tallies(tallies, "JudgeTallies") if tallies else gathered(tallies, "JudgeTallies")}
 
     def _teacher_judge(self, candidates, tallies: list):
         texts = (
@@ -340,16 +329,11 @@ class JudgeLabels(beam.PTransform):
                 lambda candidate: {"id": _CANDIDATE + candidate["row"]["example_id"],
                                    "text": candidate["row"]["text"], "task_type": TASK_TYPE.value}),
         ) | "TeacherTexts" >> beam.Flatten()
-        embedded = texts | "TeacherEmbeddings" >> EmbedTeacher(self._teacher, self._embed, self._cache_dir,
-                                                               self._budget)
-        tallies += [
-            embedded["sent"] | "TeacherUsage" >> beam.FlatMap(_teacher_usage),
-            embedded["cache_hits"] | "TeacherHits" >> beam.FlatMap(
-                lambda hits: [(("embedding", TEACHER_USAGE, "cache_hits"), hits), (("cache", "embedding_hits"), hits)]),
-            embedded["rejected"]
-            | "TeacherSkipped" >> beam.Filter(lambda row: row["reason"] == BUDGET_REASON)
-            | "TallyTeacherSkipped" >> beam.Map(lambda _: (("embedding", TEACHER_USAGE, "skipped_by_budget"), 1)),
-        ]
+        embedded = texts | "TeacherEmbeddings" >> EmbedTeacher(self._teacher, self._embed, stage=TEACHER_USAGE)
+        # The teacher's usage only: the texts it embeds are the judge's, not rows of the stage, and each candidate's
+        # outcome is counted once, by the verdict.
+        tallies.append(embedded["tallies"] | "TeacherUsage" >> beam.Filter(
+            lambda tally: tally[0][0] not in ("stage", "reason")))
         outcomes = _vector_outcomes(embedded)
         prototype_outcomes = outcomes | "PrototypeVectors" >> beam.Filter(
             lambda item: not item[0].startswith(_CANDIDATE))

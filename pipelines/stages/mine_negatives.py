@@ -1,17 +1,22 @@
 """Stage 5: mine hard negatives for each graded pair. Sharded exact faiss search, positive-aware filtering, optional LLM
 scoring.
 
-Input: a dict `{"queries": ..., "passages": ...}` (or a tuple `(queries, passages)`) of two PCollections:
+Input: a dict `{"pairs": ..., "passages": ..., "vectors": ...}` of three PCollections: `data_schemas.GRADED_PAIR`
+rows, the corpus (PASSAGE rows) and the run's teacher vectors (EmbedTeacher's kept items). The stage joins each pair
+with its query's vector and each passage with its vector; a pair whose query has no vector is rejected as
+`missing_embedding`, a passage without one is left out of the search.
 
-- `queries`: `data_schemas.GRADED_PAIR` rows, each extended with `query_embedding` (teacher vector, `list[float]`,
-  L2-normalized) and optionally `positive_embedding` (absent or null: looked up from `passages` by the positive's
-  passage_id). Fields read: `pair_id` (must be unique), `query_id`, `query`, `task`, `passage_id` and `passage` (the
-  positive), plus the embeddings.
-- `passages`: the corpus, dicts `{"passage_id", "text", "embedding"}`: unique ids, same teacher and dimension as the
-  queries, normalized. A passage without an embedding, or of another dimension than the queries, is a pipeline error
-  (raised), not data.
+Inside, the mining works on `queries` and `passages` (`_MineEmbedded`):
 
-Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows, "answers": LLMAnswer, "statistics": tallies}` (see
+- `queries`: GRADED_PAIR rows, each extended with `query_embedding` (teacher vector, `list[float]`, L2-normalized) and
+  optionally `positive_embedding` (absent or null: looked up from `passages` by the positive's passage_id). Fields
+  read: `pair_id` (must be unique), `query_id`, `query`, `task`, `passage_id` and `passage` (the positive), plus the
+  embeddings.
+- `passages`: dicts `{"passage_id", "text", "embedding"}`: unique ids, same teacher and dimension as the queries,
+  normalized. A passage without an embedding, or of another dimension than the queries, is a pipeline error (raised),
+  not data.
+
+Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows, "answers": LLMAnswer, "tallies": tallies}` (see
 `MineNegatives`). Every input query ends in exactly one of kept and rejected. Reasons: `missing_field` (a required
 field is absent or empty), `missing_embedding` (no query_embedding, or no positive_embedding and the positive is not in
 the corpus), `embedding_mismatch` (query and positive embeddings differ in dimension), `duplicate_pair_id` (every row
@@ -23,10 +28,8 @@ would make up most of rejected/.
 
 The steps, per query:
 
-1. Exact top-k inner-product search (faiss `IndexFlatIP`) over the corpus, sharded. Exact, not HNSW/IVF: their recall
-   depends on the data (docs/design.md) and a missed neighbour here is a silently easier negative; the exact search is
-   also what makes sharded and unsharded runs identical. Teacher scores are recomputed exactly (see
-   `search_shard_rows`), and ties are broken by passage_id, so the top-k does not depend on how the corpus was sharded.
+1. Exact top-k inner-product search (faiss `IndexFlatIP`) over the corpus, sharded (pipelines/sharded_search.py: exact,
+   so a missed neighbour never makes a silently easier negative, and sharded and unsharded runs agree).
 2. The positive is dropped, and so is any candidate whose words equal the positive's (`text_matching.normalize`): a
    duplicate in the corpus is a false negative too.
 3. Positive-aware threshold (NV-Retriever TopK-PercPos): candidates scoring above `max_negative_score_ratio` times the
@@ -37,92 +40,50 @@ The steps, per query:
    relevant are dropped; a candidate clearly better than the positive becomes the positive (relabel).
 5. The `num_negatives` hardest survivors become the triplet's negatives, hardest first.
 
-How the sharded search runs in Beam (the index must not have to fit one worker, docs/design.md):
+The search (pipelines/sharded_search.py) gathers passages and queries into blocks, pairs each corpus shard with each
+query group, and hands out hits with their passage texts (and vectors, with `keep_embeddings`); a query that carries no
+positive_embedding asks it for its positive's vector, which the shard holding it returns. The per-shard results are
+merged in the one join with the query rows, keyed by pair_id: no join of hits with the corpus afterwards.
 
-- Passages and queries are first gathered into blocks of up to 2,048 rows (ids, texts or looked-up positive ids, one
-  float32 byte string of vectors), fused with the step that produced them: from there on the search moves a few large
-  elements, not one per passage and per query. Beam's per-element cost (coding, bookkeeping) of 384-d vectors was most
-  of the stage's time on one machine before; faiss is now.
-- The corpus size is counted (from the block sizes), and `num_shards = ceil(size / shard_size)`. A passage goes to
-  shard `stable_hash("shard", passage_id) % num_shards`: no global ordering is needed, and at the scale where sharding
-  matters hash shards are within a fraction of a percent of `shard_size` (1M ± ~1k). Blocks are split by shard.
-- Queries are split into `query_groups` groups by a stable hash of pair_id. The search unit is a (shard, query group)
-  key: every passage is sent once per query group and every query vector once per shard, then one GroupByKey puts a
-  shard's passages and a group's queries on the same worker, which builds the shard's index and searches the group's
-  queries in batches of `query_batch_size`.
-- Passages enter the search with their texts (and the search hands out hits with them, plus their vectors when
-  `keep_embeddings`), and a query that carries no positive_embedding asks for its positive's vector, which the shard
-  holding it returns: no join of hits with the corpus afterwards (that join shuffled k hits per query, one element
-  each, and the whole corpus once more).
-- Tradeoffs, for a corpus of P passages of T bytes of text and Q queries of dimension d: the search shuffles
-  `(4d + T) * P * query_groups + 4d * Q * num_shards` bytes; a worker holds one shard (`(4d + T) * shard_size`) plus
-  one group's query vectors (`4d * Q / query_groups`); parallelism is `num_shards * query_groups`. Larger shards mean
-  fewer query copies but more memory per worker; more query groups mean more parallelism and smaller query buffers at
-  the cost of more corpus copies. 10M passages x 768 dims with the default 1M shards: 10 shards of ~3 GB of vectors
-  (plus ~1 GB of text at 1 kB a passage), each query vector sent 10 times. The alternatives are worse: queries as a
-  side input broadcast all of them to every worker, and the index as a side input needs the whole corpus on every
-  worker.
-- Each (shard, group) emits, per query, its shard's top-k; they are merged per query (`merge_topk` order, ties by
-  passage_id) in the one join with the query rows, keyed by pair_id. `ShardedTopK`, the same search for the
-  round-trip relevance check, merges them with a `CombinePerKey` instead.
-
-LLM decisions, and why:
-
-- Relevance grades use the 0-3 scale of `negative_scoring`. A candidate graded `llm_relevant_grade` (2, "partially
-  answers") or more is a false negative and is dropped: contrastive training would push the query away from a passage
-  that answers it. Grade 1 ("on the topic but does not answer") is exactly the hard negative we want.
-- The positive is graded the same way. Relabel when the top fused candidate has grade >= `relabel_min_grade` (3),
-  a strictly higher grade than the positive and a strictly higher fused score: both signals and the absolute grade
-  must agree before a generated pair is changed. The old positive is then dropped, not kept as a negative: it was
-  written from and graded for this query, so as a negative it would almost surely be a false negative.
-- A candidate whose LLM answer failed (unparseable, off-schema, non-finite log-probability) is not used as a negative:
-  without a grade it cannot be ruled out as a false negative, and candidates are plentiful. Failures are counted
-  (`dropped.llm_failed`; `dropped.llm_skipped` when the run's LLM budget left the request uncalled); when they
-  leave too few negatives the rejection carries the first failed raw answer. A failed grade of the positive disables
-  relabelling and the positive check for that query (`positive_llm_failed`).
-- `negative_llm_scores` holds each negative's fused RRF score, sum over signals of 1 / (60 + rank) within this query's
-  judged passages (positive included), ranks 1-based with ties sharing the best rank. Higher means more relevant.
+How the LLM's grades decide (which candidates drop, when the positive is relabelled, what a failed answer means):
+pipelines/stages/candidate_scoring.py.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Any
 
 import apache_beam as beam
-import faiss
-import numpy as np
-from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.clients.specs import LLMSpec
-from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, RunBudget
-from pipelines.stages import StageCounters, rejected_row
-from pipelines.text_matching import normalize, stable_hash
-from prompts import get_prompt
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, sum_tallies
+from pipelines.clients.base import TaskType
+from pipelines.llm_calls import CallLLM, LLMAnswer
+from pipelines.model_access import ModelAccess, ModelIdentity
+from pipelines.sharded_search import (
+    DEFAULT_QUERY_BATCH_SIZE,
+    SearchShards,
+    merge_shard_hits,
+    pack_vector,
+    teacher_score,
+    unpack_vector,
+)
+from pipelines.stages import rejected_row
+from pipelines.stages.candidate_scoring import (
+    LIKELIHOOD,
+    RELEVANCE,
+    LLMJudgement,
+    build_llm_requests,
+    decide_relabel,
+    fuse_llm_scores,
+    read_judgement,
+)
+from pipelines.stages.embed_teacher import TeacherVectors
+from pipelines.text_matching import normalize
 
 STAGE = "mine_negatives"
 
-#: Reciprocal rank fusion constant: 60 is the standard value (Cormack et al., 2009), also used by Gecko.
-RRF_K = 60
-
-#: Faiss fetches this many hits beyond k at first, so scores near the k-th rarely need a second, larger search.
-_TIE_SLACK = 8
-#: Queries rescored together: bounds the float64 gather to 64 x fetch x d (about 16 MB at fetch 40, d 768).
-_RESCORE_BLOCK = 64
-#: Queries per faiss search call (see MineNegativesConfig.query_batch_size).
-DEFAULT_QUERY_BATCH_SIZE = 16_384
-#: Rows per block through the search shuffle: few elements for Beam to handle, and 2,048 x 768 float32 (6 MB) stays
-#: small next to a shard.
-_BLOCK_ROWS = 2048
-
-_PASSAGE_TAG = "p"
-_QUERY_TAG = "q"
-_RELEVANCE = "relevance"
-_LIKELIHOOD = "likelihood"
 _EMBEDDING_FIELDS = ("query_embedding", "positive_embedding")
 _REQUIRED_FIELDS = ("pair_id", "query_id", "query", "task", "passage_id", "passage")
 
@@ -209,170 +170,6 @@ class MineNegativesConfig:
             raise ValueError("MineNegativesConfig: " + "; ".join(problems))
 
 
-# --- Vectors and exact scores -----------------------------------------------------------------------------------------
-
-
-def pack_vector(vector: Sequence[float] | np.ndarray) -> bytes:
-    """A vector as float32 bytes: 4 bytes a component through shuffles instead of ~9 for pickled Python floats."""
-    return np.asarray(vector, dtype=np.float32).tobytes()
-
-
-def unpack_vector(blob: bytes) -> list[float]:
-    return np.frombuffer(blob, dtype=np.float32).tolist()
-
-
-def exact_scores(queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
-    """Inner products of float32 vectors, computed so the value of a pair never depends on what it is batched with.
-
-    Products of two float32 are exact in float64, and numpy sums each row along its contiguous last axis in the same
-    pairwise order whatever the other rows are. faiss's own float32 scores vary in the last bits with the batch shape
-    (BLAS or SIMD path, blocking), which would let shard boundaries change the order of near-ties.
-    `queries` (..., d) broadcasts against `passages` (..., d).
-    """
-    return (np.asarray(passages, dtype=np.float64) * np.asarray(queries, dtype=np.float64)).sum(axis=-1)
-
-
-def teacher_score(query_embedding: Sequence[float], passage_embedding: Sequence[float]) -> float:
-    """The teacher's score of one pair, bit-identical to the score the search gives the same two vectors."""
-    query = np.asarray(query_embedding, dtype=np.float32)
-    passage = np.asarray(passage_embedding, dtype=np.float32)
-    if query.shape != passage.shape:
-        raise ValueError(f"embedding dimensions differ: {query.shape[0]} vs {passage.shape[0]}")
-    return float(exact_scores(query, passage))
-
-
-def num_shards_for(corpus_size: int, shard_size: int) -> int:
-    return max(1, math.ceil(corpus_size / shard_size))
-
-
-# --- Search -----------------------------------------------------------------------------------------------------------
-
-
-class Hit(NamedTuple):
-    passage_id: str
-    score: float
-
-
-def hit_order(hit: Hit) -> tuple[float, str]:
-    """Hardest first; equal scores by passage_id, so every sharding of the corpus gives the same order."""
-    return (-hit.score, hit.passage_id)
-
-
-class ShardIndex:
-    """One shard of the corpus: an exact inner-product faiss index, the passage ids (and texts, when the search hands
-    them out with its hits) by row, the largest vector norm."""
-
-    def __init__(self, dimension: int):
-        self.index = faiss.IndexFlatIP(dimension)
-        self.passage_ids: list[str] = []
-        self.texts: list[str] = []
-        self.max_norm = 0.0
-
-    @property
-    def dimension(self) -> int:
-        return self.index.d
-
-    @property
-    def size(self) -> int:
-        return len(self.passage_ids)
-
-    def add(self, passage_ids: Sequence[str], vectors: np.ndarray, texts: Sequence[str] | None = None) -> None:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape != (len(passage_ids), self.dimension):
-            raise ValueError(f"expected {len(passage_ids)} passage vectors of dimension {self.dimension}, "
-                             f"got shape {vectors.shape}")
-        if texts is not None and len(texts) != len(passage_ids):
-            raise ValueError(f"expected {len(passage_ids)} passage texts, got {len(texts)}")
-        if self.size and (texts is not None) != (len(self.texts) == self.size):
-            raise ValueError("ShardIndex.add: give texts with every batch of passages or with none")
-        if not len(passage_ids):
-            return
-        self.index.add(vectors)
-        self.passage_ids.extend(passage_ids)
-        if texts is not None:
-            self.texts.extend(texts)
-        self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max()))
-
-    def vectors(self) -> np.ndarray:
-        """The stored vectors, (size, dimension), read in place (no copy): valid until the next `add`."""
-        if self.size == 0:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        stored = faiss.rev_swig_ptr(self.index.get_xb(), self.size * self.dimension)
-        return stored.reshape(self.size, self.dimension)
-
-
-def build_shard_index(passage_ids: Sequence[str], vectors: np.ndarray) -> ShardIndex:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    shard = ShardIndex(vectors.shape[1])
-    shard.add(passage_ids, vectors)
-    return shard
-
-
-def search_shard_rows(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each query within one shard, as shard rows and exact scores, both (queries, min(k, size)),
-    hardest first, ties by passage_id.
-
-    faiss ranks in float32; the hits are then rescored exactly (`exact_scores`) and re-sorted. To be sure no passage
-    faiss left out belongs in the exact top-k, faiss fetches more than k and the result is accepted only when the k-th
-    exact score beats the last fetched faiss score by more than float32's error bound (d * eps * |q| * max|p|);
-    otherwise that query is searched again with twice the fetch, up to the whole shard. Sorting is vectorized; only a
-    query with two equal exact scores among its top k + 1 is re-sorted in Python, to break the tie by passage_id.
-    """
-    queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
-    if queries.ndim != 2 or queries.shape[1] != shard.dimension:
-        raise ValueError(f"query vectors have shape {queries.shape}, the shard index has dimension {shard.dimension}: "
-                         "queries and passages must come from the same teacher at the same dimension")
-    size = shard.size
-    keep = min(k, size)
-    found_rows = np.zeros((len(queries), keep), dtype=np.int64)
-    found_scores = np.zeros((len(queries), keep), dtype=np.float64)
-    if keep == 0 or len(queries) == 0:
-        return found_rows, found_scores
-    stored = shard.vectors()
-    # Bound on |faiss float32 score - exact score|: d * u * |q| * |p| with u = eps / 2; eps doubles it for safety.
-    tolerance = queries.shape[1] * float(np.finfo(np.float32).eps) * np.linalg.norm(queries, axis=1) * shard.max_norm
-    pending = np.arange(len(queries))
-    fetch = min(size, k + _TIE_SLACK)
-    while pending.size:
-        faiss_scores, fetched = shard.index.search(queries[pending], fetch)
-        unsettled: list[np.ndarray] = []
-        for start in range(0, len(pending), _RESCORE_BLOCK):
-            block = pending[start:start + _RESCORE_BLOCK]
-            block_rows = fetched[start:start + _RESCORE_BLOCK]
-            scores = exact_scores(queries[block][:, None, :], stored[block_rows])
-            order = np.argsort(-scores, axis=1, kind="stable")
-            head = np.take_along_axis(scores, order[:, :keep + 1], axis=1)
-            for tied in np.flatnonzero((head[:, 1:] == head[:, :-1]).any(axis=1)):
-                row_scores, rows = scores[tied], block_rows[tied]
-                order[tied] = sorted(range(fetch), key=lambda j: (-row_scores[j], shard.passage_ids[rows[j]]))
-            top = order[:, :keep]
-            top_scores = np.take_along_axis(scores, top, axis=1)
-            settled = top_scores[:, -1] > faiss_scores[start:start + _RESCORE_BLOCK, -1] + tolerance[block]
-            if fetch >= size:
-                settled[:] = True
-            found_rows[block[settled]] = np.take_along_axis(block_rows[settled], top[settled], axis=1)
-            found_scores[block[settled]] = top_scores[settled]
-            unsettled.append(block[~settled])
-        pending = np.concatenate(unsettled)
-        fetch = min(size, fetch * 2)
-    return found_rows, found_scores
-
-
-def search_shard(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
-    """Exact top-k of each query within one shard, hardest first, ties by passage_id (see `search_shard_rows`)."""
-    rows, scores = search_shard_rows(shard, query_vectors, k)
-    ids = shard.passage_ids
-    return [
-        [Hit(ids[row], score) for row, score in zip(query_rows, query_scores, strict=True)]
-        for query_rows, query_scores in zip(rows.tolist(), scores.tolist(), strict=True)
-    ]
-
-
-def merge_topk(hit_lists: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
-    """The global top-k from per-shard top-k lists: a bounded heap, same order and tie-breaking as `search_shard`."""
-    return heapq.nsmallest(k, (Hit(*hit) for hit in itertools.chain.from_iterable(hit_lists)), key=hit_order)
-
-
 # --- Candidate selection ----------------------------------------------------------------------------------------------
 
 
@@ -452,119 +249,6 @@ def positive_candidate(row: Mapping[str, Any], positive_score: float, config: Mi
 # --- LLM scoring ------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LLMJudgement:
-    """One LLM answer about one (query, passage), reduced to what the fusion needs."""
-
-    pair_id: str
-    passage_id: str
-    #: "relevance" (grade 0-3) or "likelihood" (log p(query | passage)).
-    signal: str
-    ok: bool
-    value: float | None
-    raw: str
-    error: str | None = None
-    #: Not called because the run's LLM call budget was spent (`LLMAnswer.source == "budget"`).
-    skipped: bool = False
-
-
-def build_llm_requests(
-    row: Mapping[str, Any], selection: CandidateSelection, config: MineNegativesConfig
-) -> list[LLMRequest]:
-    """Requests for the positive and the `llm_candidates` hardest candidates.
-
-    Each request's `context` is (pair_id, passage_id, signal): what `read_judgement` needs to re-join the answer.
-    """
-    pair_id, query = row["pair_id"], row["query"]
-    scored = [(row["passage_id"], row["passage"])]
-    scored += [(candidate.passage_id, candidate.text) for candidate in selection.candidates[: config.llm_candidates]]
-    grading = get_prompt("negative_scoring")
-    likelihood = get_prompt("query_likelihood") if config.query_likelihood else None
-    requests = []
-    for passage_id, text in scored:
-        requests.append(LLMRequest(
-            request_id=f"{pair_id}/{passage_id}/{_RELEVANCE}",
-            prompt_name=grading.name,
-            prompt_version=grading.version,
-            messages=grading.render(query=query, passage=text),
-            output_model=grading.output_model,
-            context=(pair_id, passage_id, _RELEVANCE),
-        ))
-        if likelihood is not None:
-            requests.append(LLMRequest(
-                request_id=f"{pair_id}/{passage_id}/{_LIKELIHOOD}",
-                prompt_name=likelihood.name,
-                prompt_version=likelihood.version,
-                messages=likelihood.render(passage=text),
-                mode="score",
-                continuations=(likelihood.format_answer({"query": query}),),
-                context=(pair_id, passage_id, _LIKELIHOOD),
-            ))
-    return requests
-
-
-def read_judgement(answer: LLMAnswer) -> LLMJudgement:
-    pair_id, passage_id, signal = answer.request.context
-    value: float | None = None
-    ok, error = answer.ok, answer.error
-    if ok and answer.value is not None:
-        value = float(answer.value["relevance"] if signal == _RELEVANCE else answer.value["logprobs"][0])
-        if not math.isfinite(value):
-            ok, error, value = False, f"non-finite {signal} {value}", None
-    elif ok:
-        ok, error = False, "answer has no value"
-    return LLMJudgement(pair_id, passage_id, signal, ok, value, answer.raw, error, answer.source == "budget")
-
-
-def fuse_llm_scores(signals: Sequence[Mapping[str, float]], *, rrf_k: int = RRF_K) -> dict[str, float]:
-    """Reciprocal rank fusion: sum over signals of 1 / (rrf_k + rank), higher is more relevant.
-
-    Each signal maps passage_id -> score (higher = more relevant) over the same passages. Ranks are 1-based and equal
-    scores share the best rank (grades are 0-3, so ties are the rule): equal evidence gets equal credit.
-    """
-    if not signals:
-        return {}
-    items = set(signals[0])
-    for signal in signals[1:]:
-        if set(signal) != items:
-            raise ValueError("every signal must score the same passages")
-    fused = dict.fromkeys(items, 0.0)
-    for signal in signals:
-        ordered = sorted(signal.values(), reverse=True)
-        best_rank = {}
-        for rank, score in enumerate(ordered, start=1):
-            best_rank.setdefault(score, rank)
-        for passage_id, score in signal.items():
-            fused[passage_id] += 1.0 / (rrf_k + best_rank[score])
-    return fused
-
-
-def decide_relabel(
-    positive_id: str,
-    grades: Mapping[str, int],
-    fused: Mapping[str, float],
-    teacher_scores: Mapping[str, float],
-    *,
-    min_grade: int,
-) -> str | None:
-    """The passage_id that should replace the positive, or None.
-
-    The top fused candidate (ties: higher grade, higher teacher score, passage_id) replaces the positive only when its
-    grade is at least `min_grade`, strictly above the positive's, and its fused score is strictly above the positive's.
-    No grade for the positive (failed answer) means no relabel.
-    """
-    if positive_id not in grades:
-        return None
-    others = [passage_id for passage_id in grades if passage_id != positive_id]
-    if not others:
-        return None
-    best = min(others, key=lambda pid: (-fused[pid], -grades[pid], -teacher_scores.get(pid, 0.0), pid))
-    clearly_better = (
-        grades[best] >= min_grade and grades[best] > grades[positive_id] and fused[best] > fused[positive_id]
-    )
-    return best if clearly_better else None
-
-
 # --- Outcomes ---------------------------------------------------------------------------------------------------------
 
 
@@ -634,7 +318,7 @@ def judge_candidates(
     """Steps 4 and 5 with LLM scoring: fuse, relabel, drop what the LLM finds relevant, keep the hardest."""
     positive = positive_candidate(row, selection.positive_score, config)
     scored = selection.candidates[: config.llm_candidates]
-    signals = (_RELEVANCE, _LIKELIHOOD) if config.query_likelihood else (_RELEVANCE,)
+    signals = (RELEVANCE, LIKELIHOOD) if config.query_likelihood else (RELEVANCE,)
     answers = {(judgement.passage_id, judgement.signal): judgement for judgement in judgements}
 
     complete: list[str] = []
@@ -646,10 +330,10 @@ def judge_candidates(
             failed.append(bad[0])
         else:
             complete.append(passage_id)
-    grades = {pid: int(answers[(pid, _RELEVANCE)].value) for pid in complete}  # type: ignore[arg-type]
+    grades = {pid: int(answers[(pid, RELEVANCE)].value) for pid in complete}  # type: ignore[arg-type]
     signal_scores: list[Mapping[str, float]] = [grades]
     if config.query_likelihood:
-        signal_scores.append({pid: answers[(pid, _LIKELIHOOD)].value for pid in complete})  # type: ignore[misc]
+        signal_scores.append({pid: answers[(pid, LIKELIHOOD)].value for pid in complete})  # type: ignore[misc]
     fused = fuse_llm_scores(signal_scores)
     failed_raw = next((judgement.raw for judgement in failed if judgement is not None and judgement.raw), None)
     positive_failed = positive.passage_id not in grades
@@ -669,7 +353,7 @@ def judge_candidates(
             positive.passage_id, grades, fused, teacher, min_grade=config.relabel_min_grade
         )
     if new_positive_id is None and not positive_failed and grades[positive.passage_id] < config.min_positive_grade:
-        positive_raw = answers[(positive.passage_id, _RELEVANCE)].raw
+        positive_raw = answers[(positive.passage_id, RELEVANCE)].raw
         detail = (f"the LLM graded the positive {grades[positive.passage_id]} (< min_positive_grade "
                   f"{config.min_positive_grade}) and no candidate qualified as a better positive")
         return MiningOutcome(None, "positive_judged_irrelevant", detail, positive_raw, tuple(counts.items()))
@@ -719,206 +403,8 @@ _REJECTED = "rejected"
 _SEARCH = "search"
 _PENDING = "pending"
 _REQUESTS = "requests"
-_STATISTICS = "statistics"
-#: Tally keys of the manifest's "mining" section: (("mining", name), count).
-_TALLY = "mining"
-
-#: A hit as `_SearchShardFn` emits it: (passage_id, text or None, exact score, float32 embedding bytes or None).
-_ShardHit = tuple[str, "str | None", float, "bytes | None"]
-
-
-def _as_vector_bytes(vector: bytes | Sequence[float] | np.ndarray) -> bytes:
-    return vector if isinstance(vector, bytes) else pack_vector(vector)
-
-
-def _vector_block(item_ids: Sequence[str], vectors: Sequence[bytes | Sequence[float] | np.ndarray], kind: str) -> bytes:
-    """A block's vectors as float32 bytes, row after row (converted together: one numpy call for the block)."""
-    try:
-        matrix = np.asarray(
-            [np.frombuffer(vector, dtype=np.float32) if isinstance(vector, bytes) else vector for vector in vectors],
-            dtype=np.float32,
-        )
-    except ValueError:  # ragged: at least two dimensions
-        matrix = None
-    if matrix is None or matrix.ndim != 2:
-        dimensions = [len(_as_vector_bytes(vector)) // 4 for vector in vectors]
-        other = next(index for index, dimension in enumerate(dimensions) if dimension != dimensions[0])
-        raise ValueError(f"{kind} {item_ids[other]!r} has dimension {dimensions[other]}, {kind} {item_ids[0]!r} "
-                         f"{dimensions[0]}: embed queries and passages with the same teacher and dimension")
-    return matrix.tobytes()
-
-
-class _BlockFn(beam.DoFn):
-    """Search items (id, vector, extra) -> blocks (ids, extras or None when all are None, float32 vector bytes) of up to
-    `_BLOCK_ROWS` rows, per window. Extras are passage texts, or the positive passage_ids queries ask the search for.
-
-    Blocking comes first, fused with whatever produced the items: from there on the search moves a few large elements
-    instead of one per passage and per query (Beam's per-element cost, coding included, was most of the stage's time,
-    not faiss). A block never waits beyond its bundle (finish_bundle flushes), so blocks are smaller where bundles are.
-    """
-
-    def __init__(self, kind: str):
-        self._kind = kind
-
-    def start_bundle(self) -> None:
-        self._buffers: dict[Any, list[tuple[str, Any, Any]]] = {}
-
-    def process(self, item: tuple[str, Any, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
-        buffer = self._buffers.setdefault(window, [])
-        buffer.append(item)
-        if len(buffer) >= _BLOCK_ROWS:
-            del self._buffers[window]
-            yield self._block(buffer)
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        for window, buffer in self._buffers.items():
-            yield WindowedValue(self._block(buffer), window.max_timestamp(), (window,))
-        self._buffers = {}
-
-    def _block(self, items: list[tuple[str, Any, Any]]) -> tuple[list[str], list[Any] | None, bytes]:
-        ids = [item[0] for item in items]
-        extras = [item[2] for item in items]
-        vectors = _vector_block(ids, [item[1] for item in items], self._kind)
-        return ids, None if all(extra is None for extra in extras) else extras, vectors
-
-
-def _split_block(block: tuple[list[str], list[Any] | None, bytes], destinations: list[int]) -> Iterator[Any]:
-    """(destination, sub-block) for each destination that rows of the block go to."""
-    ids, extras, blob = block
-    if len(set(destinations)) == 1:
-        yield destinations[0], block
-        return
-    vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), -1)
-    rows_by_destination: dict[int, list[int]] = {}
-    for row, destination in enumerate(destinations):
-        rows_by_destination.setdefault(destination, []).append(row)
-    for destination, rows in sorted(rows_by_destination.items()):
-        sub_extras = None if extras is None else [extras[row] for row in rows]
-        yield destination, ([ids[row] for row in rows], sub_extras, vectors[rows].tobytes())
-
-
-def _route_passages(block: Any, num_shards: int, query_groups: int) -> Iterator[tuple[tuple[int, int], Any]]:
-    """A passage block's rows go to their shards, once per query group: ((shard, group), ("p", ids, texts, vectors))."""
-    ids = block[0]
-    # No global ordering needed: a stable hash spreads passages over shards the same way in every run.
-    shards = (
-        [0] * len(ids) if num_shards == 1 else [stable_hash("shard", passage_id) % num_shards for passage_id in ids]
-    )
-    for shard, sub_block in _split_block(block, shards):
-        for group in range(query_groups):
-            yield (shard, group), (_PASSAGE_TAG, *sub_block)
-
-
-def _route_queries(block: Any, num_shards: int, query_groups: int) -> Iterator[tuple[tuple[int, int], Any]]:
-    """A query block's rows go to their query groups, once per shard: ((shard, group), ("q", ids, lookups, vectors))."""
-    ids = block[0]
-    groups = [0] * len(ids) if query_groups == 1 else [stable_hash("query-group", qid) % query_groups for qid in ids]
-    for group, sub_block in _split_block(block, groups):
-        for shard in range(num_shards):
-            yield (shard, group), (_QUERY_TAG, *sub_block)
-
-
-def _block_size(block: tuple[list[str], Any, bytes]) -> int:
-    return len(block[0])
-
-
-class _SearchShardFn(beam.DoFn):
-    """One (shard, query group): builds the shard's index from its passage blocks, searches the group's query blocks.
-
-    Emits, per query, (query_id, (hits, positive_vector)): the shard's top-k as (passage_id, text, score, embedding)
-    tuples, hardest first (text None when the passages came without; embedding the float32 bytes with
-    `keep_embeddings`, else None), and the vector of the query's positive when the query asked for it and the shard
-    holds it (else None). Plain tuples, not Hit or Candidate: Beam codes them without pickling.
-    """
-
-    def __init__(self, k: int, query_batch_size: int, faiss_threads: int | None, keep_embeddings: bool = False):
-        self._k = k
-        self._query_batch_size = query_batch_size
-        self._faiss_threads = faiss_threads
-        self._keep_embeddings = keep_embeddings
-        self._searched = beam.metrics.Metrics.counter(f"embforge.{STAGE}", "shard_searches")
-
-    def setup(self) -> None:
-        if self._faiss_threads is not None:
-            faiss.omp_set_num_threads(self._faiss_threads)
-
-    def process(self, element: tuple[tuple[int, int], Iterable[tuple[Any, ...]]]) -> Iterator[Any]:
-        _, blocks = element
-        shard: ShardIndex | None = None
-        query_blocks = []
-        # A GroupByKey gives no order: passages go into the index as they come, queries wait for the whole shard.
-        for block in blocks:
-            if block[0] == _QUERY_TAG:
-                query_blocks.append(block)
-                continue
-            _, passage_ids, texts, blob = block
-            vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(passage_ids), -1)
-            if shard is None:
-                shard = ShardIndex(vectors.shape[1])
-            shard.add(passage_ids, vectors, texts)
-        if shard is None or not query_blocks:
-            return
-        self._searched.inc()
-        stored = shard.vectors()
-        positive_rows = self._positive_rows(shard, query_blocks)
-        texts = shard.texts or None
-        for _, query_ids, lookups, blob in query_blocks:
-            lookups = lookups or [None] * len(query_ids)
-            queries = np.frombuffer(blob, dtype=np.float32).reshape(len(query_ids), -1)
-            if queries.shape[1] != shard.dimension:
-                raise ValueError(f"query {query_ids[0]!r} has dimension {queries.shape[1]}, the passages "
-                                 f"{shard.dimension}: embed queries and passages with the same teacher and dimension")
-            for start in range(0, len(query_ids), self._query_batch_size):
-                rows, scores = search_shard_rows(shard, queries[start:start + self._query_batch_size], self._k)
-                for offset, (query_rows, query_scores) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True)):
-                    hits = [
-                        (shard.passage_ids[row], texts[row] if texts else None, score,
-                         stored[row].tobytes() if self._keep_embeddings else None)
-                        for row, score in zip(query_rows, query_scores, strict=True)
-                    ]
-                    positive_row = positive_rows.get(lookups[start + offset])
-                    positive = None if positive_row is None else stored[positive_row].tobytes()
-                    yield query_ids[start + offset], (hits, positive)
-
-    @staticmethod
-    def _positive_rows(shard: ShardIndex, query_blocks: list[tuple[Any, ...]]) -> dict[str | None, int]:
-        """Shard row of every positive a query of the group asked for and this shard holds."""
-        wanted = {passage_id for block in query_blocks for passage_id in block[2] or () if passage_id is not None}
-        if not wanted:
-            return {}
-        # passage_ids are unique by contract; a duplicate id resolves to its first copy in this shard.
-        rows: dict[str | None, int] = {}
-        for row, passage_id in enumerate(shard.passage_ids):
-            if passage_id in wanted and passage_id not in rows:
-                rows[passage_id] = row
-        return rows
-
-
-def _merge_shard_hits(hit_lists: Sequence[list[_ShardHit]], k: int) -> list[_ShardHit]:
-    """The global top-k of per-shard hits, ordered as `merge_topk` orders them."""
-    if len(hit_lists) == 1:
-        return hit_lists[0]
-    return heapq.nsmallest(k, itertools.chain.from_iterable(hit_lists), key=lambda hit: (-hit[2], hit[0]))
-
-
-class _TopHitsFn(beam.CombineFn):
-    """Per query: the global top-k (as Hits) of the per-shard results of `_SearchShardFn`."""
-
-    def __init__(self, k: int):
-        self._k = k
-
-    def create_accumulator(self) -> list[Hit]:
-        return []
-
-    def add_input(self, accumulator: list[Hit], shard_result: tuple[list[_ShardHit], bytes | None]) -> list[Hit]:
-        hits, _ = shard_result
-        return merge_topk([accumulator, ((passage_id, score) for passage_id, _, score, _ in hits)], self._k)
-
-    def merge_accumulators(self, accumulators: Iterable[list[Hit]]) -> list[Hit]:
-        return merge_topk(accumulators, self._k)
-
-    def extract_output(self, accumulator: list[Hit]) -> list[Hit]:
-        return accumulator
+#: Tally kind of the manifest's "mining" section: (("mining", name), count).
+_MINING = "mining"
 
 
 def _passage_search_item(passage: Mapping[str, Any]) -> tuple[str, bytes | Sequence[float], str]:
@@ -929,45 +415,34 @@ def _passage_search_item(passage: Mapping[str, Any]) -> tuple[str, bytes | Seque
     return passage["passage_id"], embedding, passage["text"]
 
 
-def _bare_search_item(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, bytes | Sequence[float], None]:
-    """An (id, vector) pair as a search item with nothing attached: no passage text, no positive to look up."""
-    item_id, vector = item
-    return item_id, vector, None
-
-
 def _missing_fields(row: Mapping[str, Any]) -> list[str]:
     return [name for name in _REQUIRED_FIELDS if row.get(name) is None or len(row[name]) == 0]
 
 
-class _OutcomeFn(beam.DoFn):
-    """Base of the DoFns that take queries: rejects with counters, counts statistics (metrics and manifest tallies)."""
+class _OutcomeFn(CountingDoFn):
+    """Base of the DoFns that take queries: rejects, and counts statistics through the stage's tally."""
 
     def __init__(self, config: MineNegativesConfig):
+        super().__init__(STAGE)
         self._config = config
-        self._counters = StageCounters(STAGE)
 
-    def _statistics(self, counts: Iterable[tuple[str, int]]) -> Iterator[Any]:
+    def _statistics(self, counts: Iterable[tuple[str, int]]) -> None:
         for name, value in counts:
-            if value:
-                beam.metrics.Metrics.counter(self._counters.namespace, name).inc(value)
-                yield beam.pvalue.TaggedOutput(_STATISTICS, ((_TALLY, name), value))
+            self.tally.statistic(_MINING, name, value)
 
     def _reject(self, row: Mapping[str, Any], reason: str, detail: str | None, raw_answer: str | None = None):
-        self._counters.reject(reason)
         return beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
             STAGE, reason, rejected_payload(row), record_id=row.get("pair_id"), raw_answer=raw_answer, detail=detail,
         ))
 
     def _finish(self, row: Mapping[str, Any], outcome: MiningOutcome) -> Iterator[Any]:
-        yield from self._statistics(outcome.counts)
+        self._statistics(outcome.counts)
         if outcome.triplet is None:
             assert outcome.reason is not None
             yield self._reject(row, outcome.reason, outcome.detail, outcome.raw_answer)
             return
-        self._counters.kept.inc()
         negatives = len(outcome.triplet["negative_ids"])
-        yield from self._statistics([("negatives", negatives),
-                                     ("short_triplets", int(negatives < self._config.num_negatives))])
+        self._statistics([("negatives", negatives), ("short_triplets", int(negatives < self._config.num_negatives))])
         yield outcome.triplet
 
 
@@ -977,7 +452,6 @@ class _KeyQueriesFn(_OutcomeFn):
     in the shard that holds it)."""
 
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
-        self._counters.input.inc()
         missing = _missing_fields(row)
         if missing:
             yield self._reject(row, "missing_field", f"query row lacks {', '.join(missing)} (empty or null)")
@@ -1034,9 +508,9 @@ class _SelectFn(_OutcomeFn):
         }
         config = self._config
         positive_score = teacher_score(row["query_embedding"], row["positive_embedding"])
-        hits = [Candidate(*hit) for hit in _merge_shard_hits([shard_hits for shard_hits, _ in results], config.k)]
+        hits = [Candidate(*hit) for hit in merge_shard_hits([shard_hits for shard_hits, _ in results], config.k)]
         selection = select_candidates(row["passage_id"], row["passage"], positive_score, hits, config)
-        yield from self._statistics([
+        self._statistics([
             ("hits", selection.hits),
             ("dropped.positive", selection.dropped_positive),
             ("dropped.duplicate_text", len(selection.dropped_duplicates)),
@@ -1047,7 +521,8 @@ class _SelectFn(_OutcomeFn):
             yield from self._finish(row, mine_without_llm(row, selection, config))
             return
         yield beam.pvalue.TaggedOutput(_PENDING, (pair_id, (row, selection)))
-        for request in build_llm_requests(row, selection, config):
+        scored = [(candidate.passage_id, candidate.text) for candidate in selection.candidates[:config.llm_candidates]]
+        for request in build_llm_requests(row, scored, query_likelihood=config.query_likelihood):
             yield beam.pvalue.TaggedOutput(_REQUESTS, request)
 
 
@@ -1068,162 +543,134 @@ class _JudgeFn(_OutcomeFn):
 # --- The transforms ---------------------------------------------------------------------------------------------------
 
 
-class _SearchShards(beam.PTransform):
-    """{"queries": (query_id, vector, positive passage_id | None), "passages": (passage_id, vector, text | None)} ->
-    (query_id, (hits, positive_vector)), once per query and shard (see `_SearchShardFn`).
-
-    Gathers passages and queries into blocks, counts the corpus for `num_shards`, routes the blocks' rows to their
-    (shard, query group) pairs, pairs every shard with every query group in one GroupByKey, and searches each pair.
-    Merging the per-shard results is left to the caller, so MineNegatives can do it in the join with its query rows.
-    """
-
-    def __init__(self, k: int, shard_size: int, query_groups: int, query_batch_size: int, faiss_threads: int | None,
-                 *, keep_embeddings: bool = False):
-        super().__init__()
-        self._k = k
-        self._shard_size = shard_size
-        self._query_groups = query_groups
-        self._query_batch_size = query_batch_size
-        self._faiss_threads = faiss_threads
-        self._keep_embeddings = keep_embeddings
-
-    def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
-        passage_blocks = inputs["passages"] | "BlockPassages" >> beam.ParDo(_BlockFn("passage"))
-        query_blocks = inputs["queries"] | "BlockQueries" >> beam.ParDo(_BlockFn("query"))
-        num_shards = beam.pvalue.AsSingleton(
-            passage_blocks
-            | "BlockSizes" >> beam.Map(_block_size)
-            | "CountPassages" >> beam.CombineGlobally(sum)
-            | "NumShards" >> beam.Map(num_shards_for, self._shard_size)
-        )
-        routed_passages = passage_blocks | "RoutePassages" >> beam.FlatMap(
-            _route_passages, num_shards, self._query_groups)
-        routed_queries = query_blocks | "RouteQueries" >> beam.FlatMap(_route_queries, num_shards, self._query_groups)
-        return (
-            (routed_passages, routed_queries)
-            | "UnionForSearch" >> beam.Flatten()
-            | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
-            | "SearchShards" >> beam.ParDo(_SearchShardFn(
-                self._k, self._query_batch_size, self._faiss_threads, self._keep_embeddings))
-        )
-
-
-class ShardedTopK(beam.PTransform):
-    """{"queries": (query_id, vector), "passages": (passage_id, vector)} -> (query_id, [Hit(passage_id, score)]).
-
-    Exact inner-product top-k over a corpus sharded into `ceil(size / shard_size)` shards, hardest first, ties by
-    passage_id: the result does not depend on `shard_size` or `query_groups` (see the module docstring for how the
-    shards and query groups are paired, and the tradeoffs). Vectors are float lists, numpy arrays or `pack_vector`
-    bytes. A query with no passage at all gets no output row. The round-trip relevance check uses it; MineNegatives
-    runs the same search and merges the shards' results in its join with the query rows instead.
-    """
-
-    def __init__(
-        self,
-        k: int,
-        shard_size: int,
-        *,
-        query_groups: int = 1,
-        query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE,
-        faiss_threads: int | None = None,
-    ):
-        super().__init__()
-        if k < 1 or shard_size < 1 or query_groups < 1 or query_batch_size < 1:
-            raise ValueError(f"ShardedTopK: k, shard_size, query_groups and query_batch_size must be >= 1, got "
-                             f"{k}, {shard_size}, {query_groups}, {query_batch_size}")
-        self._k = k
-        self._search = _SearchShards(k, shard_size, query_groups, query_batch_size, faiss_threads)
-
-    def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
-        items = {
-            "queries": inputs["queries"] | "QueryItems" >> beam.Map(_bare_search_item),
-            "passages": inputs["passages"] | "PassageItems" >> beam.Map(_bare_search_item),
-        }
-        return items | "Search" >> self._search | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(self._k))
-
-
-class MineNegatives(beam.PTransform):
+class _MineEmbedded(beam.PTransform):
     """{"queries": graded pairs + embeddings, "passages": corpus + embeddings} -> kept / rejected / answers /
-    statistics.
+    statistics: the mining itself, once every row carries its vectors (see the module docstring)."""
 
-    Outputs: "kept" TRIPLET rows; "rejected" REJECTED rows; "answers" the LLMAnswers of LLM scoring (empty without
-    it), for usage accounting; "statistics" (("mining", name), count) tallies for the manifest (names as the Beam
-    counters: hits, dropped.positive, dropped.duplicate_text, dropped.teacher_threshold, dropped.llm_relevant,
-    dropped.llm_failed, dropped.llm_skipped, positive_llm_failed, relabeled, negatives, short_triplets), summed.
-    See the module docstring for the input contract, the sharded search and the LLM decisions. `llm_spec`,
-    `cache_dir` and `budget` are used only with `config.llm_scoring`, and go to `CallLLM`.
-    """
-
-    def __init__(
-        self,
-        config: MineNegativesConfig,
-        llm_spec: LLMSpec | None = None,
-        *,
-        cache_dir: str | None = None,
-        budget: RunBudget | None = None,
-    ):
+    def __init__(self, config: MineNegativesConfig, llm: ModelAccess | None):
         super().__init__()
-        if not config.teacher_model:
-            raise ValueError("MineNegatives: config.teacher_model is empty; set it to the teacher embedder's name "
-                             "(it is written to every triplet)")
-        if config.llm_scoring and llm_spec is None:
-            raise ValueError("MineNegatives: llm_scoring=True needs an llm_spec (or set llm_scoring=False)")
-        if config.query_likelihood and llm_spec is not None and llm_spec.backend == "gemini":
-            raise ValueError("MineNegatives: query_likelihood needs log-probabilities, which the Gemini backend does "
-                             "not give; use backend='local' or set query_likelihood=False")
         self._config = config
-        self._llm_spec = llm_spec if config.llm_scoring else None
-        self._cache_dir = cache_dir
-        self._budget = budget
+        self._llm = llm
 
-    def expand(self, inputs: Any) -> dict[str, beam.PCollection]:
-        if isinstance(inputs, Mapping):
-            queries, passages = inputs["queries"], inputs["passages"]
-        else:
-            queries, passages = inputs
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        queries, passages = inputs["queries"], inputs["passages"]
         config = self._config
         pipeline = queries.pipeline
 
         keyed = queries | "KeyQueries" >> beam.ParDo(_KeyQueriesFn(config)).with_outputs(
-            _SEARCH, _REJECTED, _STATISTICS, main="rows"
+            _SEARCH, _REJECTED, TALLIES, main="rows"
         )
         # Passages enter the search with their texts, so hits come out with them: no join of hits with the corpus.
         shard_results = {
             "queries": keyed[_SEARCH],
             "passages": passages | "PassageItems" >> beam.Map(_passage_search_item),
-        } | "Search" >> _SearchShards(
+        } | "Search" >> SearchShards(
             config.k, config.shard_size, config.query_groups, config.query_batch_size, config.faiss_threads,
-            keep_embeddings=config.keep_embeddings,
+            keep_embeddings=config.keep_embeddings, stage=STAGE,
         )
         selected = (
             {"query": keyed["rows"], "results": shard_results}
             | "JoinQueriesWithHits" >> beam.CoGroupByKey()
-            | "SelectCandidates" >> beam.ParDo(_SelectFn(config, llm=self._llm_spec is not None)).with_outputs(
-                _REJECTED, _PENDING, _REQUESTS, _STATISTICS, main=_KEPT
+            | "SelectCandidates" >> beam.ParDo(_SelectFn(config, llm=self._llm is not None)).with_outputs(
+                _REJECTED, _PENDING, _REQUESTS, TALLIES, main=_KEPT
             )
         )
         kept = [selected[_KEPT]]
         rejected = [keyed[_REJECTED], selected[_REJECTED]]
-        statistics = [keyed[_STATISTICS], selected[_STATISTICS]]
-        if self._llm_spec is not None:
-            answers = selected[_REQUESTS] | "ScoreCandidates" >> CallLLM(
-                self._llm_spec, STAGE, self._cache_dir, self._budget
-            )
+        tallies = [keyed[TALLIES], selected[TALLIES]]
+        if self._llm is not None:
+            called = selected[_REQUESTS] | "ScoreCandidates" >> CallLLM(self._llm, STAGE)
+            answers = called["answers"]
             judged = (
                 {"pending": selected[_PENDING], "judgements": answers | "KeyJudgements" >> beam.Map(_key_judgement)}
                 | "JoinJudgements" >> beam.CoGroupByKey()
-                | "JudgeCandidates" >> beam.ParDo(_JudgeFn(config)).with_outputs(_REJECTED, _STATISTICS, main=_KEPT)
+                | "JudgeCandidates" >> beam.ParDo(_JudgeFn(config)).with_outputs(_REJECTED, TALLIES, main=_KEPT)
             )
             kept.append(judged[_KEPT])
             rejected.append(judged[_REJECTED])
-            statistics.append(judged[_STATISTICS])
+            tallies += [called["tallies"], judged[TALLIES]]
         else:
             answers = pipeline | "NoAnswers" >> beam.Create([])
         return {
             "kept": tuple(kept) | "FlattenKept" >> beam.Flatten(),
             "rejected": tuple(rejected) | "FlattenRejected" >> beam.Flatten(),
             "answers": answers,
-            "statistics": (
-                tuple(statistics) | "FlattenStatistics" >> beam.Flatten() | "SumStatistics" >> beam.CombinePerKey(sum)
-            ),
+            "tallies": sum_tallies(tallies),
         }
+
+
+def _attach_query_embedding(element: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
+    """A graded pair joined with its query's teacher vector; a pair whose query has none is rejected."""
+    _, grouped = element
+    vectors = list(grouped["vectors"])
+    for pair in grouped["pairs"]:
+        if not vectors:
+            yield beam.pvalue.TaggedOutput(_REJECTED, rejected_row(
+                STAGE, "missing_embedding", pair, record_id=pair["pair_id"],
+                detail="the teacher embedding of this query failed (see embed_teacher rejections)"))
+            continue
+        yield {**pair, "query_embedding": vectors[0]}
+
+
+def _passage_rows(element: tuple[str, Mapping[str, list[Any]]]) -> list[dict[str, Any]]:
+    """A passage joined with its teacher vector, as the search takes it; a passage without one is left out."""
+    passage_id, grouped = element
+    return [{"passage_id": passage_id, "text": passage["text"], "embedding": vector}
+            for passage in grouped["passages"] for vector in grouped["vectors"][:1]]
+
+
+class MineNegatives(beam.PTransform):
+    """{"pairs": GRADED_PAIR rows, "passages": PASSAGE rows, "vectors": the run's teacher vectors} -> kept / rejected /
+    answers / tallies.
+
+    Outputs: "kept" TRIPLET rows; "rejected" REJECTED rows; "answers" the LLMAnswers of LLM scoring (empty without
+    it); "tallies" the stage's rows, LLM usage and (("mining", name), count) statistics (names as the Beam
+    counters: hits, dropped.positive, dropped.duplicate_text, dropped.teacher_threshold, dropped.llm_relevant,
+    dropped.llm_failed, dropped.llm_skipped, positive_llm_failed, relabeled, negatives, short_triplets), summed.
+    See the module docstring for the input contract, the sharded search and the LLM decisions. `llm` serves LLM
+    scoring only. `teacher`, the identity of the model that made the vectors, is written to every triplet (unless
+    `config.teacher_model` names it already).
+    """
+
+    def __init__(self, config: MineNegativesConfig, llm: ModelAccess | None = None,
+                 teacher: ModelIdentity | None = None):
+        super().__init__()
+        if teacher is not None and not config.teacher_model:
+            config = replace(config, teacher_model=teacher.tag)
+        if not config.teacher_model:
+            raise ValueError("MineNegatives: config.teacher_model is empty; set it to the teacher embedder's name "
+                             "(it is written to every triplet)")
+        if config.llm_scoring and llm is None:
+            raise ValueError("MineNegatives: llm_scoring=True needs an LLM (or set llm_scoring=False)")
+        if config.query_likelihood and llm is not None and llm.spec.backend == "gemini":
+            raise ValueError("MineNegatives: query_likelihood needs log-probabilities, which the Gemini backend does "
+                             "not give; use backend='local' or set query_likelihood=False")
+        self._config = config
+        self._llm = llm if config.llm_scoring else None
+
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        vectors = inputs["vectors"]
+        entering = inputs["pairs"] | "CountInput" >> CountRows(STAGE, "input")
+        queries = (
+            {
+                "pairs": entering["rows"] | "KeyPairs" >> beam.Map(lambda pair: (pair["pair_id"], pair)),
+                "vectors": vectors | "QueryVectors" >> TeacherVectors(TaskType.RETRIEVAL_QUERY),
+            }
+            | "JoinQueryEmbeddings" >> beam.CoGroupByKey()
+            | "AttachEmbeddings" >> beam.FlatMap(_attach_query_embedding).with_outputs(_REJECTED, main="queries")
+        )
+        passages = (
+            {
+                "passages": inputs["passages"] | "KeyPassages" >> beam.Map(lambda row: (row["passage_id"], row)),
+                "vectors": vectors | "PassageVectors" >> TeacherVectors(TaskType.RETRIEVAL_DOCUMENT),
+            }
+            | "JoinPassageVectors" >> beam.CoGroupByKey()
+            | "PassageRows" >> beam.FlatMap(_passage_rows)
+        )
+        mined = {"queries": queries["queries"], "passages": passages} | "Mine" >> _MineEmbedded(self._config, self._llm)
+        rejected = (queries[_REJECTED], mined["rejected"]) | "AllRejected" >> beam.Flatten()
+        kept = mined["kept"] | "CountKept" >> CountRows(STAGE, "kept")
+        rejected = rejected | "CountRejected" >> CountRows(STAGE, "rejected")
+        tallies = (entering["tallies"], mined["tallies"], kept["tallies"], rejected["tallies"])
+        return {"kept": kept["rows"], "rejected": rejected["rows"], "answers": mined["answers"],
+                "tallies": sum_tallies(tallies, "StageTallies")}

@@ -19,13 +19,13 @@ Output (`expand` returns a dict):
   saved datasets, 0-based as in `dataset[row]`), text truncated to `max_tokens` (then `truncated=True`).
 - `rejected`: REJECTED rows: `missing_id`, `missing_text`, `empty_text`, `invalid_utf8`, `invalid_json`,
   `not_an_object`, `duplicate_id` (every occurrence after the first, ordered by file path then line / row).
-- `rows_read`: one element (the row's `source`) per input row read: the stage's input count for the manifest.
-  Blank JSONL lines are not rows; a text document counts one row per passage it was split into.
 - `sampled_out`: with `sample` set, the unique passages left out by sampling, as PASSAGE rows. Not rejections (nothing
-  is wrong with them); the manifest reports them as the stage's `skipped`, so rows_read = kept + rejected + sampled_out.
+  is wrong with them); the manifest reports them as the stage's `skipped`, so input = kept + rejected + sampled_out.
+- `tallies`: the stage's manifest tallies (pipelines/accounting.py). Its input is every row read: blank JSONL lines
+  are not rows; a text document counts one row per passage it was split into.
 
-Beam counters (namespace `embforge.read_corpus`): `input`, `kept`, `rejected`, `rejected.<reason>`, `truncated` (kept
-passages that were cut to max_tokens) and `sampled_out`.
+Beam counters (namespace `embforge.read_corpus`): `input`, `kept`, `skipped` (sampled out), `rejected`,
+`rejected.<reason>` and `truncated` (kept passages that were cut to max_tokens).
 
 A path that matches no file stops the pipeline at construction (`CorpusError`, from corpus_files.py). Files that exist
 but hold no rows (empty files, empty Parquet shards) give 0 passages without an error: the run's manifest reports the
@@ -45,8 +45,9 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.accounting import TALLIES, CountingDoFn, CountRows, sum_tallies
 from pipelines.json_lines import INVALID_JSON, INVALID_UTF8, JsonLine, json_type_name, read_json_lines
-from pipelines.stages import StageCounters, rejected_row
+from pipelines.stages import rejected_row
 from pipelines.stages.corpus_files import BUILTIN_STDLIB, CorpusFile, CorpusFormat, plan_corpus
 from pipelines.stages.document_splitting import document_title, split_document
 from pipelines.stdlib_corpus import stdlib_records
@@ -341,19 +342,18 @@ def read_corpus_file(corpus_file: CorpusFile, config: ReadCorpusConfig) -> Itera
 # Beam.
 
 
-class _ReadFileFn(beam.DoFn):
-    """CorpusFile -> (passage_id, ((path, index), PASSAGE row)); rejected rows and one `rows_read` source per row."""
+class _ReadFileFn(CountingDoFn):
+    """CorpusFile -> (passage_id, ((path, index), PASSAGE row)) and rejected rows; every row read counts as input
+    (the stage's rows come into being here)."""
 
     def __init__(self, config: ReadCorpusConfig):
+        super().__init__(STAGE)
         self._config = config
-        self._counters = StageCounters(STAGE)
 
     def process(self, corpus_file: CorpusFile) -> Iterator[Any]:
         for index, outcome in enumerate(read_corpus_file(corpus_file, self._config)):
-            self._counters.input.inc()
-            yield beam.pvalue.TaggedOutput("rows_read", outcome.source)
+            self.tally.count("input")
             if outcome.rejected is not None:
-                self._counters.reject(outcome.rejected["reason"])
                 yield beam.pvalue.TaggedOutput("rejected", outcome.rejected)
             else:
                 assert outcome.passage is not None
@@ -362,15 +362,11 @@ class _ReadFileFn(beam.DoFn):
 
 
 class _FirstOccurrenceFn(beam.DoFn):
-    def __init__(self) -> None:
-        self._counters = StageCounters(STAGE)
-
     def process(self, element: tuple[str, Iterable[tuple[Any, dict[str, Any]]]]) -> Iterator[Any]:
         passage_id, occurrences = element
         first, duplicates = split_first_occurrence(passage_id, occurrences)
         yield first
         for duplicate in duplicates:
-            self._counters.reject("duplicate_id")
             yield beam.pvalue.TaggedOutput("rejected", duplicate)
 
 
@@ -380,23 +376,19 @@ class _KeepFn(beam.DoFn):
     def __init__(self, seed: int, sampling: bool):
         self._seed = seed
         self._sampling = sampling
-        self._counters = StageCounters(STAGE)
-        self._truncated = beam.metrics.Metrics.counter(self._counters.namespace, "truncated")
-        self._sampled_out = beam.metrics.Metrics.counter(self._counters.namespace, "sampled_out")
+        self._truncated = beam.metrics.Metrics.counter(f"embforge.{STAGE}", "truncated")
 
     def process(self, row: dict[str, Any], threshold: tuple[int, str] | None = None) -> Iterator[Any]:
         if self._sampling and (threshold is None or sample_key(self._seed, row["passage_id"]) > threshold):
-            self._sampled_out.inc()
             yield beam.pvalue.TaggedOutput("sampled_out", row)
             return
-        self._counters.kept.inc()
         if row["truncated"]:
             self._truncated.inc()
         yield row
 
 
 class ReadCorpus(beam.PTransform):
-    """Root transform: `pipeline | ReadCorpus(config)` -> {"kept", "rejected", "rows_read", "sampled_out"}.
+    """Root transform: `pipeline | ReadCorpus(config)` -> {"kept", "rejected", "sampled_out", "tallies"}.
 
     See the module docstring for formats and outputs. Raises `CorpusError` while being applied when the path matches
     no file.
@@ -414,7 +406,7 @@ class ReadCorpus(beam.PTransform):
             | "Files" >> beam.Create(files)
             # One file per element: spread the files over workers before the (possibly long) reads.
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadFileFn(config)).with_outputs("rejected", "rows_read", main="parsed")
+            | "Read" >> beam.ParDo(_ReadFileFn(config)).with_outputs("rejected", TALLIES, main="parsed")
         )
         unique = (
             read["parsed"]
@@ -436,9 +428,11 @@ class ReadCorpus(beam.PTransform):
             )
             kept = unique["unique"] | "Sample" >> beam.ParDo(
                 keep_fn, threshold=beam.pvalue.AsSingleton(threshold)).with_outputs("sampled_out", main="kept")
-        return {
-            "kept": kept["kept"],
-            "rejected": (read["rejected"], unique["rejected"]) | "Rejected" >> beam.Flatten(),
-            "rows_read": read["rows_read"],
-            "sampled_out": kept["sampled_out"],
+        rejected = (read["rejected"], unique["rejected"]) | "Rejected" >> beam.Flatten()
+        counted = {
+            "kept": kept["kept"] | "CountKept" >> CountRows(STAGE, "kept"),
+            "rejected": rejected | "CountRejected" >> CountRows(STAGE, "rejected"),
+            "sampled_out": kept["sampled_out"] | "CountSkipped" >> CountRows(STAGE, "skipped"),
         }
+        tallies = sum_tallies((read[TALLIES], *(output["tallies"] for output in counted.values())))
+        return {**{name: output["rows"] for name, output in counted.items()}, "tallies": tallies}

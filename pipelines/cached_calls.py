@@ -1,0 +1,202 @@
+"""One cached-call transform for every model a stage calls, in the shape of Beam's RunInference.
+
+A `CallHandler` says how one kind of backend is called (the LLM: pipelines/llm_calls.py; the teacher embedder:
+pipelines/stages/embed_teacher.py): how an item is keyed, answered from a cache entry, priced for the budget, refused,
+and how a batch of misses is sent. `CachedCall` owns everything else, once for both: key -> join with the
+content-addressed cache -> hits answered from it, misses grouped by key (identical items share one call) -> the budget's
+plan (pipelines/budget.py: `RunBudget`) -> fixed-size batches -> one DoFn lifecycle: `setup` builds the client,
+`process` calls a batch of misses and adds their cache entries (written every `flush_every`: what a kill can lose),
+`finish_bundle` flushes the cache writer and the bundle's tallies, `teardown` flushes and closes the client.
+
+Handlers are plain picklable objects: they travel to the workers inside the DoFns; the client is built there.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+
+from pipelines import progress
+from pipelines.accounting import TALLIES, StageTally, sum_tallies
+from pipelines.budget import RunBudget, add_spends
+from pipelines.cache import CacheWriter, SplitByCache
+from pipelines.model_access import ModelIdentity
+
+
+class CallHandler(abc.ABC):
+    """How one kind of backend is called through the cache. Subclasses set the class attributes and implement the
+    methods; `tally` counts the calls' usage into the stage's manifest tallies and Beam counters, from whichever DoFn
+    runs the handler.
+    """
+
+    #: Cache folder kind (pipelines/cache.py).
+    cache_kind: str
+    #: Cache entries buffered before a flush: what a kill can lose.
+    flush_every: int
+    #: Tagged outputs the call emits besides its main output (TALLIES is always there).
+    outputs: tuple[str, ...] = ()
+    #: Where the calls' spend for the budget is read: None for the main output, else one of `outputs`.
+    spend_output: str | None = None
+    #: Whether the run's call limit applies (LLM calls) or only its cost limit (embeddings).
+    counts_calls: bool = True
+
+    def __init__(self, stage: str, identity: ModelIdentity, batch_size: int):
+        self.stage = stage
+        self.identity = identity
+        self.batch_size = batch_size
+        self.tally = StageTally(stage)
+
+    @abc.abstractmethod
+    def key(self, item: Any) -> str:
+        """The item's content address: equal keys share one call and one cache entry."""
+
+    def group(self, items: list[Any]) -> list[Any]:
+        """The items of one key in the order they are answered (the first one is the one called)."""
+        return items
+
+    @abc.abstractmethod
+    def from_cache(self, items: list[Any], entry: dict[str, Any]) -> Iterable[Any]:
+        """Outputs of items answered by a cache entry."""
+
+    @abc.abstractmethod
+    def worst_case_micro_usd(self, items: list[Any]) -> int:
+        """At least what calling one key may cost, for the budget's plan."""
+
+    @abc.abstractmethod
+    def refuse(self, items: list[Any], budget_limits: str) -> Iterable[Any]:
+        """Outputs of items the budget leaves uncalled."""
+
+    @abc.abstractmethod
+    def load_client(self) -> Any:
+        """The backend client (in `setup`, on the worker)."""
+
+    @abc.abstractmethod
+    def call(self, client: Any, batch: list[tuple[str, list[Any]]], cache: CacheWriter) -> Iterable[Any]:
+        """Outputs of a batch of (key, items) misses; adds each success's cache entry to `cache` (failures never)."""
+
+    @abc.abstractmethod
+    def spend(self, output: Any) -> Any:
+        """The `Spend` of one element of the `spend_output` output, or None when it spent nothing."""
+
+    def close_client(self, client: Any) -> None:
+        client.close()
+
+
+class _KeyFn(beam.DoFn):
+    def __init__(self, handler: CallHandler):
+        self._handler = handler
+
+    def process(self, item: Any) -> Iterator[tuple[str, Any]]:
+        yield self._handler.key(item), item
+
+
+class _FromCacheFn(beam.DoFn):
+    def __init__(self, handler: CallHandler):
+        self._handler = handler
+
+    def process(self, hit: tuple[list[Any], dict[str, Any]]) -> Iterator[Any]:
+        items, entry = hit
+        yield from self._handler.from_cache(self._handler.group(items), entry)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._handler.tally.flush()
+
+
+class _CallMissesFn(beam.DoFn):
+    """The one lifecycle of a model call: a client per worker, a batch of misses per call, cache writes per bundle."""
+
+    def __init__(self, handler: CallHandler, cache_dir: str | None, budget_limits: str = ""):
+        self._handler = handler
+        self._cache_dir = cache_dir
+        self._budget_limits = budget_limits
+        self._client: Any = None
+        self._writer: CacheWriter | None = None
+
+    def setup(self) -> None:
+        self._client = self._handler.load_client()
+        self._writer = CacheWriter(self._cache_dir, self._handler.cache_kind, self._handler.flush_every)
+
+    def process(self, batch: list[tuple[str, list[Any]]], allowed_keys: frozenset[str] | None = None) -> Iterator[Any]:
+        assert self._client is not None and self._writer is not None
+        to_call = []
+        for key, items in batch:
+            if allowed_keys is not None and key not in allowed_keys:
+                yield from self._handler.refuse(items, self._budget_limits)
+            else:
+                to_call.append((key, items))
+        if to_call:
+            yield from self._handler.call(self._client, to_call, self._writer)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if self._writer is not None:
+            self._writer.flush()
+        progress.flush()
+        yield from self._handler.tally.flush()
+
+    def teardown(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+        if self._client is not None:
+            self._handler.close_client(self._client)
+            self._client = None
+
+
+class CachedCall(beam.PTransform):
+    """Items -> {"main": one output per item (answers, vectors), each of `handler.outputs`, "tallies": summed}.
+
+    With a `RunBudget`, the misses called are the smallest keys whose worst-case cost fits what the stages applied
+    before this one left (`RunBudget.plan`); the others are refused, and what the calls spent is recorded for the
+    stages after it.
+    """
+
+    def __init__(self, handler: CallHandler, cache_dir: str | None, budget: RunBudget | None = None):
+        super().__init__()
+        self._handler = handler
+        self._cache_dir = cache_dir
+        self._budget = budget
+
+    def expand(self, items):
+        handler = self._handler
+        keyed = items | "Key" >> beam.ParDo(_KeyFn(handler))
+        read_label = f"ReadCache.{handler.stage}"
+        split = keyed | "Cache" >> SplitByCache(self._cache_dir, handler.cache_kind, read_label)
+        hits = split["hits"] | "FromCache" >> beam.ParDo(_FromCacheFn(handler)).with_outputs(TALLIES, main="main")
+        misses = split["misses"] | "Order" >> beam.MapTuple(lambda key, items: (key, handler.group(items)))
+        allowed = None if self._budget is None else beam.pvalue.AsSingleton(self._plan(misses))
+        called = (
+            misses
+            # Fixed-size batches from the start, not BatchElements' ramp from 1: the handler's size is what its
+            # backend takes at once (see each handler), and the last batch of a bundle may be smaller.
+            | "Batch" >> beam.BatchElements(min_batch_size=handler.batch_size, max_batch_size=handler.batch_size)
+            | "Call" >> beam.ParDo(
+                _CallMissesFn(handler, self._cache_dir, self._budget.describe() if self._budget else ""),
+                allowed).with_outputs(TALLIES, *handler.outputs, main="main")
+        )
+        if self._budget is not None:
+            self._record_spend(called[handler.spend_output or "main"])
+        outputs = {tag: called[tag] for tag in handler.outputs}
+        return {
+            **outputs,
+            "main": (hits["main"], called["main"]) | "Outputs" >> beam.Flatten(),
+            "tallies": sum_tallies((hits[TALLIES], called[TALLIES]), "SumCallTallies"),
+        }
+
+    def _plan(self, misses):
+        """The set of miss keys this stage may call, once the earlier stages' spending is known."""
+        handler = self._handler
+        candidates = misses | "WorstCase" >> beam.MapTuple(
+            lambda key, items: (key, handler.worst_case_micro_usd(items)))
+        return self._budget.plan(candidates, counts_calls=handler.counts_calls)
+
+    def _record_spend(self, spending) -> None:
+        handler = self._handler
+        spent_here = (
+            spending
+            | "Spent" >> beam.Map(handler.spend)
+            | "Paid" >> beam.Filter(lambda spend: spend is not None)
+            | "StageSpend" >> beam.CombineGlobally(add_spends)
+        )
+        self._budget.record(spent_here)

@@ -1,0 +1,512 @@
+"""Exact top-k inner-product search over a corpus sharded across workers: the search, not a stage.
+
+MineNegatives (hard negatives) and GradeRelevance (the round-trip check) both search the teacher's vectors with it, so
+it lives outside both. Exact, not HNSW/IVF: their recall depends on the data, and a missed neighbour is a silently
+easier negative; the exact search is also what makes sharded and unsharded runs identical. Scores are recomputed
+exactly (see `search_shard_rows`), and ties are broken by passage_id, so the top-k does not depend on how the corpus
+was sharded.
+
+How the sharded search runs in Beam (the index must not have to fit one worker):
+
+- Passages and queries are first gathered into blocks of up to 2,048 rows (ids, texts or looked-up positive ids, one
+  float32 byte string of vectors), fused with the step that produced them: from there on the search moves a few large
+  elements, not one per passage and per query. Beam's per-element cost (coding, bookkeeping) of 384-d vectors was most
+  of the stage's time on one machine before; faiss is now.
+- The corpus size is counted (from the block sizes), and `num_shards = ceil(size / shard_size)`. A passage goes to
+  shard `stable_hash("shard", passage_id) % num_shards`: no global ordering is needed, and at the scale where sharding
+  matters hash shards are within a fraction of a percent of `shard_size` (1M ± ~1k). Blocks are split by shard.
+- Queries are split into `query_groups` groups by a stable hash of pair_id. The search unit is a (shard, query group)
+  key: every passage is sent once per query group and every query vector once per shard, then one GroupByKey puts a
+  shard's passages and a group's queries on the same worker, which builds the shard's index and searches the group's
+  queries in batches of `query_batch_size`.
+- Passages enter the search with their texts (and the search hands out hits with them, plus their vectors when
+  `keep_embeddings`), and a query that carries no positive_embedding asks for its positive's vector, which the shard
+  holding it returns: no join of hits with the corpus afterwards (that join shuffled k hits per query, one element
+  each, and the whole corpus once more).
+- Tradeoffs, for a corpus of P passages of T bytes of text and Q queries of dimension d: the search shuffles
+  `(4d + T) * P * query_groups + 4d * Q * num_shards` bytes; a worker holds one shard (`(4d + T) * shard_size`) plus
+  one group's query vectors (`4d * Q / query_groups`); parallelism is `num_shards * query_groups`. Larger shards mean
+  fewer query copies but more memory per worker; more query groups mean more parallelism and smaller query buffers at
+  the cost of more corpus copies. 10M passages x 768 dims with the default 1M shards: 10 shards of ~3 GB of vectors
+  (plus ~1 GB of text at 1 kB a passage), each query vector sent 10 times. The alternatives are worse: queries as a
+  side input broadcast all of them to every worker, and the index as a side input needs the whole corpus on every
+  worker.
+- Each (shard, group) emits, per query, its shard's top-k (`SearchShards`); the caller merges them per query
+  (`merge_topk` order, ties by passage_id): `ShardedTopK` with a `CombinePerKey`, MineNegatives in its one join with
+  the query rows, keyed by pair_id (`merge_shard_hits`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import faiss
+import numpy as np
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipelines.text_matching import stable_hash
+
+#: Faiss fetches this many hits beyond k at first, so scores near the k-th rarely need a second, larger search.
+_TIE_SLACK = 8
+#: Queries rescored together: bounds the float64 gather to 64 x fetch x d (about 16 MB at fetch 40, d 768).
+_RESCORE_BLOCK = 64
+#: Queries per faiss search call (see MineNegativesConfig.query_batch_size).
+DEFAULT_QUERY_BATCH_SIZE = 16_384
+#: Rows per block through the search shuffle: few elements for Beam to handle, and 2,048 x 768 float32 (6 MB) stays
+#: small next to a shard.
+_BLOCK_ROWS = 2048
+
+_PASSAGE_TAG = "p"
+_QUERY_TAG = "q"
+
+#: A hit as `SearchShards` emits it: (passage_id, text or None, exact score, float32 embedding bytes or None).
+ShardHit = tuple[str, "str | None", float, "bytes | None"]
+
+# --- Vectors and exact scores -----------------------------------------------------------------------------------------
+
+
+def pack_vector(vector: Sequence[float] | np.ndarray) -> bytes:
+    """A vector as float32 bytes: 4 bytes a component through shuffles instead of ~9 for pickled Python floats."""
+    return np.asarray(vector, dtype=np.float32).tobytes()
+
+
+def unpack_vector(blob: bytes) -> list[float]:
+    return np.frombuffer(blob, dtype=np.float32).tolist()
+
+
+def exact_scores(queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
+    """Inner products of float32 vectors, computed so the value of a pair never depends on what it is batched with.
+
+    Products of two float32 are exact in float64, and numpy sums each row along its contiguous last axis in the same
+    pairwise order whatever the other rows are. faiss's own float32 scores vary in the last bits with the batch shape
+    (BLAS or SIMD path, blocking), which would let shard boundaries change the order of near-ties.
+    `queries` (..., d) broadcasts against `passages` (..., d).
+    """
+    return (np.asarray(passages, dtype=np.float64) * np.asarray(queries, dtype=np.float64)).sum(axis=-1)
+
+
+def teacher_score(query_embedding: Sequence[float], passage_embedding: Sequence[float]) -> float:
+    """The teacher's score of one pair, bit-identical to the score the search gives the same two vectors."""
+    query = np.asarray(query_embedding, dtype=np.float32)
+    passage = np.asarray(passage_embedding, dtype=np.float32)
+    if query.shape != passage.shape:
+        raise ValueError(f"embedding dimensions differ: {query.shape[0]} vs {passage.shape[0]}")
+    return float(exact_scores(query, passage))
+
+
+def num_shards_for(corpus_size: int, shard_size: int) -> int:
+    return max(1, math.ceil(corpus_size / shard_size))
+
+
+# --- Search -----------------------------------------------------------------------------------------------------------
+
+
+class Hit(NamedTuple):
+    passage_id: str
+    score: float
+
+
+def hit_order(hit: Hit) -> tuple[float, str]:
+    """Hardest first; equal scores by passage_id, so every sharding of the corpus gives the same order."""
+    return (-hit.score, hit.passage_id)
+
+
+class ShardIndex:
+    """One shard of the corpus: an exact inner-product faiss index, the passage ids (and texts, when the search hands
+    them out with its hits) by row, the largest vector norm."""
+
+    def __init__(self, dimension: int):
+        self.index = faiss.IndexFlatIP(dimension)
+        self.passage_ids: list[str] = []
+        self.texts: list[str] = []
+        self.max_norm = 0.0
+
+    @property
+    def dimension(self) -> int:
+        return self.index.d
+
+    @property
+    def size(self) -> int:
+        return len(self.passage_ids)
+
+    def add(self, passage_ids: Sequence[str], vectors: np.ndarray, texts: Sequence[str] | None = None) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape != (len(passage_ids), self.dimension):
+            raise ValueError(f"expected {len(passage_ids)} passage vectors of dimension {self.dimension}, "
+                             f"got shape {vectors.shape}")
+        if texts is not None and len(texts) != len(passage_ids):
+            raise ValueError(f"expected {len(passage_ids)} passage texts, got {len(texts)}")
+        if self.size and (texts is not None) != (len(self.texts) == self.size):
+            raise ValueError("ShardIndex.add: give texts with every batch of passages or with none")
+        if not len(passage_ids):
+            return
+        self.index.add(vectors)
+        self.passage_ids.extend(passage_ids)
+        if texts is not None:
+            self.texts.extend(texts)
+        self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max()))
+
+    def vectors(self) -> np.ndarray:
+        """The stored vectors, (size, dimension), read in place (no copy): valid until the next `add`."""
+        if self.size == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        stored = faiss.rev_swig_ptr(self.index.get_xb(), self.size * self.dimension)
+        return stored.reshape(self.size, self.dimension)
+
+
+def build_shard_index(passage_ids: Sequence[str], vectors: np.ndarray) -> ShardIndex:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    shard = ShardIndex(vectors.shape[1])
+    shard.add(passage_ids, vectors)
+    return shard
+
+
+def search_shard_rows(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query within one shard, as shard rows and exact scores, both (queries, min(k, size)),
+    hardest first, ties by passage_id.
+
+    faiss ranks in float32; the hits are then rescored exactly (`exact_scores`) and re-sorted. To be sure no passage
+    faiss left out belongs in the exact top-k, faiss fetches more than k and the result is accepted only when the k-th
+    exact score beats the last fetched faiss score by more than float32's error bound (d * eps * |q| * max|p|);
+    otherwise that query is searched again with twice the fetch, up to the whole shard. Sorting is vectorized; only a
+    query with two equal exact scores among its top k + 1 is re-sorted in Python, to break the tie by passage_id.
+    """
+    queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != shard.dimension:
+        raise ValueError(f"query vectors have shape {queries.shape}, the shard index has dimension {shard.dimension}: "
+                         "queries and passages must come from the same teacher at the same dimension")
+    size = shard.size
+    keep = min(k, size)
+    found_rows = np.zeros((len(queries), keep), dtype=np.int64)
+    found_scores = np.zeros((len(queries), keep), dtype=np.float64)
+    if keep == 0 or len(queries) == 0:
+        return found_rows, found_scores
+    stored = shard.vectors()
+    # Bound on |faiss float32 score - exact score|: d * u * |q| * |p| with u = eps / 2; eps doubles it for safety.
+    tolerance = queries.shape[1] * float(np.finfo(np.float32).eps) * np.linalg.norm(queries, axis=1) * shard.max_norm
+    pending = np.arange(len(queries))
+    fetch = min(size, k + _TIE_SLACK)
+    while pending.size:
+        faiss_scores, fetched = shard.index.search(queries[pending], fetch)
+        unsettled: list[np.ndarray] = []
+        for start in range(0, len(pending), _RESCORE_BLOCK):
+            block = pending[start:start + _RESCORE_BLOCK]
+            block_rows = fetched[start:start + _RESCORE_BLOCK]
+            scores = exact_scores(queries[block][:, None, :], stored[block_rows])
+            order = np.argsort(-scores, axis=1, kind="stable")
+            head = np.take_along_axis(scores, order[:, :keep + 1], axis=1)
+            for tied in np.flatnonzero((head[:, 1:] == head[:, :-1]).any(axis=1)):
+                row_scores, rows = scores[tied], block_rows[tied]
+                order[tied] = sorted(range(fetch), key=lambda j: (-row_scores[j], shard.passage_ids[rows[j]]))
+            top = order[:, :keep]
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            settled = top_scores[:, -1] > faiss_scores[start:start + _RESCORE_BLOCK, -1] + tolerance[block]
+            if fetch >= size:
+                settled[:] = True
+            found_rows[block[settled]] = np.take_along_axis(block_rows[settled], top[settled], axis=1)
+            found_scores[block[settled]] = top_scores[settled]
+            unsettled.append(block[~settled])
+        pending = np.concatenate(unsettled)
+        fetch = min(size, fetch * 2)
+    return found_rows, found_scores
+
+
+def search_shard(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    """Exact top-k of each query within one shard, hardest first, ties by passage_id (see `search_shard_rows`)."""
+    rows, scores = search_shard_rows(shard, query_vectors, k)
+    ids = shard.passage_ids
+    return [
+        [Hit(ids[row], score) for row, score in zip(query_rows, query_scores, strict=True)]
+        for query_rows, query_scores in zip(rows.tolist(), scores.tolist(), strict=True)
+    ]
+
+
+def merge_topk(hit_lists: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
+    """The global top-k from per-shard top-k lists: a bounded heap, same order and tie-breaking as `search_shard`."""
+    return heapq.nsmallest(k, (Hit(*hit) for hit in itertools.chain.from_iterable(hit_lists)), key=hit_order)
+
+
+# --- Beam -------------------------------------------------------------------------------------------------------------
+
+def _as_vector_bytes(vector: bytes | Sequence[float] | np.ndarray) -> bytes:
+    return vector if isinstance(vector, bytes) else pack_vector(vector)
+
+
+def _vector_block(item_ids: Sequence[str], vectors: Sequence[bytes | Sequence[float] | np.ndarray], kind: str) -> bytes:
+    """A block's vectors as float32 bytes, row after row (converted together: one numpy call for the block)."""
+    try:
+        matrix = np.asarray(
+            [np.frombuffer(vector, dtype=np.float32) if isinstance(vector, bytes) else vector for vector in vectors],
+            dtype=np.float32,
+        )
+    except ValueError:  # ragged: at least two dimensions
+        matrix = None
+    if matrix is None or matrix.ndim != 2:
+        dimensions = [len(_as_vector_bytes(vector)) // 4 for vector in vectors]
+        other = next(index for index, dimension in enumerate(dimensions) if dimension != dimensions[0])
+        raise ValueError(f"{kind} {item_ids[other]!r} has dimension {dimensions[other]}, {kind} {item_ids[0]!r} "
+                         f"{dimensions[0]}: embed queries and passages with the same teacher and dimension")
+    return matrix.tobytes()
+
+
+class _BlockFn(beam.DoFn):
+    """Search items (id, vector, extra) -> blocks (ids, extras or None when all are None, float32 vector bytes) of up to
+    `_BLOCK_ROWS` rows, per window. Extras are passage texts, or the positive passage_ids queries ask the search for.
+
+    Blocking comes first, fused with whatever produced the items: from there on the search moves a few large elements
+    instead of one per passage and per query (Beam's per-element cost, coding included, was most of the stage's time,
+    not faiss). A block never waits beyond its bundle (finish_bundle flushes), so blocks are smaller where bundles are.
+    """
+
+    def __init__(self, kind: str):
+        self._kind = kind
+
+    def start_bundle(self) -> None:
+        self._buffers: dict[Any, list[tuple[str, Any, Any]]] = {}
+
+    def process(self, item: tuple[str, Any, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        buffer = self._buffers.setdefault(window, [])
+        buffer.append(item)
+        if len(buffer) >= _BLOCK_ROWS:
+            del self._buffers[window]
+            yield self._block(buffer)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for window, buffer in self._buffers.items():
+            yield WindowedValue(self._block(buffer), window.max_timestamp(), (window,))
+        self._buffers = {}
+
+    def _block(self, items: list[tuple[str, Any, Any]]) -> tuple[list[str], list[Any] | None, bytes]:
+        ids = [item[0] for item in items]
+        extras = [item[2] for item in items]
+        vectors = _vector_block(ids, [item[1] for item in items], self._kind)
+        return ids, None if all(extra is None for extra in extras) else extras, vectors
+
+
+def _split_block(block: tuple[list[str], list[Any] | None, bytes], destinations: list[int]) -> Iterator[Any]:
+    """(destination, sub-block) for each destination that rows of the block go to."""
+    ids, extras, blob = block
+    if len(set(destinations)) == 1:
+        yield destinations[0], block
+        return
+    vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), -1)
+    rows_by_destination: dict[int, list[int]] = {}
+    for row, destination in enumerate(destinations):
+        rows_by_destination.setdefault(destination, []).append(row)
+    for destination, rows in sorted(rows_by_destination.items()):
+        sub_extras = None if extras is None else [extras[row] for row in rows]
+        yield destination, ([ids[row] for row in rows], sub_extras, vectors[rows].tobytes())
+
+
+def _route_passages(block: Any, num_shards: int, query_groups: int) -> Iterator[tuple[tuple[int, int], Any]]:
+    """A passage block's rows go to their shards, once per query group: ((shard, group), ("p", ids, texts, vectors))."""
+    ids = block[0]
+    # No global ordering needed: a stable hash spreads passages over shards the same way in every run.
+    shards = (
+        [0] * len(ids) if num_shards == 1 else [stable_hash("shard", passage_id) % num_shards for passage_id in ids]
+    )
+    for shard, sub_block in _split_block(block, shards):
+        for group in range(query_groups):
+            yield (shard, group), (_PASSAGE_TAG, *sub_block)
+
+
+def _route_queries(block: Any, num_shards: int, query_groups: int) -> Iterator[tuple[tuple[int, int], Any]]:
+    """A query block's rows go to their query groups, once per shard: ((shard, group), ("q", ids, lookups, vectors))."""
+    ids = block[0]
+    groups = [0] * len(ids) if query_groups == 1 else [stable_hash("query-group", qid) % query_groups for qid in ids]
+    for group, sub_block in _split_block(block, groups):
+        for shard in range(num_shards):
+            yield (shard, group), (_QUERY_TAG, *sub_block)
+
+
+def _block_size(block: tuple[list[str], Any, bytes]) -> int:
+    return len(block[0])
+
+
+class _SearchShardFn(beam.DoFn):
+    """One (shard, query group): builds the shard's index from its passage blocks, searches the group's query blocks.
+
+    Emits, per query, (query_id, (hits, positive_vector)): the shard's top-k as (passage_id, text, score, embedding)
+    tuples, hardest first (text None when the passages came without; embedding the float32 bytes with
+    `keep_embeddings`, else None), and the vector of the query's positive when the query asked for it and the shard
+    holds it (else None). Plain tuples, not Hit or Candidate: Beam codes them without pickling.
+    """
+
+    def __init__(self, k: int, query_batch_size: int, faiss_threads: int | None, keep_embeddings: bool = False,
+                 stage: str = "search"):
+        self._k = k
+        self._query_batch_size = query_batch_size
+        self._faiss_threads = faiss_threads
+        self._keep_embeddings = keep_embeddings
+        self._searched = beam.metrics.Metrics.counter(f"embforge.{stage}", "shard_searches")
+
+    def setup(self) -> None:
+        if self._faiss_threads is not None:
+            faiss.omp_set_num_threads(self._faiss_threads)
+
+    def process(self, element: tuple[tuple[int, int], Iterable[tuple[Any, ...]]]) -> Iterator[Any]:
+        _, blocks = element
+        shard: ShardIndex | None = None
+        query_blocks = []
+        # A GroupByKey gives no order: passages go into the index as they come, queries wait for the whole shard.
+        for block in blocks:
+            if block[0] == _QUERY_TAG:
+                query_blocks.append(block)
+                continue
+            _, passage_ids, texts, blob = block
+            vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(passage_ids), -1)
+            if shard is None:
+                shard = ShardIndex(vectors.shape[1])
+            shard.add(passage_ids, vectors, texts)
+        if shard is None or not query_blocks:
+            return
+        self._searched.inc()
+        stored = shard.vectors()
+        positive_rows = self._positive_rows(shard, query_blocks)
+        texts = shard.texts or None
+        for _, query_ids, lookups, blob in query_blocks:
+            lookups = lookups or [None] * len(query_ids)
+            queries = np.frombuffer(blob, dtype=np.float32).reshape(len(query_ids), -1)
+            if queries.shape[1] != shard.dimension:
+                raise ValueError(f"query {query_ids[0]!r} has dimension {queries.shape[1]}, the passages "
+                                 f"{shard.dimension}: embed queries and passages with the same teacher and dimension")
+            for start in range(0, len(query_ids), self._query_batch_size):
+                rows, scores = search_shard_rows(shard, queries[start:start + self._query_batch_size], self._k)
+                for offset, (query_rows, query_scores) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True)):
+                    hits = [
+                        (shard.passage_ids[row], texts[row] if texts else None, score,
+                         stored[row].tobytes() if self._keep_embeddings else None)
+                        for row, score in zip(query_rows, query_scores, strict=True)
+                    ]
+                    positive_row = positive_rows.get(lookups[start + offset])
+                    positive = None if positive_row is None else stored[positive_row].tobytes()
+                    yield query_ids[start + offset], (hits, positive)
+
+    @staticmethod
+    def _positive_rows(shard: ShardIndex, query_blocks: list[tuple[Any, ...]]) -> dict[str | None, int]:
+        """Shard row of every positive a query of the group asked for and this shard holds."""
+        wanted = {passage_id for block in query_blocks for passage_id in block[2] or () if passage_id is not None}
+        if not wanted:
+            return {}
+        # passage_ids are unique by contract; a duplicate id resolves to its first copy in this shard.
+        rows: dict[str | None, int] = {}
+        for row, passage_id in enumerate(shard.passage_ids):
+            if passage_id in wanted and passage_id not in rows:
+                rows[passage_id] = row
+        return rows
+
+
+def merge_shard_hits(hit_lists: Sequence[list[ShardHit]], k: int) -> list[ShardHit]:
+    """The global top-k of per-shard hits, ordered as `merge_topk` orders them."""
+    if len(hit_lists) == 1:
+        return hit_lists[0]
+    return heapq.nsmallest(k, itertools.chain.from_iterable(hit_lists), key=lambda hit: (-hit[2], hit[0]))
+
+
+class _TopHitsFn(beam.CombineFn):
+    """Per query: the global top-k (as Hits) of the per-shard results of `_SearchShardFn`."""
+
+    def __init__(self, k: int):
+        self._k = k
+
+    def create_accumulator(self) -> list[Hit]:
+        return []
+
+    def add_input(self, accumulator: list[Hit], shard_result: tuple[list[ShardHit], bytes | None]) -> list[Hit]:
+        hits, _ = shard_result
+        return merge_topk([accumulator, ((passage_id, score) for passage_id, _, score, _ in hits)], self._k)
+
+    def merge_accumulators(self, accumulators: Iterable[list[Hit]]) -> list[Hit]:
+        return merge_topk(accumulators, self._k)
+
+    def extract_output(self, accumulator: list[Hit]) -> list[Hit]:
+        return accumulator
+
+
+def _bare_search_item(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, bytes | Sequence[float], None]:
+    """An (id, vector) pair as a search item with nothing attached: no passage text, no positive to look up."""
+    item_id, vector = item
+    return item_id, vector, None
+
+
+class SearchShards(beam.PTransform):
+    """{"queries": (query_id, vector, positive passage_id | None), "passages": (passage_id, vector, text | None)} ->
+    (query_id, (hits, positive_vector)), once per query and shard (see `_SearchShardFn`).
+
+    Gathers passages and queries into blocks, counts the corpus for `num_shards`, routes the blocks' rows to their
+    (shard, query group) pairs, pairs every shard with every query group in one GroupByKey, and searches each pair.
+    Merging the per-shard results is left to the caller, so MineNegatives can do it in the join with its query rows.
+    `stage` names the Beam metrics namespace of the searches (`embforge.<stage>`, counter `shard_searches`).
+    """
+
+    def __init__(self, k: int, shard_size: int, query_groups: int, query_batch_size: int, faiss_threads: int | None,
+                 *, keep_embeddings: bool = False, stage: str = "search"):
+        super().__init__()
+        self._stage = stage
+        self._k = k
+        self._shard_size = shard_size
+        self._query_groups = query_groups
+        self._query_batch_size = query_batch_size
+        self._faiss_threads = faiss_threads
+        self._keep_embeddings = keep_embeddings
+
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
+        passage_blocks = inputs["passages"] | "BlockPassages" >> beam.ParDo(_BlockFn("passage"))
+        query_blocks = inputs["queries"] | "BlockQueries" >> beam.ParDo(_BlockFn("query"))
+        num_shards = beam.pvalue.AsSingleton(
+            passage_blocks
+            | "BlockSizes" >> beam.Map(_block_size)
+            | "CountPassages" >> beam.CombineGlobally(sum)
+            | "NumShards" >> beam.Map(num_shards_for, self._shard_size)
+        )
+        routed_passages = passage_blocks | "RoutePassages" >> beam.FlatMap(
+            _route_passages, num_shards, self._query_groups)
+        routed_queries = query_blocks | "RouteQueries" >> beam.FlatMap(_route_queries, num_shards, self._query_groups)
+        return (
+            (routed_passages, routed_queries)
+            | "UnionForSearch" >> beam.Flatten()
+            | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
+            | "SearchShards" >> beam.ParDo(_SearchShardFn(
+                self._k, self._query_batch_size, self._faiss_threads, self._keep_embeddings, self._stage))
+        )
+
+
+class ShardedTopK(beam.PTransform):
+    """{"queries": (query_id, vector), "passages": (passage_id, vector)} -> (query_id, [Hit(passage_id, score)]).
+
+    Exact inner-product top-k over a corpus sharded into `ceil(size / shard_size)` shards, hardest first, ties by
+    passage_id: the result does not depend on `shard_size` or `query_groups` (see the module docstring for how the
+    shards and query groups are paired, and the tradeoffs). Vectors are float lists, numpy arrays or `pack_vector`
+    bytes. A query with no passage at all gets no output row. The round-trip relevance check uses it; MineNegatives
+    runs the same search and merges the shards' results in its join with the query rows instead.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        shard_size: int,
+        *,
+        query_groups: int = 1,
+        query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE,
+        faiss_threads: int | None = None,
+        stage: str = "search",
+    ):
+        super().__init__()
+        if k < 1 or shard_size < 1 or query_groups < 1 or query_batch_size < 1:
+            raise ValueError(f"ShardedTopK: k, shard_size, query_groups and query_batch_size must be >= 1, got "
+                             f"{k}, {shard_size}, {query_groups}, {query_batch_size}")
+        self._k = k
+        self._search = SearchShards(k, shard_size, query_groups, query_batch_size, faiss_threads, stage=stage)
+
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
+        items = {
+            "queries": inputs["queries"] | "QueryItems" >> beam.Map(_bare_search_item),
+            "passages": inputs["passages"] | "PassageItems" >> beam.Map(_bare_search_item),
+        }
+        return items | "Search" >> self._search | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(self._k))
+

@@ -1,0 +1,220 @@
+"""The sharded exact search: pure functions, the block and search DoFns called directly, the PTransform on TestPipeline
+(sharded == unsharded == brute force)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import GlobalWindow
+
+from pipelines.sharded_search import (
+    Hit,
+    ShardedTopK,
+    _BlockFn,
+    _route_passages,
+    _route_queries,
+    _SearchShardFn,
+    build_shard_index,
+    exact_scores,
+    merge_shard_hits,
+    merge_topk,
+    num_shards_for,
+    pack_vector,
+    search_shard,
+    teacher_score,
+    unpack_vector,
+)
+from pipelines.text_matching import stable_hash
+
+
+def normalized_vectors(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def brute_force_top_k(passage_ids: list[str], vectors: np.ndarray, query: np.ndarray, k: int) -> list[Hit]:
+    """Reference top-k: every exact score, sorted by (score desc, passage_id)."""
+    scores = (vectors.astype(np.float64) * query.astype(np.float64)).sum(axis=1)
+    hits = (Hit(pid, float(score)) for score, pid in zip(scores, passage_ids, strict=True))
+    return sorted(hits, key=lambda hit: (-hit.score, hit.passage_id))[:k]
+
+
+
+def test_exact_scores_do_not_depend_on_what_a_pair_is_batched_with() -> None:
+    rng = np.random.default_rng(0)
+    passages, query = normalized_vectors(rng, 200, 33), normalized_vectors(rng, 1, 33)[0]
+    whole = exact_scores(query, passages)
+    assert np.array_equal(exact_scores(query, passages[17:18]), whole[17:18])
+    picked = rng.integers(0, 200, size=(4, 9))
+    assert np.array_equal(exact_scores(query[None, None, :], passages[picked]), whole[picked])
+    assert teacher_score(query.tolist(), passages[5].tolist()) == whole[5]
+
+
+def test_search_shard_matches_brute_force_even_when_ties_outnumber_the_fetch() -> None:
+    rng = np.random.default_rng(1)
+    vectors = normalized_vectors(rng, 300, 16)
+    queries = normalized_vectors(rng, 5, 16)
+    # 40 identical copies of the first query's nearest passage: more tied hits than k + slack, so faiss must refetch.
+    vectors[100:140] = queries[0]
+    ids = [f"p{index:04d}" for index in rng.permutation(300)]
+    shard = build_shard_index(ids, vectors)
+    for query, hits in zip(queries, search_shard(shard, queries, k=10), strict=True):
+        assert hits == brute_force_top_k(ids, vectors, query, 10)
+    # The tie is broken by passage_id, not by whichever copies faiss happened to return.
+    tied = sorted(ids[100:140])[:10]
+    assert [hit.passage_id for hit in search_shard(shard, queries[:1], k=10)[0]] == tied
+
+
+def test_merged_shard_top_ks_equal_the_global_top_k_including_ties() -> None:
+    rng = np.random.default_rng(2)
+    vectors = normalized_vectors(rng, 500, 16)
+    queries = normalized_vectors(rng, 20, 16)
+    vectors[200:230] = vectors[7]  # exact ties spread over every shard
+    ids = [f"p{index:04d}" for index in range(500)]
+    k = 12
+    unsharded = search_shard(build_shard_index(ids, vectors), queries, k)
+    shard_of = rng.integers(0, 7, size=500)
+    per_shard = []
+    for shard in range(7):
+        rows = np.flatnonzero(shard_of == shard)
+        per_shard.append(search_shard(build_shard_index([ids[r] for r in rows], vectors[rows]), queries, k))
+    for query_index, query in enumerate(queries):
+        merged = merge_topk([results[query_index] for results in per_shard], k)
+        assert merged == unsharded[query_index] == brute_force_top_k(ids, vectors, query, k)
+
+
+def test_merge_topk_is_bounded_and_orders_ties_by_passage_id() -> None:
+    merged = merge_topk([[Hit("b", 0.5), Hit("z", 0.2)], [Hit("a", 0.5), Hit("c", 0.9)], []], k=3)
+    assert merged == [Hit("c", 0.9), Hit("a", 0.5), Hit("b", 0.5)]
+    assert merge_topk([], k=3) == []
+
+
+@pytest.mark.slow
+def test_sharded_top_k_transform_equalsbrute_force_top_k() -> None:
+    rng = np.random.default_rng(4)
+    vectors, queries = normalized_vectors(rng, 300, 8), normalized_vectors(rng, 12, 8)
+    ids = [f"p{index:03d}" for index in range(300)]
+    expected = [(f"q{i}", brute_force_top_k(ids, vectors, query, 6)) for i, query in enumerate(queries)]
+    with TestPipeline() as pipeline:
+        hits = {
+            "queries": pipeline | "Queries" >> beam.Create([(f"q{i}", q.tolist()) for i, q in enumerate(queries)]),
+            "passages": pipeline | "Passages" >> beam.Create(
+                [(pid, pack_vector(v)) for pid, v in zip(ids, vectors, strict=True)]
+            ),
+        } | ShardedTopK(6, shard_size=7, query_groups=2, faiss_threads=1)
+        assert_that(hits, equal_to(expected))
+
+
+def test_search_dofn_builds_the_shard_from_its_passage_blocks_and_searches_its_query_blocks() -> None:
+    rng = np.random.default_rng(3)
+    vectors = normalized_vectors(rng, 50, 8)
+    queries = normalized_vectors(rng, 3, 8)
+    ids = [f"p{index:02d}" for index in range(50)]
+    texts = [f"text of {pid}" for pid in ids]
+    # A GroupByKey gives no order: a query block may come before the passage blocks it must be searched against.
+    blocks = [
+        ("q", ["pair0"], ["p07"], queries[:1].tobytes()),
+        ("p", ids[:20], texts[:20], vectors[:20].tobytes()),
+        ("q", ["pair1", "pair2"], [None, "not-here"], queries[1:].tobytes()),
+        ("p", ids[20:], texts[20:], vectors[20:].tobytes()),
+    ]
+    fn = _SearchShardFn(k=5, query_batch_size=2, faiss_threads=1, keep_embeddings=True)
+    fn.setup()
+    output = dict(fn.process(((0, 0), blocks)))
+    assert sorted(output) == ["pair0", "pair1", "pair2"]
+    for index, query in enumerate(queries):
+        hits, _ = output[f"pair{index}"]
+        assert [Hit(passage_id, score) for passage_id, _, score, _ in hits] == brute_force_top_k(ids, vectors, query, 5)
+        for passage_id, text, _, embedding in hits:
+            assert text == f"text of {passage_id}"
+            assert embedding == pack_vector(vectors[ids.index(passage_id)])
+    # The positive's vector comes back from the shard that holds it, and only when the query asked for it.
+    assert [output[pair][1] for pair in ("pair0", "pair1", "pair2")] == [pack_vector(vectors[7]), None, None]
+    assert list(fn.process(((1, 0), blocks[:1]))) == []  # a shard without passages
+
+
+def _blocks(items: list[tuple[str, list[float], Any]], kind: str) -> list[Any]:
+    """What `_BlockFn` makes of items arriving in one bundle."""
+    blocker = _BlockFn(kind)
+    blocker.start_bundle()
+    blocks = [block for item in items for block in blocker.process(item, GlobalWindow())]
+    return blocks + [value.value for value in blocker.finish_bundle()]
+
+
+def test_blocks_go_to_their_shards_once_per_query_group_and_queries_to_every_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pipelines.sharded_search._BLOCK_ROWS", 3)
+    items = [(f"p{index}", [float(index), 1.0], f"text {index}") for index in range(10)]
+    blocks = _blocks(items, "passage")
+    assert [len(ids) for ids, _, _ in blocks] == [3, 3, 3, 1]
+    received: dict[int, list[tuple[str, list[float], str]]] = {0: [], 1: []}
+    for block in blocks:
+        for (shard, group), (tag, ids, texts, blob) in _route_passages(block, 4, 2):
+            assert tag == "p"
+            assert {stable_hash("shard", passage_id) % 4 for passage_id in ids} == {shard}
+            vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), 2).tolist()
+            received[group].extend(zip(ids, vectors, texts, strict=True))
+    assert sorted(received[0]) == sorted(received[1]) == sorted(items)
+
+    per_shard: dict[tuple[int, int], list[str]] = {}
+    for block in _blocks([(f"q{index}", [0.0, 1.0], None) for index in range(4)], "query"):
+        for destination, (tag, ids, lookups, _) in _route_queries(block, 3, 1):
+            assert tag == "q" and lookups is None  # no query asked for its positive's vector
+            per_shard.setdefault(destination, []).extend(ids)
+    assert per_shard == {(shard, 0): ["q0", "q1", "q2", "q3"] for shard in range(3)}
+
+
+def test_a_block_of_vectors_of_different_dimensions_names_the_odd_one() -> None:
+    with pytest.raises(ValueError, match="passage 'b' has dimension 3, passage 'a' 2"):
+        _blocks([("a", [1.0, 0.0], None), ("b", [1.0, 0.0, 0.0], None)], "passage")
+
+
+
+
+def test_vectors_pack_to_float32_bytes_and_back() -> None:
+    blob = pack_vector([0.5, -1.0, 2.0])
+    assert len(blob) == 12
+    assert unpack_vector(blob) == [0.5, -1.0, 2.0]
+
+
+@pytest.mark.parametrize(("corpus_size", "shard_size", "shards"), [(0, 10, 1), (10, 10, 1), (11, 10, 2), (5, 1, 5)])
+def test_num_shards_covers_the_corpus_with_at_least_one_shard(corpus_size: int, shard_size: int, shards: int) -> None:
+    assert num_shards_for(corpus_size, shard_size) == shards
+
+
+def test_merge_shard_hits_orders_as_merge_topk_and_passes_one_shard_through() -> None:
+    first = [("b", "text b", 0.5, None), ("z", None, 0.2, None)]
+    second = [("a", "text a", 0.5, b"\x00"), ("c", None, 0.9, None)]
+    merged = merge_shard_hits([first, second], 3)
+    assert [hit[0] for hit in merged] == [hit.passage_id for hit in merge_topk(
+        [[Hit(h[0], h[2]) for h in first], [Hit(h[0], h[2]) for h in second]], 3)] == ["c", "a", "b"]
+    assert merged[1] == ("a", "text a", 0.5, b"\x00")  # texts and embeddings travel with their hits
+    assert merge_shard_hits([first], 3) is first
+
+
+@pytest.mark.slow
+def test_sharded_and_unsharded_searches_give_the_same_top_k() -> None:
+    rng = np.random.default_rng(5)
+    vectors, queries = normalized_vectors(rng, 200, 8), normalized_vectors(rng, 10, 8)
+    vectors[50:70] = vectors[3]  # ties across shards: broken by passage_id either way
+    ids = [f"p{index:03d}" for index in range(200)]
+    with TestPipeline() as pipeline:
+        inputs = {
+            "queries": pipeline | "Queries" >> beam.Create([(f"q{i}", q.tolist()) for i, q in enumerate(queries)]),
+            "passages": pipeline | "Passages" >> beam.Create([(pid, v.tolist()) for pid, v in zip(ids, vectors,
+                                                                                                   strict=True)]),
+        }
+        unsharded = inputs | "Unsharded" >> ShardedTopK(9, shard_size=1000, faiss_threads=1)
+        sharded = inputs | "Sharded" >> ShardedTopK(9, shard_size=13, query_groups=3, faiss_threads=1)
+        joined = (
+            {"unsharded": unsharded, "sharded": sharded}
+            | beam.CoGroupByKey()
+            | beam.MapTuple(lambda query_id, grouped: (query_id, grouped["unsharded"] == grouped["sharded"]))
+        )
+        assert_that(joined, equal_to([(f"q{i}", True) for i in range(10)]))
