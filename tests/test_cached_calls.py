@@ -17,6 +17,7 @@ from pipelines.llm_calls import LLMCallHandler
 from pipelines.model_access import ModelIdentity
 from pipelines.stages.embed_teacher import EmbedTeacherConfig, TeacherCallHandler
 from pipelines.stages.generate_queries import GenerateQueriesConfig, build_requests
+from tests.dofn_lifecycle import run_dofn
 from tests.fakes.backends import keyword_embedder
 
 LLM = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:query_writer")
@@ -45,34 +46,22 @@ def _requests(*texts: str):
         {"passage_id": f"p{index}", "title": None, "text": text}, GenerateQueriesConfig())]
 
 
-def _tallies(outputs) -> dict:
-    return {output.value.value[0]: output.value.value[1] for output in outputs}
-
-
-def _run_lifecycle(fn: _CallMissesFn, batch, allowed_keys=None):
-    fn.setup()
-    outputs = list(fn.process(batch, allowed_keys))
-    tallies = _tallies(fn.finish_bundle())
-    fn.teardown()
-    return outputs, tallies
-
-
 def test_llm_lifecycle_calls_each_key_once_caches_successes_only_and_counts_usage(tmp_path):
     handler = LLMCallHandler(LLM, IDENTITY, "stage")
     good, same, broken = _requests("Sorting puts items in order.", "Sorting puts items in order.", "BROKEN text.")
     batch = [(handler.key(good), handler.group([same, good])), (handler.key(broken), [broken])]
-    answers, tallies = _run_lifecycle(_CallMissesFn(handler, str(tmp_path)), batch)
-    assert [(answer.request.request_id, answer.source, answer.ok) for answer in answers] == [
+    called = run_dofn(_CallMissesFn(handler, str(tmp_path)), [batch], None)
+    assert [(answer.request.request_id, answer.source, answer.ok) for answer in called.main] == [
         ("p0::q0", "backend", True), ("p1::q0", "duplicate", True), ("p2::q0", "backend", False)]
     entries = [row for path in cache_files(str(tmp_path), LLM_CACHE)
                for row in read_cache_file(path, LLM_CACHE).to_pylist()]
     assert [entry["key"] for entry in entries] == [handler.key(good)]  # the failure is never cached
-    assert tallies[("llm", "stage", "calls")] == 2 and tallies[("cache", "llm_calls")] == 2
+    assert called.tallies[("llm", "stage", "calls")] == 2 and called.tallies[("cache", "llm_calls")] == 2
     # The budget's refusals are answers too, counted as skipped.
-    refused, tallies = _run_lifecycle(_CallMissesFn(handler, None, "max_llm_calls=0"), batch[1:], frozenset())
-    assert [(answer.source, answer.error) for answer in refused] == [
+    refused = run_dofn(_CallMissesFn(handler, None, "max_llm_calls=0"), [batch[1:]], frozenset())
+    assert [(answer.source, answer.error) for answer in refused.main] == [
         ("budget", "skipped: the run's LLM budget (max_llm_calls=0) is spent")]
-    assert tallies[("llm", "stage", "skipped_by_budget")] == 1
+    assert refused.tallies[("llm", "stage", "skipped_by_budget")] == 1
 
 
 def test_teacher_lifecycle_embeds_caches_and_rejects_a_failed_batch_uncached(tmp_path):
@@ -81,22 +70,24 @@ def test_teacher_lifecycle_embeds_caches_and_rejects_a_failed_batch_uncached(tmp
              {"id": "b", "text": "sort a heap", "task_type": TaskType.RETRIEVAL_DOCUMENT.value}]
     handler = TeacherCallHandler("embed", TEACHER, IDENTITY, config)
     batch = [(handler.key(item), [item]) for item in items]
-    outputs, tallies = _run_lifecycle(_CallMissesFn(handler, str(tmp_path)), batch)
-    vectors = {output["id"]: output["embedding"] for output in outputs if isinstance(output, dict)}
+    outputs = run_dofn(_CallMissesFn(handler, str(tmp_path)), [batch], None)
+    vectors = {output["id"]: output["embedding"] for output in outputs.main}
     expected = keyword_embedder().embed(["parse json"], TaskType.RETRIEVAL_QUERY)[0]
     assert sorted(vectors) == ["a", "b"] and vectors["a"] == pytest.approx(list(expected))
-    assert len([output for output in outputs if getattr(output, "tag", None) == "sent"]) == 2
+    assert len(outputs.tagged["sent"]) == 2
     assert len(cache_files(str(tmp_path), EMBEDDING_CACHE)) == 1
+    tallies = outputs.tallies
     assert tallies[("embedding", "embed", "texts_embedded")] == tallies[("cache", "embeddings_computed")] == 2
 
     failing = TeacherCallHandler("embed", FAILING_TEACHER, IDENTITY, config)
-    outputs, tallies = _run_lifecycle(_CallMissesFn(failing, str(tmp_path / "failed")), batch)
-    rejected = [output.value for output in outputs if getattr(output, "tag", None) == "rejected"]
+    failed = run_dofn(_CallMissesFn(failing, str(tmp_path / "failed")), [batch], None)
+    rejected = failed.tagged["rejected"]
     assert [(row["record_id"], row["reason"]) for row in rejected] == [("a", "embedding_failed"),
                                                                        ("b", "embedding_failed")]
     assert "ConnectionError: the teacher is unreachable" in rejected[0]["detail"]
     assert cache_files(str(tmp_path / "failed"), EMBEDDING_CACHE) == []
-    assert tallies[("embedding", "embed", "texts_embedded")] == 2  # sent, so paid for, though it failed
+    assert failed.main == []
+    assert failed.tallies[("embedding", "embed", "texts_embedded")] == 2  # sent, so paid for, though it failed
 
 
 @pytest.mark.slow

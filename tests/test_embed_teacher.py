@@ -7,16 +7,20 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.budget import RunBudget, Spend, cheapest_prefix
 from pipelines.cache import EMBEDDING_CACHE, cache_files, read_cache_file
+from pipelines.cached_calls import _CallMissesFn
 from pipelines.clients.base import TaskType
 from pipelines.clients.factory import embedder_identity
 from pipelines.clients.specs import EmbedderSpec
 from pipelines.model_access import ModelAccess
 from pipelines.stages.embed_teacher import (
+    STAGE,
     EmbedTeacher,
     EmbedTeacherConfig,
+    TeacherCallHandler,
     embedding_cache_key,
     estimated_embedding_usage,
 )
+from tests.dofn_lifecycle import run_dofn
 from tests.fakes.backends import keyword_embedder
 from tests.fakes.gemini_server import FakeGeminiServer
 
@@ -111,3 +115,32 @@ def test_a_cost_budget_embeds_the_smallest_keys_that_fit_what_earlier_stages_lef
             assert_that(budget.spent, equal_to([Spend(4, 20 + sum(cost for _, cost in prefix))]), label="RunSpend")
         sent = [text for record in server.requests for text in record.texts]
         assert sorted(sent) == sorted(item["text"] for item in items if item["id"] in allowed)
+
+
+# --- The DoFn, called directly: CachedCall's miss-calling DoFn with the teacher's handler ---------------------------
+
+
+def test_teacher_dofn_embeds_each_key_once_per_task_type_refuses_what_the_budget_left_out_and_counts_it(tmp_path):
+    handler = TeacherCallHandler(STAGE, SPEC, embedder_identity(SPEC), EmbedTeacherConfig(batch_size=4))
+    # Misses arrive grouped by key, as CachedCall's Order step leaves them: q1 and q2 share one text and task type.
+    by_key: dict[str, list[dict]] = {}
+    for item in ITEMS:
+        by_key.setdefault(handler.key(item), []).append(item)
+    batch = list(by_key.items())
+    refused_key = handler.key(ITEMS[3])
+    outputs = run_dofn(_CallMissesFn(handler, str(tmp_path), "max_cost_usd=0"), [batch],
+                       frozenset(by_key) - {refused_key})
+    expected = keyword_embedder().embed(["parse json text"], TaskType.RETRIEVAL_QUERY)[0]
+    assert [(row["id"], row["task_type"]) for row in outputs.main] == [
+        ("q1", "RETRIEVAL_QUERY"), ("q2", "RETRIEVAL_QUERY"), ("p1", "RETRIEVAL_DOCUMENT")]
+    assert outputs.main[0]["embedding"] == outputs.main[1]["embedding"] == pytest.approx(list(expected))
+    [refused] = outputs.tagged["rejected"]
+    assert (refused["record_id"], refused["reason"]) == ("p2", "skipped_by_budget")
+    assert "max_cost_usd=0" in refused["detail"]
+    assert len(outputs.tagged["sent"]) == 2  # one per distinct (text, task type) sent
+    assert outputs.tallies[("embedding", STAGE, "texts_embedded")] == 2
+    assert outputs.tallies[("embedding", STAGE, "skipped_by_budget")] == 1
+    # The cache is written by the time the bundle ends: both vectors, none for the refused text.
+    entries = [entry for path in cache_files(str(tmp_path), EMBEDDING_CACHE)
+               for entry in read_cache_file(path, EMBEDDING_CACHE).to_pylist()]
+    assert sorted(entry["key"] for entry in entries) == sorted(set(by_key) - {refused_key})

@@ -25,6 +25,8 @@ from pipelines.stages.generate_counterfactuals import (
     GenerateCounterfactuals,
     GenerateCounterfactualsConfig,
     GenerationUnit,
+    _ResolveFn,
+    _SeedFn,
     build_request,
     classification_row,
     counterfactual_seeds,
@@ -36,10 +38,12 @@ from pipelines.stages.generate_counterfactuals import (
     seed_text_index,
     target_labels,
 )
+from pipelines.stages.generate_counterfactuals import _JudgeFn as _GenerateJudgeFn
 from pipelines.stages.label_judge import (
     JUDGE_OUTPUT_TOKENS,
     TEACHER_USAGE,
     JudgeLabels,
+    _LLMVerdictFn,
     _TeacherFn,
     judge_request,
     label_prototypes,
@@ -49,8 +53,9 @@ from pipelines.stages.label_judge import (
     teacher_verdict,
 )
 from pipelines.stages.task_spec import TaskSpecError, example_id, load_task_spec
-from pipelines.text_matching import edit_ratio
+from pipelines.text_matching import edit_ratio, text_key
 from prompts.label_judgment import MAX_LABELS, choice_model
+from tests.dofn_lifecycle import run_dofn
 from tests.fakes import classification_llm as scripted
 from tests.test_task_spec import DATA, LABELS, TASK_YAML, write_spec
 
@@ -634,3 +639,54 @@ def test_a_broken_spec_fails_when_the_pipeline_is_built(tmp_path):
     with pytest.raises(TaskSpecError, match="at least 2 labels"):
         _ = pipeline | GenerateCounterfactuals(_config(task_spec=path), ModelAccess.llm(LLM),
                                                teacher=ModelAccess.embedder(TEACHER))
+
+
+# --- The DoFns, called directly ---------------------------------------------------------------------------------------
+
+
+def test_seed_fn_counts_every_seed_row_as_input_and_a_left_out_seed_as_skipped():
+    spec = load_task_spec(TASK_YAML)
+    included = run_dofn(_SeedFn(), seed_outcomes(spec, _config()))
+    assert len(included.main) == 12 and {row["origin"] for row in included.main} == {"seed"}
+    assert included.reasons() == [row["reason"] for kind, row in seed_outcomes(spec, _config()) if kind == "rejected"]
+    assert included.tallies == {("stage", STAGE, "input"): 13}
+    left_out = run_dofn(_SeedFn(), seed_outcomes(spec, _config(include_seed_examples=False)))
+    assert left_out.main == [] and len(left_out.reasons()) == 1
+    assert left_out.tallies == {("stage", STAGE, "input"): 13, ("stage", STAGE, "skipped"): 12}
+
+
+def test_judge_fn_keys_candidates_by_text_rejects_seed_copies_and_counts_the_fan_out(requests):
+    request = requests["generated"]
+    answers = [_answer(request, {"examples": ["Can I pay with PayPal?", "Fine", "..."]}),
+               # A seed's text, read in setup(): the seed index is built there, once per worker.
+               _answer(request, {"examples": ["THE SADDLE on my bike is loose and will not stay up"]}),
+               _answer(request, raw='{"examples": ["Can I pay with')]
+    outputs = run_dofn(_GenerateJudgeFn(load_task_spec(TASK_YAML), _config(), "scripted-llm"), answers)
+    assert [(key, item["row"]["text"]) for key, item in outputs.main] == [
+        (text_key("Can I pay with PayPal?"), "Can I pay with PayPal?"), (text_key("Fine"), "Fine")]
+    assert outputs.reasons() == ["empty_text", "duplicate", "llm_failed"]
+    validate_rows(outputs.tagged["rejected"], REJECTED)
+    # Three answers in; the first gives three rows, two beyond its one unit.
+    assert outputs.tallies == {("stage", STAGE, "input"): 3, ("stage", STAGE, "expanded"): 2}
+
+
+def test_resolve_fn_passes_one_copy_of_a_text_on_and_rejects_the_others():
+    def candidate(origin, label, row_id):
+        return {"row": {"example_id": row_id, "origin": origin, "label": label, "text": "same"}, "raw": "r"}
+
+    copies = [candidate("generated", "a", "1"), candidate("counterfactual", "a", "9")]
+    outputs = run_dofn(_ResolveFn(), [("same", copies), ("other", [candidate("generated", "b", "5")])])
+    assert [item["row"]["example_id"] for item in outputs.main] == ["9", "5"]
+    assert [(row["record_id"], row["reason"]) for row in outputs.tagged["rejected"]] == [("1", "duplicate")]
+
+
+def test_llm_verdict_fn_passes_the_candidate_on_or_tags_the_judges_reason():
+    spec = load_task_spec(TASK_YAML)
+    candidate = _candidate(scripted.WRONG_LABEL_EXAMPLE, "payment")
+    request = judge_request(candidate, spec)
+    outputs = run_dofn(_LLMVerdictFn(spec, STAGE), [
+        _judgment(request, {"label": 1}), _judgment(request, {"label": 2}), _judgment(request, raw='{"label": 7}')])
+    assert outputs.main == [candidate]
+    assert outputs.reasons() == ["label_mismatch", "judge_failed"]
+    assert outputs.tagged["rejected"][1]["raw_answer"] == '{"label": 7}'
+    validate_rows(outputs.tagged["rejected"], REJECTED)

@@ -23,6 +23,8 @@ from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.generate_queries import (
     GenerateQueries,
     GenerateQueriesConfig,
+    _JudgeFn,
+    _RequestsFn,
     build_requests,
     copies_first_sentence,
     copies_passage,
@@ -36,6 +38,7 @@ from pipelines.stages.grade_relevance import GradeRelevance, GradeRelevanceConfi
 from pipelines.stages.mine_negatives import MineNegativesConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
 from prompts.query_generation import MAX_USER_EXAMPLES
+from tests.dofn_lifecycle import run_dofn
 
 SPEC = LLMSpec(backend="custom", model="tests.fakes.scripted_backends:query_writer")
 PASSAGE = {"passage_id": "p1", "title": None, "text": "The json module encodes Python objects as JSON text.",
@@ -455,3 +458,29 @@ def test_a_bad_examples_file_fails_while_the_pipeline_is_built(tmp_path):
                             queries=GenerateQueriesConfig(examples=_bad_file(tmp_path, '{"query": "q"}\n')))
     with pytest.raises(ConfigError, match="examples.jsonl line 1: missing field 'passage'"):
         build_generate_pipeline(beam.Pipeline(), config)
+
+
+# --- the DoFns, called directly -------------------------------------------------------------------------------------
+
+
+def test_requests_fn_fans_a_passage_out_to_its_requests_and_counts_the_rest_as_expanded():
+    config = GenerateQueriesConfig(candidates=2)
+    outputs = run_dofn(_RequestsFn(config, None), [PASSAGE, {**PASSAGE, "passage_id": "p2"}])
+    per_passage = len(build_requests(PASSAGE, config))
+    assert per_passage > 1
+    assert [request.request_id for request in outputs.main[:2]] == ["p1::q0", "p1::q0c1"]
+    assert len(outputs.main) == 2 * per_passage and outputs.tagged == {}
+    # One input row becomes per_passage rows: per_passage - 1 of them are fan-out, per passage.
+    assert outputs.tallies == {("stage", "generate_queries", "expanded"): 2 * (per_passage - 1)}
+
+
+def test_judge_fn_keeps_good_queries_and_tags_each_rejection_with_its_reason():
+    answers = [_query(0, "how do I serialize a dict?"), _answer(1, None, raw='{"task": "Giv'),
+               _query(2, PASSAGE["text"])]
+    outputs = run_dofn(_JudgeFn(GenerateQueriesConfig(), "m", None), [("p1", answers)])
+    assert [(row["query_id"], row["query"], row["llm_model"]) for row in outputs.main] == [
+        ("p1::q0", "how do I serialize a dict?", "m")]
+    assert outputs.reasons() == ["llm_failed", "copies_passage"]
+    assert outputs.tagged["rejected"][0]["raw_answer"] == '{"task": "Giv'
+    validate_rows(outputs.tagged["rejected"], REJECTED)
+    assert outputs.tallies == {}  # kept and rejected rows are counted as they leave the stage (CountRows)

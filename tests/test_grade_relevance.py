@@ -6,16 +6,20 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_schemas import GRADED_PAIR, REJECTED, validate_rows
-from pipelines.clients.base import TaskType
+from pipelines.clients.base import TaskType, Usage
 from pipelines.clients.specs import LLMSpec
+from pipelines.llm_calls import LLMAnswer, LLMRequest
 from pipelines.model_access import ModelAccess
 from pipelines.stages.grade_relevance import (
     GradeRelevance,
     GradeRelevanceConfig,
+    _GradeFn,
+    _SelectFn,
     grade_pair,
     positive_rank,
     select_candidate,
 )
+from tests.dofn_lifecycle import run_dofn
 
 JSON_PASSAGE = "The json module encodes Python objects as JSON text."
 
@@ -134,3 +138,42 @@ def test_pipeline_selects_one_candidate_per_slot_among_those_that_passed():
         assert_that(outputs["rejected"] | "R" >> beam.Map(lambda r: (r["record_id"], r["reason"])),
                     equal_to([("a::q0", "surplus_candidate"), ("a::q0c2", "surplus_candidate"),
                               ("b::q0c1", "roundtrip_failed")]), label="Rejected")
+
+
+# --- the DoFns, called directly -------------------------------------------------------------------------------------
+
+
+def _grading(pair_id: str, relevance: int | None) -> LLMAnswer:
+    """The grader's answer for `pair_id`: a relevance, or (None) an answer that failed to parse."""
+    request = LLMRequest(request_id=pair_id, prompt_name="relevance_grading", prompt_version="1", messages=(),
+                         context=pair_id)
+    if relevance is None:
+        return LLMAnswer(request, False, None, '{"relev', "invalid JSON", Usage())
+    return LLMAnswer(request, True, {"relevance": relevance, "reason": "r"}, "{}", None, Usage())
+
+
+def test_grade_fn_grades_each_joined_pair_and_tags_each_rejection_with_its_reason():
+    def joined(pair_id: str, relevance: int | None, rank: int | None, pair: bool = True):
+        return pair_id, {"pairs": [_pair(pair_id, "q", "p")] if pair else [], "answers": [_grading(pair_id, relevance)],
+                         "ranks": [rank]}
+
+    elements = [joined("good", 3, 1), joined("irrelevant", 1, 1), joined("broken", None, 1), joined("far", 3, 4),
+                joined("orphan", 3, 1, pair=False)]  # evidence about no pair: nothing comes out
+    outputs = run_dofn(_GradeFn(GradeRelevanceConfig(use_llm=True, use_roundtrip=True)), elements)
+    assert [(row["pair_id"], row["llm_relevance"], row["roundtrip_rank"]) for row in outputs.main] == [
+        ("good", 3.0, 1)]
+    validate_rows(outputs.main, GRADED_PAIR)
+    assert [(row["record_id"], row["reason"]) for row in outputs.tagged["rejected"]] == [
+        ("irrelevant", "llm_irrelevant"), ("broken", "llm_grading_failed"), ("far", "roundtrip_failed")]
+    assert outputs.tagged["rejected"][1]["raw_answer"] == '{"relev'  # a failed parse keeps the raw answer
+    validate_rows(outputs.tagged["rejected"], REJECTED)
+    assert outputs.tallies == {}  # kept and rejected rows are counted as they leave the stage (CountRows)
+
+
+def test_select_fn_keeps_one_candidate_per_slot_and_tags_the_rest_surplus():
+    slot = [_graded("p::q0", "json module encodes Python objects"),
+            _graded("p::q0c1", "how do I turn a dict into text?")]
+    outputs = run_dofn(_SelectFn(), [("p::q0", slot), ("empty", [])])
+    assert [row["pair_id"] for row in outputs.main] == ["p::q0c1"]
+    assert [(row["record_id"], row["reason"]) for row in outputs.tagged["rejected"]] == [
+        ("p::q0", "surplus_candidate")]

@@ -35,13 +35,17 @@ from pipelines.stages.mine_negatives import (
     Candidate,
     MineNegatives,
     MineNegativesConfig,
+    _JudgeFn,
+    _KeyQueriesFn,
     _MineEmbedded,
+    _SelectFn,
     build_triplet,
     judge_candidates,
     mine_without_llm,
     rejected_payload,
     select_candidates,
 )
+from tests.dofn_lifecycle import run_dofn
 from tests.fakes.mine_negatives_llm import FACTORY
 from tests.test_sharded_search import brute_force_top_k, normalized_vectors
 
@@ -552,3 +556,66 @@ def test_the_stage_joins_pairs_and_passages_with_their_teacher_vectors_and_rejec
                     equal_to([("pair-1", ["hard", "easy"], TEACHER)]), label="Kept")
         assert_that(outputs["rejected"] | "Rejected" >> beam.Map(lambda r: (r["record_id"], r["reason"])),
                     equal_to([("pair-2", "missing_embedding")]), label="Rejected")
+
+
+# --- The DoFns, called directly ---------------------------------------------------------------------------------------
+
+
+def test_key_queries_fn_keys_rows_asks_the_search_and_tags_each_rejection_with_its_reason() -> None:
+    rows = [_row("with-positive"), _row("looks-up-positive", positive_embedding=None), _row("no-query", query=""),
+            _row("no-vector", query_embedding=None), _row("mismatch", positive_embedding=[1.0, 0.0, 0.0])]
+    outputs = run_dofn(_KeyQueriesFn(_config()), rows)
+    assert [(pair_id, row["query_embedding"], row["positive_embedding"]) for pair_id, row in outputs.main] == [
+        ("with-positive", pack_vector([1.0, 0.0]), pack_vector([0.6, 0.8])),
+        ("looks-up-positive", pack_vector([1.0, 0.0]), None)]
+    # The search looks a missing positive up by its passage_id, in the shard that holds it.
+    assert outputs.tagged["search"] == [("with-positive", pack_vector([1.0, 0.0]), None),
+                                        ("looks-up-positive", pack_vector([1.0, 0.0]), "pos")]
+    assert [(row["record_id"], row["reason"]) for row in outputs.tagged["rejected"]] == [
+        ("no-query", "missing_field"), ("no-vector", "missing_embedding"), ("mismatch", "embedding_mismatch")]
+    validate_rows(outputs.tagged["rejected"], REJECTED)
+    assert outputs.tallies == {}  # rows are counted as they leave the stage; no statistics yet
+
+
+def test_select_fn_mines_a_triplet_rejects_what_it_cannot_and_emits_the_mining_statistics() -> None:
+    config = _config(k=4, num_negatives=2)
+    keyed = dict(run_dofn(_KeyQueriesFn(config), [_row("good"), _row("lost", positive_embedding=None),
+                                                   _row("twice")]).main)
+    hits = [("pos", "x is y.", 0.6, None)] + [(f"n{i}", f"neg {i}", 0.5 - i / 10, pack_vector([0.5, 0.5]))
+                                              for i in range(3)]
+    elements = [
+        ("good", {"query": [keyed["good"]], "results": [(hits, None)]}),
+        # The shard holding the positive returned no vector for it: it is not in the corpus.
+        ("lost", {"query": [keyed["lost"]], "results": [(hits, None)]}),
+        ("twice", {"query": [keyed["twice"], keyed["twice"]], "results": [(hits, None)]}),
+    ]
+    outputs = run_dofn(_SelectFn(config, llm=False), elements)
+    [triplet] = outputs.main
+    validate_rows([triplet], TRIPLET)
+    assert (triplet["triplet_id"], triplet["negative_ids"]) == ("good", ["n0", "n1"])
+    assert [(row["record_id"], row["reason"]) for row in outputs.tagged["rejected"]] == [
+        ("lost", "missing_embedding"), ("twice", "duplicate_pair_id"), ("twice", "duplicate_pair_id")]
+    assert outputs.tallies == {("mining", "hits"): 4, ("mining", "dropped.positive"): 1, ("mining", "negatives"): 2}
+
+
+def _graded(request, grade: int) -> LLMAnswer:
+    return LLMAnswer(request, True, {"relevance": grade}, json.dumps({"relevance": grade}), None, Usage())
+
+
+def test_select_fn_hands_enough_candidates_to_the_llm_and_judge_fn_finishes_them() -> None:
+    config = _config(llm_scoring=True, k=8, num_negatives=2, llm_candidates=3, min_negatives=1)
+    keyed = dict(run_dofn(_KeyQueriesFn(config), [_row("pair-1")]).main)
+    hits = [(f"n{i}", f"neg {i}", 0.5 - i / 10, pack_vector([0.5, 0.5])) for i in range(4)]
+    element = ("pair-1", {"query": [keyed["pair-1"]], "results": [(hits, None)]})
+    selected = run_dofn(_SelectFn(config, llm=True), [element])
+    assert selected.main == [] and "rejected" not in selected.tagged
+    [(pair_id, pending)] = selected.tagged["pending"]
+    # The positive and the top llm_candidates candidates are graded.
+    assert [request.context[1] for request in selected.tagged["requests"]] == ["pos", "n0", "n1", "n2"]
+    grades = {"pos": 3, "n0": 0, "n1": 3, "n2": 1}
+    judgements = [read_judgement(_graded(request, grades[request.context[1]]))
+                  for request in selected.tagged["requests"]]
+    judged = run_dofn(_JudgeFn(config), [(pair_id, {"pending": [pending], "judgements": judgements})])
+    [triplet] = judged.main
+    assert triplet["negative_ids"] == ["n0", "n2"]  # n1 reads as relevant: a false negative, dropped
+    assert judged.tallies[("mining", "dropped.llm_relevant")] == 1 and judged.tallies[("mining", "negatives")] == 2

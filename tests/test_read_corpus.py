@@ -23,6 +23,8 @@ from pipelines.stages.read_corpus import (
     ReadCorpus,
     ReadCorpusConfig,
     RowOutcome,
+    _FirstOccurrenceFn,
+    _KeepFn,
     _ReadFileFn,
     count_tokens,
     passage_from_json_line,
@@ -34,6 +36,7 @@ from pipelines.stages.read_corpus import (
     truncate_to_tokens,
 )
 from pipelines.stdlib_corpus import MIN_WORDS, build_stdlib_corpus, stdlib_records
+from tests.dofn_lifecycle import run_dofn
 from tests.test_document_splitting import DOC
 
 HERE = Location("corpus.jsonl", 7)
@@ -181,16 +184,32 @@ def test_impossible_settings_are_refused(field, value):
 
 def test_read_file_fn_yields_rows_tags_rejections_and_counts_the_rows_read(tmp_path):
     path = _write_jsonl(tmp_path / "c.jsonl", [_line({"id": "a", "text": "t"}), b"\n", b"oops\n"])
-    read_file = _ReadFileFn(ReadCorpusConfig(path=str(path)))
-    outputs = list(read_file.process(CorpusFile(str(path), "jsonl", "c.jsonl")))
-    main = [o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)]
-    tagged = [(o.tag, o.value) for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)]
-    assert main == [("a", ((str(path), 0), {"passage_id": "a", "title": None, "text": "t",
-                                             "source": f"{path}:1", "truncated": False}))]
-    assert [(tag, row["reason"]) for tag, row in tagged] == [("rejected", "invalid_json")]
-    tallies = {output.value.value[0]: output.value.value[1] for output in read_file.finish_bundle()}
+    outputs = run_dofn(_ReadFileFn(ReadCorpusConfig(path=str(path))), [CorpusFile(str(path), "jsonl", "c.jsonl")])
+    assert outputs.main == [("a", ((str(path), 0), {"passage_id": "a", "title": None, "text": "t",
+                                                     "source": f"{path}:1", "truncated": False}))]
+    assert outputs.reasons() == ["invalid_json"] and list(outputs.tagged) == ["rejected"]
     # Two rows read: the blank line 2 is not a row. (Kept and rejected rows are counted as they leave the stage.)
-    assert tallies == {("stage", STAGE, "input"): 2}
+    assert outputs.tallies == {("stage", STAGE, "input"): 2}
+
+
+def test_first_occurrence_fn_keeps_the_first_copy_of_an_id_and_tags_the_others_duplicate_id():
+    def occurrence(path: str, index: int) -> tuple[tuple[str, int], dict]:
+        return (path, index), {"passage_id": "p", "title": None, "text": f"{path} {index}", "source": f"{path}:{index}",
+                               "truncated": False}
+
+    outputs = run_dofn(_FirstOccurrenceFn(), [("p", [occurrence("b", 0), occurrence("a", 3), occurrence("a", 1)])])
+    assert [row["source"] for row in outputs.main] == ["a:1"]
+    assert [(row["record_id"], row["reason"]) for row in outputs.tagged["rejected"]] == [("p", "duplicate_id")] * 2
+
+
+def test_keep_fn_samples_out_the_passages_keyed_above_the_threshold():
+    rows = [{"passage_id": passage_id, "truncated": False} for passage_id in ("a", "b", "c", "d")]
+    threshold = sorted(sample_key(7, row["passage_id"]) for row in rows)[1]  # the two smallest keys stay
+    outputs = run_dofn(_KeepFn(7, sampling=True), rows, threshold)
+    kept = sorted(rows, key=lambda row: sample_key(7, row["passage_id"]))[:2]
+    assert sorted(row["passage_id"] for row in outputs.main) == sorted(row["passage_id"] for row in kept)
+    assert len(outputs.tagged["sampled_out"]) == 2
+    assert run_dofn(_KeepFn(7, sampling=False), rows).main == rows  # no sample: every unique passage is kept
 
 
 # --- the PTransform on TestPipeline ---------------------------------------------------------------------------------

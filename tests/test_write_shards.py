@@ -11,9 +11,10 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from data_schemas import SCHEMAS, load_manifest
+from data_schemas import SCHEMAS, SchemaError, load_manifest
 from pipelines.run_layout import MANIFEST_NAME, read_kind, shard_paths
-from pipelines.stages.write_shards import WriteShards
+from pipelines.stages.write_shards import WriteShards, _ValidateFn, _WriteManifestFn
+from tests.dofn_lifecycle import run_dofn
 from tests.shard_factory import classification_rows, triplet_rows
 
 STATIC = {"run_id": "r1", "created_at": "2026-11-30T00:00:00+00:00", "embforge_version": "0.1.0",
@@ -130,3 +131,29 @@ def test_a_row_that_breaks_its_schema_fails_the_run_naming_the_kind(tmp_path):
     broken = {**ROWS, "pairs": [{**graded_pair_rows(1)[0], "roundtrip_rank": "first"}]}
     with pytest.raises(Exception, match=r"pairs output \(row 0 of this worker\)"):
         _write(str(tmp_path / "run"), broken, TALLIES)
+
+
+# --- The DoFns, called directly ---------------------------------------------------------------------------------------
+
+
+def test_validate_fn_passes_good_rows_on_and_names_the_kind_and_row_of_a_broken_one():
+    good = graded_pair_rows(2)
+    assert run_dofn(_ValidateFn("pairs"), good).main == good
+    broken = {**good[0], "roundtrip_rank": "first"}
+    # The row number counts this worker's rows across elements: the third row it saw.
+    with pytest.raises(SchemaError, match=r"pairs output \(row 2 of this worker\)") as error:
+        run_dofn(_ValidateFn("pairs"), [*good, broken])
+    assert "roundtrip_rank" in str(error.value)
+
+
+def test_write_manifest_fn_sums_the_tallies_and_lists_the_written_files_relative_to_the_output(tmp_path):
+    output = str(tmp_path / "run")
+    written = [posixpath.join(output, "pairs", "part-00000-of-00001.parquet")]
+    outputs = run_dofn(_WriteManifestFn(output, STATIC, STAGES), [None], TALLIES, written)
+    assert outputs.main == [posixpath.join(output, MANIFEST_NAME)]
+    manifest = load_manifest(outputs.main[0])
+    assert manifest["files"] == ["pairs/part-00000-of-00001.parquet"]
+    assert manifest["llm_usage"][0]["calls"] == 3  # two workers' counts, summed
+    assert [(stage["stage"], stage["input"], stage["kept"], stage["rejected"]) for stage in manifest["stages"]] == [
+        ("read_corpus", 4, 3, 1), ("grade_relevance", 3, 2, 1)]
+    assert manifest["balanced"] is True
