@@ -76,7 +76,6 @@ class StageTally:
             self.add((kind, name), count)
 
 
-
 class CountingDoFn(beam.DoFn):
     """A DoFn that counts through `self.tally` and emits the bundle's tallies on `TALLIES` when the bundle ends.
     Apply it `.with_outputs(TALLIES, ...)`."""

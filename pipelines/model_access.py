@@ -51,13 +51,11 @@ class ModelAccess:
     budget: RunBudget | None = None
 
     @classmethod
-    def llm(cls, spec: LLMSpec, cache_dir: str | None = None, budget: RunBudget | None = None,
-            identity: ModelIdentity | None = None) -> ModelAccess:
-        """Access to an LLM; its identity is resolved here unless the run resolved it already."""
-        return cls(spec, identity or ModelIdentity(*llm_identity(spec)), cache_dir, budget)
+    def llm(cls, spec: LLMSpec, cache_dir: str | None = None, budget: RunBudget | None = None) -> ModelAccess:
+        """Access to an LLM outside a run (a stage on its own, a benchmark): its identity is resolved here."""
+        return cls(spec, ModelIdentity(*llm_identity(spec)), cache_dir, budget)
 
     @classmethod
-    def embedder(cls, spec: EmbedderSpec, cache_dir: str | None = None, budget: RunBudget | None = None,
-                 identity: ModelIdentity | None = None) -> ModelAccess:
-        """Access to an embedder; its identity is resolved here unless the run resolved it already."""
-        return cls(spec, identity or ModelIdentity(*embedder_identity(spec)), cache_dir, budget)
+    def embedder(cls, spec: EmbedderSpec, cache_dir: str | None = None, budget: RunBudget | None = None) -> ModelAccess:
+        """Access to an embedder outside a run: its identity is resolved here."""
+        return cls(spec, ModelIdentity(*embedder_identity(spec)), cache_dir, budget)
