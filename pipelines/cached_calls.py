@@ -47,6 +47,8 @@ class CallHandler(abc.ABC):
         self.stage = stage
         self.identity = identity
         self.batch_size = batch_size
+        # Each DoFn holding the handler gets its own pickled copy, so the cache hits and the calls tally apart, each
+        # flushing its own bundle's counts; CachedCall sums the two outputs.
         self.tally = StageTally(stage)
 
     @abc.abstractmethod
