@@ -146,11 +146,11 @@ def worst_case_micro_usd(spec: LLMSpec, request: LLMRequest) -> int:
     prompt_tokens = upper_token_estimate([message.content for message in request.messages]
                                          + list(request.continuations))
     output_tokens = billable_output_tokens(spec, request.config.max_output_tokens) if request.mode == "generate" else 0
-    return estimated_cost_micro_usd(spec.model_name, Usage(asks * prompt_tokens, asks * output_tokens))
+    return estimated_cost_micro_usd(spec, Usage(asks * prompt_tokens, asks * output_tokens))
 
 
 
-def answer_tallies(answer: LLMAnswer, stage: str, model: str) -> Iterator[tuple[tuple[str, ...], int]]:
+def answer_tallies(answer: LLMAnswer, stage: str, spec: LLMSpec) -> Iterator[tuple[tuple[str, ...], int]]:
     """The manifest tallies of one answer: a paid call (its tokens and estimated cost), a cache hit, or a request the
     budget left uncalled. An answer shared from an identical request of the run counts nothing."""
     yield ("llm", stage, "calls"), int(answer.source == "backend")
@@ -159,7 +159,7 @@ def answer_tallies(answer: LLMAnswer, stage: str, model: str) -> Iterator[tuple[
     if answer.source == "backend":
         yield ("llm", stage, "input_tokens"), answer.usage.input_tokens
         yield ("llm", stage, "output_tokens"), answer.usage.output_tokens
-        yield ("cost", stage), estimated_cost_micro_usd(model, answer.usage)
+        yield ("cost", stage), estimated_cost_micro_usd(spec, answer.usage)
         yield ("cache", "llm_calls"), 1
     elif answer.source == "cache":
         yield ("cache", "llm_hits"), 1
@@ -212,7 +212,7 @@ class LLMCallHandler(CallHandler):
 
     def _counted(self, answers: Iterable[LLMAnswer]) -> Iterator[LLMAnswer]:
         for answer in answers:
-            for key, count in answer_tallies(answer, self.stage, self.spec.model_name):
+            for key, count in answer_tallies(answer, self.stage, self.spec):
                 self.tally.add(key, count)
             yield answer
 
@@ -250,7 +250,7 @@ class LLMCallHandler(CallHandler):
     def spend(self, answer: LLMAnswer) -> Spend | None:
         if answer.source != "backend":
             return None
-        return Spend(1, estimated_cost_micro_usd(self.spec.model_name, answer.usage))
+        return Spend(1, estimated_cost_micro_usd(self.spec, answer.usage))
 
 
 class CallLLM(beam.PTransform):

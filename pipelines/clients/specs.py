@@ -18,6 +18,11 @@ DEFAULT_LOCAL_STUDENT = "packaged:all-minilm-l6-v2"
 #: agree on which key is used.
 API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 
+#: How a model's cache misses are sent: "online" (requests answered as they go, `concurrency` in flight) or "batch"
+#: (Gemini only: gathered into Batch API jobs, answered within 24 h at half the list price). Not part of any cache key:
+#: the same model answers a request alike either way, so answers cached online serve a batch run and back.
+CallMode = Literal["online", "batch"]
+
 
 @dataclass(frozen=True)
 class LLMSpec:
@@ -52,6 +57,10 @@ class LLMSpec:
     #: Local: torch intra-op threads (default: $EMBFORGE_TORCH_THREADS, else the CPUs available). With Beam's
     #: multi_processing runner keep workers x threads <= cores.
     torch_threads: int | None = None
+    mode: CallMode = "online"
+    #: List price in USD per million (input, output) tokens; None takes pipelines/pricing.py's table by model name.
+    #: For a model the table does not know (a self-hosted server: 0, 0).
+    usd_per_million_tokens: tuple[float, float] | None = None
 
     @property
     def model_name(self) -> str:
@@ -80,6 +89,9 @@ class EmbedderSpec:
     #: Local: tokens read per text (the model's window); None keeps the model's own. Evaluation sets one window for
     #: every model it compares, so none wins by reading more of a passage.
     max_seq_length: int | None = None
+    mode: CallMode = "online"
+    #: As `LLMSpec.usd_per_million_tokens` (embeddings bill input tokens only).
+    usd_per_million_tokens: tuple[float, float] | None = None
 
     @property
     def model_name(self) -> str:

@@ -35,7 +35,7 @@ from pipelines.clients.base import Embedder, TaskType, Usage
 from pipelines.clients.factory import build_embedder
 from pipelines.clients.specs import EmbedderSpec
 from pipelines.model_access import ModelAccess, ModelIdentity
-from pipelines.pricing import estimated_cost_micro_usd, price_per_million
+from pipelines.pricing import estimated_cost_micro_usd, is_priced
 from pipelines.stages import rejected_row
 
 STAGE = "embed_teacher"
@@ -64,7 +64,7 @@ def embedding_cache_key(model_id: str, model_version: str, task_type: str, dimen
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
-def estimated_embedding_usage(model: str, text: str) -> tuple[int, int]:
+def estimated_embedding_usage(spec: EmbedderSpec, text: str) -> tuple[int, int]:
     """(input tokens, micro-USD) of embedding one text, estimated from above.
 
     The embedding API answers with vectors only, no token counts, so the spend is priced the same way it is planned:
@@ -74,7 +74,7 @@ def estimated_embedding_usage(model: str, text: str) -> tuple[int, int]:
     errs on the side of stopping early.
     """
     tokens = upper_token_estimate([text])
-    return tokens, estimated_cost_micro_usd(model, Usage(tokens, 0))
+    return tokens, estimated_cost_micro_usd(spec, Usage(tokens, 0))
 
 
 def cache_entry(key: str, model_id: str, model_version: str, task_type: str, text: str, vector) -> dict[str, Any]:
@@ -142,7 +142,7 @@ class TeacherCallHandler(CallHandler):
 
     def worst_case_micro_usd(self, items: list[dict[str, Any]]) -> int:
         """Each text priced as `estimated_embedding_usage` prices it (planned and recorded with one figure)."""
-        return estimated_embedding_usage(self.spec.model_name, items[0]["text"])[1]
+        return estimated_embedding_usage(self.spec, items[0]["text"])[1]
 
     def refuse(self, items: list[dict[str, Any]], budget_limits: str) -> Iterator[Any]:
         for item in items:
@@ -168,7 +168,7 @@ class TeacherCallHandler(CallHandler):
         # Counted as spent whether or not the batch succeeds: a batch fails as a whole, after some of its texts may have
         # been answered (and billed).
         for text in texts:
-            sent = estimated_embedding_usage(self.spec.model_name, text)
+            sent = estimated_embedding_usage(self.spec, text)
             for key, count in usage_tallies(self.stage, sent):
                 self.tally.add(key, count)
             yield beam.pvalue.TaggedOutput("sent", sent)
@@ -212,8 +212,7 @@ class EmbedTeacher(beam.PTransform):
         budget = access.budget
         # Only a cost limit applies to embeddings, and only a priced teacher can reach it: a local teacher costs 0,
         # so planning it would hold every key in memory to allow them all.
-        priced = price_per_million(access.spec.model_name) != (0.0, 0.0)
-        if budget is None or budget.max_micro_usd is None or not priced:
+        if budget is None or budget.max_micro_usd is None or not is_priced(access.spec):
             budget = None
         handler = TeacherCallHandler(self._stage, access.spec, access.identity, self._config)
         entering = items | "CountInput" >> CountRows(self._stage, "input")
