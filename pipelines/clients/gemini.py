@@ -144,7 +144,7 @@ def api_key_from_env(environ: Mapping[str, str] | None = None) -> str:
 
 
 @dataclass
-class _Counter:
+class RequestCounter:
     """HTTP requests made for one logical call, retries included."""
 
     requests: int = 0
@@ -165,7 +165,7 @@ class GeminiEndpoint:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
 
 
-class _Connection:
+class GeminiConnection:
     """One google-genai client, its event loop thread, the key and the retry policy; owned by one backend."""
 
     def __init__(self, model: str, endpoint: GeminiEndpoint):
@@ -222,7 +222,7 @@ class _Connection:
     async def send(
         self,
         send: Callable[[], Awaitable[_T]],
-        counter: _Counter,
+        counter: RequestCounter,
         *,
         truncated_body_is_transient: bool,
     ) -> _T:
@@ -259,13 +259,13 @@ class _Connection:
 
     def __repr__(self) -> str:
         return (
-            f"_Connection(model={self.model!r}, base_url={self.endpoint.base_url!r}, "
+            f"GeminiConnection(model={self.model!r}, base_url={self.endpoint.base_url!r}, "
             f"api_version={self.endpoint.api_version!r})"
         )
 
 
 class _ConnectedBackend:
-    """What both backends share: the model (its name is its version), the requests in flight, and one `_Connection`,
+    """What both backends share: the model (its name is its version), the requests in flight, and one `GeminiConnection`,
     closed with the backend (also on leaving a `with` block)."""
 
     def __init__(self, model: str, endpoint: GeminiEndpoint | None, concurrency: int):
@@ -275,7 +275,7 @@ class _ConnectedBackend:
         self.model_id = model
         self.model_version = model
         self.concurrency = concurrency
-        self._connection = _Connection(model, endpoint or GeminiEndpoint())
+        self._connection = GeminiConnection(model, endpoint or GeminiEndpoint())
 
     def close(self) -> None:
         self._connection.close()
@@ -423,7 +423,7 @@ class GeminiLLM(_ConnectedBackend, LLM):
         config: GenerationConfig = GenerationConfig(),
     ) -> GenerationResult[OutputT]:
         system, contents = to_gemini_contents(messages)
-        counter = _Counter()
+        counter = RequestCounter()
         usage = Usage()
         raw, error = "", "no attempt made"
         try:
@@ -537,7 +537,7 @@ class GeminiEmbedder(_ConnectedBackend, Embedder):
             contents=types.Content(role="user", parts=[types.Part(text=text)]),
             config=types.EmbedContentConfig(task_type=TaskType(task_type).value, output_dimensionality=dimension),
         )
-        counter = _Counter()
+        counter = RequestCounter()
         try:
             response = await self._connection.send(send, counter, truncated_body_is_transient=True)
         except GeminiError:
