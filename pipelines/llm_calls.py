@@ -9,6 +9,8 @@ cache-miss keys that fit what the stages before it left, and its spend reaches t
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -23,11 +25,14 @@ from pipelines import progress
 from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
 from pipelines.cache import LLM_CACHE, CacheWriter
 from pipelines.cached_calls import CachedCall, CallHandler
-from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
+from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, GenerationResult, Usage
 from pipelines.clients.factory import billable_output_tokens, build_llm
 from pipelines.clients.specs import LLMSpec
 from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.pricing import estimated_cost_micro_usd
+
+#: Backends whose calls wait on the network: their requests are kept in flight (pipelines/cached_calls.py).
+IN_FLIGHT_BACKENDS = ("gemini", "openai")
 
 
 @functools.cache
@@ -88,6 +93,12 @@ def failure_reason(answer: LLMAnswer, reason: str) -> str:
     return BUDGET_REASON if answer.source == "budget" else reason
 
 
+def answer_of(request: LLMRequest, result: GenerationResult) -> LLMAnswer:
+    """A backend's generation result as the request's answer."""
+    value = result.value.model_dump(mode="json") if result.ok and result.value is not None else None
+    return LLMAnswer(request, result.ok, value, result.raw, result.error, result.usage)
+
+
 def call_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
     """One request against one backend; a bad answer is a failed `LLMAnswer`, never an exception."""
     if request.mode == "score":
@@ -95,9 +106,14 @@ def call_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
         return LLMAnswer(request, True, {"logprobs": list(logprobs)}, json.dumps(logprobs), None, Usage())
     if request.output_model is None:
         raise ValueError(f"request {request.request_id}: generate mode needs an output_model")
-    result = llm.generate(request.messages, request.output_model, request.config)
-    value = result.value.model_dump(mode="json") if result.ok and result.value is not None else None
-    return LLMAnswer(request, result.ok, value, result.raw, result.error, result.usage)
+    return answer_of(request, llm.generate(request.messages, request.output_model, request.config))
+
+
+async def acall_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
+    """`call_llm`, awaited on the backend's event loop (score mode, which API backends lack, in a thread)."""
+    if request.mode == "generate" and request.output_model is not None:
+        return answer_of(request, await llm.agenerate(request.messages, request.output_model, request.config))
+    return await asyncio.to_thread(call_llm, llm, request)
 
 
 def _cache_entry(key: str, answer: LLMAnswer, model_id: str, model_version: str) -> dict[str, Any]:
@@ -187,8 +203,7 @@ def call_many(llm: LLM, requests: list[LLMRequest], concurrency: int) -> list[LL
         results = llm.generate_many([requests[i].messages for i in indices], output_model,
                                     [requests[i].config for i in indices], concurrency)
         for index, result in zip(indices, results, strict=True):
-            value = result.value.model_dump(mode="json") if result.ok and result.value is not None else None
-            answers[index] = LLMAnswer(requests[index], result.ok, value, result.raw, result.error, result.usage)
+            answers[index] = answer_of(requests[index], result)
     return [answers[index] for index in range(len(requests))]
 
 
@@ -201,11 +216,14 @@ class LLMCallHandler(CallHandler):
     flush_every = 16
 
     def __init__(self, spec: LLMSpec, identity: ModelIdentity, stage: str):
-        # The backend keeps `concurrency` requests in flight within a batch, and each batch ends in a barrier (its
-        # slowest request). Batches of 8x concurrency from the start (not BatchElements' ramp from 1) keep the barriers
-        # rare: measured against a 200 ms fake server at concurrency 8, achieved/ideal calls/s went from 0.57 to ~0.75
-        # (benchmarks/llm_concurrency.py). The price: a kill loses at most one batch of paid answers, cached at its end.
-        super().__init__(stage, identity, batch_size=max(1, 8 * spec.concurrency))
+        if spec.backend in IN_FLIGHT_BACKENDS:
+            # One request per key, `concurrency` of them always in flight (cached_calls.py): no batch barriers.
+            super().__init__(stage, identity, batch_size=1)
+            self.in_flight = spec.concurrency
+        else:
+            # The local backend decodes `concurrency` answers per forward pass (generate_many); batches of 8x that
+            # give it full decoding batches, and a kill loses at most one batch of answers, cached at its end.
+            super().__init__(stage, identity, batch_size=max(1, 8 * spec.concurrency))
         self.spec = spec
         self._calls = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_calls")
         self._failures = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_failures")
@@ -238,14 +256,27 @@ class LLMCallHandler(CallHandler):
     def call(self, llm: LLM, batch: list[tuple[str, list[LLMRequest]]], cache: CacheWriter) -> Iterator[LLMAnswer]:
         """One call per key, with the backend's own concurrency; successes are cached."""
         first_answers = call_many(llm, [requests[0] for _, requests in batch], self.spec.concurrency)
-        progress.advance(f"LLM calls: {self.stage}", len(batch))
         for (key, requests), first in zip(batch, first_answers, strict=True):
-            self._calls.inc()
-            if first.ok:
-                cache.add(_cache_entry(key, first, *self.identity))
-            else:
-                self._failures.inc()
-            yield from self._counted(answers_for_group(first, requests))
+            yield from self._answered(key, requests, first, cache)
+
+    async def acall(self, llm: LLM, batch: list[tuple[str, list[LLMRequest]]]) -> list[LLMAnswer]:
+        return [await acall_llm(llm, requests[0]) for _, requests in batch]
+
+    def collect(self, batch: list[tuple[str, list[LLMRequest]]], answer: concurrent.futures.Future,
+                cache: CacheWriter) -> Iterator[LLMAnswer]:
+        for (key, requests), first in zip(batch, answer.result(), strict=True):
+            yield from self._answered(key, requests, first, cache)
+
+    def _answered(self, key: str, requests: list[LLMRequest], first: LLMAnswer,
+                  cache: CacheWriter) -> Iterator[LLMAnswer]:
+        """The answers of one key's call: cached if it succeeded, shared with the key's identical requests."""
+        progress.advance(f"LLM calls: {self.stage}")
+        self._calls.inc()
+        if first.ok:
+            cache.add(_cache_entry(key, first, *self.identity))
+        else:
+            self._failures.inc()
+        yield from self._counted(answers_for_group(first, requests))
 
     def spend(self, answer: LLMAnswer) -> Spend | None:
         if answer.source != "backend":

@@ -18,6 +18,8 @@ from typing import Generic, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel
 
+from pipelines.clients.event_loop import LoopThread
+
 OutputT = TypeVar("OutputT", bound=BaseModel)
 
 
@@ -144,6 +146,11 @@ class LLM(abc.ABC):
         configs = per_request(config, len(requests))
         return [self.generate(messages, output_model, each) for messages, each in zip(requests, configs, strict=True)]
 
+    def async_loop(self) -> LoopThread | None:
+        """The event loop `agenerate` runs on, for callers that keep many requests in flight (API backends, whose
+        calls wait on the network); None for a backend that answers a batch at once itself (`generate_many`)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
         """Release clients or models."""
 
@@ -172,6 +179,13 @@ class Embedder(abc.ABC):
     @abc.abstractmethod
     def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
         """Embed `texts`; `dimension` defaults to `native_dimension`."""
+
+    async def aembed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
+        return await asyncio.to_thread(self.embed, texts, task_type, dimension)
+
+    def async_loop(self) -> LoopThread | None:
+        """As `LLM.async_loop`: where `aembed` runs for callers keeping many requests in flight, or None."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients or models."""

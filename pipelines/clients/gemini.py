@@ -277,6 +277,9 @@ class _ConnectedBackend:
         self.concurrency = concurrency
         self._connection = GeminiConnection(model, endpoint or GeminiEndpoint())
 
+    def async_loop(self) -> LoopThread:
+        return self._connection.loop
+
     def close(self) -> None:
         self._connection.close()
 
@@ -505,10 +508,14 @@ class GeminiLLM(_ConnectedBackend, LLM):
 
 
 class GeminiEmbedder(_ConnectedBackend, Embedder):
-    """Embeddings from gemini-embedding-001, one text per request, float32 L2-normalized rows.
+    """Embeddings from gemini-embedding-001 in batchEmbedContents requests of up to `TEXTS_PER_REQUEST` texts, float32
+    L2-normalized rows.
 
-    `stats.calls` counts texts (one request each), `stats.retries` the extra requests transient failures cost.
+    `stats.calls` counts requests, `stats.retries` the extra requests transient failures cost.
     """
+
+    #: batchEmbedContents' limit on the entries of one request.
+    TEXTS_PER_REQUEST = 100
 
     def __init__(
         self,
@@ -526,15 +533,16 @@ class GeminiEmbedder(_ConnectedBackend, Embedder):
         super().__init__(model, endpoint, concurrency)
         self.native_dimension = native_dimension or _NATIVE_DIMENSIONS[short_name]
 
-    async def _embed_one(self, text: str, task_type: TaskType, dimension: int) -> np.ndarray:
-        # One types.Content per request, never a list of strings: how the SDK sends a list depends on its version
-        # and the model (3.6 turns a list into one batchEmbedContents entry per string for gemini-embedding-001,
-        # but merges it into ONE multi-part content, hence one vector, for multimodal embedding models). One
-        # Content is one entry in `requests[]` everywhere, and the count is checked below.
+    async def _embed_request(self, texts: Sequence[str], task_type: TaskType, dimension: int) -> np.ndarray:
+        """One batchEmbedContents request for `texts`; its vectors, checked one per text."""
+        # A list of types.Content, one per text, never a list of strings: how the SDK sends a list of strings depends
+        # on its version and the model (3.6 sends one entry per string for gemini-embedding-001, but merges the list
+        # into ONE multi-part content, hence one vector, for multimodal embedding models). One Content is one entry
+        # of `requests[]` everywhere, and the count is checked below.
         send = functools.partial(
             self._connection.client.aio.models.embed_content,
             model=self.model_id,
-            contents=types.Content(role="user", parts=[types.Part(text=text)]),
+            contents=[types.Content(role="user", parts=[types.Part(text=text)]) for text in texts],
             config=types.EmbedContentConfig(task_type=TaskType(task_type).value, output_dimensionality=dimension),
         )
         counter = RequestCounter()
@@ -544,16 +552,18 @@ class GeminiEmbedder(_ConnectedBackend, Embedder):
             self.stats.record(failed=True, retries=max(counter.requests - 1, 0))
             raise
         embeddings = response.embeddings or []
-        values = embeddings[0].values if len(embeddings) == 1 else None
-        if not values or len(values) < dimension:
+        short = [index for index, embedding in enumerate(embeddings) if len(embedding.values or []) < dimension]
+        if len(embeddings) != len(texts) or short:
             self.stats.record(failed=True, retries=counter.requests - 1)
-            got = f"{len(embeddings)} embeddings" if len(embeddings) != 1 else f"{len(values or [])} components"
-            raise GeminiError(f"{self.model_id}: expected one {dimension}-d embedding for one text, got {got}")
+            got = (f"{len(embeddings)} embeddings" if len(embeddings) != len(texts)
+                   else f"embedding {short[0]} with {len(embeddings[short[0]].values or [])} components")
+            raise GeminiError(f"{self.model_id}: expected {len(texts)} {dimension}-d embeddings for {len(texts)} "
+                              f"texts, got {got}")
         self.stats.record(retries=counter.requests - 1)
-        return np.asarray(values[:dimension], dtype=np.float32)
+        return np.asarray([embedding.values[:dimension] for embedding in embeddings], dtype=np.float32)
 
     async def aembed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
-        """Like `embed`, awaitable; at most `concurrency` requests in flight."""
+        """Like `embed`, awaitable; requests of up to TEXTS_PER_REQUEST texts, at most `concurrency` in flight."""
         dimension = dimension or self.native_dimension
         if not 0 < dimension <= self.native_dimension:
             raise ValueError(f"dimension {dimension} is outside 1..{self.native_dimension} for {self.model_id}")
@@ -563,13 +573,14 @@ class GeminiEmbedder(_ConnectedBackend, Embedder):
             return np.zeros((0, dimension), dtype=np.float32)
         semaphore = asyncio.Semaphore(self.concurrency)
 
-        async def one(text: str) -> np.ndarray:
+        async def one(chunk: Sequence[str]) -> np.ndarray:
             async with semaphore:
-                return await self._embed_one(text, task_type, dimension)
+                return await self._embed_request(chunk, task_type, dimension)
 
-        vectors = await gather_in_order([one(text) for text in texts])
+        step = self.TEXTS_PER_REQUEST
+        blocks = await gather_in_order([one(texts[start:start + step]) for start in range(0, len(texts), step)])
         # Gemini normalizes only full 3072-d output; truncated (Matryoshka) vectors come back with norms below 1.
-        return truncate_and_normalize(np.stack(vectors), dimension)
+        return truncate_and_normalize(np.concatenate(blocks), dimension)
 
     def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
         return self._connection.loop.run(self.aembed(texts, task_type, dimension))

@@ -18,6 +18,7 @@ count them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 
 from pipelines import progress
 from pipelines.accounting import CountRows, sum_tallies
@@ -45,7 +47,8 @@ STAGE = "embed_teacher"
 class EmbedTeacherConfig:
     #: Matryoshka dimension of the stored teacher vectors; None keeps the model's full dimension.
     dimension: int | None = None
-    #: Texts per backend call; the local embedder batches on its own device, Gemini sends one request per text.
+    #: Texts per backend call: a batch on the local embedder's device, one batchEmbedContents request on Gemini (which
+    #: takes at most 100 texts a request: larger batches are split).
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -109,6 +112,14 @@ def _baseline_tallies(stage: str) -> list[tuple[tuple[str, ...], int]]:
             (("embedding", stage, "skipped_by_budget"), 0), (("cache", "embeddings_computed"), 0)]
 
 
+def _by_task_type(batch: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, list[tuple[str, list[dict[str, Any]]]]]:
+    """A batch's keys by task type: one backend call embeds texts of one task type."""
+    by_task: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for key, items in batch:
+        by_task.setdefault(items[0]["task_type"], []).append((key, items))
+    return by_task
+
+
 class TeacherCallHandler(CallHandler):
     """The teacher behind `CachedCall`: texts keyed by `embedding_cache_key`, misses embedded one task type per backend
     call. Every text sent goes to the "sent" output as its estimated (input tokens, micro-USD), and into the usage
@@ -125,8 +136,11 @@ class TeacherCallHandler(CallHandler):
 
     def __init__(self, stage: str, spec: EmbedderSpec, identity: ModelIdentity, config: EmbedTeacherConfig):
         # Fixed-size batches: on a busy CPU a forward pass of 1-2 texts costs nearly as much as one of 32 (torch's
-        # threads wait on each other at every op), and an API backend keeps only a batch's worth of requests in flight.
+        # threads wait on each other at every op). Gemini takes a batch as one batchEmbedContents request, and keeps
+        # `concurrency` such requests always in flight (cached_calls.py).
         super().__init__(stage, identity, config.batch_size)
+        if spec.backend == "gemini":
+            self.in_flight = spec.concurrency
         self.spec = spec
         self.config = config
         self._embedded = beam.metrics.Metrics.counter(f"embforge.{stage}", "texts_embedded")
@@ -156,33 +170,51 @@ class TeacherCallHandler(CallHandler):
 
     def call(self, embedder: Embedder, batch: list[tuple[str, list[dict[str, Any]]]],
              cache: CacheWriter) -> Iterator[Any]:
-        by_task: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
-        for key, items in batch:
-            by_task.setdefault(items[0]["task_type"], []).append((key, items))
-        for task_type, groups in by_task.items():
-            yield from self._embed(embedder, task_type, groups, cache)
+        for task_type, groups in _by_task_type(batch).items():
+            try:
+                vectors = embedder.embed([items[0]["text"] for _, items in groups], TaskType(task_type),
+                                         self.config.dimension)
+            except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
+                vectors = error
+            yield from self._outputs(task_type, groups, vectors, cache)
 
-    def _embed(self, embedder: Embedder, task_type: str, groups: list[tuple[str, list[dict[str, Any]]]],
-               cache: CacheWriter) -> Iterator[Any]:
-        texts = [items[0]["text"] for _, items in groups]
-        # Counted as spent whether or not the batch succeeds: a batch fails as a whole, after some of its texts may have
+    async def acall(self, embedder: Embedder,
+                    batch: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, np.ndarray | Exception]:
+        """Each task type's vectors, or the error that stopped them (a rejected row each, never a stopped run)."""
+        vectors: dict[str, np.ndarray | Exception] = {}
+        for task_type, groups in _by_task_type(batch).items():
+            try:
+                vectors[task_type] = await embedder.aembed([items[0]["text"] for _, items in groups],
+                                                           TaskType(task_type), self.config.dimension)
+            except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
+                vectors[task_type] = error
+        return vectors
+
+    def collect(self, batch: list[tuple[str, list[dict[str, Any]]]], answer: concurrent.futures.Future,
+                cache: CacheWriter) -> Iterator[Any]:
+        vectors = answer.result()
+        for task_type, groups in _by_task_type(batch).items():
+            yield from self._outputs(task_type, groups, vectors[task_type], cache)
+
+    def _outputs(self, task_type: str, groups: list[tuple[str, list[dict[str, Any]]]],
+                 vectors: np.ndarray | Exception, cache: CacheWriter) -> Iterator[Any]:
+        """The outputs of one task type's texts sent together: their vectors (cached), or one rejection per item."""
+        # Counted as spent whether or not the request succeeded: it fails as a whole, after some of its texts may have
         # been answered (and billed).
-        for text in texts:
-            sent = estimated_embedding_usage(self.spec, text)
+        for _, items in groups:
+            sent = estimated_embedding_usage(self.spec, items[0]["text"])
             for key, count in usage_tallies(self.stage, sent):
                 self.tally.add(key, count)
             yield beam.pvalue.TaggedOutput("sent", sent)
-        try:
-            vectors = embedder.embed(texts, TaskType(task_type), self.config.dimension)
-        except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
+        if isinstance(vectors, Exception):
             for _, items in groups:
                 for item in items:
                     yield beam.pvalue.TaggedOutput("rejected", rejected_row(
                         self.stage, "embedding_failed", item, record_id=item["id"],
-                        detail=f"{type(error).__name__}: {error}"))
+                        detail=f"{type(vectors).__name__}: {vectors}"))
             return
-        self._embedded.inc(len(texts))
-        progress.advance("teacher embeddings", len(texts))
+        self._embedded.inc(len(groups))
+        progress.advance("teacher embeddings", len(groups))
         for (key, items), vector in zip(groups, vectors, strict=True):
             cache.add(cache_entry(key, *self.identity, task_type, items[0]["text"], vector))
             embedding = [float(x) for x in vector]
