@@ -28,16 +28,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.accounting import TALLIES
 from pipelines.cache import CacheWriter
 from pipelines.outputs import ensure_folder
-
-if TYPE_CHECKING:
-    from pipelines.cached_calls import CallHandler
 
 LOGGER = logging.getLogger(__name__)
 
@@ -108,7 +106,7 @@ class _BatchJobFn(beam.DoFn):
     """(job group, [(key, items)]) -> the handler's outputs, through one Batch API job: submitted (or found), waited
     for, read back; what it did not answer asked online."""
 
-    def __init__(self, handler: CallHandler, cache_dir: str, budget_limits: str = ""):
+    def __init__(self, handler: Any, cache_dir: str, budget_limits: str = ""):
         self._handler = handler
         self._cache_dir = cache_dir
         self._budget_limits = budget_limits
@@ -139,10 +137,8 @@ class _BatchJobFn(beam.DoFn):
                            handler.stage, record.name, state, len(to_call))
         failed = sum(1 for line in results.values() if "response" not in line)
         answered = [(key, items, results.get(key)) for key, items in to_call]
-        asked_online = 0
-        for output, online in handler.answer_batch(self._client, answered, self._writer):
-            asked_online += online
-            yield output
+        outputs, asked_online = handler.answer_batch(self._client, answered, self._writer)
+        yield from outputs
         self._writer.flush()
         record.state = "done"
         write_record(self._cache_dir, record)
@@ -181,7 +177,7 @@ class _BatchJobFn(beam.DoFn):
 class BatchJobs(beam.PTransform):
     """(key, items) misses -> the handler's outputs, answered through Batch API jobs (see the module docstring)."""
 
-    def __init__(self, handler: CallHandler, cache_dir: str | None, allowed: Any, budget_limits: str):
+    def __init__(self, handler: Any, cache_dir: str | None, allowed: Any, budget_limits: str):
         super().__init__()
         if not cache_dir:
             raise ValueError(f"{handler.stage}: batch mode needs a cache dir, where its jobs are recorded")
@@ -206,7 +202,6 @@ class BatchJobs(beam.PTransform):
         )
 
 
-def _tags(handler: CallHandler) -> tuple[str, ...]:
-    from pipelines.accounting import TALLIES
+def _tags(handler: Any) -> tuple[str, ...]:
 
     return (TALLIES, *handler.outputs)

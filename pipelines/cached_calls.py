@@ -8,14 +8,15 @@ plan (pipelines/budget.py: `RunBudget`) -> fixed-size batches -> one DoFn lifecy
 `process` calls a batch of misses and adds their cache entries (written every `flush_every`: what a kill can lose),
 `finish_bundle` flushes the cache writer and the bundle's tallies, `teardown` flushes and closes the client.
 
-Two ways to send the misses:
+Three ways to send the misses:
 - **batch by batch** (`CallHandler.call`): a backend that answers a batch at once itself (the local LLM decodes a batch
   per forward pass, the local teacher embeds one) gets fixed-size batches;
 - **always in flight** (`CallHandler.acall`, when `in_flight` > 0): an API backend, whose calls wait on the network,
   keeps `in_flight` requests running on its event loop at all times. Each answer is collected as it arrives and a
   new request starts in its slot, so no slot waits for the slowest request of a batch. The one wait left is at the
   end of a bundle: Beam commits a bundle only with all its outputs, so `finish_bundle` collects what is still in
-  flight.
+  flight;
+- **as Batch API jobs** (`CallHandler.answer_batch`, when `batch_mode`): pipelines/batch_calls.py.
 
 Handlers are plain picklable objects: they travel to the workers inside the DoFns; the client is built there.
 """
@@ -33,6 +34,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines import progress
 from pipelines.accounting import TALLIES, StageTally, sum_tallies
+from pipelines.batch_calls import BatchJobs
 from pipelines.budget import RunBudget, add_spends
 from pipelines.cache import CacheWriter, SplitByCache
 from pipelines.model_access import ModelIdentity
@@ -58,6 +60,11 @@ class CallHandler(abc.ABC):
     in_flight: int = 0
     #: Seconds a cache entry may wait in the writer's buffer: what a kill can lose while answers come slowly.
     flush_seconds: float = 5.0
+    #: Whether misses go to Gemini Batch API jobs (the spec's mode "batch", pipelines/batch_calls.py), at most
+    #: `batch_max_requests` a job, as embedding jobs when `batch_embeddings`.
+    batch_mode: bool = False
+    batch_max_requests: int = 20_000
+    batch_embeddings: bool = False
 
     def __init__(self, stage: str, identity: ModelIdentity, batch_size: int):
         self.stage = stage
@@ -105,6 +112,20 @@ class CallHandler(abc.ABC):
         """Outputs of a batch `acall` has answered (`answer.result()`), as `call` gives them; adds each success's cache
         entry to `cache`."""
         raise NotImplementedError(f"{type(self).__name__} sends its misses batch by batch")
+
+    def load_batch_client(self) -> Any:
+        """The Batch API client (`batch_mode` only; in `setup`, on the worker)."""
+        raise NotImplementedError(f"{type(self).__name__} has no batch mode")
+
+    def batch_line(self, key: str, items: list[Any]) -> dict[str, Any]:
+        """The JSONL input line of one miss in a Batch API job."""
+        raise NotImplementedError(f"{type(self).__name__} has no batch mode")
+
+    def answer_batch(self, client: Any, answered: list[tuple[str, list[Any], dict[str, Any] | None]],
+                     cache: CacheWriter) -> tuple[list[Any], int]:
+        """The outputs of a job's misses from their result lines (None: no line), and how many were asked online
+        instead (lines that failed or did not validate), through `client`; adds each success's cache entry."""
+        raise NotImplementedError(f"{type(self).__name__} has no batch mode")
 
     @abc.abstractmethod
     def spend(self, output: Any) -> Any:
@@ -260,16 +281,11 @@ class CachedCall(beam.PTransform):
         hits = split["hits"] | "FromCache" >> beam.ParDo(_FromCacheFn(handler)).with_outputs(TALLIES, main="main")
         misses = split["misses"] | "Order" >> beam.MapTuple(lambda key, items: (key, handler.group(items)))
         allowed = None if self._budget is None else beam.pvalue.AsSingleton(self._plan(misses))
-        call_fn = _CallInFlightFn if handler.in_flight else _CallMissesFn
-        called = (
-            misses
-            # Fixed-size batches from the start, not BatchElements' ramp from 1: the handler's size is what its
-            # backend takes at once (see each handler), and the last batch of a bundle may be smaller.
-            | "Batch" >> beam.BatchElements(min_batch_size=handler.batch_size, max_batch_size=handler.batch_size)
-            | "Call" >> beam.ParDo(
-                call_fn(handler, self._cache_dir, self._budget.describe() if self._budget else ""),
-                allowed).with_outputs(TALLIES, *handler.outputs, main="main")
-        )
+        budget_limits = self._budget.describe() if self._budget else ""
+        if handler.batch_mode:
+            called = misses | "BatchJobs" >> BatchJobs(handler, self._cache_dir, allowed, budget_limits)
+        else:
+            called = self._call_online(misses, allowed, budget_limits)
         if self._budget is not None:
             self._record_spend(called[handler.spend_output or "main"])
         outputs = {tag: called[tag] for tag in handler.outputs}
@@ -278,6 +294,19 @@ class CachedCall(beam.PTransform):
             "main": (hits["main"], called["main"]) | "Outputs" >> beam.Flatten(),
             "tallies": sum_tallies((hits[TALLIES], called[TALLIES]), "SumCallTallies"),
         }
+
+    def _call_online(self, misses, allowed, budget_limits):
+        """Misses in fixed-size batches, each called batch by batch or kept in flight (see the module docstring)."""
+        handler = self._handler
+        call_fn = _CallInFlightFn if handler.in_flight else _CallMissesFn
+        return (
+            misses
+            # Fixed-size batches from the start, not BatchElements' ramp from 1: the handler's size is what its
+            # backend takes at once (see each handler), and the last batch of a bundle may be smaller.
+            | "Batch" >> beam.BatchElements(min_batch_size=handler.batch_size, max_batch_size=handler.batch_size)
+            | "Call" >> beam.ParDo(call_fn(handler, self._cache_dir, budget_limits), allowed).with_outputs(
+                TALLIES, *handler.outputs, main="main")
+        )
 
     def _plan(self, misses):
         """The set of miss keys this stage may call, once the earlier stages' spending is known."""

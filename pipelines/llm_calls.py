@@ -26,7 +26,8 @@ from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
 from pipelines.cache import LLM_CACHE, CacheWriter
 from pipelines.cached_calls import CachedCall, CallHandler
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, GenerationResult, Usage
-from pipelines.clients.factory import billable_output_tokens, build_llm
+from pipelines.clients.factory import billable_output_tokens, build_batch_client, build_llm
+from pipelines.clients.gemini_thinking import gemini_thinking_budget
 from pipelines.clients.specs import LLMSpec
 from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.pricing import estimated_cost_micro_usd
@@ -84,8 +85,16 @@ class LLMAnswer:
     #: Where the answer came from: "backend" (a paid call), "cache" (an earlier run), "duplicate" (an identical
     #: request of this run was called), "budget" (not called: the run's call budget was spent).
     source: Literal["backend", "cache", "duplicate", "budget"] = "backend"
+    #: The part of `usage` billed through the Batch API (at its price); the rest was billed online.
+    batch_usage: Usage = Usage()
 
 
+def answer_cost_micro_usd(spec: LLMSpec, answer: LLMAnswer) -> int:
+    """What a paid answer cost: its batch part at the Batch API's price, the rest (online asks) at list price."""
+    online = Usage(answer.usage.input_tokens - answer.batch_usage.input_tokens,
+                   answer.usage.output_tokens - answer.batch_usage.output_tokens)
+    return (estimated_cost_micro_usd(spec, answer.batch_usage, mode="batch")
+            + estimated_cost_micro_usd(spec, online, mode="online"))
 
 
 def failure_reason(answer: LLMAnswer, reason: str) -> str:
@@ -162,7 +171,11 @@ def worst_case_micro_usd(spec: LLMSpec, request: LLMRequest) -> int:
     prompt_tokens = upper_token_estimate([message.content for message in request.messages]
                                          + list(request.continuations))
     output_tokens = billable_output_tokens(spec, request.config.max_output_tokens) if request.mode == "generate" else 0
-    return estimated_cost_micro_usd(spec, Usage(asks * prompt_tokens, asks * output_tokens))
+    online = estimated_cost_micro_usd(spec, Usage(asks * prompt_tokens, asks * output_tokens), mode="online")
+    if spec.mode != "batch":
+        return online
+    # The batch ask, then, if its line fails or does not validate, every ask online at list price.
+    return online + estimated_cost_micro_usd(spec, Usage(prompt_tokens, output_tokens), mode="batch")
 
 
 
@@ -175,7 +188,7 @@ def answer_tallies(answer: LLMAnswer, stage: str, spec: LLMSpec) -> Iterator[tup
     if answer.source == "backend":
         yield ("llm", stage, "input_tokens"), answer.usage.input_tokens
         yield ("llm", stage, "output_tokens"), answer.usage.output_tokens
-        yield ("cost", stage), estimated_cost_micro_usd(spec, answer.usage)
+        yield ("cost", stage), answer_cost_micro_usd(spec, answer)
         yield ("cache", "llm_calls"), 1
     elif answer.source == "cache":
         yield ("cache", "llm_hits"), 1
@@ -225,6 +238,8 @@ class LLMCallHandler(CallHandler):
             # give it full decoding batches, and a kill loses at most one batch of answers, cached at its end.
             super().__init__(stage, identity, batch_size=max(1, 8 * spec.concurrency))
         self.spec = spec
+        self.batch_mode = spec.mode == "batch"
+        self.batch_max_requests = spec.batch_max_requests
         self._calls = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_calls")
         self._failures = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_failures")
 
@@ -267,6 +282,46 @@ class LLMCallHandler(CallHandler):
         for (key, requests), first in zip(batch, answer.result(), strict=True):
             yield from self._answered(key, requests, first, cache)
 
+    def load_batch_client(self) -> Any:
+        return build_batch_client(self.spec)
+
+    def batch_line(self, key: str, requests: list[LLMRequest]) -> dict[str, Any]:
+        # Batch mode is Gemini's: its SDK is imported only here, so a local run never loads it.
+        from pipelines.clients.gemini_batch import generate_request_line
+
+        request = requests[0]
+        if request.mode != "generate" or request.output_model is None:
+            raise ValueError(f"request {request.request_id}: batch mode asks for generate requests only")
+        spec = self.spec
+        return generate_request_line(key, request.messages, request.output_model, request.config, spec.model_name,
+                                     gemini_thinking_budget(spec.model_name, spec.thinking_budget))
+
+    def answer_batch(self, llm: LLM, answered: list[tuple[str, list[LLMRequest], dict[str, Any] | None]],
+                     cache: CacheWriter) -> tuple[list[LLMAnswer], int]:
+        from pipelines.clients.gemini import parse_generate_response
+        from pipelines.clients.gemini_batch import line_error, response_of
+
+        outputs: list[LLMAnswer] = []
+        online: list[tuple[str, list[LLMRequest], Usage]] = []
+        for key, requests, line in answered:
+            first = requests[0]
+            if line_error(line) is None:
+                parsed = parse_generate_response(response_of(line), first.output_model)
+                if parsed.value is not None:
+                    answer = LLMAnswer(first, True, parsed.value.model_dump(mode="json"), parsed.raw, None,
+                                       parsed.usage, batch_usage=parsed.usage)
+                    outputs += self._answered(key, requests, answer, cache)
+                    continue
+                online.append((key, requests, parsed.usage))  # billed, but no answer: asked again online
+            else:
+                online.append((key, requests, Usage()))
+        if online:
+            answers = call_many(llm, [requests[0] for _, requests, _ in online], self.spec.concurrency)
+            for (key, requests, batch_usage), answer in zip(online, answers, strict=True):
+                answer = replace(answer, usage=answer.usage + batch_usage, batch_usage=batch_usage)
+                outputs += self._answered(key, requests, answer, cache)
+        return outputs, len(online)
+
     def _answered(self, key: str, requests: list[LLMRequest], first: LLMAnswer,
                   cache: CacheWriter) -> Iterator[LLMAnswer]:
         """The answers of one key's call: cached if it succeeded, shared with the key's identical requests."""
@@ -281,7 +336,7 @@ class LLMCallHandler(CallHandler):
     def spend(self, answer: LLMAnswer) -> Spend | None:
         if answer.source != "backend":
             return None
-        return Spend(1, estimated_cost_micro_usd(self.spec, answer.usage))
+        return Spend(1, answer_cost_micro_usd(self.spec, answer))
 
 
 class CallLLM(beam.PTransform):

@@ -20,6 +20,7 @@ from pipelines.clients.specs import EmbedderSpec, LLMSpec
 
 if TYPE_CHECKING:
     from pipelines.clients.gemini import GeminiEndpoint
+    from pipelines.clients.gemini_batch import GeminiBatchClient
 
 
 def build_llm(spec: LLMSpec) -> LLM:
@@ -61,6 +62,14 @@ def _gemini_embedder(spec: EmbedderSpec) -> Embedder:
     from pipelines.clients.gemini import GeminiEmbedder
 
     return GeminiEmbedder(spec.model_name, endpoint=_gemini_endpoint(spec), concurrency=spec.concurrency)
+
+
+def build_batch_client(spec: LLMSpec | EmbedderSpec) -> GeminiBatchClient:
+    """The Gemini Batch API client of a spec in batch mode (pipelines/batch_calls.py)."""
+    from pipelines.clients.gemini_batch import BatchPolling, GeminiBatchClient
+
+    polling = BatchPolling(spec.batch_poll_initial_s, spec.batch_poll_max_s, spec.batch_max_wait_s)
+    return GeminiBatchClient(spec.model_name, _gemini_endpoint(spec), polling)
 
 
 def _gemini_endpoint(spec: LLMSpec | EmbedderSpec) -> GeminiEndpoint:

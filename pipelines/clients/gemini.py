@@ -265,8 +265,8 @@ class GeminiConnection:
 
 
 class _ConnectedBackend:
-    """What both backends share: the model (its name is its version), the requests in flight, and one `GeminiConnection`,
-    closed with the backend (also on leaving a `with` block)."""
+    """What both backends share: the model (its name is its version), the requests in flight, and one
+    `GeminiConnection`, closed with the backend (also on leaving a `with` block)."""
 
     def __init__(self, model: str, endpoint: GeminiEndpoint | None, concurrency: int):
         super().__init__()

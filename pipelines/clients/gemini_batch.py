@@ -86,10 +86,12 @@ def generate_request_line(key: str, messages: Sequence[ChatMessage], output_mode
     return {"key": key, "request": request}
 
 
-def embed_request_line(key: str, text: str, task_type: str, dimension: int) -> dict[str, Any]:
-    """One JSONL input line of an embeddings job."""
-    return {"key": key, "request": {"content": {"parts": [{"text": text}]}, "taskType": TaskType(task_type).value,
-                                    "outputDimensionality": dimension}}
+def embed_request_line(key: str, text: str, task_type: str, dimension: int | None) -> dict[str, Any]:
+    """One JSONL input line of an embeddings job; no dimension asks for the model's full one."""
+    request: dict[str, Any] = {"content": {"parts": [{"text": text}]}, "taskType": TaskType(task_type).value}
+    if dimension is not None:
+        request["outputDimensionality"] = dimension
+    return {"key": key, "request": request}
 
 
 def read_result_lines(data: bytes) -> dict[str, dict[str, Any]]:

@@ -24,6 +24,13 @@ API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 CallMode = Literal["online", "batch"]
 
 
+def check_mode(backend: str, mode: str, batch_max_requests: int) -> None:
+    if mode == "batch" and backend != "gemini":
+        raise ValueError(f"mode 'batch' is the Gemini Batch API: it needs backend 'gemini', got {backend!r}")
+    if batch_max_requests < 1:
+        raise ValueError(f"batch_max_requests must be >= 1, got {batch_max_requests}")
+
+
 @dataclass(frozen=True)
 class LLMSpec:
     #: "custom" builds the client by calling `model` ("package.module:callable"), for plug-in backends and test fakes.
@@ -61,6 +68,16 @@ class LLMSpec:
     #: List price in USD per million (input, output) tokens; None takes pipelines/pricing.py's table by model name.
     #: For a model the table does not know (a self-hosted server: 0, 0).
     usd_per_million_tokens: tuple[float, float] | None = None
+    #: Batch mode: requests per Batch API job (each job's JSONL must stay under the Files API's 2 GB), and how its
+    #: jobs are polled: from `batch_poll_initial_s` apart, growing to `batch_poll_max_s`, for at most
+    #: `batch_max_wait_s` (past the 48 h after which the service expires a job).
+    batch_max_requests: int = 20_000
+    batch_poll_initial_s: float = 30.0
+    batch_poll_max_s: float = 600.0
+    batch_max_wait_s: float = 50 * 3600.0
+
+    def __post_init__(self) -> None:
+        check_mode(self.backend, self.mode, self.batch_max_requests)
 
     @property
     def model_name(self) -> str:
@@ -92,6 +109,16 @@ class EmbedderSpec:
     mode: CallMode = "online"
     #: As `LLMSpec.usd_per_million_tokens` (embeddings bill input tokens only).
     usd_per_million_tokens: tuple[float, float] | None = None
+    #: Batch mode: requests per Batch API job (each job's JSONL must stay under the Files API's 2 GB), and how its
+    #: jobs are polled: from `batch_poll_initial_s` apart, growing to `batch_poll_max_s`, for at most
+    #: `batch_max_wait_s` (past the 48 h after which the service expires a job).
+    batch_max_requests: int = 20_000
+    batch_poll_initial_s: float = 30.0
+    batch_poll_max_s: float = 600.0
+    batch_max_wait_s: float = 50 * 3600.0
+
+    def __post_init__(self) -> None:
+        check_mode(self.backend, self.mode, self.batch_max_requests)
 
     @property
     def model_name(self) -> str:

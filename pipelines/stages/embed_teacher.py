@@ -33,9 +33,9 @@ from pipelines.accounting import CountRows, sum_tallies
 from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
 from pipelines.cache import EMBEDDING_CACHE, CacheWriter
 from pipelines.cached_calls import CachedCall, CallHandler
-from pipelines.clients.base import Embedder, TaskType, Usage
-from pipelines.clients.factory import build_embedder
-from pipelines.clients.specs import EmbedderSpec
+from pipelines.clients.base import Embedder, TaskType, Usage, truncate_and_normalize
+from pipelines.clients.factory import build_batch_client, build_embedder
+from pipelines.clients.specs import CallMode, EmbedderSpec
 from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.pricing import estimated_cost_micro_usd, is_priced
 from pipelines.stages import rejected_row
@@ -67,17 +67,17 @@ def embedding_cache_key(model_id: str, model_version: str, task_type: str, dimen
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
-def estimated_embedding_usage(spec: EmbedderSpec, text: str) -> tuple[int, int]:
+def estimated_embedding_usage(spec: EmbedderSpec, text: str, mode: CallMode = "online") -> tuple[int, int]:
     """(input tokens, micro-USD) of embedding one text, estimated from above.
 
     The embedding API answers with vectors only, no token counts, so the spend is priced the same way it is planned:
     the text at UTF-8 bytes / 3 tokens, more than prose or code holds (see BYTES_PER_TOKEN_LOWER_BOUND). Planning and
     recording with one figure keeps the run's spend an upper bound of what was billed. The cost is rounded up to a
     whole micro-dollar per text, so a short query (10 tokens, 1.5 micro-USD) counts up to 1 micro-USD more: the budget
-    errs on the side of stopping early.
+    errs on the side of stopping early. `mode` is how the text was sent: online, or in a Batch API job (half price).
     """
     tokens = upper_token_estimate([text])
-    return tokens, estimated_cost_micro_usd(spec, Usage(tokens, 0))
+    return tokens, estimated_cost_micro_usd(spec, Usage(tokens, 0), mode=mode)
 
 
 def cache_entry(key: str, model_id: str, model_version: str, task_type: str, text: str, vector) -> dict[str, Any]:
@@ -142,6 +142,9 @@ class TeacherCallHandler(CallHandler):
         if spec.backend == "gemini":
             self.in_flight = spec.concurrency
         self.spec = spec
+        self.batch_mode = spec.mode == "batch"
+        self.batch_max_requests = spec.batch_max_requests
+        self.batch_embeddings = True
         self.config = config
         self._embedded = beam.metrics.Metrics.counter(f"embforge.{stage}", "texts_embedded")
 
@@ -155,8 +158,12 @@ class TeacherCallHandler(CallHandler):
             yield {"id": item["id"], "task_type": item["task_type"], "embedding": entry["embedding"]}
 
     def worst_case_micro_usd(self, items: list[dict[str, Any]]) -> int:
-        """Each text priced as `estimated_embedding_usage` prices it (planned and recorded with one figure)."""
-        return estimated_embedding_usage(self.spec, items[0]["text"])[1]
+        """Each text priced as `estimated_embedding_usage` prices it (planned and recorded with one figure); in batch
+        mode its batch line, then an online request should the line fail."""
+        online = estimated_embedding_usage(self.spec, items[0]["text"])[1]
+        if not self.batch_mode:
+            return online
+        return online + estimated_embedding_usage(self.spec, items[0]["text"], "batch")[1]
 
     def refuse(self, items: list[dict[str, Any]], budget_limits: str) -> Iterator[Any]:
         for item in items:
@@ -196,13 +203,43 @@ class TeacherCallHandler(CallHandler):
         for task_type, groups in _by_task_type(batch).items():
             yield from self._outputs(task_type, groups, vectors[task_type], cache)
 
+    def load_batch_client(self) -> Any:
+        return build_batch_client(self.spec)
+
+    def batch_line(self, key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        from pipelines.clients.gemini_batch import embed_request_line
+
+        return embed_request_line(key, items[0]["text"], items[0]["task_type"], self.config.dimension)
+
+    def answer_batch(self, embedder: Embedder, answered: list[tuple[str, list[dict[str, Any]], dict[str, Any] | None]],
+                     cache: CacheWriter) -> tuple[list[Any], int]:
+        from pipelines.clients.gemini_batch import line_error
+
+        outputs: list[Any] = []
+        by_task: dict[str, list[tuple[tuple[str, list[dict[str, Any]]], list[float]]]] = {}
+        online = []
+        dimension = self.config.dimension or embedder.native_dimension
+        for key, items, line in answered:
+            values = line["response"].get("embedding", {}).get("values", []) if line_error(line) is None else []
+            if len(values) < dimension:
+                online.append((key, items))  # a failed line, or no full vector: embedded online
+            else:
+                by_task.setdefault(items[0]["task_type"], []).append(((key, items), values[:dimension]))
+        for task_type, embedded in by_task.items():
+            vectors = truncate_and_normalize(np.asarray([values for _, values in embedded], dtype=np.float32),
+                                             dimension)
+            outputs += self._outputs(task_type, [group for group, _ in embedded], vectors, cache, "batch")
+        if online:
+            outputs += self.call(embedder, online, cache)
+        return outputs, len(online)
+
     def _outputs(self, task_type: str, groups: list[tuple[str, list[dict[str, Any]]]],
-                 vectors: np.ndarray | Exception, cache: CacheWriter) -> Iterator[Any]:
+                 vectors: np.ndarray | Exception, cache: CacheWriter, mode: CallMode = "online") -> Iterator[Any]:
         """The outputs of one task type's texts sent together: their vectors (cached), or one rejection per item."""
         # Counted as spent whether or not the request succeeded: it fails as a whole, after some of its texts may have
         # been answered (and billed).
         for _, items in groups:
-            sent = estimated_embedding_usage(self.spec, items[0]["text"])
+            sent = estimated_embedding_usage(self.spec, items[0]["text"], mode)
             for key, count in usage_tallies(self.stage, sent):
                 self.tally.add(key, count)
             yield beam.pvalue.TaggedOutput("sent", sent)
