@@ -54,7 +54,9 @@ def _generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="run directory (local or gs://); overrides generate.output")
     parser.add_argument("--corpus",
                         help="corpus path or glob, or builtin:python-stdlib; overrides generate.corpus.path")
-    parser.add_argument("--llm", choices=("local", "gemini"), help="LLM backend; overrides generate.llm.backend")
+    parser.add_argument("--llm", choices=("local", "gemini", "openai"),
+                        help="LLM backend (openai: any OpenAI-compatible server, see generate.llm.base_url); "
+                             "overrides generate.llm.backend")
     parser.add_argument("--teacher", choices=("local", "gemini"),
                         help="teacher embedding backend; overrides generate.teacher.backend")
     parser.add_argument("--sample", type=int, help="use at most this many passages; overrides generate.corpus.sample")

@@ -53,6 +53,7 @@ from pipelines.clients.base import (
 from pipelines.clients.event_loop import LoopThread, gather_in_order
 from pipelines.clients.gemini_thinking import gemini_output_token_limit, gemini_thinking_budget
 from pipelines.clients.retry import TRANSIENT_STATUS_CODES, TRANSPORT_ERRORS, RetryPolicy
+from pipelines.clients.secret import Secret
 from pipelines.clients.specs import API_KEY_VARIABLES, DEFAULT_GEMINI_EMBEDDER, DEFAULT_GEMINI_LLM
 
 logger = logging.getLogger(__name__)
@@ -104,29 +105,6 @@ class GeminiUnavailableError(GeminiError):
 # --- the API key ------------------------------------------------------------------------------------------------------
 
 
-class _Secret:
-    """Holds the API key so it cannot leak through repr, str, vars() dumps of its owner or pickling."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def redact(self, text: str) -> str:
-        return text.replace(self._value, "[redacted]") if self._value else text
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("the Gemini API key does not pickle: build Gemini clients in DoFn.setup(), from a spec")
-
-
 def api_key_from_env(environ: Mapping[str, str] | None = None) -> str:
     """The Gemini API key from GOOGLE_API_KEY or GEMINI_API_KEY; an error naming both when neither is set."""
     environ = os.environ if environ is None else environ
@@ -172,7 +150,7 @@ class GeminiConnection:
         self.model = model
         self.endpoint = endpoint
         self.retry = endpoint.retry
-        self._key = _Secret(api_key_from_env())
+        self._key = Secret(api_key_from_env(), "the Gemini API key")
         http_options = types.HttpOptions(
             base_url=endpoint.base_url,
             api_version=endpoint.api_version,

@@ -22,6 +22,14 @@ API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 #: (Gemini only: gathered into Batch API jobs, answered within 24 h at half the list price). Not part of any cache key:
 #: the same model answers a request alike either way, so answers cached online serve a batch run and back.
 CallMode = Literal["online", "batch"]
+#: The OpenAI-compatible backend's key, when its server needs one (OpenAI does; a local vLLM, Ollama or llama.cpp
+#: server does not).
+OPENAI_API_KEY_VARIABLE = "OPENAI_API_KEY"
+#: OpenAI's own endpoint: the openai backend's server when no base_url is given, and the one where a key is required.
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+#: How the openai backend asks for JSON (pipelines/clients/openai_compatible.py): "auto" tries the server's JSON-schema
+#: response format and falls back to the schema in the prompt if the server refuses it.
+StructuredOutput = Literal["auto", "json_schema", "json_object", "prompt"]
 
 
 def check_mode(backend: str, mode: str, batch_max_requests: int) -> None:
@@ -33,11 +41,14 @@ def check_mode(backend: str, mode: str, batch_max_requests: int) -> None:
 
 @dataclass(frozen=True)
 class LLMSpec:
-    #: "custom" builds the client by calling `model` ("package.module:callable"), for plug-in backends and test fakes.
-    backend: Literal["local", "gemini", "custom"] = "local"
-    #: Hub id, local path, `packaged:<name>`, Gemini model name or custom factory; empty means the backend's default.
+    #: "openai" is any server speaking OpenAI's chat-completions protocol (vLLM, Ollama, llama.cpp, OpenAI). "custom"
+    #: builds the client by calling `model` ("package.module:callable"), for plug-in backends and test fakes.
+    backend: Literal["local", "gemini", "openai", "custom"] = "local"
+    #: Hub id, local path, `packaged:<name>`, Gemini model name, the model an OpenAI-compatible server serves, or custom
+    #: factory; empty means the backend's default (openai has none: the server decides what it serves).
     model: str = ""
-    #: Gemini: override the API endpoint (tests point it at the local fake server).
+    #: Gemini: override the API endpoint (tests point it at the local fake server). openai: the server's URL up to
+    #: /v1 (e.g. http://localhost:8000/v1); unset is OpenAI's own. Part of the openai backend's cache key.
     base_url: str | None = None
     api_version: str | None = None
     timeout_s: float = 60.0
@@ -68,6 +79,8 @@ class LLMSpec:
     #: List price in USD per million (input, output) tokens; None takes pipelines/pricing.py's table by model name.
     #: For a model the table does not know (a self-hosted server: 0, 0).
     usd_per_million_tokens: tuple[float, float] | None = None
+    #: openai backend: how the output's JSON schema reaches the server (see `StructuredOutput`).
+    structured_output: StructuredOutput = "auto"
     #: Batch mode: requests per Batch API job (each job's JSONL must stay under the Files API's 2 GB), and how its
     #: jobs are polled: from `batch_poll_initial_s` apart, growing to `batch_poll_max_s`, for at most
     #: `batch_max_wait_s` (past the 48 h after which the service expires a job).
@@ -78,9 +91,14 @@ class LLMSpec:
 
     def __post_init__(self) -> None:
         check_mode(self.backend, self.mode, self.batch_max_requests)
+        if self.backend == "openai" and not self.model:
+            raise ValueError("the openai backend needs model = the name the server serves the model under "
+                             "(e.g. Qwen/Qwen2.5-7B-Instruct for vLLM, qwen2.5:7b for Ollama)")
 
     @property
     def model_name(self) -> str:
+        if self.backend == "openai":
+            return self.model
         return self.model or (DEFAULT_GEMINI_LLM if self.backend == "gemini" else DEFAULT_LOCAL_LLM)
 
 

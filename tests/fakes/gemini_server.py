@@ -248,11 +248,15 @@ class FakeGeminiServer:
         if self._httpd is not None:
             return self
         # Loopback only, port 0: the OS picks a free port, nothing outside this machine can connect.
-        self._httpd = _Server(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = LoopbackHTTPServer(("127.0.0.1", 0), self.handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fake-gemini", daemon=True)
         self._thread.start()
         return self
+
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
+        """The request handler bound to this server: the protocol it speaks."""
+        return _handler_for(self)
 
     def stop(self) -> None:
         self._stopping.set()  # releases hanging "timeout" requests
@@ -330,13 +334,13 @@ class FakeGeminiServer:
             self._stopping.wait(seconds)
 
 
-class _Server(ThreadingHTTPServer):
+class LoopbackHTTPServer(ThreadingHTTPServer):
     # socketserver's listen backlog is 5: a client opening dozens of connections at once (concurrency 32) overflows
     # it, and the kernel resets some of them. The real service accepts them all.
     request_queue_size = 256
 
 
-def _choose_fault(plan: FaultPlan, draw: float, *, generate: bool) -> str | None:
+def choose_fault(plan: FaultPlan, draw: float, *, generate: bool) -> str | None:
     cumulative = 0.0
     for name, fraction in plan.kinds(generate=generate):
         cumulative += fraction
@@ -345,14 +349,14 @@ def _choose_fault(plan: FaultPlan, draw: float, *, generate: bool) -> str | None
     return None
 
 
-def _error_body(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS_NAMES.get(status, "UNKNOWN")}
     if details:
         error["details"] = details
     return {"error": error}
 
 
-def _record(
+def recorded_request(
     index: int,
     match: re.Match[str] | None,
     method: str,
@@ -476,11 +480,11 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             if not self._batch_service("GET", b""):
-                self._send_json(404, _error_body(404, f"no such route: GET {self.path}"))
+                self._send_json(404, error_body(404, f"no such route: GET {self.path}"))
 
         def do_DELETE(self) -> None:
             if not self._batch_service("DELETE", b""):
-                self._send_json(404, _error_body(404, f"no such route: DELETE {self.path}"))
+                self._send_json(404, error_body(404, f"no such route: DELETE {self.path}"))
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -503,7 +507,8 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
             def record_now() -> None:
                 nonlocal recorded
                 if not recorded:
-                    server._record(_record(index, match, method, body, arrived, status, fault, retry_after, tokens))
+                    server._record(
+                        recorded_request(index, match, method, body, arrived, status, fault, retry_after, tokens))
                     recorded = True
 
             self._before_body = record_now
@@ -511,17 +516,17 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 server.sleep(plan.latency_s)
                 if match is None or method not in ("generateContent", "batchEmbedContents", "embedContent"):
                     status = 404
-                    self._send_json(404, _error_body(404, f"no such method: POST {self.path}"))
+                    self._send_json(404, error_body(404, f"no such method: POST {self.path}"))
                     return
                 if server.api_key is not None and self.headers.get("x-goog-api-key") != server.api_key:
                     status = 400
                     self._send_json(400, _BAD_KEY_BODY)
                     return
-                fault = _choose_fault(plan, draw, generate=method == "generateContent")
+                fault = choose_fault(plan, draw, generate=method == "generateContent")
                 if fault == "timeout":
                     # Recorded now (status 0: no answer), not after the hang, so tests see it while it still hangs.
                     status = 0
-                    server._record(_record(index, match, method, body, arrived, 0, fault, None, (0, 0)))
+                    server._record(recorded_request(index, match, method, body, arrived, 0, fault, None, (0, 0)))
                     recorded = True
                     server.sleep(plan.hang_s)
                     self.close_connection = True
@@ -545,7 +550,7 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 server._leave(
                     None
                     if recorded
-                    else _record(index, match, method, body, arrived, status, fault, retry_after, tokens)
+                    else recorded_request(index, match, method, body, arrived, status, fault, retry_after, tokens)
                 )
 
         def _send_error_fault(self, status: int, retry_after: float | None, plan: FaultPlan) -> None:
@@ -555,7 +560,7 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 headers["Retry-After"] = f"{retry_after:g}"
             if retry_after is not None and plan.retry_info_body:
                 details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after:g}s"}]
-            self._send_json(status, _error_body(status, f"fake failure {status}", details), headers)
+            self._send_json(status, error_body(status, f"fake failure {status}", details), headers)
 
     return Handler
 
