@@ -359,6 +359,34 @@ def _counterfactual_estimates(config: GenerateConfig, estimator: _Estimator) -> 
     return estimates
 
 
+def compare_with_manifest(result: DryRunEstimate, manifest: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Per stage, and for the whole run, estimate / actual of the new requests, input and output tokens and cost
+    against the manifest of the run that followed the estimate (1.0 is exact); how the estimate's accuracy is
+    measured (benchmarks/dry_run_accuracy.py, tests/test_dry_run.py)."""
+    actual: dict[str, dict[str, float]] = {}
+    for row in manifest["llm_usage"]:
+        actual[row["stage"]] = {"requests": row["calls"], "input_tokens": row["input_tokens"],
+                                "output_tokens": row["output_tokens"], "cost": row["estimated_cost_usd"]}
+    for row in manifest["embedding_usage"]:
+        known = actual.setdefault(row["stage"], {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost": 0.0})
+        known["requests"] += row["texts_embedded"]
+        known["input_tokens"] += row["estimated_input_tokens"]
+        known["cost"] += row["estimated_cost_usd"]
+    estimated: dict[str, dict[str, float]] = {}
+    for stage in result.stages:
+        totals = estimated.setdefault(stage.stage, {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost": 0.0})
+        totals["requests"] += stage.requests
+        totals["input_tokens"] += stage.input_tokens
+        totals["output_tokens"] += stage.output_tokens
+        totals["cost"] += stage.online_usd
+    for figures in (actual, estimated):
+        figures["total"] = {name: sum(stage[name] for stage in list(figures.values())) for name in
+                            ("requests", "input_tokens", "output_tokens", "cost")}
+    return {stage: {name: (estimated[stage][name] / value if value else float("nan"))
+                    for name, value in actual[stage].items()}
+            for stage in actual if stage in estimated}
+
+
 # --- Showing it -------------------------------------------------------------------------------------------------------
 
 

@@ -1,15 +1,15 @@
 """`--dry-run`: no request and no file, and an estimate close to what the real run then reports.
 
 Accuracy is measured against the fake Gemini server counting tokens as Gemini roughly does (4 characters a token) and
-answering with answers the size of the prompts' own examples: the estimate's per-stage input tokens and the run's
-total cost must come within ACCURACY of the manifest of the real run that follows. Output tokens depend on the
-model's answers, which nothing can know before the first run; a second dry run reads them from the cache.
+answering with answers the size a capable model writes (tests/fakes/sized_answers.py): the estimate's requests, its
+per-stage input tokens and the run's total tokens and cost must come within ACCURACY of the manifest of the real run
+that follows. Output tokens depend on the model's answers, which nothing knows before the first run; a second dry
+run reads them from the cache.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import replace
 
@@ -18,12 +18,20 @@ import pytest
 from pipelines.cli import main
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import GenerateConfig
-from pipelines.dry_run import CacheIndex, estimate, estimated_tokens, format_table, read_passages
+from pipelines.dry_run import (
+    CacheIndex,
+    compare_with_manifest,
+    estimate,
+    estimated_tokens,
+    format_table,
+    read_passages,
+)
 from pipelines.run import generate
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.grade_relevance import GradeRelevanceConfig
 from pipelines.stages.read_corpus import ReadCorpusConfig
 from tests.fakes.gemini_server import FakeGeminiServer
+from tests.fakes.sized_answers import gemini_like_tokens, sized_answer
 from tests.test_pipeline_e2e import gemini, gemini_config, write_gemini_toml  # noqa: F401 - `gemini` is a fixture
 
 #: The issue's bar: the dry run's token and cost estimate within +-30% of the run's manifest.
@@ -77,29 +85,11 @@ def test_dry_run_makes_no_request_and_writes_nothing(tmp_path, gemini, capsys, m
     assert estimate_json["passages"] == 10
 
 
-def _title_of(user_turn: str) -> str:
-    start = user_turn.find("<title>")
-    return user_turn[start + 7:user_turn.find("</title>")].strip() if start >= 0 else "this module"
-
-
-def realistic_answer(body) -> str:
-    """Answers the size a capable model writes (the prompts' examples), for every prompt this run asks."""
-    system = body["systemInstruction"]["parts"][0]["text"]
-    user = body["contents"][-1]["parts"][0]["text"]
-    if system.startswith("You write search queries"):
-        return json.dumps({"task": "Given a Python programming question, retrieve documentation that answers it",
-                           "query": f"how do I use {_title_of(user)} in a real program?"})
-    if system.startswith("You grade search results"):
-        return json.dumps({"reason": "The passage documents the function the query asks about.", "relevance": 3})
-    raise AssertionError(f"unexpected prompt: {system[:80]}")
-
-
 @pytest.mark.slow
 def test_the_estimate_is_within_30_percent_of_the_runs_manifest(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", KEY)
     fast = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
-    with FakeGeminiServer(generate=realistic_answer,
-                          count_tokens=lambda text: math.ceil(len(text) / 4)) as server:
+    with FakeGeminiServer(generate=sized_answer, count_tokens=gemini_like_tokens) as server:
         config = GenerateConfig(
             output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
             corpus=ReadCorpusConfig(sample=16),
@@ -109,26 +99,16 @@ def test_the_estimate_is_within_30_percent_of_the_runs_manifest(tmp_path, monkey
             grading=GradeRelevanceConfig(use_llm=True, use_roundtrip=False))
         estimated = estimate(config)
         assert server.requests == []
-        generate(config)
-        with open(os.path.join(config.output, "manifest.json"), encoding="utf-8") as handle:
-            manifest = json.load(handle)
+        manifest = generate(config)
         again = estimate(config)
 
-    llm = {row["stage"]: row for row in manifest["llm_usage"]}
-    by_stage = {}
-    for stage in estimated.stages:
-        totals = by_stage.setdefault(stage.stage, {"requests": 0, "input_tokens": 0, "online_usd": 0.0})
-        for name in totals:
-            totals[name] += getattr(stage, name)
-    for name in ("generate_queries", "grade_relevance"):
-        assert by_stage[name]["requests"] == llm[name]["calls"]
-        ratio = by_stage[name]["input_tokens"] / llm[name]["input_tokens"]
-        assert 1 - ACCURACY <= ratio <= 1 + ACCURACY, f"{name}: input tokens estimated / actual = {ratio:.2f}"
-    embedded = manifest["embedding_usage"][0]
-    assert by_stage["embed_teacher"]["requests"] == embedded["texts_embedded"]
-    actual_cost = sum(row["estimated_cost_usd"] for row in (*manifest["llm_usage"], *manifest["embedding_usage"]))
-    ratio = estimated.totals()["online_usd"] / actual_cost
-    assert 1 - ACCURACY <= ratio <= 1 + ACCURACY, f"cost estimated / actual = {ratio:.2f}"
+    ratios = compare_with_manifest(estimated, manifest)
+    for stage in ("generate_queries", "grade_relevance", "embed_teacher"):
+        assert ratios[stage]["requests"] == 1.0, (stage, ratios[stage])
+    for stage in ("generate_queries", "grade_relevance"):
+        assert abs(ratios[stage]["input_tokens"] - 1) <= ACCURACY, (stage, ratios[stage])
+    total = ratios["total"]
+    assert abs(total["input_tokens"] - 1) <= ACCURACY and abs(total["cost"] - 1) <= ACCURACY, total
 
     # After the run everything it asked is cached: the stages known exactly have nothing left to ask.
     assert all(stage.requests == 0 and stage.exact for stage in again.stages), format_table(again, config)
