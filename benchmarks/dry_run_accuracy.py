@@ -90,7 +90,8 @@ def main() -> None:
     print(f"{'case':<11} {'stage':<18} " + " ".join(f"{name:>13}" for name in FIELDS))
     for case, stages in cases.items():
         for stage, ratios in stages.items():
-            print(f"{case:<11} {stage:<18} " + " ".join(f"{ratios[name]:>13.3f}" for name in FIELDS))
+            print(f"{case:<11} {stage:<18} " + " ".join(
+                f"{ratios[name]:>13.3f}" if ratios[name] is not None else f"{'-':>13}" for name in FIELDS))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "benchmark": "dry_run_accuracy",
@@ -99,7 +100,7 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(), "wall_seconds": round(time.time() - started, 1),
         "settings": vars(args), "goal": "total input tokens and cost within +-30%",
         "estimate_over_actual": cases,
-    }, indent=1, allow_nan=True) + "\n")
+    }, indent=1) + "\n")
     print(f"wrote {RESULTS}")
 
 

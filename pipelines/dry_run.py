@@ -361,8 +361,8 @@ def _counterfactual_estimates(config: GenerateConfig, estimator: _Estimator) -> 
 
 def compare_with_manifest(result: DryRunEstimate, manifest: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Per stage, and for the whole run, estimate / actual of the new requests, input and output tokens and cost
-    against the manifest of the run that followed the estimate (1.0 is exact); how the estimate's accuracy is
-    measured (benchmarks/dry_run_accuracy.py, tests/test_dry_run.py)."""
+    against the manifest of the run that followed the estimate (1.0 is exact; None where the run reports 0); how the
+    estimate's accuracy is measured (benchmarks/dry_run_accuracy.py, tests/test_dry_run.py)."""
     actual: dict[str, dict[str, float]] = {}
     for row in manifest["llm_usage"]:
         actual[row["stage"]] = {"requests": row["calls"], "input_tokens": row["input_tokens"],
@@ -382,7 +382,7 @@ def compare_with_manifest(result: DryRunEstimate, manifest: Mapping[str, Any]) -
     for figures in (actual, estimated):
         figures["total"] = {name: sum(stage[name] for stage in list(figures.values())) for name in
                             ("requests", "input_tokens", "output_tokens", "cost")}
-    return {stage: {name: (estimated[stage][name] / value if value else float("nan"))
+    return {stage: {name: (estimated[stage][name] / value if value else None)
                     for name, value in actual[stage].items()}
             for stage in actual if stage in estimated}
 
