@@ -65,16 +65,17 @@ def test_read_passages_keeps_the_first_occurrence_and_the_sample_readcorpus_keep
 
 @pytest.mark.slow
 def test_dry_run_makes_no_request_and_writes_nothing(tmp_path, gemini, capsys, monkeypatch):  # noqa: F811
-    # The end-to-end Gemini configuration: every LLM stage, LLM scoring in mining, counterfactuals.
+    # The end-to-end Gemini corpus, with every retrieval LLM stage on.
     config = gemini_config(tmp_path, gemini)
     toml = write_gemini_toml(tmp_path / "run.toml", gemini, cache_dir=config.cache_dir, corpus=config.corpus.path,
-                             output=config.output, more="[generate.grading]\nuse_llm = true\n"
-                                                        "[generate.mining]\nllm_scoring = true\nllm_candidates = 5\n")
+                             output=config.output)
+    every_llm_stage = ["--set", "generate.grading.use_llm=true", "--set", "generate.mining.llm_scoring=true",
+                       "--set", "generate.mining.llm_candidates=5"]
     monkeypatch.chdir(tmp_path)
     before = _listing(tmp_path)
-    assert main(["generate", "--config", toml, "--dry-run"]) == 0
+    assert main(["generate", "--config", toml, "--dry-run", *every_llm_stage]) == 0
     table = capsys.readouterr().out
-    assert main(["run", "--config", toml, "--dry-run", "json"]) == 0
+    assert main(["run", "--config", toml, "--dry-run", "json", *every_llm_stage]) == 0
     estimate_json = json.loads(capsys.readouterr().out)
     assert gemini.requests == []
     assert _listing(tmp_path) == before
