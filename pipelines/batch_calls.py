@@ -34,6 +34,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.accounting import TALLIES
+from pipelines.budget import split_by_plan
 from pipelines.cache import CacheWriter
 from pipelines.outputs import ensure_folder
 
@@ -120,12 +121,9 @@ class _BatchJobFn(beam.DoFn):
                 allowed_keys: frozenset[str] | None = None) -> Iterator[Any]:
         group, batch = element
         handler = self._handler
-        to_call = []
-        for key, items in sorted(batch, key=lambda pair: pair[0]):
-            if allowed_keys is not None and key not in allowed_keys:
-                yield from handler.refuse(items, self._budget_limits)
-            else:
-                to_call.append((key, items))
+        refused, to_call = split_by_plan(sorted(batch, key=lambda pair: pair[0]), allowed_keys)
+        for items in refused:
+            yield from handler.refuse(items, self._budget_limits)
         if not to_call:
             return
         record = self._find_or_submit(group, to_call)

@@ -35,7 +35,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipelines import progress
 from pipelines.accounting import TALLIES, StageTally, sum_tallies
 from pipelines.batch_calls import BatchJobs
-from pipelines.budget import RunBudget, add_spends
+from pipelines.budget import RunBudget, add_spends, split_by_plan
 from pipelines.cache import CacheWriter, SplitByCache
 from pipelines.model_access import ModelIdentity
 
@@ -172,12 +172,9 @@ class _CallMissesFn(beam.DoFn):
 
     def process(self, batch: list[tuple[str, list[Any]]], allowed_keys: frozenset[str] | None = None) -> Iterator[Any]:
         assert self._client is not None and self._writer is not None
-        to_call = []
-        for key, items in batch:
-            if allowed_keys is not None and key not in allowed_keys:
-                yield from self._handler.refuse(items, self._budget_limits)
-            else:
-                to_call.append((key, items))
+        refused, to_call = split_by_plan(batch, allowed_keys)
+        for items in refused:
+            yield from self._handler.refuse(items, self._budget_limits)
         if to_call:
             yield from self._handler.call(self._client, to_call, self._writer)
 
@@ -218,12 +215,9 @@ class _CallInFlightFn(_CallMissesFn):
         self._running: dict[concurrent.futures.Future, list[tuple[str, list[Any]]]] = {}
 
     def process(self, batch: list[tuple[str, list[Any]]], allowed_keys: frozenset[str] | None = None) -> Iterator[Any]:
-        to_call = []
-        for key, items in batch:
-            if allowed_keys is not None and key not in allowed_keys:
-                yield from self._handler.refuse(items, self._budget_limits)
-            else:
-                to_call.append((key, items))
+        refused, to_call = split_by_plan(batch, allowed_keys)
+        for items in refused:
+            yield from self._handler.refuse(items, self._budget_limits)
         yield from self._collect(wait=False)
         if not to_call:
             return

@@ -239,7 +239,7 @@ class LLMCallHandler(CallHandler):
             super().__init__(stage, identity, batch_size=max(1, 8 * spec.concurrency))
         self.spec = spec
         self.batch_mode = spec.mode == "batch"
-        self.batch_max_requests = spec.batch_max_requests
+        self.batch_max_requests = spec.batch.max_requests
         self._calls = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_calls")
         self._failures = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_failures")
 

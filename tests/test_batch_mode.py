@@ -19,14 +19,13 @@ from pipelines.batch_calls import JobRecord, job_group, keys_digest, read_record
 from pipelines.clients.base import GenerationConfig
 from pipelines.clients.gemini import GeminiError
 from pipelines.clients.gemini_batch import (
-    BatchPolling,
     GeminiBatchClient,
     embed_request_line,
     generate_request_line,
     line_error,
     read_result_lines,
 )
-from pipelines.clients.specs import EmbedderSpec, LLMSpec
+from pipelines.clients.specs import BatchSettings, EmbedderSpec, LLMSpec
 from pipelines.config import load_run_config
 from pipelines.config_loading import ConfigError
 from pipelines.run import generate
@@ -36,7 +35,7 @@ from tests.fakes.gemini_server import FakeGeminiServer
 from tests.test_pipeline_e2e import KEY, check_run, gemini_config, keyword_vector, read_kind, scripted_gemini
 
 #: Polls a few milliseconds apart: the fake server finishes a job after BatchPlan.polls looks.
-FAST_POLLS = {"batch_poll_initial_s": 0.01, "batch_poll_max_s": 0.02, "batch_max_wait_s": 30.0}
+FAST_POLLS = {"batch": BatchSettings(poll_initial_s=0.01, poll_max_s=0.02, max_wait_s=30.0)}
 
 
 def _batch(config):
@@ -105,7 +104,8 @@ def test_the_batch_client_waits_for_a_job_and_reads_its_results(monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", KEY)
     prompt = get_prompt("relevance_grading")
     with FakeGeminiServer(batch_plan=BatchPlan(polls=3, line_errors=0.5, seed=1)) as server:
-        client = GeminiBatchClient("gemini-2.5-flash", _endpoint(server), BatchPolling(0.01, 0.02, 10))
+        settings = BatchSettings(poll_initial_s=0.01, poll_max_s=0.02, max_wait_s=10)
+        client = GeminiBatchClient("gemini-2.5-flash", _endpoint(server), settings)
         lines = [generate_request_line(f"k{index}", prompt.render(query=f"q{index}", passage="p"),
                                        prompt.output_model, GenerationConfig(), "gemini-2.5-flash", 0)
                  for index in range(8)]

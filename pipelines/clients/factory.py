@@ -81,10 +81,9 @@ def _gemini_embedder(spec: EmbedderSpec) -> Embedder:
 
 def build_batch_client(spec: LLMSpec | EmbedderSpec) -> GeminiBatchClient:
     """The Gemini Batch API client of a spec in batch mode (pipelines/batch_calls.py)."""
-    from pipelines.clients.gemini_batch import BatchPolling, GeminiBatchClient
+    from pipelines.clients.gemini_batch import GeminiBatchClient
 
-    polling = BatchPolling(spec.batch_poll_initial_s, spec.batch_poll_max_s, spec.batch_max_wait_s)
-    return GeminiBatchClient(spec.model_name, _gemini_endpoint(spec), polling)
+    return GeminiBatchClient(spec.model_name, _gemini_endpoint(spec), spec.batch)
 
 
 def _gemini_endpoint(spec: LLMSpec | EmbedderSpec) -> GeminiEndpoint:

@@ -39,15 +39,14 @@ from google.genai import types
 from pydantic import BaseModel, ValidationError
 
 from pipelines.clients.base import (
-    LLM,
     ChatMessage,
     Embedder,
     GenerationConfig,
     GenerationResult,
+    NetworkLLM,
     OutputT,
     TaskType,
     Usage,
-    per_request,
     truncate_and_normalize,
 )
 from pipelines.clients.event_loop import LoopThread, gather_in_order
@@ -354,7 +353,7 @@ def parse_generate_response(
     return ParsedAnswer(value, raw, None, usage)
 
 
-class GeminiLLM(_ConnectedBackend, LLM):
+class GeminiLLM(_ConnectedBackend, NetworkLLM):
     """Structured generation with Gemini: JSON mode with the pydantic output model as response schema.
 
     `GenerationResult.attempts` counts the HTTP requests one call made (transient retries and re-asks together);
@@ -441,45 +440,6 @@ class GeminiLLM(_ConnectedBackend, LLM):
         self.stats.record(usage=usage, failed=True, retries=counter.requests - 1)
         message = f"{error} (after {self.max_parse_attempts} asks)"
         return GenerationResult(False, None, raw, message, usage, counter.requests)
-
-    def generate(
-        self,
-        messages: Sequence[ChatMessage],
-        output_model: type[OutputT],
-        config: GenerationConfig = GenerationConfig(),
-    ) -> GenerationResult[OutputT]:
-        return self._connection.loop.run(self.agenerate(messages, output_model, config))
-
-    async def agenerate_many(
-        self,
-        requests: Sequence[Sequence[ChatMessage]],
-        output_model: type[OutputT],
-        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
-        concurrency: int | None = None,
-    ) -> list[GenerationResult[OutputT]]:
-        """Results in request order, at most `concurrency` (default: the spec's) requests in flight; `config` is one
-        for all requests or one per request."""
-        limit = concurrency or self.concurrency
-        semaphore = asyncio.Semaphore(limit)
-
-        async def one(messages: Sequence[ChatMessage], each: GenerationConfig) -> GenerationResult[OutputT]:
-            # Held across retries too: while a request backs off from a 429, the slot stays taken instead of letting
-            # another request hit the rate limit.
-            async with semaphore:
-                return await self.agenerate(messages, output_model, each)
-
-        configs = per_request(config, len(requests))
-        return await gather_in_order([one(messages, each) for messages, each in zip(requests, configs, strict=True)])
-
-    def generate_many(
-        self,
-        requests: Sequence[Sequence[ChatMessage]],
-        output_model: type[OutputT],
-        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
-        concurrency: int | None = None,
-    ) -> list[GenerationResult[OutputT]]:
-        return self._connection.loop.run(self.agenerate_many(requests, output_model, config, concurrency))
-
 
 
 # --- embeddings -------------------------------------------------------------------------------------------------------

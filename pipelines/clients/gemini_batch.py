@@ -22,8 +22,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from google.genai import types
@@ -32,6 +31,7 @@ from pydantic import BaseModel
 from pipelines.clients.base import ChatMessage, GenerationConfig, TaskType
 from pipelines.clients.gemini import GeminiConnection, GeminiEndpoint, GeminiError, RequestCounter
 from pipelines.clients.gemini_thinking import gemini_output_token_limit
+from pipelines.clients.specs import BatchSettings
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +46,12 @@ class BatchJobTimeout(GeminiError):
     """A job was still not done after the longest wait allowed."""
 
 
-@dataclass(frozen=True)
-class BatchPolling:
-    """How a job is waited for: polls from `initial_s` apart, growing by half each time up to `max_s`, for at most
-    `max_wait_s` (past the 48 h after which the service expires a job itself)."""
-
-    initial_s: float = 30.0
-    max_s: float = 600.0
-    max_wait_s: float = 50 * 3600.0
-
-    def delays(self) -> Iterable[float]:
-        delay = self.initial_s
-        while True:
-            yield delay
-            delay = min(self.max_s, delay * 1.5)
+def poll_delays(settings: BatchSettings) -> Iterator[float]:
+    """Seconds between looks at a job: from `poll_initial_s`, growing by half each time up to `poll_max_s`."""
+    delay = settings.poll_initial_s
+    while True:
+        yield delay
+        delay = min(settings.poll_max_s, delay * 1.5)
 
 
 def generate_request_line(key: str, messages: Sequence[ChatMessage], output_model: type[BaseModel],
@@ -128,9 +120,9 @@ def line_error(line: dict[str, Any] | None) -> str | None:
 class GeminiBatchClient:
     """Submits, polls and reads Batch API jobs for one model. Sync methods; requests retried by the shared policy."""
 
-    def __init__(self, model: str, endpoint: GeminiEndpoint | None = None, polling: BatchPolling = BatchPolling()):
+    def __init__(self, model: str, endpoint: GeminiEndpoint | None = None, settings: BatchSettings | None = None):
         self.model = model
-        self.polling = polling
+        self.settings = settings or BatchSettings()
         self._connection = GeminiConnection(model, endpoint or GeminiEndpoint())
 
     def _send(self, send: Any) -> Any:
@@ -162,19 +154,19 @@ class GeminiBatchClient:
         return self._send(functools.partial(self._connection.client.aio.batches.get, name=name))
 
     def wait(self, name: str, sleep: Any = time.sleep) -> types.BatchJob:
-        """Poll job `name` until it is done; raises BatchJobTimeout past `polling.max_wait_s`."""
+        """Poll job `name` until it is done; raises BatchJobTimeout past `settings.max_wait_s`."""
         waited = 0.0
-        for delay in self.polling.delays():
+        for delay in poll_delays(self.settings):
             job = self.state(name)
             state = _state_name(job)
             if state in FINAL_STATES:
                 return job
-            if waited >= self.polling.max_wait_s:
+            if waited >= self.settings.max_wait_s:
                 raise BatchJobTimeout(f"{self.model}: batch job {name} still {state} after {waited:.0f} s")
             logger.info("%s: batch job %s is %s; next look in %.0f s", self.model, name, state, delay)
             sleep(delay)
             waited += delay
-        raise AssertionError("polling.delays() is endless")  # pragma: no cover
+        raise AssertionError("poll_delays() is endless")  # pragma: no cover
 
     def results(self, job: types.BatchJob) -> dict[str, dict[str, Any]]:
         """Key -> result line of a finished job (empty unless it succeeded)."""

@@ -23,7 +23,6 @@ What this module adds on top of the client, as pipelines/clients/gemini.py does 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -35,15 +34,14 @@ import tenacity
 from pydantic import BaseModel, ValidationError
 
 from pipelines.clients.base import (
-    LLM,
     ChatMessage,
     GenerationConfig,
     GenerationResult,
+    NetworkLLM,
     OutputT,
     Usage,
-    per_request,
 )
-from pipelines.clients.event_loop import LoopThread, gather_in_order
+from pipelines.clients.event_loop import LoopThread
 from pipelines.clients.retry import RetryPolicy, status_code
 from pipelines.clients.secret import Secret
 from pipelines.clients.specs import OPENAI_API_KEY_VARIABLE, OPENAI_BASE_URL, StructuredOutput
@@ -116,7 +114,7 @@ def _refuses_response_format(error: BaseException) -> bool:
     return status_code(error) == 400 and "response_format" in str(error)
 
 
-class OpenAICompatibleLLM(LLM):
+class OpenAICompatibleLLM(NetworkLLM):
     supports_logprobs = False
 
     def __init__(
@@ -247,39 +245,6 @@ class OpenAICompatibleLLM(LLM):
         self.stats.record(usage=usage, failed=True, retries=requests[0] - 1)
         return GenerationResult(False, None, raw, f"{error} (after {self.max_parse_attempts} asks)", usage,
                                 requests[0])
-
-    def generate(
-        self,
-        messages: Sequence[ChatMessage],
-        output_model: type[OutputT],
-        config: GenerationConfig = GenerationConfig(),
-    ) -> GenerationResult[OutputT]:
-        return self._loop.run(self.agenerate(messages, output_model, config))
-
-    async def agenerate_many(
-        self,
-        requests: Sequence[Sequence[ChatMessage]],
-        output_model: type[OutputT],
-        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
-        concurrency: int | None = None,
-    ) -> list[GenerationResult[OutputT]]:
-        semaphore = asyncio.Semaphore(concurrency or self.concurrency)
-
-        async def one(messages: Sequence[ChatMessage], each: GenerationConfig) -> GenerationResult[OutputT]:
-            async with semaphore:
-                return await self.agenerate(messages, output_model, each)
-
-        configs = per_request(config, len(requests))
-        return await gather_in_order([one(messages, each) for messages, each in zip(requests, configs, strict=True)])
-
-    def generate_many(
-        self,
-        requests: Sequence[Sequence[ChatMessage]],
-        output_model: type[OutputT],
-        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
-        concurrency: int | None = None,
-    ) -> list[GenerationResult[OutputT]]:
-        return self._loop.run(self.agenerate_many(requests, output_model, config, concurrency))
 
     def async_loop(self) -> LoopThread:
         return self._loop

@@ -6,7 +6,7 @@ configuration, stages and backends can all import from here without a cycle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 DEFAULT_GEMINI_LLM = "gemini-2.5-flash"
@@ -32,11 +32,28 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 StructuredOutput = Literal["auto", "json_schema", "json_object", "prompt"]
 
 
-def check_mode(backend: str, mode: str, batch_max_requests: int) -> None:
+@dataclass(frozen=True)
+class BatchSettings:
+    """Batch mode's jobs: requests per job (a job's JSONL must stay under the Files API's 2 GB), and how a job is
+    polled: `poll_initial_s` apart at first, half as long again each time up to `poll_max_s`, for at most
+    `max_wait_s` (past the 48 h after which the service expires a job itself)."""
+
+    max_requests: int = 20_000
+    poll_initial_s: float = 30.0
+    poll_max_s: float = 600.0
+    max_wait_s: float = 50 * 3600.0
+
+    def __post_init__(self) -> None:
+        if self.max_requests < 1:
+            raise ValueError(f"max_requests must be >= 1, got {self.max_requests}")
+        if not 0 < self.poll_initial_s <= self.poll_max_s:
+            raise ValueError(f"need 0 < poll_initial_s <= poll_max_s, got {self.poll_initial_s} and "
+                             f"{self.poll_max_s}")
+
+
+def check_mode(backend: str, mode: str) -> None:
     if mode == "batch" and backend != "gemini":
         raise ValueError(f"mode 'batch' is the Gemini Batch API: it needs backend 'gemini', got {backend!r}")
-    if batch_max_requests < 1:
-        raise ValueError(f"batch_max_requests must be >= 1, got {batch_max_requests}")
 
 
 @dataclass(frozen=True)
@@ -81,16 +98,11 @@ class LLMSpec:
     usd_per_million_tokens: tuple[float, float] | None = None
     #: openai backend: how the output's JSON schema reaches the server (see `StructuredOutput`).
     structured_output: StructuredOutput = "auto"
-    #: Batch mode: requests per Batch API job (each job's JSONL must stay under the Files API's 2 GB), and how its
-    #: jobs are polled: from `batch_poll_initial_s` apart, growing to `batch_poll_max_s`, for at most
-    #: `batch_max_wait_s` (past the 48 h after which the service expires a job).
-    batch_max_requests: int = 20_000
-    batch_poll_initial_s: float = 30.0
-    batch_poll_max_s: float = 600.0
-    batch_max_wait_s: float = 50 * 3600.0
+    #: Batch mode's jobs: their size and how they are polled.
+    batch: BatchSettings = field(default_factory=BatchSettings)
 
     def __post_init__(self) -> None:
-        check_mode(self.backend, self.mode, self.batch_max_requests)
+        check_mode(self.backend, self.mode)
         if self.backend == "openai" and not self.model:
             raise ValueError("the openai backend needs model = the name the server serves the model under "
                              "(e.g. Qwen/Qwen2.5-7B-Instruct for vLLM, qwen2.5:7b for Ollama)")
@@ -127,16 +139,11 @@ class EmbedderSpec:
     mode: CallMode = "online"
     #: As `LLMSpec.usd_per_million_tokens` (embeddings bill input tokens only).
     usd_per_million_tokens: tuple[float, float] | None = None
-    #: Batch mode: requests per Batch API job (each job's JSONL must stay under the Files API's 2 GB), and how its
-    #: jobs are polled: from `batch_poll_initial_s` apart, growing to `batch_poll_max_s`, for at most
-    #: `batch_max_wait_s` (past the 48 h after which the service expires a job).
-    batch_max_requests: int = 20_000
-    batch_poll_initial_s: float = 30.0
-    batch_poll_max_s: float = 600.0
-    batch_max_wait_s: float = 50 * 3600.0
+    #: Batch mode's jobs: their size and how they are polled.
+    batch: BatchSettings = field(default_factory=BatchSettings)
 
     def __post_init__(self) -> None:
-        check_mode(self.backend, self.mode, self.batch_max_requests)
+        check_mode(self.backend, self.mode)
 
     @property
     def model_name(self) -> str:

@@ -143,7 +143,7 @@ class TeacherCallHandler(CallHandler):
             self.in_flight = spec.concurrency
         self.spec = spec
         self.batch_mode = spec.mode == "batch"
-        self.batch_max_requests = spec.batch_max_requests
+        self.batch_max_requests = spec.batch.max_requests
         self.batch_embeddings = True
         self.config = config
         self._embedded = beam.metrics.Metrics.counter(f"embforge.{stage}", "texts_embedded")
