@@ -1,44 +1,57 @@
-"""LLM stage concurrency: achieved calls/s of GenerateQueries against a fixed-latency fake Gemini, over the ideal.
+"""LLM stage concurrency: achieved calls/s of GenerateQueries against a fixed-latency fake Gemini, over the ideal, for
+the code before requests were kept always in flight and the code now, side by side in one run.
 
-Goal (issue #7): achieved / ideal >= 0.8, where ideal = concurrency / latency (every slot busy all the time).
+Goals (issue #14 item 4), at 200 ms: achieved / ideal >= 0.9 at concurrency 32, and >= 0.8 at 128 (or what stops it on
+this machine, and the figure with more worker processes).
 
 The fake Gemini server (tests/fakes/gemini_server.py) runs in a process of its own on 127.0.0.1, answering every
-request after `--latency` seconds. The real GenerateQueries PTransform (PASSAGE rows from the builtin stdlib corpus
-in; `CallLLM` with the Gemini backend through google-genai; an empty cache dir) runs on the in-process Beam runner
-with the options `embforge generate` uses, over `--calls-per-slot x concurrency` passages (one query each, so one
-call each), at each `--concurrency`. The API key is a dummy set in this process's environment; nothing leaves the
-machine.
+request after `--latency` seconds. Each measurement runs the real GenerateQueries PTransform (PASSAGE rows from the
+builtin stdlib corpus; `CallLLM` with the Gemini backend through google-genai; an empty cache dir) in a child process
+with the options `embforge generate` uses, over `--calls-per-slot x concurrency` distinct passages (one call each):
+- **before**: the code at `--baseline-rev` (default: the last commit before requests were kept in flight), checked out
+  with `git worktree add --detach` into a temporary folder and put first on the child's PYTHONPATH;
+- **after**: this working tree.
+With `--workers W`, the largest concurrency also runs on Beam's multi_processing runner with W worker processes, each
+keeping concurrency / W requests in flight (the same total): how a run scales out when one process's CPU is the limit.
+The API key is a dummy set in the child's environment; nothing leaves the machine.
 
 Columns:
-- `server calls/s`: requests / (last answer - first arrival), measured by the server: the stage's sustained rate.
-- `e2e calls/s`: requests / pipeline wall time (construction to the last row), Beam's start-up and the per-passage
-  judging included.
-- `max in flight`: the most requests the server held at once.
-- `client / server CPU ms/call`: CPU time of this process (Beam and google-genai) and of the server process per call.
+- `server/s`: requests / (last answer - first arrival), measured by the server: the stage's sustained rate;
+  `x ideal` divides it by concurrency / latency (every slot busy all the time).
+- `e2e s`: the child's pipeline wall time (construction to the last row), Beam's start-up and the judging included.
+- `in flight`: the most requests the server held at once.
+- `cli ms`, `srv ms`: CPU time per call of the child (with its workers) and of the server process.
 
-`--what-if-batch K` adds rows where CallLLM's batches are fixed at K x concurrency instead of the 8 x concurrency of
-pipelines/llm_calls.py (BatchElements patched for those rows only), to show what the batch size costs; the other rows
-run the code as it is.
-
-    python benchmarks/llm_concurrency.py --latency 0.2 --concurrency 1 8 32
+    python benchmarks/llm_concurrency.py                       # 200 ms; 8, 32, 128; before and after; 2 workers
+    python benchmarks/llm_concurrency.py --latency 0.05 --concurrency 2 --calls-per-slot 2 --repeats 1   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
+import platform
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `python benchmarks/x.py` puts benchmarks/ first, not the repo root
+#: The code a child measures: this tree, or a baseline checkout (set by the parent in the child's environment).
+CODE_ROOT_ENV = "EMBFORGE_BENCH_CODE_ROOT"
+CODE_ROOT = Path(os.environ.get(CODE_ROOT_ENV, ROOT))
+if str(CODE_ROOT) not in sys.path:
+    sys.path.insert(0, str(CODE_ROOT))  # `python benchmarks/x.py` puts benchmarks/ first, not the repo root
 
-DUMMY_KEY = "bench3-dummy-key"
+#: The last commit before requests were kept in flight (batches of 8 x concurrency, each ending in a barrier).
+BASELINE_REV = "9ca02c5"
+DUMMY_KEY = "bench-llm-concurrency-dummy-key"
+RESULTS = ROOT / "benchmarks" / "results" / "llm_concurrency.json"
 
 
 def passages(count: int) -> list[dict[str, str]]:
@@ -55,98 +68,148 @@ def passages(count: int) -> list[dict[str, str]]:
     return rows
 
 
-def run_stage(base_url: str, rows: list[dict[str, str]], concurrency: int) -> tuple[float, int]:
-    """Pipeline wall seconds and kept + rejected rows."""
+def measure_stage(base_url: str, count: int, concurrency: int, workers: int) -> dict[str, float]:
+    """In the child: GenerateQueries over `count` passages; its wall seconds and the rows it put out."""
     import apache_beam as beam
 
     from pipelines.clients.specs import LLMSpec
-    from pipelines.config import GenerateConfig
+    from pipelines.config import BeamConfig, GenerateConfig
     from pipelines.model_access import ModelAccess
     from pipelines.run import pipeline_options
     from pipelines.stages.generate_queries import GenerateQueries, GenerateQueriesConfig
 
+    rows = passages(count)
     spec = LLMSpec(backend="gemini", base_url=base_url, concurrency=concurrency, timeout_s=30.0)
-    with tempfile.TemporaryDirectory(prefix="bench3_llm_") as folder:
+    beam_config = (BeamConfig() if workers == 1
+                   else BeamConfig(direct_running_mode="multi_processing", direct_num_workers=workers))
+    with tempfile.TemporaryDirectory(prefix="bench_llm_") as folder:
         start = time.perf_counter()
-        with beam.Pipeline(options=pipeline_options(GenerateConfig())) as pipeline:
+        with beam.Pipeline(options=pipeline_options(GenerateConfig(beam=beam_config))) as pipeline:
             outputs = (pipeline | beam.Create(rows)
                        | GenerateQueries(GenerateQueriesConfig(), ModelAccess.llm(spec, f"{folder}/cache")))
             ((outputs["kept"], outputs["rejected"])
              | beam.Flatten()
              | beam.combiners.Count.Globally()
-             | beam.Map(lambda n: Path(f"{folder}/count").write_text(str(n))))
+             | beam.Map(lambda n, path=f"{folder}/count": Path(path).write_text(str(n))))
         seconds = time.perf_counter() - start
         answered = int(Path(f"{folder}/count").read_text())
-    return seconds, answered
+    return {"seconds": seconds, "answered": answered}
 
 
 @contextlib.contextmanager
-def fixed_batches(size: int | None):
-    """While active, every `beam.BatchElements` (CallLLM's is the only one in this pipeline) batches exactly `size`."""
-    import apache_beam as beam
-
-    original = beam.BatchElements
-    if size is not None:
-        beam.BatchElements = lambda **_: original(min_batch_size=size, max_batch_size=size)
+def baseline_checkout(revision: str):
+    """The repository at `revision` in a temporary worktree, removed afterwards."""
+    folder = tempfile.mkdtemp(prefix="embforge_baseline_")
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", folder, revision], check=True,
+                   capture_output=True)
     try:
-        yield
+        yield Path(folder)
     finally:
-        beam.BatchElements = original
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", folder], check=False,
+                       capture_output=True)
+
+
+def run_child(code_root: Path, base_url: str, count: int, concurrency: int, workers: int) -> tuple[dict, float]:
+    """One measurement in a child process running `code_root`'s pipeline code; its result and CPU seconds."""
+    environment = {**os.environ, CODE_ROOT_ENV: str(code_root), "PYTHONPATH": str(code_root),
+                   "GEMINI_API_KEY": DUMMY_KEY}
+    environment.pop("GOOGLE_API_KEY", None)  # it would take precedence over the dummy key
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--measure", base_url, str(count), str(concurrency),
+         str(workers)], env=environment, cwd=str(code_root), capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"measurement failed ({code_root}):\n{done.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads(done.stdout.strip().splitlines()[-1]), cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.2, help="server-side seconds per request")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--calls-per-slot", type=int, default=25,
                         help="calls per concurrency slot: ideal stage time = calls-per-slot x latency")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--what-if-batch", type=int, nargs="*", default=[],
-                        help="also run with CallLLM batches fixed at K x concurrency, for each K given")
+    parser.add_argument("--baseline-rev", default=BASELINE_REV, help="the 'before' code ('' skips it)")
+    parser.add_argument("--workers", type=int, nargs="*", default=[2],
+                        help="worker processes for the scale-out rows at the largest concurrency")
+    parser.add_argument("--measure", nargs=4, metavar=("URL", "PASSAGES", "CONCURRENCY", "WORKERS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        url, count, concurrency, workers = args.measure
+        print(json.dumps(measure_stage(url, int(count), int(concurrency), int(workers))))
+        return
 
     from tests.fakes.gemini_server import ServerProcess
 
-    # A dummy key for the loopback server; GOOGLE_API_KEY would take precedence, so it goes.
-    os.environ.pop("GOOGLE_API_KEY", None)
-    os.environ["GEMINI_API_KEY"] = DUMMY_KEY
+    started = time.time()
     print(f"latency {args.latency * 1000:.0f} ms, {args.calls_per_slot} calls per slot, GenerateQueries on the "
           f"in-process Beam runner; load average before {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'conc':>4} {'batches':<10} {'run':>3} {'calls':>6} {'ideal/s':>8} {'server/s':>9} {'x ideal':>8} "
-          f"{'e2e s':>7} {'e2e/s':>7} {'x ideal':>8} {'in flight':>9} {'cli ms':>7} {'srv ms':>7} {'load1':>6}")
-    summary = []
-    variants = [None, *args.what_if_batch]
-    with ServerProcess(latency_s=args.latency, cwd=str(ROOT)) as server:
-        for concurrency in args.concurrency:
-            rows = passages(args.calls_per_slot * concurrency)
-            ideal = concurrency / args.latency
-            for multiple in variants:
-                label = "as is" if multiple is None else f"fixed {multiple}xC"
-                ratios = []
+    header = (f"{'code':<7} {'conc':>4} {'workers':>7} {'run':>3} {'calls':>6} {'ideal/s':>8} {'server/s':>9} "
+              f"{'x ideal':>8} {'e2e s':>7} {'in flight':>9} {'cli ms':>7} {'srv ms':>7} {'load1':>6}")
+    print(header)
+    measurements = []
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(ServerProcess(latency_s=args.latency, cwd=str(ROOT)))
+        codes = [("after", ROOT)]
+        if args.baseline_rev:
+            codes.insert(0, ("before", stack.enter_context(baseline_checkout(args.baseline_rev))))
+        plan = [(concurrency, 1) for concurrency in args.concurrency]
+        plan += [(max(args.concurrency), workers) for workers in args.workers if workers > 1]
+        for concurrency, workers in plan:
+            for label, code_root in codes:
                 for repeat in range(args.repeats):
+                    count = args.calls_per_slot * concurrency
                     server.reset()
                     server_cpu = server.stats()["cpu_seconds"]
-                    client_cpu = time.process_time()
-                    with fixed_batches(None if multiple is None else multiple * concurrency):
-                        seconds, answered = run_stage(server.base_url, rows, concurrency)
-                    client_cpu = time.process_time() - client_cpu
+                    result, client_cpu = run_child(code_root, server.base_url, count, concurrency // workers,
+                                                   workers)
                     stats = server.stats()
                     calls = stats["by_method"].get("generateContent", 0)
-                    if answered != len(rows) or calls != len(rows):
-                        raise SystemExit(f"{len(rows)} passages: {answered} rows out, {calls} calls")
-                    window = stats["last_answer"] - stats["first_arrival"]
-                    ratio = calls / window / ideal
-                    ratios.append(ratio)
-                    print(f"{concurrency:>4} {label:<10} {repeat:>3} {calls:>6} {ideal:>8.1f} {calls / window:>9.1f} "
-                          f"{ratio:>8.3f} {seconds:>7.2f} {calls / seconds:>7.1f} {calls / seconds / ideal:>8.3f} "
-                          f"{stats['max_in_flight']:>9} {1000 * client_cpu / calls:>7.1f} "
-                          f"{1000 * (stats['cpu_seconds'] - server_cpu) / calls:>7.1f} {os.getloadavg()[0]:>6.2f}",
-                          flush=True)
-                summary.append((concurrency, label, max(ratios), min(ratios)))
-    for concurrency, label, best, worst in summary:
-        print(f"concurrency {concurrency}, batches {label}: server-side achieved / ideal {worst:.3f}..{best:.3f}; "
-              f"goal >= 0.8: {'met' if best >= 0.8 else 'MISSED'}")
-    print(json.dumps({"load_average_after": os.getloadavg()}))
+                    if result["answered"] != count or calls != count:
+                        raise SystemExit(f"{count} passages: {result['answered']} rows out, {calls} calls")
+                    ideal = concurrency / args.latency
+                    achieved = calls / (stats["last_answer"] - stats["first_arrival"])
+                    row = {"code": label, "concurrency": concurrency, "workers": workers, "repeat": repeat,
+                           "calls": calls, "ideal_calls_per_s": ideal, "achieved_calls_per_s": achieved,
+                           "achieved_over_ideal": achieved / ideal, "e2e_seconds": result["seconds"],
+                           "max_in_flight": stats["max_in_flight"],
+                           "client_cpu_ms_per_call": 1000 * client_cpu / calls,
+                           "server_cpu_ms_per_call": 1000 * (stats["cpu_seconds"] - server_cpu) / calls,
+                           "load1": os.getloadavg()[0]}
+                    measurements.append(row)
+                    print(f"{label:<7} {concurrency:>4} {workers:>7} {repeat:>3} {calls:>6} {ideal:>8.1f} "
+                          f"{achieved:>9.1f} {achieved / ideal:>8.3f} {result['seconds']:>7.2f} "
+                          f"{stats['max_in_flight']:>9} {row['client_cpu_ms_per_call']:>7.1f} "
+                          f"{row['server_cpu_ms_per_call']:>7.1f} {row['load1']:>6.2f}", flush=True)
+
+    print("\nbest achieved / ideal of the repeats, before -> after:")
+    summary = []
+    for concurrency, workers in plan:
+        best = {label: max(row["achieved_over_ideal"] for row in measurements
+                           if (row["code"], row["concurrency"], row["workers"]) == (label, concurrency, workers))
+                for label, _ in codes}
+        summary.append({"concurrency": concurrency, "workers": workers, **best})
+        line = " -> ".join(f"{label} {value:.3f}" for label, value in best.items())
+        print(f"  concurrency {concurrency:>4}, {workers} process(es): {line}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "llm_concurrency",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "load_average_at_end": os.getloadavg(),
+        "wall_seconds": round(time.time() - started, 1),
+        "settings": {"latency_s": args.latency, "concurrency": args.concurrency,
+                     "calls_per_slot": args.calls_per_slot, "repeats": args.repeats,
+                     "baseline_rev": args.baseline_rev, "workers": args.workers},
+        "goals": {"32": 0.9, "128": 0.8},
+        "summary": summary,
+        "measurements": measurements,
+    }, indent=1) + "\n")
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from quality_runs import (  # benchmarks/ is on sys.path when a script in it runs
     RESULTS_DIR,
+    add_generation_options,
+    check_generation_settings,
     classification_scores,
     difference,
     run_cli,
@@ -105,6 +107,7 @@ def generate(args: argparse.Namespace, work_dir: Path, spec: Path) -> Path:
             f"generate.counterfactuals.task_spec={spec}",
             f"generate.counterfactuals.examples_per_label={args.examples_per_label}",
             f"generate.counterfactuals.counterfactuals_per_seed={args.counterfactuals_per_seed}",
+            *args.generate_set,
         ]
         run_cli(["generate", "--output", str(run_dir), *settings_arguments(overrides)], "generate", work_dir)
     # The student learns from the classification examples only, not from the two built-in passages' triplets.
@@ -177,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42, help="seeds the draw of seed examples")
+    add_generation_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     args.data = data_set_folder(parser, args.data, "banking77")
     work_dir = Path(args.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
+    check_generation_settings(work_dir, args.generate_set)
     started = time.perf_counter()
 
     paths = prepare_task(args, work_dir)
@@ -204,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     counts = generated_counts(run_dir)
     figures = {"labels": args.labels, "test_rows": len(test.texts), "generated": counts, **results}
-    path = write_results("quality_banking77", figures, vars(args), started)
-    plot(results, RESULTS_DIR / "quality_banking77.png")
+    path = write_results(args.results_name or "quality_banking77", figures, vars(args), started)
+    plot(results, RESULTS_DIR / f"{args.results_name or 'quality_banking77'}.png")
 
     print(f"\nBanking77, first {args.labels} intents, {args.seeds_per_label} seeds per intent, {len(test.texts)} test "
           f"rows; kept by origin {json.dumps(counts['kept_by_origin'])}; rejected {json.dumps(counts['rejected'])}; "

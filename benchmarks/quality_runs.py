@@ -58,6 +58,29 @@ def settings_arguments(overrides: Sequence[str]) -> list[str]:
     return [item for override in overrides for item in ("--set", override)]
 
 
+def add_generation_options(parser: Any) -> None:
+    """`--generate-set`: config overrides for every `embforge generate` of the benchmark, e.g. a capable LLM served
+    by vLLM on a GPU (`--generate-set generate.llm.backend=openai --generate-set generate.llm.base_url=...`)."""
+    parser.add_argument("--generate-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every generate run (e.g. another LLM backend); a work dir holds the "
+                             "runs of one set of overrides only")
+    parser.add_argument("--results-name", help="benchmarks/results/<name>.json and .png (default: the benchmark's "
+                                               "name); name runs with other overrides apart")
+
+
+def check_generation_settings(work_dir: Path, overrides: Sequence[str]) -> None:
+    """A work dir reuses its finished runs, so it must not mix runs generated with different overrides: the first
+    run records them, later runs must match."""
+    path = work_dir / "generate_overrides.json"
+    if not path.exists():
+        path.write_text(json.dumps(sorted(overrides)) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    if recorded != sorted(overrides):
+        raise SystemExit(f"{work_dir} holds runs generated with --generate-set {recorded}, not {sorted(overrides)}: "
+                         "give another --work-dir")
+
+
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version()}

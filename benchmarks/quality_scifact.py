@@ -26,6 +26,10 @@ Resumable: generation runs, trained models and per-query scores under --work-dir
 
     python benchmarks/quality_scifact.py          # data from $EMBFORGE_SHARED_DATA or ../shared/data
     python benchmarks/quality_scifact.py --passages 300 --curve 100 --seeds 0 --variants no_grading   # smaller
+    python benchmarks/quality_scifact.py --work-dir /tmp/quality_scifact_qwen --results-name quality_scifact_qwen \
+      --generate-set generate.llm.backend=openai --generate-set generate.llm.base_url=http://localhost:8000/v1 \
+      --generate-set generate.llm.model=Qwen/Qwen2.5-7B-Instruct --generate-set generate.llm.concurrency=64
+                                                      # a capable LLM served by vLLM (GPU): what limits the data?
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from quality_runs import (  # benchmarks/ is on sys.path when a script in it runs
     RESULTS_DIR,
+    add_generation_options,
+    check_generation_settings,
     difference,
     mean_of_samples,
     retrieval_scores,
@@ -100,7 +106,7 @@ def generate_run(args: argparse.Namespace, work_dir: Path, name: str, passages: 
     if (run_dir / "manifest.json").exists():
         return run_dir
     overrides = [f"generate.cache_dir={work_dir / 'cache'}", f"generate.corpus.path={args.data}/corpus.jsonl",
-                 f"generate.corpus.sample={passages}", *extra]
+                 f"generate.corpus.sample={passages}", *args.generate_set, *extra]
     run_cli(["generate", "--output", str(run_dir), *settings_arguments(overrides)], f"generate-{name}-{passages}",
             work_dir)
     return run_dir
@@ -238,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per text while training (a CPU saving; evaluation reads every model at "
                              "`embforge evaluate`'s window)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the few-shot draw and the random negatives")
+    add_generation_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     args.data = data_set_folder(parser, args.data, "scifact")
     args.data = os.path.abspath(args.data)
     work_dir = Path(args.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
+    check_generation_settings(work_dir, args.generate_set)
     started = time.perf_counter()
 
     base = retrieval_scores(work_dir, "base", DEFAULT_LOCAL_STUDENT, args.data)
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(complete: bool) -> Path:
         """Figures so far: a run stopped part way still leaves what it finished, marked incomplete."""
-        return write_results("quality_scifact", {**results, "complete": complete}, settings, started)
+        name = args.results_name or "quality_scifact"
+        return write_results(name, {**results, "complete": complete}, settings, started)
 
     # Learning curve first, smallest sample first (the nested samples reuse the smaller runs' cached answers, and the
     # first figures come early); the largest size is the headline's first seed.
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = save(complete=True)
     curve = results["learning_curve"]
-    plot(results, RESULTS_DIR / "quality_scifact.png")
+    plot(results, RESULTS_DIR / f"{args.results_name or 'quality_scifact'}.png")
 
     print(f"\nSciFact test (300 queries, 5,183 passages), nDCG@10, each model read at the evaluation window; "
           f"generation from {args.passages} passages; load average {os.getloadavg()[0]:.2f}")
@@ -331,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         line(f"{entry['kind']}: {name}", entry, entry["triplets"])
     verdict = "MET" if results["goal_met"] else "MISSED"
     print(f"goal: +{GOAL:.2f} nDCG@10 with the interval above zero: {verdict} ({headline['delta']:+.4f})")
-    print(f"results: {path}; plot: {RESULTS_DIR / 'quality_scifact.png'}; wall {time.perf_counter() - started:.0f} s")
+    print(f"results: {path}; plot: {path.with_suffix('.png')}; wall {time.perf_counter() - started:.0f} s")
     return 0
 
 

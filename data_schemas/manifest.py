@@ -52,8 +52,22 @@ EMBEDDING_USAGE = pa.struct([
     pa.field("estimated_cost_usd", pa.float64(), nullable=False),
 ])
 
-#: Version 2 added `embedding_usage` and the top-level `estimated_cost_usd`; `load_manifest` reads version 1 too.
-MANIFEST = versioned("manifest", 2, [
+BATCH_JOB = pa.struct([
+    pa.field("stage", pa.string(), nullable=False),
+    # The Batch API's job name (batches/...): what to look up in AI Studio or cancel.
+    pa.field("name", pa.string(), nullable=False),
+    # How it ended: JOB_STATE_SUCCEEDED, or EXPIRED / CANCELLED / FAILED (its requests then asked online).
+    pa.field("state", pa.string(), nullable=False),
+    pa.field("requests", _COUNT, nullable=False),
+    # Result lines carrying an error instead of an answer (the service reports no per-job statistics).
+    pa.field("failed_lines", _COUNT, nullable=False),
+    # Requests asked online after the job: failed lines, answers that did not validate, a job without results.
+    pa.field("asked_online", _COUNT, nullable=False),
+])
+
+#: Version 2 added `embedding_usage` and the top-level `estimated_cost_usd`, version 3 `batch_jobs`; `load_manifest`
+#: reads versions 1 and 2 too.
+MANIFEST = versioned("manifest", 3, [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("created_at", pa.string(), nullable=False),
     pa.field("embforge_version", pa.string(), nullable=False),
@@ -71,6 +85,8 @@ MANIFEST = versioned("manifest", 2, [
     # record kind -> rows written
     pa.field("outputs", pa.map_(pa.string(), _COUNT), nullable=False),
     pa.field("mining", pa.map_(pa.string(), _COUNT), nullable=False),
+    # Gemini Batch API jobs the run waited on (generate.llm.mode / generate.teacher.mode = "batch"); empty online.
+    pa.field("batch_jobs", pa.list_(BATCH_JOB), nullable=False),
     pa.field("budget", pa.map_(pa.string(), pa.float64()), nullable=False),
     # True when every stage balances (input + expanded = kept + rejected + skipped); a run with False fails.
     pa.field("balanced", pa.bool_(), nullable=False),
@@ -109,7 +125,14 @@ def load_manifest(path: str) -> dict[str, Any]:
             document = json.loads(handle.read().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise SchemaError(f"not valid JSON: {error}", source=path) from error
-    validate_manifest(_from_version_1(document), source=path)
+    validate_manifest(_from_version_2(_from_version_1(document)), source=path)
+    return document
+
+
+def _from_version_2(document: Any) -> Any:
+    """A manifest written before batch mode, with its (then always empty) `batch_jobs`."""
+    if isinstance(document, dict) and "batch_jobs" not in document:
+        document["batch_jobs"] = []
     return document
 
 

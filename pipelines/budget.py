@@ -45,6 +45,18 @@ def add_spends(spends) -> Spend:
     return sum(spends, Spend())
 
 
+def split_by_plan(batch, allowed_keys: frozenset[str] | None) -> tuple[list, list]:
+    """A batch of (key, items) misses -> (the items lists the plan leaves uncalled, the (key, items) it allows to
+    call); without a plan (None) every key is allowed."""
+    refused, allowed = [], []
+    for key, items in batch:
+        if allowed_keys is not None and key not in allowed_keys:
+            refused.append(items)
+        else:
+            allowed.append((key, items))
+    return refused, allowed
+
+
 def cheapest_prefix(candidates: list[tuple[str, int]], max_calls: int | None, max_micro_usd: int | None):
     """The smallest keys, in key order, while their count and summed worst-case cost stay within the limits."""
     prefix = []

@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -91,22 +92,38 @@ class ReadCache(beam.PTransform):
 
 
 class CacheWriter:
-    """Buffers new entries inside a DoFn and flushes them to a new cache file every `flush_every` rows.
+    """Buffers new entries inside a DoFn and flushes them to a new cache file every `flush_every` rows, or once the
+    oldest buffered entry is `flush_seconds` old.
 
-    Small flushes cost a few more files but bound what a kill can lose to `flush_every` calls.
+    Small flushes cost a few more files but bound what a kill can lose: `flush_every` answers, or the answers of the
+    last `flush_seconds` when they come slowly (a batch of paid API answers must not wait for a bundle's end).
     """
 
-    def __init__(self, cache_dir: str | None, kind: str, flush_every: int = 16):
+    def __init__(self, cache_dir: str | None, kind: str, flush_every: int = 16, flush_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
         self._cache_dir = cache_dir
         self._kind = kind
         self._flush_every = flush_every
+        self._flush_seconds = flush_seconds
+        self._clock = clock
         self._pending: list[dict[str, Any]] = []
+        self._oldest = 0.0
 
     def add(self, row: dict[str, Any]) -> None:
         if self._cache_dir is None:
             return
+        if not self._pending:
+            self._oldest = self._clock()
         self._pending.append(row)
         if len(self._pending) >= self._flush_every:
+            self.flush()
+        else:
+            self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Flush when the oldest buffered entry has waited `flush_seconds`: callers waiting on slow answers call it
+        while they wait, so an entry never sits unwritten for long."""
+        if self._pending and self._clock() - self._oldest >= self._flush_seconds:
             self.flush()
 
     def flush(self) -> None:

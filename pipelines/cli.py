@@ -54,7 +54,9 @@ def _generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="run directory (local or gs://); overrides generate.output")
     parser.add_argument("--corpus",
                         help="corpus path or glob, or builtin:python-stdlib; overrides generate.corpus.path")
-    parser.add_argument("--llm", choices=("local", "gemini"), help="LLM backend; overrides generate.llm.backend")
+    parser.add_argument("--llm", choices=("local", "gemini", "openai"),
+                        help="LLM backend (openai: any OpenAI-compatible server, see generate.llm.base_url); "
+                             "overrides generate.llm.backend")
     parser.add_argument("--teacher", choices=("local", "gemini"),
                         help="teacher embedding backend; overrides generate.teacher.backend")
     parser.add_argument("--sample", type=int, help="use at most this many passages; overrides generate.corpus.sample")
@@ -64,6 +66,10 @@ def _generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cost", type=float, metavar="USD",
                         help="stop new LLM and embedding calls before their estimated cost (list prices, worst case "
                              "per call) would pass this many US dollars; overrides generate.budget.max_cost_usd")
+    parser.add_argument("--dry-run", nargs="?", const="table", choices=("table", "json"), default=None,
+                        help="print what generation would ask of its models (new requests per stage, tokens, cost "
+                             "online and in batch mode, time) from the corpus and the caches, then stop: no model is "
+                             "called and nothing is written; 'json' prints it as JSON")
 
 
 def _resume_flag(parser: argparse.ArgumentParser) -> None:
@@ -338,6 +344,9 @@ def _dispatch(args: argparse.Namespace, beam_options: list[str]) -> None:
         overrides.append(f"evaluate.output={args.output}")
     config = load_run_config(args.config, overrides, beam_options)
 
+    if args.command in BEAM_COMMANDS and args.dry_run:
+        _dry_run(config, args.dry_run)
+        return
     if args.command in BEAM_COMMANDS:
         from pipelines.run import check_writable
 
@@ -363,6 +372,18 @@ def _dispatch(args: argparse.Namespace, beam_options: list[str]) -> None:
         from pipelines.run import run_all
 
         run_all(config, resume=args.resume)
+
+
+def _dry_run(config, output_format: str) -> None:
+    """Only generation calls models: `run --dry-run` estimates the same as `generate --dry-run` (training and
+    evaluation run locally and cost nothing)."""
+    import json
+
+    from pipelines.dry_run import estimate, format_table
+
+    logs.attach_file(None)
+    result = estimate(config.generate)
+    print(json.dumps(result.as_dict(), indent=1) if output_format == "json" else format_table(result, config.generate))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any, Literal
 
 from embedder.config import TrainConfig
-from pipelines.clients.specs import API_KEY_VARIABLES, EmbedderSpec, LLMSpec
+from pipelines.clients.specs import API_KEY_VARIABLES, OPENAI_API_KEY_VARIABLE, EmbedderSpec, LLMSpec
 from pipelines.config_loading import ConfigError, apply_overrides, build_config, read_config_file
 from pipelines.stages.embed_teacher import EmbedTeacherConfig
 from pipelines.stages.generate_counterfactuals import GenerateCounterfactualsConfig
@@ -148,6 +148,10 @@ def check_environment(config: RunConfig) -> None:
     uses_gemini = config.generate.llm.backend == "gemini" or config.generate.teacher.backend == "gemini"
     if uses_gemini and not any(os.environ.get(name) for name in API_KEY_VARIABLES):
         raise ConfigError(f"the gemini backend needs an API key in {' or '.join(API_KEY_VARIABLES)}")
+    llm = config.generate.llm
+    if llm.backend == "openai" and llm.base_url is None and not os.environ.get(OPENAI_API_KEY_VARIABLE, "").strip():
+        raise ConfigError(f"the openai backend without generate.llm.base_url talks to OpenAI itself, which needs a key "
+                          f"in {OPENAI_API_KEY_VARIABLE}; for your own server set generate.llm.base_url")
 
 
 def load_run_config(path: str | None, overrides: list[str], beam_args: list[str] | None = None) -> RunConfig:

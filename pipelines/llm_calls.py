@@ -9,6 +9,8 @@ cache-miss keys that fit what the stages before it left, and its spend reaches t
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -23,11 +25,15 @@ from pipelines import progress
 from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
 from pipelines.cache import LLM_CACHE, CacheWriter
 from pipelines.cached_calls import CachedCall, CallHandler
-from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, Usage
-from pipelines.clients.factory import billable_output_tokens, build_llm
+from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, GenerationResult, Usage
+from pipelines.clients.factory import billable_output_tokens, build_batch_client, build_llm
+from pipelines.clients.gemini_thinking import gemini_thinking_budget
 from pipelines.clients.specs import LLMSpec
 from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.pricing import estimated_cost_micro_usd
+
+#: Backends whose calls wait on the network: their requests are kept in flight (pipelines/cached_calls.py).
+IN_FLIGHT_BACKENDS = ("gemini", "openai")
 
 
 @functools.cache
@@ -79,13 +85,27 @@ class LLMAnswer:
     #: Where the answer came from: "backend" (a paid call), "cache" (an earlier run), "duplicate" (an identical
     #: request of this run was called), "budget" (not called: the run's call budget was spent).
     source: Literal["backend", "cache", "duplicate", "budget"] = "backend"
+    #: The part of `usage` billed through the Batch API (at its price); the rest was billed online.
+    batch_usage: Usage = Usage()
 
 
+def answer_cost_micro_usd(spec: LLMSpec, answer: LLMAnswer) -> int:
+    """What a paid answer cost: its batch part at the Batch API's price, the rest (online asks) at list price."""
+    online = Usage(answer.usage.input_tokens - answer.batch_usage.input_tokens,
+                   answer.usage.output_tokens - answer.batch_usage.output_tokens)
+    return (estimated_cost_micro_usd(spec, answer.batch_usage, mode="batch")
+            + estimated_cost_micro_usd(spec, online, mode="online"))
 
 
 def failure_reason(answer: LLMAnswer, reason: str) -> str:
     """The rejection reason for a failed answer: the stage's own `reason`, or BUDGET_REASON if it was never called."""
     return BUDGET_REASON if answer.source == "budget" else reason
+
+
+def answer_of(request: LLMRequest, result: GenerationResult) -> LLMAnswer:
+    """A backend's generation result as the request's answer."""
+    value = result.value.model_dump(mode="json") if result.ok and result.value is not None else None
+    return LLMAnswer(request, result.ok, value, result.raw, result.error, result.usage)
 
 
 def call_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
@@ -95,9 +115,14 @@ def call_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
         return LLMAnswer(request, True, {"logprobs": list(logprobs)}, json.dumps(logprobs), None, Usage())
     if request.output_model is None:
         raise ValueError(f"request {request.request_id}: generate mode needs an output_model")
-    result = llm.generate(request.messages, request.output_model, request.config)
-    value = result.value.model_dump(mode="json") if result.ok and result.value is not None else None
-    return LLMAnswer(request, result.ok, value, result.raw, result.error, result.usage)
+    return answer_of(request, llm.generate(request.messages, request.output_model, request.config))
+
+
+async def acall_llm(llm: LLM, request: LLMRequest) -> LLMAnswer:
+    """`call_llm`, awaited on the backend's event loop (score mode, which API backends lack, in a thread)."""
+    if request.mode == "generate" and request.output_model is not None:
+        return answer_of(request, await llm.agenerate(request.messages, request.output_model, request.config))
+    return await asyncio.to_thread(call_llm, llm, request)
 
 
 def _cache_entry(key: str, answer: LLMAnswer, model_id: str, model_version: str) -> dict[str, Any]:
@@ -146,11 +171,15 @@ def worst_case_micro_usd(spec: LLMSpec, request: LLMRequest) -> int:
     prompt_tokens = upper_token_estimate([message.content for message in request.messages]
                                          + list(request.continuations))
     output_tokens = billable_output_tokens(spec, request.config.max_output_tokens) if request.mode == "generate" else 0
-    return estimated_cost_micro_usd(spec.model_name, Usage(asks * prompt_tokens, asks * output_tokens))
+    online = estimated_cost_micro_usd(spec, Usage(asks * prompt_tokens, asks * output_tokens), mode="online")
+    if spec.mode != "batch":
+        return online
+    # The batch ask, then, if its line fails or does not validate, every ask online at list price.
+    return online + estimated_cost_micro_usd(spec, Usage(prompt_tokens, output_tokens), mode="batch")
 
 
 
-def answer_tallies(answer: LLMAnswer, stage: str, model: str) -> Iterator[tuple[tuple[str, ...], int]]:
+def answer_tallies(answer: LLMAnswer, stage: str, spec: LLMSpec) -> Iterator[tuple[tuple[str, ...], int]]:
     """The manifest tallies of one answer: a paid call (its tokens and estimated cost), a cache hit, or a request the
     budget left uncalled. An answer shared from an identical request of the run counts nothing."""
     yield ("llm", stage, "calls"), int(answer.source == "backend")
@@ -159,7 +188,7 @@ def answer_tallies(answer: LLMAnswer, stage: str, model: str) -> Iterator[tuple[
     if answer.source == "backend":
         yield ("llm", stage, "input_tokens"), answer.usage.input_tokens
         yield ("llm", stage, "output_tokens"), answer.usage.output_tokens
-        yield ("cost", stage), estimated_cost_micro_usd(model, answer.usage)
+        yield ("cost", stage), answer_cost_micro_usd(spec, answer)
         yield ("cache", "llm_calls"), 1
     elif answer.source == "cache":
         yield ("cache", "llm_hits"), 1
@@ -187,8 +216,7 @@ def call_many(llm: LLM, requests: list[LLMRequest], concurrency: int) -> list[LL
         results = llm.generate_many([requests[i].messages for i in indices], output_model,
                                     [requests[i].config for i in indices], concurrency)
         for index, result in zip(indices, results, strict=True):
-            value = result.value.model_dump(mode="json") if result.ok and result.value is not None else None
-            answers[index] = LLMAnswer(requests[index], result.ok, value, result.raw, result.error, result.usage)
+            answers[index] = answer_of(requests[index], result)
     return [answers[index] for index in range(len(requests))]
 
 
@@ -201,18 +229,23 @@ class LLMCallHandler(CallHandler):
     flush_every = 16
 
     def __init__(self, spec: LLMSpec, identity: ModelIdentity, stage: str):
-        # The backend keeps `concurrency` requests in flight within a batch, and each batch ends in a barrier (its
-        # slowest request). Batches of 8x concurrency from the start (not BatchElements' ramp from 1) keep the barriers
-        # rare: measured against a 200 ms fake server at concurrency 8, achieved/ideal calls/s went from 0.57 to ~0.75
-        # (benchmarks/llm_concurrency.py). The price: a kill loses at most one batch of paid answers, cached at its end.
-        super().__init__(stage, identity, batch_size=max(1, 8 * spec.concurrency))
+        if spec.backend in IN_FLIGHT_BACKENDS:
+            # One request per key, `concurrency` of them always in flight (cached_calls.py): no batch barriers.
+            super().__init__(stage, identity, batch_size=1)
+            self.in_flight = spec.concurrency
+        else:
+            # The local backend decodes `concurrency` answers per forward pass (generate_many); batches of 8x that
+            # give it full decoding batches, and a kill loses at most one batch of answers, cached at its end.
+            super().__init__(stage, identity, batch_size=max(1, 8 * spec.concurrency))
         self.spec = spec
+        self.batch_mode = spec.mode == "batch"
+        self.batch_max_requests = spec.batch.max_requests
         self._calls = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_calls")
         self._failures = beam.metrics.Metrics.counter(f"embforge.{stage}", "llm_failures")
 
     def _counted(self, answers: Iterable[LLMAnswer]) -> Iterator[LLMAnswer]:
         for answer in answers:
-            for key, count in answer_tallies(answer, self.stage, self.spec.model_name):
+            for key, count in answer_tallies(answer, self.stage, self.spec):
                 self.tally.add(key, count)
             yield answer
 
@@ -238,19 +271,72 @@ class LLMCallHandler(CallHandler):
     def call(self, llm: LLM, batch: list[tuple[str, list[LLMRequest]]], cache: CacheWriter) -> Iterator[LLMAnswer]:
         """One call per key, with the backend's own concurrency; successes are cached."""
         first_answers = call_many(llm, [requests[0] for _, requests in batch], self.spec.concurrency)
-        progress.advance(f"LLM calls: {self.stage}", len(batch))
         for (key, requests), first in zip(batch, first_answers, strict=True):
-            self._calls.inc()
-            if first.ok:
-                cache.add(_cache_entry(key, first, *self.identity))
+            yield from self._answered(key, requests, first, cache)
+
+    async def acall(self, llm: LLM, batch: list[tuple[str, list[LLMRequest]]]) -> list[LLMAnswer]:
+        return [await acall_llm(llm, requests[0]) for _, requests in batch]
+
+    def collect(self, batch: list[tuple[str, list[LLMRequest]]], answer: concurrent.futures.Future,
+                cache: CacheWriter) -> Iterator[LLMAnswer]:
+        for (key, requests), first in zip(batch, answer.result(), strict=True):
+            yield from self._answered(key, requests, first, cache)
+
+    def load_batch_client(self) -> Any:
+        return build_batch_client(self.spec)
+
+    def batch_line(self, key: str, requests: list[LLMRequest]) -> dict[str, Any]:
+        # Batch mode is Gemini's: its SDK is imported only here, so a local run never loads it.
+        from pipelines.clients.gemini_batch import generate_request_line
+
+        request = requests[0]
+        if request.mode != "generate" or request.output_model is None:
+            raise ValueError(f"request {request.request_id}: batch mode asks for generate requests only")
+        spec = self.spec
+        return generate_request_line(key, request.messages, request.output_model, request.config, spec.model_name,
+                                     gemini_thinking_budget(spec.model_name, spec.thinking_budget))
+
+    def answer_batch(self, llm: LLM, answered: list[tuple[str, list[LLMRequest], dict[str, Any] | None]],
+                     cache: CacheWriter) -> tuple[list[LLMAnswer], int]:
+        from pipelines.clients.gemini import parse_generate_response
+        from pipelines.clients.gemini_batch import line_error, response_of
+
+        outputs: list[LLMAnswer] = []
+        online: list[tuple[str, list[LLMRequest], Usage]] = []
+        for key, requests, line in answered:
+            first = requests[0]
+            if line_error(line) is None:
+                parsed = parse_generate_response(response_of(line), first.output_model)
+                if parsed.value is not None:
+                    answer = LLMAnswer(first, True, parsed.value.model_dump(mode="json"), parsed.raw, None,
+                                       parsed.usage, batch_usage=parsed.usage)
+                    outputs += self._answered(key, requests, answer, cache)
+                    continue
+                online.append((key, requests, parsed.usage))  # billed, but no answer: asked again online
             else:
-                self._failures.inc()
-            yield from self._counted(answers_for_group(first, requests))
+                online.append((key, requests, Usage()))
+        if online:
+            answers = call_many(llm, [requests[0] for _, requests, _ in online], self.spec.concurrency)
+            for (key, requests, batch_usage), answer in zip(online, answers, strict=True):
+                answer = replace(answer, usage=answer.usage + batch_usage, batch_usage=batch_usage)
+                outputs += self._answered(key, requests, answer, cache)
+        return outputs, len(online)
+
+    def _answered(self, key: str, requests: list[LLMRequest], first: LLMAnswer,
+                  cache: CacheWriter) -> Iterator[LLMAnswer]:
+        """The answers of one key's call: cached if it succeeded, shared with the key's identical requests."""
+        progress.advance(f"LLM calls: {self.stage}")
+        self._calls.inc()
+        if first.ok:
+            cache.add(_cache_entry(key, first, *self.identity))
+        else:
+            self._failures.inc()
+        yield from self._counted(answers_for_group(first, requests))
 
     def spend(self, answer: LLMAnswer) -> Spend | None:
         if answer.source != "backend":
             return None
-        return Spend(1, estimated_cost_micro_usd(self.spec.model_name, answer.usage))
+        return Spend(1, answer_cost_micro_usd(self.spec, answer))
 
 
 class CallLLM(beam.PTransform):

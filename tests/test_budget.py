@@ -109,7 +109,7 @@ def test_max_cost_stops_new_calls_before_the_estimated_spend_passes_it(tmp_path,
     # What the server billed (its usageMetadata), priced independently of the manifest, stays within the budget.
     billed = [record for record in gemini.requests if record.method == "generateContent"]
     assert len(billed) == queries["calls"]
-    spent = sum(estimated_cost_micro_usd("gemini-2.5-flash", Usage(record.prompt_tokens, record.output_tokens))
+    spent = sum(estimated_cost_micro_usd(LLMSpec(backend="gemini"), Usage(record.prompt_tokens, record.output_tokens))
                 for record in billed)
     assert 0 < spent <= max_cost * 1_000_000
     assert sum(row["estimated_cost_usd"] for row in manifest["llm_usage"]) <= max_cost

@@ -52,7 +52,7 @@ def test_toml_and_yaml_files_layer_over_defaults_and_overrides_win(tmp_path):
     (["generate.mining.kk=3"], "generate.mining.kk: unknown key"),
     (["generate.mining.k=0"], "generate.mining: MineNegativesConfig: k must be >= 1, got 0"),
     (["generate.mining.k=many"], "generate.mining.k: expected an integer"),
-    (["generate.llm.backend=openai"], "generate.llm.backend: must be one of"),
+    (["generate.llm.backend=vllm"], "generate.llm.backend: must be one of"),
     (["evaluate.dims=[64, 128]"], "dims must be strictly descending"),
     (["generate.beam.direct_running_mode=threads"], "direct_running_mode: must be one of"),
     # More negatives than the k - 1 candidates besides the positive.

@@ -80,9 +80,10 @@ def test_config_rejects_impossible_values():
 
 def test_embedding_cost_is_the_text_at_bytes_over_3_tokens_rounded_up():
     # 30 bytes -> 10 tokens at $0.15 per million = 1.5 micro-USD, rounded up; a local teacher costs nothing.
-    assert estimated_embedding_usage("gemini-embedding-001", "x" * 30) == (10, 2)
-    assert estimated_embedding_usage("gemini-embedding-001", "é" * 5) == (4, 1)  # 10 bytes: 3.33 -> 4 tokens
-    assert estimated_embedding_usage("packaged:all-mpnet-base-v2", "x" * 30) == (10, 0)
+    gemini = EmbedderSpec(backend="gemini")
+    assert estimated_embedding_usage(gemini, "x" * 30) == (10, 2)
+    assert estimated_embedding_usage(gemini, "é" * 5) == (4, 1)  # 10 bytes: 3.33 -> 4 tokens
+    assert estimated_embedding_usage(EmbedderSpec(), "x" * 30) == (10, 0)
 
 
 @pytest.mark.slow
@@ -95,7 +96,7 @@ def test_a_cost_budget_embeds_the_smallest_keys_that_fit_what_earlier_stages_lef
                             backoff_max_s=0.05)
         config = EmbedTeacherConfig(dimension=8, batch_size=3)
         costs = {embedding_cache_key(*embedder_identity(spec), item["task_type"], 8, item["text"]):
-                 (item["id"], estimated_embedding_usage(spec.model_name, item["text"])[1]) for item in items}
+                 (item["id"], estimated_embedding_usage(spec, item["text"])[1]) for item in items}
         # An earlier stage made 4 LLM calls and spent 20 micro-USD: the call limit is reached, which does not stop
         # embeddings (they are not LLM calls); the cost limit leaves 40 micro-USD for them.
         budget = RunBudget(max_calls=4, max_cost_usd=0.00006)

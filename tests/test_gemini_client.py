@@ -23,6 +23,7 @@ from pipelines.clients.factory import billable_output_tokens, build_embedder, bu
 from pipelines.clients.gemini import (
     GeminiAuthError,
     GeminiEmbedder,
+    GeminiError,
     GeminiLLM,
     GeminiRequestError,
     GeminiUnavailableError,
@@ -171,34 +172,44 @@ def test_retries_run_out_with_a_clear_error(fake_gemini_server, caplog):
 # (2) embeddings -----------------------------------------------------------------------------------------------------
 
 
-def test_embeddings_one_request_per_text(fake_gemini_server):
+def test_embeddings_go_up_to_100_texts_a_request_in_order(fake_gemini_server):
     server = fake_gemini_server
-    texts = [f"document {i} about topic {i % 3}" for i in range(7)]
+    texts = [f"document {i} about topic {i % 3}" for i in range(250)]
     with make_embedder(server) as embedder:
         vectors = embedder.embed(texts, TaskType.RETRIEVAL_DOCUMENT, 256)
 
-    assert vectors.shape == (7, 256) and vectors.dtype == np.float32
+    assert vectors.shape == (250, 256) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     for text, vector in zip(texts, vectors, strict=True):  # order kept; values are the server's, normalized
         expected = np.asarray(hash_vector(text, "RETRIEVAL_DOCUMENT", 256), dtype=np.float32)
         np.testing.assert_allclose(vector, expected / np.linalg.norm(expected), rtol=1e-5, atol=1e-6)
 
     records = server.requests
-    assert len(records) == len(texts)
     assert all(record.method == "batchEmbedContents" for record in records)
-    assert all(len(record.body["requests"]) == 1 for record in records)
+    assert sorted(len(record.body["requests"]) for record in records) == [50, 100, 100]  # ceil(250 / 100) requests
     assert sorted(text for record in records for text in record.texts) == sorted(texts)
     for record in records:
-        entry = record.body["requests"][0]
-        assert entry["taskType"] == "RETRIEVAL_DOCUMENT"
-        assert entry["outputDimensionality"] == 256
-    assert embedder.stats.calls == len(texts)
+        assert {entry["taskType"] for entry in record.body["requests"]} == {"RETRIEVAL_DOCUMENT"}
+        assert {entry["outputDimensionality"] for entry in record.body["requests"]} == {256}
+    assert embedder.stats.calls == 3
+
+
+def test_an_answer_without_a_full_vector_for_every_text_fails_its_request_clearly(fake_gemini_server):
+    server = fake_gemini_server
+    answer = server.embed
+    server.embed = lambda text, task_type, dimension: [] if text == "short" else answer(text, task_type, dimension)
+    with make_embedder(server) as embedder:
+        assert embedder.embed(["a", "b"], TaskType.RETRIEVAL_QUERY, 8).shape == (2, 8)
+        with pytest.raises(GeminiError, match=r"expected 2 8-d embeddings for 2 texts, got embedding 1 with 0"):
+            embedder.embed(["fine", "short"], TaskType.RETRIEVAL_QUERY, 8)
+    assert embedder.stats.failures == 1
 
 
 def test_embeddings_default_to_the_native_dimension_and_survive_faults(fake_gemini_server):
     server = fake_gemini_server
     server.faults = FaultPlan(seed=2, errors={429: 0.3}, retry_after_s=0.05, truncated_body=0.2)
     with make_embedder(server) as embedder:
+        embedder.TEXTS_PER_REQUEST = 1  # one request per text: each draws its own fault
         vectors = embedder.embed(["alpha", "beta", "gamma", "delta"], TaskType.RETRIEVAL_QUERY)
         empty = embedder.embed([], TaskType.RETRIEVAL_QUERY, 64)
     assert vectors.shape == (4, 3072)
@@ -354,7 +365,7 @@ def test_async_generate_many_keeps_order_and_bounds_concurrency(fake_gemini_serv
 def test_embed_bounds_concurrency(fake_gemini_server):
     fake_gemini_server.faults = FaultPlan(latency_s=0.05)
     with make_embedder(fake_gemini_server, concurrency=2) as embedder:
-        embedder.embed([f"t{i}" for i in range(6)], TaskType.CLUSTERING, 8)
+        embedder.embed([f"t{i}" for i in range(600)], TaskType.CLUSTERING, 8)  # 6 requests of 100 texts
     assert 1 < fake_gemini_server.max_in_flight <= 2
 
 

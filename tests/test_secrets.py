@@ -52,10 +52,10 @@ def test_key_in_either_variable_is_accepted_and_never_in_the_config(monkeypatch,
 
 def test_the_key_holder_refuses_to_pickle_and_hides_in_text():
     # Beam pickles DoFns for workers; a client built by mistake outside setup() must fail there, not ship the key.
-    from pipelines.clients.gemini import _Secret
+    from pipelines.clients.secret import Secret
 
-    secret = _Secret(KEY)
-    with pytest.raises(TypeError, match="does not pickle"):
+    secret = Secret(KEY, "the Gemini API key")
+    with pytest.raises(TypeError, match="the Gemini API key does not pickle"):
         pickle.dumps(secret)
     assert KEY not in repr(secret) and KEY not in str(secret) and KEY not in f"{secret}"
     assert secret.redact(f"server said: bad key {KEY}") == "server said: bad key [redacted]"

@@ -18,6 +18,8 @@ from typing import Generic, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel
 
+from pipelines.clients.event_loop import LoopThread, gather_in_order
+
 OutputT = TypeVar("OutputT", bound=BaseModel)
 
 
@@ -144,8 +146,70 @@ class LLM(abc.ABC):
         configs = per_request(config, len(requests))
         return [self.generate(messages, output_model, each) for messages, each in zip(requests, configs, strict=True)]
 
+    def async_loop(self) -> LoopThread | None:
+        """The event loop `agenerate` runs on, for callers that keep many requests in flight (API backends, whose
+        calls wait on the network); None for a backend that answers a batch at once itself (`generate_many`)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
         """Release clients or models."""
+
+
+class NetworkLLM(LLM):
+    """An LLM behind an API (Gemini, OpenAI-compatible servers): `agenerate` is native async and runs on the backend's
+    own event loop (`async_loop`); the sync methods and `generate_many` are built on it, with at most `concurrency`
+    requests in flight."""
+
+    concurrency: int
+
+    @abc.abstractmethod
+    async def agenerate(
+        self,
+        messages: Sequence[ChatMessage],
+        output_model: type[OutputT],
+        config: GenerationConfig = GenerationConfig(),
+    ) -> GenerationResult[OutputT]:
+        """One request, asked again while the answer does not validate; never raises for a bad answer."""
+
+    @abc.abstractmethod
+    def async_loop(self) -> LoopThread: ...
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        output_model: type[OutputT],
+        config: GenerationConfig = GenerationConfig(),
+    ) -> GenerationResult[OutputT]:
+        return self.async_loop().run(self.agenerate(messages, output_model, config))
+
+    async def agenerate_many(
+        self,
+        requests: Sequence[Sequence[ChatMessage]],
+        output_model: type[OutputT],
+        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
+        concurrency: int | None = None,
+    ) -> list[GenerationResult[OutputT]]:
+        """Results in request order, at most `concurrency` (default: the backend's) requests in flight; `config` is one
+        for all requests or one per request."""
+        semaphore = asyncio.Semaphore(concurrency or self.concurrency)
+
+        async def one(messages: Sequence[ChatMessage], each: GenerationConfig) -> GenerationResult[OutputT]:
+            # Held across retries too: while a request backs off from a 429, the slot stays taken instead of letting
+            # another request hit the rate limit.
+            async with semaphore:
+                return await self.agenerate(messages, output_model, each)
+
+        configs = per_request(config, len(requests))
+        return await gather_in_order([one(messages, each) for messages, each in zip(requests, configs, strict=True)])
+
+    def generate_many(
+        self,
+        requests: Sequence[Sequence[ChatMessage]],
+        output_model: type[OutputT],
+        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
+        concurrency: int | None = None,
+    ) -> list[GenerationResult[OutputT]]:
+        return self.async_loop().run(self.agenerate_many(requests, output_model, config, concurrency))
 
 
 def per_request(config: GenerationConfig | Sequence[GenerationConfig], count: int) -> list[GenerationConfig]:
@@ -172,6 +236,13 @@ class Embedder(abc.ABC):
     @abc.abstractmethod
     def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
         """Embed `texts`; `dimension` defaults to `native_dimension`."""
+
+    async def aembed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
+        return await asyncio.to_thread(self.embed, texts, task_type, dimension)
+
+    def async_loop(self) -> LoopThread | None:
+        """As `LLM.async_loop`: where `aembed` runs for callers keeping many requests in flight, or None."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients or models."""

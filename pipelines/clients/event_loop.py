@@ -41,12 +41,17 @@ class LoopThread:
                 self._thread.start()
             return self._loop
 
-    def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+    def submit(self, coroutine: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Start `coroutine` on the loop and return at once: callers keep many in flight and collect them as they
+        finish (pipelines/cached_calls.py). Cancelling the future cancels the coroutine."""
         loop = self._ensure_started()
         if threading.current_thread() is self._thread:
             coroutine.close()
-            raise RuntimeError("sync Gemini call from the client's own event loop: await the async method instead")
-        future: concurrent.futures.Future[_T] = asyncio.run_coroutine_threadsafe(coroutine, loop)
+            raise RuntimeError("sync API call from the client's own event loop: await the async method instead")
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+    def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        future = self.submit(coroutine)
         try:
             return future.result()
         except BaseException:

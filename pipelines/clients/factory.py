@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.clients.base import LLM, Embedder, TaskType
 from pipelines.clients.gemini_thinking import gemini_output_token_limit, gemini_thinking_budget, thinking_range
-from pipelines.clients.specs import EmbedderSpec, LLMSpec
+from pipelines.clients.specs import OPENAI_BASE_URL, EmbedderSpec, LLMSpec
 
 if TYPE_CHECKING:
     from pipelines.clients.gemini import GeminiEndpoint
+    from pipelines.clients.gemini_batch import GeminiBatchClient
 
 
 def build_llm(spec: LLMSpec) -> LLM:
-    return _build(spec, "LLM", {"gemini": _gemini_llm, "local": _local_llm})
+    return _build(spec, "LLM", {"gemini": _gemini_llm, "openai": _openai_llm, "local": _local_llm})
 
 
 def build_embedder(spec: EmbedderSpec) -> Embedder:
@@ -34,7 +35,7 @@ def _build(spec: LLMSpec | EmbedderSpec, kind: str, builders: Mapping[str, Calla
     if spec.backend == "custom":
         return _call_factory(spec.model)
     if spec.backend not in builders:
-        raise ValueError(f"unknown {kind} backend {spec.backend!r}: expected 'local', 'gemini' or 'custom'")
+        raise ValueError(f"unknown {kind} backend {spec.backend!r}: expected one of {', '.join(builders)} or custom")
     return builders[spec.backend](spec)
 
 
@@ -57,10 +58,32 @@ def _gemini_llm(spec: LLMSpec) -> LLM:
     )
 
 
+def _openai_llm(spec: LLMSpec) -> LLM:
+    from pipelines.clients.openai_compatible import OpenAICompatibleLLM
+    from pipelines.clients.retry import RetryPolicy
+
+    return OpenAICompatibleLLM(
+        spec.model_name,
+        base_url=spec.base_url,
+        timeout_s=spec.timeout_s,
+        retry=RetryPolicy(spec.max_attempts, spec.backoff_initial_s, spec.backoff_max_s),
+        concurrency=spec.concurrency,
+        max_parse_attempts=spec.max_parse_attempts,
+        structured_output=spec.structured_output,
+    )
+
+
 def _gemini_embedder(spec: EmbedderSpec) -> Embedder:
     from pipelines.clients.gemini import GeminiEmbedder
 
     return GeminiEmbedder(spec.model_name, endpoint=_gemini_endpoint(spec), concurrency=spec.concurrency)
+
+
+def build_batch_client(spec: LLMSpec | EmbedderSpec) -> GeminiBatchClient:
+    """The Gemini Batch API client of a spec in batch mode (pipelines/batch_calls.py)."""
+    from pipelines.clients.gemini_batch import GeminiBatchClient
+
+    return GeminiBatchClient(spec.model_name, _gemini_endpoint(spec), spec.batch)
 
 
 def _gemini_endpoint(spec: LLMSpec | EmbedderSpec) -> GeminiEndpoint:
@@ -124,6 +147,10 @@ def llm_identity(spec: LLMSpec) -> tuple[str, str]:
     if spec.backend == "gemini":
         # Gemini models are versioned by name (gemini-2.5-flash-001 vs -002); the name is the version.
         return spec.model_name, spec.model_name + _thinking_suffix(spec)
+    if spec.backend == "openai":
+        # A model name says little about what answers: two servers may serve different weights, quantizations or
+        # chat templates under one name, so the server is part of the identity.
+        return spec.model_name, f"{spec.model_name}@{(spec.base_url or OPENAI_BASE_URL).rstrip('/')}"
     if spec.backend == "custom":
         return spec.model_name, "custom"
     from pipelines.clients.packaged_models import resolve_model

@@ -39,20 +39,20 @@ from google.genai import types
 from pydantic import BaseModel, ValidationError
 
 from pipelines.clients.base import (
-    LLM,
     ChatMessage,
     Embedder,
     GenerationConfig,
     GenerationResult,
+    NetworkLLM,
     OutputT,
     TaskType,
     Usage,
-    per_request,
     truncate_and_normalize,
 )
 from pipelines.clients.event_loop import LoopThread, gather_in_order
 from pipelines.clients.gemini_thinking import gemini_output_token_limit, gemini_thinking_budget
 from pipelines.clients.retry import TRANSIENT_STATUS_CODES, TRANSPORT_ERRORS, RetryPolicy
+from pipelines.clients.secret import Secret
 from pipelines.clients.specs import API_KEY_VARIABLES, DEFAULT_GEMINI_EMBEDDER, DEFAULT_GEMINI_LLM
 
 logger = logging.getLogger(__name__)
@@ -104,29 +104,6 @@ class GeminiUnavailableError(GeminiError):
 # --- the API key ------------------------------------------------------------------------------------------------------
 
 
-class _Secret:
-    """Holds the API key so it cannot leak through repr, str, vars() dumps of its owner or pickling."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def redact(self, text: str) -> str:
-        return text.replace(self._value, "[redacted]") if self._value else text
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("the Gemini API key does not pickle: build Gemini clients in DoFn.setup(), from a spec")
-
-
 def api_key_from_env(environ: Mapping[str, str] | None = None) -> str:
     """The Gemini API key from GOOGLE_API_KEY or GEMINI_API_KEY; an error naming both when neither is set."""
     environ = os.environ if environ is None else environ
@@ -144,7 +121,7 @@ def api_key_from_env(environ: Mapping[str, str] | None = None) -> str:
 
 
 @dataclass
-class _Counter:
+class RequestCounter:
     """HTTP requests made for one logical call, retries included."""
 
     requests: int = 0
@@ -165,14 +142,14 @@ class GeminiEndpoint:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
 
 
-class _Connection:
+class GeminiConnection:
     """One google-genai client, its event loop thread, the key and the retry policy; owned by one backend."""
 
     def __init__(self, model: str, endpoint: GeminiEndpoint):
         self.model = model
         self.endpoint = endpoint
         self.retry = endpoint.retry
-        self._key = _Secret(api_key_from_env())
+        self._key = Secret(api_key_from_env(), "the Gemini API key")
         http_options = types.HttpOptions(
             base_url=endpoint.base_url,
             api_version=endpoint.api_version,
@@ -222,7 +199,7 @@ class _Connection:
     async def send(
         self,
         send: Callable[[], Awaitable[_T]],
-        counter: _Counter,
+        counter: RequestCounter,
         *,
         truncated_body_is_transient: bool,
     ) -> _T:
@@ -259,14 +236,14 @@ class _Connection:
 
     def __repr__(self) -> str:
         return (
-            f"_Connection(model={self.model!r}, base_url={self.endpoint.base_url!r}, "
+            f"GeminiConnection(model={self.model!r}, base_url={self.endpoint.base_url!r}, "
             f"api_version={self.endpoint.api_version!r})"
         )
 
 
 class _ConnectedBackend:
-    """What both backends share: the model (its name is its version), the requests in flight, and one `_Connection`,
-    closed with the backend (also on leaving a `with` block)."""
+    """What both backends share: the model (its name is its version), the requests in flight, and one
+    `GeminiConnection`, closed with the backend (also on leaving a `with` block)."""
 
     def __init__(self, model: str, endpoint: GeminiEndpoint | None, concurrency: int):
         super().__init__()
@@ -275,7 +252,10 @@ class _ConnectedBackend:
         self.model_id = model
         self.model_version = model
         self.concurrency = concurrency
-        self._connection = _Connection(model, endpoint or GeminiEndpoint())
+        self._connection = GeminiConnection(model, endpoint or GeminiEndpoint())
+
+    def async_loop(self) -> LoopThread:
+        return self._connection.loop
 
     def close(self) -> None:
         self._connection.close()
@@ -373,7 +353,7 @@ def parse_generate_response(
     return ParsedAnswer(value, raw, None, usage)
 
 
-class GeminiLLM(_ConnectedBackend, LLM):
+class GeminiLLM(_ConnectedBackend, NetworkLLM):
     """Structured generation with Gemini: JSON mode with the pydantic output model as response schema.
 
     `GenerationResult.attempts` counts the HTTP requests one call made (transient retries and re-asks together);
@@ -423,7 +403,7 @@ class GeminiLLM(_ConnectedBackend, LLM):
         config: GenerationConfig = GenerationConfig(),
     ) -> GenerationResult[OutputT]:
         system, contents = to_gemini_contents(messages)
-        counter = _Counter()
+        counter = RequestCounter()
         usage = Usage()
         raw, error = "", "no attempt made"
         try:
@@ -461,54 +441,19 @@ class GeminiLLM(_ConnectedBackend, LLM):
         message = f"{error} (after {self.max_parse_attempts} asks)"
         return GenerationResult(False, None, raw, message, usage, counter.requests)
 
-    def generate(
-        self,
-        messages: Sequence[ChatMessage],
-        output_model: type[OutputT],
-        config: GenerationConfig = GenerationConfig(),
-    ) -> GenerationResult[OutputT]:
-        return self._connection.loop.run(self.agenerate(messages, output_model, config))
-
-    async def agenerate_many(
-        self,
-        requests: Sequence[Sequence[ChatMessage]],
-        output_model: type[OutputT],
-        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
-        concurrency: int | None = None,
-    ) -> list[GenerationResult[OutputT]]:
-        """Results in request order, at most `concurrency` (default: the spec's) requests in flight; `config` is one
-        for all requests or one per request."""
-        limit = concurrency or self.concurrency
-        semaphore = asyncio.Semaphore(limit)
-
-        async def one(messages: Sequence[ChatMessage], each: GenerationConfig) -> GenerationResult[OutputT]:
-            # Held across retries too: while a request backs off from a 429, the slot stays taken instead of letting
-            # another request hit the rate limit.
-            async with semaphore:
-                return await self.agenerate(messages, output_model, each)
-
-        configs = per_request(config, len(requests))
-        return await gather_in_order([one(messages, each) for messages, each in zip(requests, configs, strict=True)])
-
-    def generate_many(
-        self,
-        requests: Sequence[Sequence[ChatMessage]],
-        output_model: type[OutputT],
-        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
-        concurrency: int | None = None,
-    ) -> list[GenerationResult[OutputT]]:
-        return self._connection.loop.run(self.agenerate_many(requests, output_model, config, concurrency))
-
-
 
 # --- embeddings -------------------------------------------------------------------------------------------------------
 
 
 class GeminiEmbedder(_ConnectedBackend, Embedder):
-    """Embeddings from gemini-embedding-001, one text per request, float32 L2-normalized rows.
+    """Embeddings from gemini-embedding-001 in batchEmbedContents requests of up to `TEXTS_PER_REQUEST` texts, float32
+    L2-normalized rows.
 
-    `stats.calls` counts texts (one request each), `stats.retries` the extra requests transient failures cost.
+    `stats.calls` counts requests, `stats.retries` the extra requests transient failures cost.
     """
+
+    #: batchEmbedContents' limit on the entries of one request.
+    TEXTS_PER_REQUEST = 100
 
     def __init__(
         self,
@@ -526,34 +471,37 @@ class GeminiEmbedder(_ConnectedBackend, Embedder):
         super().__init__(model, endpoint, concurrency)
         self.native_dimension = native_dimension or _NATIVE_DIMENSIONS[short_name]
 
-    async def _embed_one(self, text: str, task_type: TaskType, dimension: int) -> np.ndarray:
-        # One types.Content per request, never a list of strings: how the SDK sends a list depends on its version
-        # and the model (3.6 turns a list into one batchEmbedContents entry per string for gemini-embedding-001,
-        # but merges it into ONE multi-part content, hence one vector, for multimodal embedding models). One
-        # Content is one entry in `requests[]` everywhere, and the count is checked below.
+    async def _embed_request(self, texts: Sequence[str], task_type: TaskType, dimension: int) -> np.ndarray:
+        """One batchEmbedContents request for `texts`; its vectors, checked one per text."""
+        # A list of types.Content, one per text, never a list of strings: how the SDK sends a list of strings depends
+        # on its version and the model (3.6 sends one entry per string for gemini-embedding-001, but merges the list
+        # into ONE multi-part content, hence one vector, for multimodal embedding models). One Content is one entry
+        # of `requests[]` everywhere, and the count is checked below.
         send = functools.partial(
             self._connection.client.aio.models.embed_content,
             model=self.model_id,
-            contents=types.Content(role="user", parts=[types.Part(text=text)]),
+            contents=[types.Content(role="user", parts=[types.Part(text=text)]) for text in texts],
             config=types.EmbedContentConfig(task_type=TaskType(task_type).value, output_dimensionality=dimension),
         )
-        counter = _Counter()
+        counter = RequestCounter()
         try:
             response = await self._connection.send(send, counter, truncated_body_is_transient=True)
         except GeminiError:
             self.stats.record(failed=True, retries=max(counter.requests - 1, 0))
             raise
         embeddings = response.embeddings or []
-        values = embeddings[0].values if len(embeddings) == 1 else None
-        if not values or len(values) < dimension:
+        short = [index for index, embedding in enumerate(embeddings) if len(embedding.values or []) < dimension]
+        if len(embeddings) != len(texts) or short:
             self.stats.record(failed=True, retries=counter.requests - 1)
-            got = f"{len(embeddings)} embeddings" if len(embeddings) != 1 else f"{len(values or [])} components"
-            raise GeminiError(f"{self.model_id}: expected one {dimension}-d embedding for one text, got {got}")
+            got = (f"{len(embeddings)} embeddings" if len(embeddings) != len(texts)
+                   else f"embedding {short[0]} with {len(embeddings[short[0]].values or [])} components")
+            raise GeminiError(f"{self.model_id}: expected {len(texts)} {dimension}-d embeddings for {len(texts)} "
+                              f"texts, got {got}")
         self.stats.record(retries=counter.requests - 1)
-        return np.asarray(values[:dimension], dtype=np.float32)
+        return np.asarray([embedding.values[:dimension] for embedding in embeddings], dtype=np.float32)
 
     async def aembed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
-        """Like `embed`, awaitable; at most `concurrency` requests in flight."""
+        """Like `embed`, awaitable; requests of up to TEXTS_PER_REQUEST texts, at most `concurrency` in flight."""
         dimension = dimension or self.native_dimension
         if not 0 < dimension <= self.native_dimension:
             raise ValueError(f"dimension {dimension} is outside 1..{self.native_dimension} for {self.model_id}")
@@ -563,13 +511,14 @@ class GeminiEmbedder(_ConnectedBackend, Embedder):
             return np.zeros((0, dimension), dtype=np.float32)
         semaphore = asyncio.Semaphore(self.concurrency)
 
-        async def one(text: str) -> np.ndarray:
+        async def one(chunk: Sequence[str]) -> np.ndarray:
             async with semaphore:
-                return await self._embed_one(text, task_type, dimension)
+                return await self._embed_request(chunk, task_type, dimension)
 
-        vectors = await gather_in_order([one(text) for text in texts])
+        step = self.TEXTS_PER_REQUEST
+        blocks = await gather_in_order([one(texts[start:start + step]) for start in range(0, len(texts), step)])
         # Gemini normalizes only full 3072-d output; truncated (Matryoshka) vectors come back with norms below 1.
-        return truncate_and_normalize(np.stack(vectors), dimension)
+        return truncate_and_normalize(np.concatenate(blocks), dimension)
 
     def embed(self, texts: Sequence[str], task_type: TaskType, dimension: int | None = None) -> np.ndarray:
         return self._connection.loop.run(self.aembed(texts, task_type, dimension))

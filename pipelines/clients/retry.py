@@ -1,9 +1,10 @@
-"""The retry policy of the Gemini clients: which failures are transient, and how long to wait before trying again.
+"""The retry policy of the API clients (Gemini, OpenAI-compatible): which failures are transient, and how long to wait
+before trying again.
 
 Transient: 429 and 5xx from the service, timeouts and dropped connections of whichever HTTP stack the SDK uses.
 The wait is the server's hint (a Retry-After header or google.rpc.RetryInfo in the body), else exponential backoff
-with jitter, capped. Kept apart from the backend (pipelines/clients/gemini.py), which only sends requests through
-`RetryPolicy.retrying`, so the policy reads and is tested without a server.
+with jitter, capped. Kept apart from the backends (pipelines/clients/gemini.py, openai_compatible.py), which only
+send requests through `RetryPolicy.retrying`, so the policy reads and is tested without a server.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         pass
     else:
         found += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    try:
+        openai = importlib.import_module("openai")
+    except ImportError:
+        pass
+    else:
+        # The openai client wraps its transport's timeouts and dropped connections (APITimeoutError is one).
+        found.append(openai.APIConnectionError)
     return tuple(found)
 
 
@@ -83,10 +91,19 @@ def retry_delay_from_error(error: BaseException | None) -> float | None:
     return None
 
 
+def status_code(error: BaseException) -> int | None:
+    """The HTTP status of a service's error answer: google-genai's `code`, the openai client's `status_code`."""
+    if isinstance(error, genai_errors.APIError):
+        return error.code
+    code = getattr(error, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
 def is_transient(error: BaseException, *, truncated_body_is_transient: bool = False) -> bool:
     """Worth another attempt: 429 / 5xx from the service, a timeout or a dropped connection."""
-    if isinstance(error, genai_errors.APIError):
-        return error.code in TRANSIENT_STATUS_CODES
+    code = status_code(error)
+    if code is not None:
+        return code in TRANSIENT_STATUS_CODES
     if truncated_body_is_transient and isinstance(error, json.JSONDecodeError):
         return True
     return isinstance(error, TRANSPORT_ERRORS)

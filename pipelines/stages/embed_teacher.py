@@ -18,6 +18,7 @@ count them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 from collections.abc import Iterator
@@ -25,17 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 
 from pipelines import progress
 from pipelines.accounting import CountRows, sum_tallies
 from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
 from pipelines.cache import EMBEDDING_CACHE, CacheWriter
 from pipelines.cached_calls import CachedCall, CallHandler
-from pipelines.clients.base import Embedder, TaskType, Usage
-from pipelines.clients.factory import build_embedder
-from pipelines.clients.specs import EmbedderSpec
+from pipelines.clients.base import Embedder, TaskType, Usage, truncate_and_normalize
+from pipelines.clients.factory import build_batch_client, build_embedder
+from pipelines.clients.specs import CallMode, EmbedderSpec
 from pipelines.model_access import ModelAccess, ModelIdentity
-from pipelines.pricing import estimated_cost_micro_usd, price_per_million
+from pipelines.pricing import estimated_cost_micro_usd, is_priced
 from pipelines.stages import rejected_row
 
 STAGE = "embed_teacher"
@@ -45,7 +47,8 @@ STAGE = "embed_teacher"
 class EmbedTeacherConfig:
     #: Matryoshka dimension of the stored teacher vectors; None keeps the model's full dimension.
     dimension: int | None = None
-    #: Texts per backend call; the local embedder batches on its own device, Gemini sends one request per text.
+    #: Texts per backend call: a batch on the local embedder's device, one batchEmbedContents request on Gemini (which
+    #: takes at most 100 texts a request: larger batches are split).
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -64,17 +67,17 @@ def embedding_cache_key(model_id: str, model_version: str, task_type: str, dimen
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
-def estimated_embedding_usage(model: str, text: str) -> tuple[int, int]:
+def estimated_embedding_usage(spec: EmbedderSpec, text: str, mode: CallMode = "online") -> tuple[int, int]:
     """(input tokens, micro-USD) of embedding one text, estimated from above.
 
     The embedding API answers with vectors only, no token counts, so the spend is priced the same way it is planned:
     the text at UTF-8 bytes / 3 tokens, more than prose or code holds (see BYTES_PER_TOKEN_LOWER_BOUND). Planning and
     recording with one figure keeps the run's spend an upper bound of what was billed. The cost is rounded up to a
     whole micro-dollar per text, so a short query (10 tokens, 1.5 micro-USD) counts up to 1 micro-USD more: the budget
-    errs on the side of stopping early.
+    errs on the side of stopping early. `mode` is how the text was sent: online, or in a Batch API job (half price).
     """
     tokens = upper_token_estimate([text])
-    return tokens, estimated_cost_micro_usd(model, Usage(tokens, 0))
+    return tokens, estimated_cost_micro_usd(spec, Usage(tokens, 0), mode=mode)
 
 
 def cache_entry(key: str, model_id: str, model_version: str, task_type: str, text: str, vector) -> dict[str, Any]:
@@ -109,6 +112,14 @@ def _baseline_tallies(stage: str) -> list[tuple[tuple[str, ...], int]]:
             (("embedding", stage, "skipped_by_budget"), 0), (("cache", "embeddings_computed"), 0)]
 
 
+def _by_task_type(batch: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, list[tuple[str, list[dict[str, Any]]]]]:
+    """A batch's keys by task type: one backend call embeds texts of one task type."""
+    by_task: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for key, items in batch:
+        by_task.setdefault(items[0]["task_type"], []).append((key, items))
+    return by_task
+
+
 class TeacherCallHandler(CallHandler):
     """The teacher behind `CachedCall`: texts keyed by `embedding_cache_key`, misses embedded one task type per backend
     call. Every text sent goes to the "sent" output as its estimated (input tokens, micro-USD), and into the usage
@@ -125,9 +136,15 @@ class TeacherCallHandler(CallHandler):
 
     def __init__(self, stage: str, spec: EmbedderSpec, identity: ModelIdentity, config: EmbedTeacherConfig):
         # Fixed-size batches: on a busy CPU a forward pass of 1-2 texts costs nearly as much as one of 32 (torch's
-        # threads wait on each other at every op), and an API backend keeps only a batch's worth of requests in flight.
+        # threads wait on each other at every op). Gemini takes a batch as one batchEmbedContents request, and keeps
+        # `concurrency` such requests always in flight (cached_calls.py).
         super().__init__(stage, identity, config.batch_size)
+        if spec.backend == "gemini":
+            self.in_flight = spec.concurrency
         self.spec = spec
+        self.batch_mode = spec.mode == "batch"
+        self.batch_max_requests = spec.batch.max_requests
+        self.batch_embeddings = True
         self.config = config
         self._embedded = beam.metrics.Metrics.counter(f"embforge.{stage}", "texts_embedded")
 
@@ -141,8 +158,12 @@ class TeacherCallHandler(CallHandler):
             yield {"id": item["id"], "task_type": item["task_type"], "embedding": entry["embedding"]}
 
     def worst_case_micro_usd(self, items: list[dict[str, Any]]) -> int:
-        """Each text priced as `estimated_embedding_usage` prices it (planned and recorded with one figure)."""
-        return estimated_embedding_usage(self.spec.model_name, items[0]["text"])[1]
+        """Each text priced as `estimated_embedding_usage` prices it (planned and recorded with one figure); in batch
+        mode its batch line, then an online request should the line fail."""
+        online = estimated_embedding_usage(self.spec, items[0]["text"])[1]
+        if not self.batch_mode:
+            return online
+        return online + estimated_embedding_usage(self.spec, items[0]["text"], "batch")[1]
 
     def refuse(self, items: list[dict[str, Any]], budget_limits: str) -> Iterator[Any]:
         for item in items:
@@ -156,33 +177,81 @@ class TeacherCallHandler(CallHandler):
 
     def call(self, embedder: Embedder, batch: list[tuple[str, list[dict[str, Any]]]],
              cache: CacheWriter) -> Iterator[Any]:
-        by_task: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
-        for key, items in batch:
-            by_task.setdefault(items[0]["task_type"], []).append((key, items))
-        for task_type, groups in by_task.items():
-            yield from self._embed(embedder, task_type, groups, cache)
+        for task_type, groups in _by_task_type(batch).items():
+            try:
+                vectors = embedder.embed([items[0]["text"] for _, items in groups], TaskType(task_type),
+                                         self.config.dimension)
+            except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
+                vectors = error
+            yield from self._outputs(task_type, groups, vectors, cache)
 
-    def _embed(self, embedder: Embedder, task_type: str, groups: list[tuple[str, list[dict[str, Any]]]],
-               cache: CacheWriter) -> Iterator[Any]:
-        texts = [items[0]["text"] for _, items in groups]
-        # Counted as spent whether or not the batch succeeds: a batch fails as a whole, after some of its texts may have
+    async def acall(self, embedder: Embedder,
+                    batch: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, np.ndarray | Exception]:
+        """Each task type's vectors, or the error that stopped them (a rejected row each, never a stopped run)."""
+        vectors: dict[str, np.ndarray | Exception] = {}
+        for task_type, groups in _by_task_type(batch).items():
+            try:
+                vectors[task_type] = await embedder.aembed([items[0]["text"] for _, items in groups],
+                                                           TaskType(task_type), self.config.dimension)
+            except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
+                vectors[task_type] = error
+        return vectors
+
+    def collect(self, batch: list[tuple[str, list[dict[str, Any]]]], answer: concurrent.futures.Future,
+                cache: CacheWriter) -> Iterator[Any]:
+        vectors = answer.result()
+        for task_type, groups in _by_task_type(batch).items():
+            yield from self._outputs(task_type, groups, vectors[task_type], cache)
+
+    def load_batch_client(self) -> Any:
+        return build_batch_client(self.spec)
+
+    def batch_line(self, key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        from pipelines.clients.gemini_batch import embed_request_line
+
+        return embed_request_line(key, items[0]["text"], items[0]["task_type"], self.config.dimension)
+
+    def answer_batch(self, embedder: Embedder, answered: list[tuple[str, list[dict[str, Any]], dict[str, Any] | None]],
+                     cache: CacheWriter) -> tuple[list[Any], int]:
+        from pipelines.clients.gemini_batch import line_error
+
+        outputs: list[Any] = []
+        by_task: dict[str, list[tuple[tuple[str, list[dict[str, Any]]], list[float]]]] = {}
+        online = []
+        dimension = self.config.dimension or embedder.native_dimension
+        for key, items, line in answered:
+            values = line["response"].get("embedding", {}).get("values", []) if line_error(line) is None else []
+            if len(values) < dimension:
+                online.append((key, items))  # a failed line, or no full vector: embedded online
+            else:
+                by_task.setdefault(items[0]["task_type"], []).append(((key, items), values[:dimension]))
+        for task_type, embedded in by_task.items():
+            vectors = truncate_and_normalize(np.asarray([values for _, values in embedded], dtype=np.float32),
+                                             dimension)
+            outputs += self._outputs(task_type, [group for group, _ in embedded], vectors, cache, "batch")
+        if online:
+            outputs += self.call(embedder, online, cache)
+        return outputs, len(online)
+
+    def _outputs(self, task_type: str, groups: list[tuple[str, list[dict[str, Any]]]],
+                 vectors: np.ndarray | Exception, cache: CacheWriter, mode: CallMode = "online") -> Iterator[Any]:
+        """The outputs of one task type's texts sent together: their vectors (cached), or one rejection per item."""
+        # Counted as spent whether or not the request succeeded: it fails as a whole, after some of its texts may have
         # been answered (and billed).
-        for text in texts:
-            sent = estimated_embedding_usage(self.spec.model_name, text)
+        for _, items in groups:
+            sent = estimated_embedding_usage(self.spec, items[0]["text"], mode)
             for key, count in usage_tallies(self.stage, sent):
                 self.tally.add(key, count)
             yield beam.pvalue.TaggedOutput("sent", sent)
-        try:
-            vectors = embedder.embed(texts, TaskType(task_type), self.config.dimension)
-        except Exception as error:  # noqa: BLE001 - after the client's own retries, a failure is a rejected row
+        if isinstance(vectors, Exception):
             for _, items in groups:
                 for item in items:
                     yield beam.pvalue.TaggedOutput("rejected", rejected_row(
                         self.stage, "embedding_failed", item, record_id=item["id"],
-                        detail=f"{type(error).__name__}: {error}"))
+                        detail=f"{type(vectors).__name__}: {vectors}"))
             return
-        self._embedded.inc(len(texts))
-        progress.advance("teacher embeddings", len(texts))
+        self._embedded.inc(len(groups))
+        progress.advance("teacher embeddings", len(groups))
         for (key, items), vector in zip(groups, vectors, strict=True):
             cache.add(cache_entry(key, *self.identity, task_type, items[0]["text"], vector))
             embedding = [float(x) for x in vector]
@@ -212,8 +281,7 @@ class EmbedTeacher(beam.PTransform):
         budget = access.budget
         # Only a cost limit applies to embeddings, and only a priced teacher can reach it: a local teacher costs 0,
         # so planning it would hold every key in memory to allow them all.
-        priced = price_per_million(access.spec.model_name) != (0.0, 0.0)
-        if budget is None or budget.max_micro_usd is None or not priced:
+        if budget is None or budget.max_micro_usd is None or not is_priced(access.spec):
             budget = None
         handler = TeacherCallHandler(self._stage, access.spec, access.identity, self._config)
         entering = items | "CountInput" >> CountRows(self._stage, "input")

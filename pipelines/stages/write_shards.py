@@ -43,7 +43,7 @@ def assemble_manifest(tallies: Mapping[tuple[str, ...], int], static: Mapping[st
     ("llm", stage, field) for calls/cache_hits/skipped_by_budget/input_tokens/output_tokens; ("embedding", stage,
     field) for texts_embedded/cache_hits/skipped_by_budget/estimated_input_tokens; ("cost", stage) in micro-USD (LLM
     and embedding stages alike; their sum is `estimated_cost_usd`); ("cache", name); ("outputs", kind); ("mining",
-    name).
+    name); ("batch_job", stage, job name, field) for requests/failed_lines/asked_online, and "state:<state>".
     """
     stages = []
     for stage in stage_order:
@@ -72,6 +72,16 @@ def assemble_manifest(tallies: Mapping[tuple[str, ...], int], static: Mapping[st
         }
         for stage in embedding_stages
     ]
+    jobs: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, count in tallies.items():
+        if key[0] == "batch_job":
+            _, stage, name, field = key
+            job = jobs.setdefault((stage, name), {"stage": stage, "name": name, "state": "", "requests": 0,
+                                                  "failed_lines": 0, "asked_online": 0})
+            if field.startswith("state:"):
+                job["state"] = field.removeprefix("state:")
+            else:
+                job[field] += count
     manifest = {
         **static,
         "stages": stages,
@@ -82,6 +92,7 @@ def assemble_manifest(tallies: Mapping[tuple[str, ...], int], static: Mapping[st
         "estimated_cost_usd": sum(count for key, count in tallies.items() if key[0] == "cost") / 1e6,
         "outputs": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "outputs"},
         "mining": {key[1]: count for key, count in sorted(tallies.items()) if key[0] == "mining"},
+        "batch_jobs": [jobs[key] for key in sorted(jobs)],
         "balanced": all(stage_balances(stage) for stage in stages),
         "files": sorted(files),
     }

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
 
+from tests.fakes.gemini_batch_server import BatchPlan, BatchService
+
 #: Google's canonical status names, as the error bodies carry them.
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -220,8 +222,11 @@ class FakeGeminiServer:
         api_key: str | None = None,
         native_dimension: int = 3072,
         count_tokens: Callable[[str], int] = _words,
+        batch_plan: BatchPlan | None = None,
     ):
         self.generate = generate
+        #: The Files and Batch APIs, answering each line as `generate` / `embed` answer online.
+        self.batch = BatchService(self, batch_plan or BatchPlan())
         self.count_tokens = count_tokens
         self.embed = embed
         self.faults = faults
@@ -243,11 +248,15 @@ class FakeGeminiServer:
         if self._httpd is not None:
             return self
         # Loopback only, port 0: the OS picks a free port, nothing outside this machine can connect.
-        self._httpd = _Server(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = LoopbackHTTPServer(("127.0.0.1", 0), self.handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fake-gemini", daemon=True)
         self._thread.start()
         return self
+
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
+        """The request handler bound to this server: the protocol it speaks."""
+        return _handler_for(self)
 
     def stop(self) -> None:
         self._stopping.set()  # releases hanging "timeout" requests
@@ -325,13 +334,13 @@ class FakeGeminiServer:
             self._stopping.wait(seconds)
 
 
-class _Server(ThreadingHTTPServer):
+class LoopbackHTTPServer(ThreadingHTTPServer):
     # socketserver's listen backlog is 5: a client opening dozens of connections at once (concurrency 32) overflows
     # it, and the kernel resets some of them. The real service accepts them all.
     request_queue_size = 256
 
 
-def _choose_fault(plan: FaultPlan, draw: float, *, generate: bool) -> str | None:
+def choose_fault(plan: FaultPlan, draw: float, *, generate: bool) -> str | None:
     cumulative = 0.0
     for name, fraction in plan.kinds(generate=generate):
         cumulative += fraction
@@ -340,14 +349,14 @@ def _choose_fault(plan: FaultPlan, draw: float, *, generate: bool) -> str | None
     return None
 
 
-def _error_body(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS_NAMES.get(status, "UNKNOWN")}
     if details:
         error["details"] = details
     return {"error": error}
 
 
-def _record(
+def recorded_request(
     index: int,
     match: re.Match[str] | None,
     method: str,
@@ -372,6 +381,59 @@ def _record(
         prompt_tokens=tokens[0],
         output_tokens=tokens[1],
     )
+
+
+def generate_payload(
+    server: FakeGeminiServer, body: Mapping[str, Any], fault: str | None, model: str
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """A generateContent answer to `body` (with `fault` applied) and its (prompt, output) tokens."""
+    # Token counts are words by default: enough for tests to check that usage is summed, not a tokenizer.
+    count = server.count_tokens
+    system = body.get("systemInstruction", {}).get("parts", [])
+    prompt_tokens = sum(count(text) for text in _texts("generateContent", body)) + sum(
+        count(part.get("text", "")) for part in system
+    )
+    usage = {"promptTokenCount": prompt_tokens}
+    if fault == "prompt_blocked":
+        return {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage}, (prompt_tokens, 0)
+    if fault == "empty_candidates":
+        return {"candidates": [], "usageMetadata": usage}, (prompt_tokens, 0)
+    if fault == "safety":
+        candidate = {
+            "finishReason": "SAFETY",
+            "index": 0,
+            "safetyRatings": [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH"}],
+        }
+        return {"candidates": [candidate], "usageMetadata": usage}, (prompt_tokens, 0)
+    text = server.generate(body)
+    finish = "STOP"
+    if fault == "schema_violation":
+        text = json.dumps({"unexpected_field": ["not", "what", "was", "asked"]})
+    elif fault == "truncated_answer":
+        text, finish = text[: max(1, len(text) // 2)], "MAX_TOKENS"
+    output_tokens = max(1, count(text))
+    usage.update(candidatesTokenCount=output_tokens, totalTokenCount=prompt_tokens + output_tokens)
+    candidate = {"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": finish, "index": 0}
+    payload = {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model}
+    return payload, (prompt_tokens, output_tokens)
+
+
+def embed_payload(server: FakeGeminiServer, body: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The answer of an embedding method (embedContent, batchEmbedContents) to `body`."""
+    entries = body.get("requests", []) if method == "batchEmbedContents" else [body]
+    embeddings = []
+    for entry in entries:
+        # The SDK sends the options flat on each entry (taskType, outputDimensionality) for this API.
+        config = entry.get("embedContentConfig", {})
+        task_type = entry.get("taskType", config.get("taskType"))
+        dimension = int(
+            entry.get("outputDimensionality", config.get("outputDimensionality")) or server.native_dimension
+        )
+        text = " ".join(part.get("text", "") for part in entry.get("content", {}).get("parts", []))
+        embeddings.append({"values": [float(v) for v in server.embed(text, task_type, dimension)]})
+    if method == "embedContent":
+        return {"embedding": embeddings[0]}
+    return {"embeddings": embeddings}
 
 
 def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
@@ -404,9 +466,31 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 self._before_body()
             self.wfile.write(data)
 
+        def _batch_service(self, verb: str, raw_body: bytes) -> bool:
+            """Answer a Files or Batch API request (tests/fakes/gemini_batch_server.py); False if it is not one."""
+            answer = server.batch.handle(verb, self.path, self.headers, raw_body)
+            if answer is None:
+                return False
+            status, payload, headers = answer
+            if isinstance(payload, bytes):
+                self._send_bytes(status, payload, headers)
+            else:
+                self._send_json(status, payload, headers)
+            return True
+
+        def do_GET(self) -> None:
+            if not self._batch_service("GET", b""):
+                self._send_json(404, error_body(404, f"no such route: GET {self.path}"))
+
+        def do_DELETE(self) -> None:
+            if not self._batch_service("DELETE", b""):
+                self._send_json(404, error_body(404, f"no such route: DELETE {self.path}"))
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw_body = self.rfile.read(length) if length else b"{}"
+            if self._batch_service("POST", raw_body):
+                return
             arrived = time.monotonic()
             digest = hashlib.sha256(self.path.encode() + b"\x00" + raw_body).hexdigest()
             index, draw = server._enter(digest)
@@ -423,7 +507,8 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
             def record_now() -> None:
                 nonlocal recorded
                 if not recorded:
-                    server._record(_record(index, match, method, body, arrived, status, fault, retry_after, tokens))
+                    server._record(
+                        recorded_request(index, match, method, body, arrived, status, fault, retry_after, tokens))
                     recorded = True
 
             self._before_body = record_now
@@ -431,17 +516,17 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 server.sleep(plan.latency_s)
                 if match is None or method not in ("generateContent", "batchEmbedContents", "embedContent"):
                     status = 404
-                    self._send_json(404, _error_body(404, f"no such method: POST {self.path}"))
+                    self._send_json(404, error_body(404, f"no such method: POST {self.path}"))
                     return
                 if server.api_key is not None and self.headers.get("x-goog-api-key") != server.api_key:
                     status = 400
                     self._send_json(400, _BAD_KEY_BODY)
                     return
-                fault = _choose_fault(plan, draw, generate=method == "generateContent")
+                fault = choose_fault(plan, draw, generate=method == "generateContent")
                 if fault == "timeout":
                     # Recorded now (status 0: no answer), not after the hang, so tests see it while it still hangs.
                     status = 0
-                    server._record(_record(index, match, method, body, arrived, 0, fault, None, (0, 0)))
+                    server._record(recorded_request(index, match, method, body, arrived, 0, fault, None, (0, 0)))
                     recorded = True
                     server.sleep(plan.hang_s)
                     self.close_connection = True
@@ -452,9 +537,9 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                     self._send_error_fault(status, retry_after, plan)
                     return
                 if method == "generateContent":
-                    payload, tokens = self._generate(body, fault, match.group("model"))
+                    payload, tokens = generate_payload(server, body, fault, match.group("model"))
                 else:
-                    payload = self._embed(body, method)
+                    payload = embed_payload(server, body, method)
                 data = json.dumps(payload).encode()
                 if fault == "truncated_body":
                     data = data[: len(data) // 2]
@@ -465,7 +550,7 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 server._leave(
                     None
                     if recorded
-                    else _record(index, match, method, body, arrived, status, fault, retry_after, tokens)
+                    else recorded_request(index, match, method, body, arrived, status, fault, retry_after, tokens)
                 )
 
         def _send_error_fault(self, status: int, retry_after: float | None, plan: FaultPlan) -> None:
@@ -475,56 +560,7 @@ def _handler_for(server: FakeGeminiServer) -> type[BaseHTTPRequestHandler]:
                 headers["Retry-After"] = f"{retry_after:g}"
             if retry_after is not None and plan.retry_info_body:
                 details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after:g}s"}]
-            self._send_json(status, _error_body(status, f"fake failure {status}", details), headers)
-
-        def _generate(
-            self, body: Mapping[str, Any], fault: str | None, model: str
-        ) -> tuple[dict[str, Any], tuple[int, int]]:
-            # Token counts are words by default: enough for tests to check that usage is summed, not a tokenizer.
-            count = server.count_tokens
-            system = body.get("systemInstruction", {}).get("parts", [])
-            prompt_tokens = sum(count(text) for text in _texts("generateContent", body)) + sum(
-                count(part.get("text", "")) for part in system
-            )
-            usage = {"promptTokenCount": prompt_tokens}
-            if fault == "prompt_blocked":
-                return {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage}, (prompt_tokens, 0)
-            if fault == "empty_candidates":
-                return {"candidates": [], "usageMetadata": usage}, (prompt_tokens, 0)
-            if fault == "safety":
-                candidate = {
-                    "finishReason": "SAFETY",
-                    "index": 0,
-                    "safetyRatings": [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH"}],
-                }
-                return {"candidates": [candidate], "usageMetadata": usage}, (prompt_tokens, 0)
-            text = server.generate(body)
-            finish = "STOP"
-            if fault == "schema_violation":
-                text = json.dumps({"unexpected_field": ["not", "what", "was", "asked"]})
-            elif fault == "truncated_answer":
-                text, finish = text[: max(1, len(text) // 2)], "MAX_TOKENS"
-            output_tokens = max(1, count(text))
-            usage.update(candidatesTokenCount=output_tokens, totalTokenCount=prompt_tokens + output_tokens)
-            candidate = {"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": finish, "index": 0}
-            payload = {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model}
-            return payload, (prompt_tokens, output_tokens)
-
-        def _embed(self, body: Mapping[str, Any], method: str) -> dict[str, Any]:
-            entries = body.get("requests", []) if method == "batchEmbedContents" else [body]
-            embeddings = []
-            for entry in entries:
-                # The SDK sends the options flat on each entry (taskType, outputDimensionality) for this API.
-                config = entry.get("embedContentConfig", {})
-                task_type = entry.get("taskType", config.get("taskType"))
-                dimension = int(
-                    entry.get("outputDimensionality", config.get("outputDimensionality")) or server.native_dimension
-                )
-                text = " ".join(part.get("text", "") for part in entry.get("content", {}).get("parts", []))
-                embeddings.append({"values": [float(v) for v in server.embed(text, task_type, dimension)]})
-            if method == "embedContent":
-                return {"embedding": embeddings[0]}
-            return {"embeddings": embeddings}
+            self._send_json(status, error_body(status, f"fake failure {status}", details), headers)
 
     return Handler
 
