@@ -46,7 +46,7 @@ def _openai_config(tmp_path, gemini, server, folder: str, corpus_rows=CORPUS):
 
 
 def _rows(run_dir: str, kind: str, *fields: str) -> set[tuple]:
-    return {tuple(row[field] for field in fields) for row in read_kind(run_dir, kind)}
+    return {tuple(json.dumps(row[field]) for field in fields) for row in read_kind(run_dir, kind)}
 
 
 def test_the_openai_backend_runs_every_llm_stage_like_gemini_and_reruns_from_cache(tmp_path, gemini, monkeypatch):
