@@ -5,8 +5,10 @@ server (tests/fakes/gemini_server.py, in this process, on 127.0.0.1) counts toke
 characters a token) and answers with answers the size a capable model writes (tests/fakes/sized_answers.py). The run:
 the built-in stdlib corpus, Gemini LLM and teacher, LLM grading and LLM negative scoring on.
 
-Two cases:
+Three cases:
 - **cold**: an empty cache, so output tokens come from the prompts' own examples;
+- **cold, no LLM scoring**: the same without mining's LLM scoring, the one stage counted by its upper bound (its
+  candidates come from the teacher's search, which a dry run does not make);
 - **calibrated**: after a run on `--calibration` passages (a subset: samples are nested), the estimate for
   `--passages` reads output tokens from the cache's answers and counts only the new requests.
 
@@ -36,7 +38,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "dry_run_accuracy.json"
 FIELDS = ("requests", "input_tokens", "output_tokens", "cost")
 
 
-def config_for(folder: str, base_url: str, passages: int):
+def config_for(folder: str, base_url: str, passages: int, llm_scoring: bool = True):
     from pipelines.clients.specs import EmbedderSpec, LLMSpec
     from pipelines.config import GenerateConfig
     from pipelines.stages.embed_teacher import EmbedTeacherConfig
@@ -50,7 +52,7 @@ def config_for(folder: str, base_url: str, passages: int):
         llm=LLMSpec(backend="gemini", base_url=base_url, **fast),
         teacher=EmbedderSpec(backend="gemini", base_url=base_url, **fast),
         embed=EmbedTeacherConfig(dimension=64), grading=GradeRelevanceConfig(use_llm=True, use_roundtrip=False),
-        mining=MineNegativesConfig(k=16, num_negatives=3, llm_scoring=True, llm_candidates=5))
+        mining=MineNegativesConfig(k=16, num_negatives=3, llm_scoring=llm_scoring, llm_candidates=5))
 
 
 def measure(config) -> dict:
@@ -79,6 +81,8 @@ def main() -> None:
     with FakeGeminiServer(generate=sized_answer, count_tokens=gemini_like_tokens) as server, \
             tempfile.TemporaryDirectory(prefix="dry_run_accuracy_") as folder:
         cases["cold"] = measure(config_for(f"{folder}/cold", server.base_url, args.passages))
+        cases["cold, no LLM scoring"] = measure(config_for(f"{folder}/plain", server.base_url, args.passages,
+                                                           llm_scoring=False))
         calibrated = config_for(f"{folder}/calibrated", server.base_url, args.passages)
         from pipelines.run import generate
 
@@ -87,10 +91,10 @@ def main() -> None:
         cases["calibrated"] = measure(calibrated)
 
     print("\nestimate / actual (1.000 = exact):")
-    print(f"{'case':<11} {'stage':<18} " + " ".join(f"{name:>13}" for name in FIELDS))
+    print(f"{'case':<22} {'stage':<18} " + " ".join(f"{name:>13}" for name in FIELDS))
     for case, stages in cases.items():
         for stage, ratios in stages.items():
-            print(f"{case:<11} {stage:<18} " + " ".join(
+            print(f"{case:<22} {stage:<18} " + " ".join(
                 f"{ratios[name]:>13.3f}" if ratios[name] is not None else f"{'-':>13}" for name in FIELDS))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
