@@ -50,7 +50,7 @@ from pipelines.stages.candidate_scoring import build_llm_requests
 from pipelines.stages.corpus_files import plan_corpus
 from pipelines.stages.embed_teacher import embedding_cache_key
 from pipelines.stages.label_judge import judge_request, prototype_texts, uses_llm, uses_teacher
-from pipelines.stages.read_corpus import read_corpus_file, sample_key
+from pipelines.stages.read_corpus import read_corpus_file, sample_key, split_first_occurrence
 from pipelines.stages.task_spec import load_task_spec
 from prompts import get_prompt
 
@@ -112,24 +112,22 @@ class DryRunEstimate:
 
 
 def read_passages(config: GenerateConfig) -> tuple[list[dict[str, Any]], int]:
-    """The passages ReadCorpus would keep (first occurrence of each id by file path then position, then the sample's
-    smallest keys), and how many rows it would reject."""
-    first: dict[str, tuple[tuple[str, int], dict[str, Any]]] = {}
+    """The passages ReadCorpus would keep (the first occurrence of each id by file path then position, by ReadCorpus's
+    own rule, then the sample's smallest keys), and how many rows it would reject."""
+    occurrences: dict[str, list[tuple[tuple[str, int], dict[str, Any]]]] = {}
     rejected = 0
     for corpus_file in plan_corpus(config.corpus.path, config.corpus.format):
         for index, outcome in enumerate(read_corpus_file(corpus_file, config.corpus)):
             if outcome.passage is None:
                 rejected += 1
-                continue
-            order = (corpus_file.path, index)
-            passage_id = outcome.passage["passage_id"]
-            if passage_id in first:
-                rejected += 1  # duplicate_id: whichever comes later in (path, position) order
-                if order < first[passage_id][0]:
-                    first[passage_id] = (order, outcome.passage)
             else:
-                first[passage_id] = (order, outcome.passage)
-    passages = [passage for _, passage in first.values()]
+                occurrences.setdefault(outcome.passage["passage_id"], []).append(
+                    ((corpus_file.path, index), outcome.passage))
+    passages = []
+    for passage_id, found in occurrences.items():
+        first, duplicates = split_first_occurrence(passage_id, found)
+        passages.append(first)
+        rejected += len(duplicates)
     if config.corpus.sample is not None:
         passages = sorted(passages, key=lambda row: sample_key(config.corpus.seed, row["passage_id"]))
         passages = passages[: config.corpus.sample]
