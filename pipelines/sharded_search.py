@@ -12,7 +12,10 @@ How the sharded search runs in Beam (the index must not have to fit one worker):
   float32 byte string of vectors), fused with the step that produced them: from there on the search moves a few large
   elements, not one per passage and per query. Beam's per-element cost (coding, bookkeeping) of 384-d vectors was most
   of the stage's time on one machine before; faiss is now.
-- The corpus size is counted (from the block sizes), and `num_shards = ceil(size / shard_size)`. A passage goes to
+- The corpus and the queries are counted (from the block sizes), and `search_plan` gives `num_shards = ceil(size /
+  shard_size)` and the query groups, or, unset, chooses them: one shard up to 100k passages (at most 1M a shard),
+  from 100k on about 25k passages a shard (at most 16 shards) so that the search spreads over workers, and a query
+  group per 100k queries. A passage goes to
   shard `stable_hash("shard", passage_id) % num_shards`: no global ordering is needed, and at the scale where sharding
   matters hash shards are within a fraction of a percent of `shard_size` (1M ± ~1k). Blocks are split by shard.
 - Queries are split into `query_groups` groups by a stable hash of pair_id. The search unit is a (shard, query group)
@@ -101,6 +104,34 @@ def teacher_score(query_embedding: Sequence[float], passage_embedding: Sequence[
 
 def num_shards_for(corpus_size: int, shard_size: int) -> int:
     return max(1, math.ceil(corpus_size / shard_size))
+
+
+#: A shard's most passages: 1M x 768 float32 is about 3 GB (plus the shard's texts), what a standard worker holds with
+#: room for faiss.
+MAX_SHARD_PASSAGES = 1_000_000
+#: From this corpus size on, the search is split for parallelism even where one shard would fit: a single (shard,
+#: group) key is one `process()` call on one worker, however many workers the runner has.
+PARALLEL_FROM_PASSAGES = 100_000
+#: ... into shards of about this many passages (100k passages: 4 search units), at most MAX_AUTO_SHARDS of them (each
+#: shard receives every query of its group once more).
+PASSAGES_PER_AUTO_SHARD = 25_000
+MAX_AUTO_SHARDS = 16
+#: Queries per automatic query group: a worker holds one group's query vectors (100k x 768 float32: 300 MB).
+QUERIES_PER_AUTO_GROUP = 100_000
+
+
+def search_plan(passages: int, queries: int, shard_size: int | None = None,
+                query_groups: int | None = None) -> tuple[int, int]:
+    """(shards, query groups) of a search over `passages` x `queries`: what the config says, else chosen from the
+    counts so that a corpus of 100k passages or more splits into several independent search units."""
+    if shard_size is not None:
+        shards = num_shards_for(passages, shard_size)
+    else:
+        shards = num_shards_for(passages, MAX_SHARD_PASSAGES)
+        if passages >= PARALLEL_FROM_PASSAGES:
+            shards = max(shards, min(MAX_AUTO_SHARDS, passages // PASSAGES_PER_AUTO_SHARD))
+    groups = query_groups if query_groups is not None else max(1, math.ceil(queries / QUERIES_PER_AUTO_GROUP))
+    return shards, groups
 
 
 # --- Search -----------------------------------------------------------------------------------------------------------
@@ -303,8 +334,9 @@ def _split_block(block: tuple[list[str], list[Any] | None, bytes], destinations:
         yield destination, ([ids[row] for row in rows], sub_extras, vectors[rows].tobytes())
 
 
-def _route_passages(block: Any, num_shards: int, query_groups: int) -> Iterator[tuple[tuple[int, int], Any]]:
+def _route_passages(block: Any, plan: tuple[int, int]) -> Iterator[tuple[tuple[int, int], Any]]:
     """A passage block's rows go to their shards, once per query group: ((shard, group), ("p", ids, texts, vectors))."""
+    num_shards, query_groups = plan
     ids = block[0]
     # No global ordering needed: a stable hash spreads passages over shards the same way in every run.
     shards = (
@@ -315,8 +347,9 @@ def _route_passages(block: Any, num_shards: int, query_groups: int) -> Iterator[
             yield (shard, group), (_PASSAGE_TAG, *sub_block)
 
 
-def _route_queries(block: Any, num_shards: int, query_groups: int) -> Iterator[tuple[tuple[int, int], Any]]:
+def _route_queries(block: Any, plan: tuple[int, int]) -> Iterator[tuple[tuple[int, int], Any]]:
     """A query block's rows go to their query groups, once per shard: ((shard, group), ("q", ids, lookups, vectors))."""
+    num_shards, query_groups = plan
     ids = block[0]
     groups = [0] * len(ids) if query_groups == 1 else [stable_hash("query-group", qid) % query_groups for qid in ids]
     for group, sub_block in _split_block(block, groups):
@@ -444,8 +477,8 @@ class SearchShards(beam.PTransform):
     `stage` names the Beam metrics namespace of the searches (`embforge.<stage>`, counter `shard_searches`).
     """
 
-    def __init__(self, k: int, shard_size: int, query_groups: int, query_batch_size: int, faiss_threads: int | None,
-                 *, keep_embeddings: bool = False, stage: str = "search"):
+    def __init__(self, k: int, shard_size: int | None, query_groups: int | None, query_batch_size: int,
+                 faiss_threads: int | None, *, keep_embeddings: bool = False, stage: str = "search"):
         super().__init__()
         self._stage = stage
         self._k = k
@@ -458,15 +491,17 @@ class SearchShards(beam.PTransform):
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
         passage_blocks = inputs["passages"] | "BlockPassages" >> beam.ParDo(_BlockFn("passage"))
         query_blocks = inputs["queries"] | "BlockQueries" >> beam.ParDo(_BlockFn("query"))
-        num_shards = beam.pvalue.AsSingleton(
+        query_count = beam.pvalue.AsSingleton(
+            query_blocks | "QueryBlockSizes" >> beam.Map(_block_size) | "CountQueries" >> beam.CombineGlobally(sum))
+        plan = beam.pvalue.AsSingleton(
             passage_blocks
             | "BlockSizes" >> beam.Map(_block_size)
             | "CountPassages" >> beam.CombineGlobally(sum)
-            | "NumShards" >> beam.Map(num_shards_for, self._shard_size)
+            | "Plan" >> beam.Map(lambda passages, queries, shard_size, groups: search_plan(
+                passages, queries, shard_size, groups), query_count, self._shard_size, self._query_groups)
         )
-        routed_passages = passage_blocks | "RoutePassages" >> beam.FlatMap(
-            _route_passages, num_shards, self._query_groups)
-        routed_queries = query_blocks | "RouteQueries" >> beam.FlatMap(_route_queries, num_shards, self._query_groups)
+        routed_passages = passage_blocks | "RoutePassages" >> beam.FlatMap(_route_passages, plan)
+        routed_queries = query_blocks | "RouteQueries" >> beam.FlatMap(_route_queries, plan)
         return (
             (routed_passages, routed_queries)
             | "UnionForSearch" >> beam.Flatten()
@@ -479,9 +514,10 @@ class SearchShards(beam.PTransform):
 class ShardedTopK(beam.PTransform):
     """{"queries": (query_id, vector), "passages": (passage_id, vector)} -> (query_id, [Hit(passage_id, score)]).
 
-    Exact inner-product top-k over a corpus sharded into `ceil(size / shard_size)` shards, hardest first, ties by
-    passage_id: the result does not depend on `shard_size` or `query_groups` (see the module docstring for how the
-    shards and query groups are paired, and the tradeoffs). Vectors are float lists, numpy arrays or `pack_vector`
+    Exact inner-product top-k over a corpus sharded into `ceil(size / shard_size)` shards (None: `search_plan`
+    chooses from the corpus and query counts), hardest first, ties by passage_id: the result does not depend on
+    `shard_size` or `query_groups` (see the module docstring for how the shards and query groups are paired, and the
+    tradeoffs). Vectors are float lists, numpy arrays or `pack_vector`
     bytes. A query with no passage at all gets no output row. The round-trip relevance check uses it; MineNegatives
     runs the same search and merges the shards' results in its join with the query rows instead.
     """
@@ -489,15 +525,16 @@ class ShardedTopK(beam.PTransform):
     def __init__(
         self,
         k: int,
-        shard_size: int,
+        shard_size: int | None = None,
         *,
-        query_groups: int = 1,
+        query_groups: int | None = None,
         query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE,
         faiss_threads: int | None = None,
         stage: str = "search",
     ):
         super().__init__()
-        if k < 1 or shard_size < 1 or query_groups < 1 or query_batch_size < 1:
+        optional = (shard_size, query_groups)
+        if k < 1 or query_batch_size < 1 or any(value is not None and value < 1 for value in optional):
             raise ValueError(f"ShardedTopK: k, shard_size, query_groups and query_batch_size must be >= 1, got "
                              f"{k}, {shard_size}, {query_groups}, {query_batch_size}")
         self._k = k

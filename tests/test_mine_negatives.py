@@ -619,3 +619,63 @@ def test_select_fn_hands_enough_candidates_to_the_llm_and_judge_fn_finishes_them
     [triplet] = judged.main
     assert triplet["negative_ids"] == ["n0", "n2"]  # n1 reads as relevant: a false negative, dropped
     assert judged.tallies[("mining", "dropped.llm_relevant")] == 1 and judged.tallies[("mining", "negatives")] == 2
+
+
+def _vector_item(row: dict[str, Any], id_field: str, task_type: str, vector_field: str) -> dict[str, Any]:
+    return {"id": row[id_field], "task_type": task_type, "embedding": row[vector_field]}
+
+
+def _negatives_line(triplet: dict[str, Any]) -> str:
+    return json.dumps([triplet["triplet_id"], triplet["negative_ids"]])
+
+
+@pytest.mark.slow
+def test_two_worker_processes_over_4_shards_and_2_query_groups_choose_the_unsharded_negatives(tmp_path) -> None:
+    # Issue #15: the search spread over (shard, query group) units on separate worker processes, as Dataflow spreads
+    # it, must choose what embforge's mining functions choose over one unsharded index.
+    from pipelines.config import BeamConfig, GenerateConfig
+    from pipelines.run import pipeline_options
+    from pipelines.sharded_search import build_shard_index, search_shard
+
+    rng = np.random.default_rng(15)
+    corpus = normalized_vectors(rng, 240, 16)
+    positives = rng.integers(0, len(corpus), 30)
+    # Each query near its positive, as a generated query is: the positive-aware threshold leaves negatives to choose.
+    near = corpus[positives] + 0.4 * normalized_vectors(rng, len(positives), 16)
+    queries = near / np.linalg.norm(near, axis=1, keepdims=True)
+    config = MineNegativesConfig(teacher_model="t", k=12, num_negatives=4, shard_size=60, query_groups=2,
+                                 keep_embeddings=False)
+
+    def text(index: int) -> str:
+        return f"passage {index}"
+
+    shard = build_shard_index([str(index) for index in range(len(corpus))], corpus)
+    expected = {}
+    pairs = []
+    for query, (hits, positive) in enumerate(zip(search_shard(shard, queries, config.k), positives, strict=True)):
+        candidates = [Candidate(hit.passage_id, text(int(hit.passage_id)), hit.score) for hit in hits]
+        selection = select_candidates(str(positive), text(positive), teacher_score(queries[query], corpus[positive]),
+                                      candidates, config)
+        row = {"pair_id": f"q{query}", "query_id": f"q{query}", "query": f"query {query}", "task": "t",
+               "passage_id": str(positive), "passage": text(positive), "query_type": "question",
+               "query_embedding": queries[query].tolist(), "positive_embedding": corpus[positive].tolist()}
+        pairs.append(row)
+        outcome = mine_without_llm(row, selection, config)
+        if outcome.triplet is not None:
+            expected[outcome.triplet["triplet_id"]] = outcome.triplet["negative_ids"]
+    passages = [{"passage_id": str(index), "text": text(index), "embedding": corpus[index].tolist()}
+                for index in range(len(corpus))]
+
+    # The options `embforge generate` runs multi_processing with (they keep Beam from looking anything up online).
+    beam_config = BeamConfig(direct_running_mode="multi_processing", direct_num_workers=2)
+    with beam.Pipeline(options=pipeline_options(GenerateConfig(beam=beam_config))) as pipeline:
+        pair_rows = pipeline | "Pairs" >> beam.Create(pairs)
+        passage_rows = pipeline | "Passages" >> beam.Create(passages)
+        vectors = (
+            pair_rows | "QueryVectors" >> beam.Map(_vector_item, "pair_id", "RETRIEVAL_QUERY", "query_embedding"),
+            passage_rows | "PassageVectors" >> beam.Map(_vector_item, "passage_id", "RETRIEVAL_DOCUMENT", "embedding"),
+        ) | "Vectors" >> beam.Flatten()
+        mined = {"pairs": pair_rows, "passages": passage_rows, "vectors": vectors} | MineNegatives(config)
+        mined["kept"] | "Lines" >> beam.Map(_negatives_line) | beam.io.WriteToText(str(tmp_path / "kept"))
+    chosen = dict(json.loads(line) for path in tmp_path.glob("kept*") for line in path.read_text().splitlines())
+    assert len(expected) >= 20 and chosen == expected

@@ -25,6 +25,7 @@ from pipelines.sharded_search import (
     merge_topk,
     num_shards_for,
     pack_vector,
+    search_plan,
     search_shard,
     teacher_score,
     unpack_vector,
@@ -155,7 +156,7 @@ def test_blocks_go_to_their_shards_once_per_query_group_and_queries_to_every_sha
     assert [len(ids) for ids, _, _ in blocks] == [3, 3, 3, 1]
     received: dict[int, list[tuple[str, list[float], str]]] = {0: [], 1: []}
     for block in blocks:
-        for (shard, group), (tag, ids, texts, blob) in _route_passages(block, 4, 2):
+        for (shard, group), (tag, ids, texts, blob) in _route_passages(block, (4, 2)):
             assert tag == "p"
             assert {stable_hash("shard", passage_id) % 4 for passage_id in ids} == {shard}
             vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), 2).tolist()
@@ -164,7 +165,7 @@ def test_blocks_go_to_their_shards_once_per_query_group_and_queries_to_every_sha
 
     per_shard: dict[tuple[int, int], list[str]] = {}
     for block in _blocks([(f"q{index}", [0.0, 1.0], None) for index in range(4)], "query"):
-        for destination, (tag, ids, lookups, _) in _route_queries(block, 3, 1):
+        for destination, (tag, ids, lookups, _) in _route_queries(block, (3, 1)):
             assert tag == "q" and lookups is None  # no query asked for its positive's vector
             per_shard.setdefault(destination, []).extend(ids)
     assert per_shard == {(shard, 0): ["q0", "q1", "q2", "q3"] for shard in range(3)}
@@ -218,3 +219,16 @@ def test_sharded_and_unsharded_searches_give_the_same_top_k() -> None:
             | beam.MapTuple(lambda query_id, grouped: (query_id, grouped["unsharded"] == grouped["sharded"]))
         )
         assert_that(joined, equal_to([(f"q{i}", True) for i in range(10)]))
+
+
+@pytest.mark.parametrize(("passages", "queries", "shard_size", "query_groups", "plan"), [
+    (10, 5, None, None, (1, 1)),               # small: one search unit
+    (99_999, 5_000, None, None, (1, 1)),
+    (100_000, 10_000, None, None, (4, 1)),     # from 100k passages the search spreads over workers
+    (1_000_000, 10_000, None, None, (16, 1)),  # at most 16 automatic shards...
+    (40_000_000, 250_000, None, None, (40, 3)),  # ... and at most 1M passages a shard; a group per 100k queries
+    (1_000, 10, 100, 2, (10, 2)),              # the config's values win
+])
+def test_the_search_plan_spreads_large_corpora_and_keeps_what_the_config_says(passages, queries, shard_size,
+                                                                              query_groups, plan) -> None:
+    assert search_plan(passages, queries, shard_size, query_groups) == plan

@@ -153,11 +153,12 @@ class GradeRelevance(beam.PTransform):
     round trip)} -> kept / rejected / answers / tallies.
 
     `llm` serves the LLM grader. `select_candidates`: the pairs hold several candidates per `query_id`; keep one of
-    each (see the module docstring). `shard_size`: passages per shard of the round trip's search.
+    each (see the module docstring). `shard_size`: passages per shard of the round trip's search (None: chosen from
+    the corpus size, as MineNegatives chooses).
     """
 
     def __init__(self, config: GradeRelevanceConfig, llm: ModelAccess | None = None, select_candidates: bool = False,
-                 shard_size: int = 1_000_000):
+                 shard_size: int | None = None):
         super().__init__()
         if config.use_llm and llm is None:
             raise ValueError("GradeRelevance: use_llm needs an LLM spec")

@@ -103,11 +103,13 @@ class MineNegativesConfig:
     max_negative_score_ratio: float = 0.95
     #: Also drop candidates whose words equal the positive's (`text_matching.normalize`: case and punctuation ignored).
     drop_positive_text_duplicates: bool = True
-    #: Passages per search shard. 1M x 768 float32 is about 3 GB (plus the shard's texts): fits a standard worker with
-    #: room for faiss.
-    shard_size: int = 1_000_000
-    #: Query groups per shard: the search runs once per (shard, group), see the module docstring for the tradeoff.
-    query_groups: int = 1
+    #: Passages per search shard; None lets `search_plan` (pipelines/sharded_search.py) choose from the corpus size:
+    #: one shard up to 100k passages, then about 25k a shard (at most 16, at most 1M passages each) so the search
+    #: spreads over workers.
+    shard_size: int | None = None
+    #: Query groups per shard: the search runs once per (shard, group), see the module docstring for the tradeoff;
+    #: None: one per 100k queries.
+    query_groups: int | None = None
     #: Queries per faiss search call inside a (shard, group): bounds the per-call result buffers (16k x 40 hits, 8 MB).
     #: Large on purpose: faiss runs its exact search as GEMMs over blocks of 4,096 queries, and 1,024 per call took 1.7x
     #: the time of 10k per call here (100k x 384 passages).
@@ -148,8 +150,9 @@ class MineNegativesConfig:
         if not 0 < self.max_negative_score_ratio <= 1:
             problems.append(f"max_negative_score_ratio must be in (0, 1], got {self.max_negative_score_ratio}")
         for name in ("shard_size", "query_groups", "query_batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
         if self.faiss_threads is not None and self.faiss_threads < 1:
             problems.append(f"faiss_threads must be None or >= 1, got {self.faiss_threads}")
         if self.query_likelihood and not self.llm_scoring:
