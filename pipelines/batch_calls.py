@@ -119,6 +119,9 @@ class _BatchJobFn(beam.DoFn):
 
     def process(self, element: tuple[str, list[tuple[str, list[Any]]]],
                 allowed_keys: frozenset[str] | None = None) -> Iterator[Any]:
+        # Batch mode is Gemini's: its SDK is imported here, in batch mode only, never by a local run.
+        from pipelines.clients.gemini_batch import state_name
+
         group, batch = element
         handler = self._handler
         refused, to_call = split_by_plan(sorted(batch, key=lambda pair: pair[0]), allowed_keys)
@@ -128,7 +131,7 @@ class _BatchJobFn(beam.DoFn):
             return
         record = self._find_or_submit(group, to_call)
         job = self._batch.wait(record.name)
-        state = str(getattr(job.state, "name", job.state))
+        state = state_name(job)
         results = self._batch.results(job)
         if not results:
             LOGGER.warning("%s: batch job %s ended %s with no results: its %d requests are asked online",

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
-import tenacity
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -51,7 +50,13 @@ from pipelines.clients.base import (
 )
 from pipelines.clients.event_loop import LoopThread, gather_in_order
 from pipelines.clients.gemini_thinking import gemini_output_token_limit, gemini_thinking_budget
-from pipelines.clients.retry import TRANSIENT_STATUS_CODES, TRANSPORT_ERRORS, RetryPolicy
+from pipelines.clients.retry import (
+    TRANSIENT_STATUS_CODES,
+    TRANSPORT_ERRORS,
+    RequestCounter,
+    RetryPolicy,
+    retry_logger,
+)
 from pipelines.clients.secret import Secret
 from pipelines.clients.specs import API_KEY_VARIABLES, DEFAULT_GEMINI_EMBEDDER, DEFAULT_GEMINI_LLM
 
@@ -120,13 +125,6 @@ def api_key_from_env(environ: Mapping[str, str] | None = None) -> str:
 # --- request plumbing shared by both backends ------------------------------------------------------------------------
 
 
-@dataclass
-class RequestCounter:
-    """HTTP requests made for one logical call, retries included."""
-
-    requests: int = 0
-
-
 @dataclass(frozen=True)
 class GeminiEndpoint:
     """Where and how both Gemini backends send their requests."""
@@ -171,18 +169,6 @@ class GeminiConnection:
             text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         return self._key.redact(text)[:500]
 
-    def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
-        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
-        sleep = retry_state.next_action.sleep if retry_state.next_action is not None else 0.0
-        logger.info(
-            "%s: %s; retry %d/%d in %.2f s",
-            self.model,
-            self.describe(error) if error is not None else "failed",
-            retry_state.attempt_number,
-            self.retry.max_attempts - 1,
-            sleep,
-        )
-
     def _translate(self, error: genai_errors.APIError, attempts: int) -> GeminiError:
         description = self.describe(error)
         code = error.code
@@ -209,7 +195,8 @@ class GeminiConnection:
         A truncated response body (json.JSONDecodeError from the SDK) propagates unless it is declared transient.
         """
         retrying = self.retry.retrying(
-            truncated_body_is_transient=truncated_body_is_transient, before_sleep=self._log_retry
+            truncated_body_is_transient=truncated_body_is_transient,
+            before_sleep=retry_logger(logger, lambda: self.model, self.describe, self.retry.max_attempts),
         )
         try:
             async for attempt in retrying:

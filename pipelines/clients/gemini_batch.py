@@ -29,8 +29,9 @@ from google.genai import types
 from pydantic import BaseModel
 
 from pipelines.clients.base import ChatMessage, GenerationConfig, TaskType
-from pipelines.clients.gemini import GeminiConnection, GeminiEndpoint, GeminiError, RequestCounter
+from pipelines.clients.gemini import GeminiConnection, GeminiEndpoint, GeminiError
 from pipelines.clients.gemini_thinking import gemini_output_token_limit
+from pipelines.clients.retry import RequestCounter
 from pipelines.clients.specs import BatchSettings
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class GeminiBatchClient:
         waited = 0.0
         for delay in poll_delays(self.settings):
             job = self.state(name)
-            state = _state_name(job)
+            state = state_name(job)
             if state in FINAL_STATES:
                 return job
             if waited >= self.settings.max_wait_s:
@@ -170,7 +171,7 @@ class GeminiBatchClient:
 
     def results(self, job: types.BatchJob) -> dict[str, dict[str, Any]]:
         """Key -> result line of a finished job (empty unless it succeeded)."""
-        if _state_name(job) != SUCCEEDED or job.dest is None or not job.dest.file_name:
+        if state_name(job) != SUCCEEDED or job.dest is None or not job.dest.file_name:
             return {}
         data = self._send(functools.partial(self._connection.client.aio.files.download, file=job.dest.file_name))
         return read_result_lines(data)
@@ -179,7 +180,8 @@ class GeminiBatchClient:
         self._connection.close()
 
 
-def _state_name(job: types.BatchJob) -> str:
+def state_name(job: types.BatchJob) -> str:
+    """A job's state by the SDK's name for it (JOB_STATE_SUCCEEDED, ...)."""
     state = job.state
     return str(getattr(state, "name", state))
 

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import openai
-import tenacity
 from pydantic import BaseModel, ValidationError
 
 from pipelines.clients.base import (
@@ -42,7 +41,7 @@ from pipelines.clients.base import (
     Usage,
 )
 from pipelines.clients.event_loop import LoopThread
-from pipelines.clients.retry import RetryPolicy, status_code
+from pipelines.clients.retry import RequestCounter, RetryPolicy, retry_logger, status_code
 from pipelines.clients.secret import Secret
 from pipelines.clients.specs import OPENAI_API_KEY_VARIABLE, OPENAI_BASE_URL, StructuredOutput
 
@@ -175,20 +174,14 @@ class OpenAICompatibleLLM(NetworkLLM):
         text = f"{code} {getattr(error, 'message', error)}" if code is not None else f"{type(error).__name__}: {error}"
         return self._key.redact(text)[:500]
 
-    def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
-        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
-        sleep = retry_state.next_action.sleep if retry_state.next_action is not None else 0.0
-        logger.info("%s at %s: %s; retry %d/%d in %.2f s", self.model_id, self.base_url,
-                    self._describe(error) if error else "failed", retry_state.attempt_number,
-                    self.retry.max_attempts - 1, sleep)
-
-    async def _send(self, arguments: dict[str, Any], requests: list[int]) -> Any:
-        """One completion, transient failures retried; `requests[0]` counts the HTTP requests made."""
-        retrying = self.retry.retrying(truncated_body_is_transient=True, before_sleep=self._log_retry)
+    async def _send(self, arguments: dict[str, Any], counter: RequestCounter) -> Any:
+        """One completion, transient failures retried; `counter` counts the HTTP requests made."""
+        retrying = self.retry.retrying(truncated_body_is_transient=True, before_sleep=retry_logger(
+            logger, lambda: f"{self.model_id} at {self.base_url}", self._describe, self.retry.max_attempts))
         try:
             async for attempt in retrying:
                 with attempt:
-                    requests[0] += 1
+                    counter.requests += 1
                     return await self._client.chat.completions.create(**arguments)
         except openai.APIStatusError as error:
             code = error.status_code
@@ -201,12 +194,11 @@ class OpenAICompatibleLLM(NetworkLLM):
                 raise  # about this request: the caller turns it into a failed result (or a format fallback)
             if code in (429, 500, 502, 503, 504):
                 raise OpenAICompatibleUnavailableError(
-                    f"{where}: {self._describe(error)} (gave up after {requests[0]} attempts)") from None
+                    f"{where}: {self._describe(error)} (gave up after {counter.requests} attempts)") from None
             raise OpenAICompatibleRequestError(f"{where}: request refused ({self._describe(error)})") from None
         except (openai.APIConnectionError, json.JSONDecodeError) as error:
-            raise OpenAICompatibleUnavailableError(
-                f"{self.model_id} at {self.base_url}: {self._describe(error)} (gave up after {requests[0]} attempts)"
-            ) from None
+            raise OpenAICompatibleUnavailableError(f"{self.model_id} at {self.base_url}: {self._describe(error)} "
+                                                   f"(gave up after {counter.requests} attempts)") from None
         raise AssertionError("tenacity neither returned nor raised")  # pragma: no cover
 
     async def agenerate(
@@ -215,36 +207,36 @@ class OpenAICompatibleLLM(NetworkLLM):
         output_model: type[OutputT],
         config: GenerationConfig = GenerationConfig(),
     ) -> GenerationResult[OutputT]:
-        requests = [0]
+        counter = RequestCounter()
         usage = Usage()
         raw, error = "", "no attempt made"
         ask = 0
         try:
             while ask < self.max_parse_attempts:
                 try:
-                    completion = await self._send(self._request(messages, output_model, config, ask), requests)
+                    completion = await self._send(self._request(messages, output_model, config, ask), counter)
                 except openai.BadRequestError as refused:
                     if self._auto and self._format == "json_schema" and _refuses_response_format(refused):
                         logger.warning("%s at %s refuses the JSON-schema response format; asking for JSON in the "
                                        "prompt from now on", self.model_id, self.base_url)
                         self._format = "prompt"
                         continue  # not an ask: the server never answered this one
-                    self.stats.record(usage=usage, failed=True, retries=max(requests[0] - 1, 0))
+                    self.stats.record(usage=usage, failed=True, retries=max(counter.requests - 1, 0))
                     # A 400 is about this request (too long, unsupported content): a rejected row.
-                    return GenerationResult(False, None, raw, self._describe(refused), usage, requests[0])
+                    return GenerationResult(False, None, raw, self._describe(refused), usage, counter.requests)
                 value, raw, error, answer_usage = parse_completion(completion, output_model)
                 usage += answer_usage
                 if value is not None:
-                    self.stats.record(usage=usage, retries=requests[0] - 1)
-                    return GenerationResult(True, value, raw, None, usage, requests[0])
+                    self.stats.record(usage=usage, retries=counter.requests - 1)
+                    return GenerationResult(True, value, raw, None, usage, counter.requests)
                 logger.info("%s: %s (ask %d/%d)", self.model_id, error, ask + 1, self.max_parse_attempts)
                 ask += 1
         except OpenAICompatibleError:
-            self.stats.record(usage=usage, failed=True, retries=max(requests[0] - 1, 0))
+            self.stats.record(usage=usage, failed=True, retries=max(counter.requests - 1, 0))
             raise
-        self.stats.record(usage=usage, failed=True, retries=requests[0] - 1)
+        self.stats.record(usage=usage, failed=True, retries=counter.requests - 1)
         return GenerationResult(False, None, raw, f"{error} (after {self.max_parse_attempts} asks)", usage,
-                                requests[0])
+                                counter.requests)
 
     def async_loop(self) -> LoopThread:
         return self._loop

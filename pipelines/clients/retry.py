@@ -14,6 +14,7 @@ import email.utils
 import functools
 import importlib
 import json
+import logging
 import random
 import re
 import time
@@ -107,6 +108,27 @@ def is_transient(error: BaseException, *, truncated_body_is_transient: bool = Fa
     if truncated_body_is_transient and isinstance(error, json.JSONDecodeError):
         return True
     return isinstance(error, TRANSPORT_ERRORS)
+
+
+@dataclass
+class RequestCounter:
+    """HTTP requests made for one logical call, retries included."""
+
+    requests: int = 0
+
+
+def retry_logger(logger: logging.Logger, who: Callable[[], str], describe: Callable[[BaseException], str],
+                 max_attempts: int) -> Callable[[tenacity.RetryCallState], None]:
+    """A `before_sleep` callback logging each retry: who retries (`who()`, e.g. the model), the failure as `describe`
+    words it (key-free), the attempt and the wait."""
+
+    def log(retry_state: tenacity.RetryCallState) -> None:
+        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        sleep = retry_state.next_action.sleep if retry_state.next_action is not None else 0.0
+        logger.info("%s: %s; retry %d/%d in %.2f s", who(), describe(error) if error is not None else "failed",
+                    retry_state.attempt_number, max_attempts - 1, sleep)
+
+    return log
 
 
 @dataclass(frozen=True)
