@@ -26,9 +26,9 @@ from data_schemas.validate import SchemaError, schema_id, validate_rows, validat
 #:   classification   CLASSIFICATION_EXAMPLE  generate_counterfactuals  example_generation, counterfactual_generation,
 #:                                                                      label_judgment (optional)
 #:   rejected         REJECTED                every stage               -
-#:   embedding_cache  EMBEDDING_CACHE_ENTRY   every EmbedTeacher use    - (files in <cache_dir>/embeddings/)
+#:   embedding_cache  EMBEDDING_CACHE_ENTRY   every EmbedTeacher use    - (<cache_dir>/embeddings/<model>/<task type>/)
 #:   llm_cache        LLM_CACHE_ENTRY         every LLM call            the prompt name and version are in the key
-#:                                                                      (files in <cache_dir>/llm/)
+#:                                                                      (<cache_dir>/llm/<prompt>@<version>/<model>/)
 SCHEMAS = {
     "passages": PASSAGE,
     "pairs": GRADED_PAIR,

@@ -1,22 +1,35 @@
 """The content-addressed cache for LLM answers and teacher embeddings ("pay once").
 
-Layout under a cache directory (local path or `gs://`, all I/O through Beam filesystems):
+Layout under a cache directory (local path or `gs://`, all I/O through Beam filesystems), one folder per partition:
 
-    <cache_dir>/llm/<uuid>.parquet         rows of data_schemas.LLM_CACHE_ENTRY
-    <cache_dir>/embeddings/<uuid>.parquet  rows of data_schemas.EMBEDDING_CACHE_ENTRY
+    <cache_dir>/llm/<prompt>@<prompt version>/<model>/<uuid>.parquet   rows of data_schemas.LLM_CACHE_ENTRY
+    <cache_dir>/embeddings/<model>/<task type>/<uuid>.parquet          rows of data_schemas.EMBEDDING_CACHE_ENTRY
+
+A partition holds exactly the entries one kind of request can hit: an entry's key covers its prompt, prompt version
+and model (or model and task type), so a request can only ever match an entry of its own partition. A stage therefore
+reads only the partitions its requests fall in, and a re-run costs what the run needs, not what the cache has gathered
+over its history (other prompts, other models, earlier prompt versions). Inside a partition other corpora's entries
+remain; for them only the key column is read (see `SplitByCache`). Folder names are the names made safe for any
+filesystem (`_folder_name`), each with a short hash of the exact values, so two names that read alike never share one.
 
 The cache is append-only: writers add new files, never rewrite old ones, so concurrent workers and concurrent runs
 cannot corrupt it. Inside a pipeline the existing entries are read as a PCollection and joined with the requests by
 key (CoGroupByKey), which works the same on DirectRunner and Dataflow and needs no worker to hold the whole cache.
 New entries are flushed every few rows, written under a temporary name and renamed, so a killed run keeps every call it
 paid for and never leaves a half-written file. Failures are never cached.
+
+Caches written before partitions existed have their files directly in `llm/` and `embeddings/`; `migrate_flat_files`
+moves their entries into partitions once, at the start of a run (`pipelines/run.py`).
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
 import logging
 import posixpath
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,9 +38,10 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from data_schemas import EMBEDDING_CACHE_ENTRY, LLM_CACHE_ENTRY, validate_table
+from data_schemas import EMBEDDING_CACHE_ENTRY, LLM_CACHE_ENTRY, SchemaError, validate_table
 from pipelines.outputs import ensure_folder
 from pipelines.run_layout import parquet_files, read_shard
 
@@ -36,24 +50,69 @@ LOGGER = logging.getLogger(__name__)
 LLM_CACHE = "llm"
 EMBEDDING_CACHE = "embeddings"
 _SCHEMAS = {LLM_CACHE: LLM_CACHE_ENTRY, EMBEDDING_CACHE: EMBEDDING_CACHE_ENTRY}
+#: Longest readable part of a partition folder name; the hash after it keeps long names apart.
+_NAME_CHARS = 60
+
+
+def _folder_name(readable: str, *exact: str) -> str:
+    """`readable` made safe as one folder name on any filesystem, plus 10 hex digits of a hash of `exact`: names that
+    differ only in characters replaced here (or beyond the cut) still get folders of their own."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", readable)[:_NAME_CHARS]
+    digest = hashlib.sha256("\0".join(exact).encode()).hexdigest()[:10]
+    return f"{safe}-{digest}"
+
+
+def _model_folder(model_id: str, model_version: str) -> str:
+    return _folder_name(model_id, model_id, model_version)
+
+
+def llm_partition(model_id: str, model_version: str, prompt_name: str, prompt_version: str) -> str:
+    """The folder (relative to `<cache_dir>/llm`) of the answers of one model to one prompt version."""
+    prompt = f"{prompt_name}@{prompt_version}"
+    return posixpath.join(_folder_name(prompt, prompt_name, prompt_version), _model_folder(model_id, model_version))
+
+
+def embedding_partition(model_id: str, model_version: str, task_type: str) -> str:
+    """The folder (relative to `<cache_dir>/embeddings`) of one model's embeddings for one task type."""
+    return posixpath.join(_model_folder(model_id, model_version), _folder_name(task_type, task_type))
+
+
+def entry_partition(kind: str, entry: dict[str, Any]) -> str:
+    """The partition a cache entry is stored in, from the fields its key covers."""
+    if kind == LLM_CACHE:
+        return llm_partition(entry["model_id"], entry["model_version"], entry["prompt_name"], entry["prompt_version"])
+    return embedding_partition(entry["model_id"], entry["model_version"], entry["task_type"])
 
 
 def cache_files(cache_dir: str, kind: str) -> list[str]:
-    """Completed cache files of `kind`, listed as a run's shards are (temporary files of a run in progress or a killed
-    run start with "." and are skipped)."""
-    return parquet_files(posixpath.join(cache_dir, kind))
+    """Completed cache files of `kind`, in every partition, listed as a run's shards are (temporary files of a run in
+    progress or a killed run start with "." and are skipped)."""
+    return parquet_files(posixpath.join(cache_dir, kind, "*", "*"))
+
+
+def partition_files(cache_dir: str, kind: str, partition: str) -> list[str]:
+    """Completed cache files of one partition."""
+    return parquet_files(posixpath.join(cache_dir, kind, partition))
 
 
 def read_cache_file(path: str, kind: str) -> pa.Table:
     return read_shard(path, _SCHEMAS[kind])
 
 
-def write_cache_file(cache_dir: str, kind: str, rows: list[dict[str, Any]]) -> str:
-    """Write `rows` as one new cache file, atomically (temporary name, then rename)."""
-    table = validate_table(pa.Table.from_pylist(rows, schema=_SCHEMAS[kind]), _SCHEMAS[kind], source=f"{kind} cache")
+def read_cache_keys(path: str) -> list[str]:
+    """The keys of one cache file, in row order, without decoding the answers or vectors."""
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            keys = pq.read_table(pa.BufferReader(handle.read()), columns=["key"]).column("key")
+    except (pa.ArrowInvalid, OSError, KeyError) as error:
+        raise SchemaError(f"not a readable cache file: {error}", source=path) from error
+    return keys.to_pylist()
+
+
+def _write_partition_file(folder: str, rows: list[dict[str, Any]], schema: pa.Schema, source: str) -> str:
+    table = validate_table(pa.Table.from_pylist(rows, schema=schema), schema, source=source)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    folder = posixpath.join(cache_dir, kind)
     ensure_folder(folder)
     name = uuid.uuid4().hex
     temporary = posixpath.join(folder, f".{name}.tmp")
@@ -64,31 +123,43 @@ def write_cache_file(cache_dir: str, kind: str, rows: list[dict[str, Any]]) -> s
     return final
 
 
-class _ReadCacheFileFn(beam.DoFn):
-    def __init__(self, kind: str):
-        self._kind = kind
+def write_cache_file(cache_dir: str, kind: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Write `rows` as one new file in each partition they fall in, each atomically (temporary name, then rename);
+    returns the files written."""
+    by_partition: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for row in rows:
+        by_partition[entry_partition(kind, row)].append(row)
+    return [_write_partition_file(posixpath.join(cache_dir, kind, partition), partition_rows, _SCHEMAS[kind],
+                                  f"{kind} cache")
+            for partition, partition_rows in sorted(by_partition.items())]
 
-    def process(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        for row in read_cache_file(path, self._kind).to_pylist():
-            yield row["key"], row
 
+def migrate_flat_files(cache_dir: str) -> dict[str, int]:
+    """Moves the entries of a cache written before partitions existed (files directly in `llm/`, `embeddings/`) into
+    their partitions; returns how many files and entries moved (zero once done).
 
-class ReadCache(beam.PTransform):
-    """Root transform: every cache entry of `kind` as (key, row). Files are listed once, at construction."""
-
-    def __init__(self, cache_dir: str | None, kind: str):
-        super().__init__()
-        self._files = cache_files(cache_dir, kind) if cache_dir else []
-        self._kind = kind
-
-    def expand(self, pipeline):
-        return (
-            pipeline
-            | "ListFiles" >> beam.Create(self._files)
-            # Spread files over workers before reading them.
-            | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadCacheFileFn(self._kind))
-        )
+    Each old file is deleted only after all its entries are written to their partitions, so a kill at any point loses
+    nothing: at worst an entry is in both places, and a rerun moves the file again (duplicate entries of one key are
+    identical answers; a lookup takes either). A file that disappears meanwhile was moved by a concurrent run.
+    """
+    moved = {"files": 0, "entries": 0}
+    for kind in (LLM_CACHE, EMBEDDING_CACHE):
+        for path in parquet_files(posixpath.join(cache_dir, kind)):
+            if not FileSystems.exists(path):
+                continue
+            rows = read_cache_file(path, kind).to_pylist()
+            write_cache_file(cache_dir, kind, rows)
+            try:
+                FileSystems.delete([path])
+            except OSError:
+                if FileSystems.exists(path):
+                    raise
+            moved["files"] += 1
+            moved["entries"] += len(rows)
+    if moved["files"]:
+        LOGGER.info("cache %s: moved %d entries from %d files of the old flat layout into partitions", cache_dir,
+                    moved["entries"], moved["files"])
+    return moved
 
 
 class CacheWriter:
@@ -132,38 +203,84 @@ class CacheWriter:
             self._pending = []
 
 
+class _ReadKeysFn(beam.DoFn):
+    def process(self, path: str) -> Iterator[tuple[str, tuple[str, int]]]:
+        for row, key in enumerate(read_cache_keys(path)):
+            yield key, (path, row)
+
+
 class _SplitByCacheFn(beam.DoFn):
     MISSES = "misses"
 
-    def process(self, element):
+    # Annotated: Beam would infer the main and tagged outputs' union from the body and refuse the hits' GroupByKey.
+    def process(self, element) -> Iterator[Any]:
         key, grouped = element
         # A key with entries but no items is an entry this run does not need: it yields nothing.
         items = list(grouped["items"])
-        entries = list(grouped["entries"])
-        if items and entries:
-            yield items, entries[0]
-        elif items:
+        if not items:
+            return
+        locations = list(grouped["entries"])
+        if locations:
+            path, row = locations[0]
+            yield path, (row, items)
+        else:
             yield beam.pvalue.TaggedOutput(self.MISSES, (key, items))
+
+
+class _FetchEntriesFn(beam.DoFn):
+    """(path, [(row, items)]) -> (items, the entry at that row): each file with hits read once."""
+
+    def __init__(self, kind: str):
+        self._kind = kind
+
+    def process(self, element) -> Iterator[tuple[list[Any], dict[str, Any]]]:
+        path, hits = element
+        hits = list(hits)
+        table = read_cache_file(path, self._kind).take([row for row, _ in hits])
+        for (_, items), entry in zip(hits, table.to_pylist(), strict=True):
+            yield items, entry
 
 
 class SplitByCache(beam.PTransform):
     """(key, item) -> {"hits": (items, cache entry), "misses": (key, items)}, items grouped by their key.
 
-    Grouping by key is what makes identical requests of one run share one call. `read_label` names the cache-reading
-    root transform, which must be unique in the pipeline.
+    Grouping by key is what makes identical requests of one run share one call. The cache is read where the items
+    can hit it: `partition_of(item)` names each item's partition, and only the files of those partitions are listed
+    (when the pipeline runs, after the items are known). The join carries keys and file locations only; the entries
+    themselves are read for the hits, each file once. `label` prefixes the transforms reading the cache, which must
+    be unique in the pipeline.
     """
 
-    def __init__(self, cache_dir: str | None, kind: str, read_label: str):
+    def __init__(self, cache_dir: str | None, kind: str, partition_of: Callable[[Any], str], label: str):
         super().__init__()
         self._cache_dir = cache_dir
         self._kind = kind
-        self._read_label = read_label
+        self._partition_of = partition_of
+        self._label = label
 
     def expand(self, keyed_items):
-        entries = keyed_items.pipeline | self._read_label >> ReadCache(self._cache_dir, self._kind)
+        cache_dir, kind, partition_of = self._cache_dir, self._kind, self._partition_of
+        if cache_dir:
+            locations = (
+                keyed_items
+                | f"{self._label}.Partitions" >> beam.MapTuple(lambda _key, item: partition_of(item))
+                | f"{self._label}.DistinctPartitions" >> beam.Distinct()
+                | f"{self._label}.ListFiles" >> beam.FlatMap(lambda partition: partition_files(cache_dir, kind,
+                                                                                               partition))
+                # Spread files over workers before reading them.
+                | f"{self._label}.Spread" >> beam.Reshuffle()
+                | f"{self._label}.ReadKeys" >> beam.ParDo(_ReadKeysFn())
+            )
+        else:
+            locations = keyed_items.pipeline | f"{self._label}.NoCache" >> beam.Create([])
         split = (
-            {"items": keyed_items, "entries": entries}
+            {"items": keyed_items, "entries": locations}
             | "Join" >> beam.CoGroupByKey()
             | "Split" >> beam.ParDo(_SplitByCacheFn()).with_outputs(_SplitByCacheFn.MISSES, main="hits")
         )
-        return {"hits": split["hits"], "misses": split[_SplitByCacheFn.MISSES]}
+        hits = (
+            split["hits"]
+            | "HitsByFile" >> beam.GroupByKey()
+            | "FetchEntries" >> beam.ParDo(_FetchEntriesFn(kind))
+        )
+        return {"hits": hits, "misses": split[_SplitByCacheFn.MISSES]}

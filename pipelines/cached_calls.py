@@ -78,6 +78,10 @@ class CallHandler(abc.ABC):
     def key(self, item: Any) -> str:
         """The item's content address: equal keys share one call and one cache entry."""
 
+    @abc.abstractmethod
+    def partition(self, item: Any) -> str:
+        """The cache partition the item's key can be found in (pipelines/cache.py), from the same fields as its key."""
+
     def group(self, items: list[Any]) -> list[Any]:
         """The items of one key in the order they are answered (the first one is the one called)."""
         return items
@@ -270,8 +274,8 @@ class CachedCall(beam.PTransform):
     def expand(self, items):
         handler = self._handler
         keyed = items | "Key" >> beam.ParDo(_KeyFn(handler))
-        read_label = f"ReadCache.{handler.stage}"
-        split = keyed | "Cache" >> SplitByCache(self._cache_dir, handler.cache_kind, read_label)
+        split = keyed | "Cache" >> SplitByCache(self._cache_dir, handler.cache_kind, handler.partition,
+                                                 f"ReadCache.{handler.stage}")
         hits = split["hits"] | "FromCache" >> beam.ParDo(_FromCacheFn(handler)).with_outputs(TALLIES, main="main")
         misses = split["misses"] | "Order" >> beam.MapTuple(lambda key, items: (key, handler.group(items)))
         allowed = None if self._budget is None else beam.pvalue.AsSingleton(self._plan(misses))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,7 +38,14 @@ from typing import Any
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.cache import EMBEDDING_CACHE, LLM_CACHE, cache_files
+from pipelines.cache import (
+    EMBEDDING_CACHE,
+    LLM_CACHE,
+    embedding_partition,
+    llm_partition,
+    partition_files,
+    read_cache_keys,
+)
 from pipelines.clients.base import ChatMessage, TaskType, Usage
 from pipelines.clients.gemini_thinking import gemini_thinking_budget
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
@@ -45,6 +53,7 @@ from pipelines.config import GenerateConfig
 from pipelines.llm_calls import LLMAnswer, LLMRequest, answers_from_cache
 from pipelines.model_access import RunModels
 from pipelines.pricing import estimated_cost_micro_usd
+from pipelines.run_layout import parquet_files
 from pipelines.stages import generate_counterfactuals, generate_queries, grade_relevance
 from pipelines.stages.candidate_scoring import build_llm_requests
 from pipelines.stages.corpus_files import plan_corpus
@@ -52,7 +61,7 @@ from pipelines.stages.embed_teacher import embedding_cache_key
 from pipelines.stages.label_judge import judge_request, prototype_texts, uses_llm, uses_teacher
 from pipelines.stages.read_corpus import read_corpus_file, sample_key, split_first_occurrence
 from pipelines.stages.task_spec import load_task_spec
-from prompts import get_prompt
+from prompts import get_prompt, prompt_versions
 
 #: Google documents about 4 characters a token for Gemini models; other tokenizers land near it for English prose.
 CHARS_PER_TOKEN = 4
@@ -144,21 +153,27 @@ class CacheIndex:
     output_tokens: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, cache_dir: str | None) -> CacheIndex:
+    def read(cls, cache_dir: str | None, models: RunModels) -> CacheIndex:
+        """The entries the run's models can hit: the LLM's answers to the current version of every prompt and the
+        teacher's embeddings of every task type (their partitions, pipelines/cache.py), and a cache's files from
+        before partitions (a run would move them into partitions first; a dry run writes nothing)."""
         index = cls()
         if not cache_dir:
             return index
         columns = ["key", "model_id", "prompt_name", "prompt_version", "response_json", "raw_answer",
                    "input_tokens", "output_tokens"]
-        for path in cache_files(cache_dir, LLM_CACHE):
+        llm_files = [path for name, version in prompt_versions().items()
+                     for path in partition_files(cache_dir, LLM_CACHE, llm_partition(*models.llm, name, version))]
+        for path in [*llm_files, *parquet_files(posixpath.join(cache_dir, LLM_CACHE))]:
             with FileSystems.open(path) as handle:
                 for row in pq.read_table(handle, columns=columns).to_pylist():
                     index.llm_entries[row["key"]] = row
                     index.output_tokens.setdefault((row["model_id"], row["prompt_name"]), []).append(
                         row["output_tokens"])
-        for path in cache_files(cache_dir, EMBEDDING_CACHE):
-            with FileSystems.open(path) as handle:
-                index.embedding_keys.update(pq.read_table(handle, columns=["key"]).column("key").to_pylist())
+        embedding_files = [path for task_type in TaskType for path in partition_files(
+            cache_dir, EMBEDDING_CACHE, embedding_partition(*models.teacher, task_type.value))]
+        for path in [*embedding_files, *parquet_files(posixpath.join(cache_dir, EMBEDDING_CACHE))]:
+            index.embedding_keys.update(read_cache_keys(path))
         return index
 
 
@@ -288,7 +303,7 @@ def _stand_in_pairs(passages: Sequence[Mapping[str, Any]], count: int, query: st
 def estimate(config: GenerateConfig) -> DryRunEstimate:
     """The dry run: every stage's new requests, tokens, cost and time, from the corpus and the caches alone."""
     models = RunModels.resolve(config.llm, config.teacher)
-    cache = CacheIndex.read(config.cache_dir or None)
+    cache = CacheIndex.read(config.cache_dir or None, models)
     estimator = _Estimator(config, models, cache)
     passages, rejected = read_passages(config)
     examples = generate_queries.load_examples(config.queries.examples) if config.queries.examples else None

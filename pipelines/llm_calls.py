@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from pipelines import progress
 from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
-from pipelines.cache import LLM_CACHE, CacheWriter
+from pipelines.cache import LLM_CACHE, CacheWriter, llm_partition
 from pipelines.cached_calls import CachedCall, CallHandler
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, GenerationResult, Usage
 from pipelines.clients.factory import billable_output_tokens, build_batch_client, build_llm
@@ -251,6 +251,9 @@ class LLMCallHandler(CallHandler):
 
     def key(self, request: LLMRequest) -> str:
         return request.cache_key(*self.identity)
+
+    def partition(self, request: LLMRequest) -> str:
+        return llm_partition(*self.identity, request.prompt_name, request.prompt_version)
 
     def group(self, requests: list[LLMRequest]) -> list[LLMRequest]:
         return sorted(requests, key=lambda request: request.request_id)

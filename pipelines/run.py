@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_schemas import load_manifest, stage_balances
 from pipelines.budget import RunBudget
+from pipelines.cache import migrate_flat_files
 from pipelines.config import EvaluateConfig, GenerateConfig, RunConfig
 from pipelines.config_loading import ConfigError, config_to_dict
 from pipelines.model_access import ModelAccess, RunModels
@@ -164,6 +165,10 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     remove_tree(staging)
     pipeline = beam.Pipeline(options=pipeline_options(config))
     build_generate_pipeline(pipeline, config, staging)
+    if config.cache_dir:
+        # Once per cache, after every input has been checked while the pipeline was built: a cache from before
+        # partitions is moved into them, so the stages' lookups (which list partitions as the pipeline runs) find it.
+        migrate_flat_files(config.cache_dir)
     local = config.beam.runner in LOCAL_RUNNERS
     with LiveProgress(f"embforge generate -> {config.output}", enabled=local):
         pipeline.run().wait_until_finish()

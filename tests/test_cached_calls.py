@@ -78,7 +78,10 @@ def test_teacher_lifecycle_embeds_caches_and_rejects_a_failed_batch_uncached(tmp
     expected = keyword_embedder().embed(["parse json"], TaskType.RETRIEVAL_QUERY)[0]
     assert sorted(vectors) == ["a", "b"] and vectors["a"] == pytest.approx(list(expected))
     assert len(outputs.tagged["sent"]) == 2
-    assert len(cache_files(str(tmp_path), EMBEDDING_CACHE)) == 1
+    # One flush, one file in each task type's partition.
+    files = cache_files(str(tmp_path), EMBEDDING_CACHE)
+    assert len(files) == 2 and {path.split("/")[-2].split("-")[0] for path in files} == {
+        TaskType.RETRIEVAL_QUERY.value, TaskType.RETRIEVAL_DOCUMENT.value}
     tallies = outputs.tallies
     assert tallies[("embedding", "embed", "texts_embedded")] == tallies[("cache", "embeddings_computed")] == 2
 

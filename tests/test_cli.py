@@ -75,7 +75,10 @@ def _bad_beir(tmp_path) -> str:
 
 @pytest.mark.parametrize("case", ["config", "corpus", "evaluation-data", "model", "unknown-packaged-model",
                                   "task-spec", "evaluate-without-tasks", "evaluate-without-models"])
-def test_every_user_error_is_one_line_and_exit_2(tmp_path, capsys, case):
+def test_every_user_error_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
+    # Defaults relative to the working folder (the cache, .embforge-cache) land in the test's folder, not the
+    # checkout's, whose cache a developer's own runs use.
+    monkeypatch.chdir(tmp_path)
     output = ["--output", str(tmp_path / "run")]
     argv, expected = {
         "config": (["generate", *output, "--set", "generate.queries.queries_per_passage=0"],

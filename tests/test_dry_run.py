@@ -116,16 +116,35 @@ def test_the_estimate_is_within_30_percent_of_the_runs_manifest(tmp_path, monkey
     assert any(stage.cached for stage in again.stages)
 
 
-def test_the_cache_index_reads_keys_and_output_tokens(tmp_path):
-    from pipelines.cache import EMBEDDING_CACHE, LLM_CACHE, write_cache_file
+def test_the_cache_index_reads_only_what_the_runs_models_can_hit(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    write_cache_file(str(tmp_path), LLM_CACHE, [{
-        "key": "k1", "model_id": "m", "model_version": "m", "prompt_name": "query_generation", "prompt_version": "1",
-        "response_json": "{}", "raw_answer": "{}", "input_tokens": 10, "output_tokens": 7}])
-    write_cache_file(str(tmp_path), EMBEDDING_CACHE, [{
-        "key": "e1", "model_id": "t", "model_version": "t", "task_type": "RETRIEVAL_QUERY", "dimension": 2,
-        "text_sha256": "0" * 64, "embedding": [0.0, 1.0]}])
-    index = CacheIndex.read(str(tmp_path))
-    assert set(index.llm_entries) == {"k1"} and index.embedding_keys == {"e1"}
-    assert index.output_tokens == {("m", "query_generation"): [7]}
-    assert CacheIndex.read(None).llm_entries == {}
+    from data_schemas import LLM_CACHE_ENTRY
+    from pipelines.cache import EMBEDDING_CACHE, LLM_CACHE, write_cache_file
+    from pipelines.model_access import ModelIdentity, RunModels
+    from prompts import prompt_versions
+
+    version = prompt_versions()["query_generation"]
+
+    def llm_entry(key, model="m", prompt_version=version):
+        return {"key": key, "model_id": model, "model_version": model, "prompt_name": "query_generation",
+                "prompt_version": prompt_version, "response_json": "{}", "raw_answer": "{}", "input_tokens": 10,
+                "output_tokens": 7}
+
+    def embedding_entry(key, model="t", task_type="RETRIEVAL_QUERY"):
+        return {"key": key, "model_id": model, "model_version": model, "task_type": task_type, "dimension": 2,
+                "text_sha256": "0" * 64, "embedding": [0.0, 1.0]}
+
+    write_cache_file(str(tmp_path), LLM_CACHE, [
+        llm_entry("k1"), llm_entry("other-model", model="m2"), llm_entry("old-prompt", prompt_version="0-old")])
+    write_cache_file(str(tmp_path), EMBEDDING_CACHE, [
+        embedding_entry("e1"), embedding_entry("e2", task_type="CLASSIFICATION"), embedding_entry("other", model="t2")])
+    # A file of the layout before partitions, not yet moved (a dry run moves nothing): still counted.
+    pq.write_table(pa.Table.from_pylist([llm_entry("flat")], schema=LLM_CACHE_ENTRY),
+                   tmp_path / LLM_CACHE / "flat.parquet")
+
+    index = CacheIndex.read(str(tmp_path), RunModels(ModelIdentity("m", "m"), ModelIdentity("t", "t")))
+    assert set(index.llm_entries) == {"k1", "flat"} and index.embedding_keys == {"e1", "e2"}
+    assert index.output_tokens == {("m", "query_generation"): [7, 7]}
+    assert CacheIndex.read(None, RunModels(ModelIdentity("m", "m"), ModelIdentity("t", "t"))).llm_entries == {}

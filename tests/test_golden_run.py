@@ -39,9 +39,10 @@ def _masked(value: Any, replacements: dict[str, str]) -> Any:
 
 
 def _folder(folder: str, replacements: dict[str, str]) -> dict[str, list[str]]:
-    """The rows of every shard in `folder` (sorted, as JSON lines) and the shards' schemas (with their metadata)."""
+    """The rows of every shard in `folder` and its subfolders (a cache's partitions), sorted, as JSON lines, and the
+    shards' schemas (with their metadata)."""
     rows, schemas = [], set()
-    for path in sorted(glob.glob(os.path.join(folder, "*.parquet"))):
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True)):
         table = pq.read_table(path)
         if table.num_columns:  # Beam's sharding can leave a shard without columns
             schemas.add(table.schema.to_string(show_schema_metadata=True))

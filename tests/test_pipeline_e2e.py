@@ -15,13 +15,17 @@ import glob
 import json
 import os
 import re
+import shutil
 from dataclasses import replace
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import SCHEMAS, stage_balances
+from data_schemas import EMBEDDING_CACHE_ENTRY, LLM_CACHE_ENTRY, SCHEMAS, stage_balances
 from pipelines import run_layout
+from pipelines.cache import EMBEDDING_CACHE, LLM_CACHE, cache_files, read_cache_file
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.config import BeamConfig, GenerateConfig, load_run_config
 from pipelines.run import GenerationFailed, generate
@@ -232,6 +236,31 @@ def test_second_run_with_the_same_inputs_makes_zero_llm_and_embedding_calls(tmp_
     assert second["cache"]["embeddings_computed"] == 0
     assert all(row["calls"] == 0 and row["cache_hits"] > 0 for row in second["llm_usage"])
     assert second["outputs"] == first["outputs"]
+
+
+def test_a_cache_of_the_layout_before_partitions_is_moved_once_and_answers_the_rerun(tmp_path, gemini):
+    clean_corpus = [(pid, text) for pid, text in CORPUS if "[" not in text]
+    config = gemini_config(tmp_path, gemini, corpus_rows=clean_corpus)
+    generate(config)
+    # The same entries as a cache written before partitions: every file directly in llm/ and embeddings/.
+    entries = {}
+    for kind in (LLM_CACHE, EMBEDDING_CACHE):
+        rows = [row for path in cache_files(config.cache_dir, kind) for row in read_cache_file(path, kind).to_pylist()]
+        entries[kind] = sorted(row["key"] for row in rows)
+        shutil.rmtree(os.path.join(config.cache_dir, kind))
+        os.makedirs(os.path.join(config.cache_dir, kind))
+        schema = {LLM_CACHE: LLM_CACHE_ENTRY, EMBEDDING_CACHE: EMBEDDING_CACHE_ENTRY}[kind]
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema),
+                       os.path.join(config.cache_dir, kind, "before-partitions.parquet"))
+    gemini.reset()
+    second = generate(config)
+    assert gemini.requests == []
+    assert second["cache"].get("llm_calls", 0) == 0 and second["cache"]["embeddings_computed"] == 0
+    for kind in (LLM_CACHE, EMBEDDING_CACHE):
+        assert not os.path.exists(os.path.join(config.cache_dir, kind, "before-partitions.parquet"))
+        moved = [row["key"] for path in cache_files(config.cache_dir, kind)
+                 for row in read_cache_file(path, kind).to_pylist()]
+        assert sorted(moved) == entries[kind]
 
 
 def test_pipeline_completes_under_service_faults(tmp_path, gemini):

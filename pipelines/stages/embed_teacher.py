@@ -31,7 +31,7 @@ import numpy as np
 from pipelines import progress
 from pipelines.accounting import CountRows, sum_tallies
 from pipelines.budget import BUDGET_REASON, Spend, upper_token_estimate
-from pipelines.cache import EMBEDDING_CACHE, CacheWriter
+from pipelines.cache import EMBEDDING_CACHE, CacheWriter, embedding_partition
 from pipelines.cached_calls import CachedCall, CallHandler
 from pipelines.clients.base import Embedder, TaskType, Usage, truncate_and_normalize
 from pipelines.clients.factory import build_batch_client, build_embedder
@@ -150,6 +150,9 @@ class TeacherCallHandler(CallHandler):
 
     def key(self, item: dict[str, Any]) -> str:
         return embedding_cache_key(*self.identity, item["task_type"], self.config.dimension, item["text"])
+
+    def partition(self, item: dict[str, Any]) -> str:
+        return embedding_partition(*self.identity, item["task_type"])
 
     def from_cache(self, items: list[dict[str, Any]], entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
         for key, count in _hit_tallies(self.stage, len(items)):
