@@ -227,8 +227,18 @@ class _SplitByCacheFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(self.MISSES, (key, items))
 
 
+def _packed_vectors(column: pa.ChunkedArray) -> list[bytes]:
+    """A list<float32> column as one float32 byte string per row (`pipelines.sharded_search.pack_vector`'s form),
+    sliced out of the column's flat values: no Python float is made for a cached vector."""
+    vectors = column.combine_chunks()
+    values = vectors.values.to_numpy(zero_copy_only=False)
+    offsets = vectors.offsets.to_numpy()
+    return [values[start:end].tobytes() for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
 class _FetchEntriesFn(beam.DoFn):
-    """(path, [(row, items)]) -> (items, the entry at that row): each file with hits read once."""
+    """(path, [(row, items)]) -> (items, the entry at that row): each file with hits read once. Vectors (an embedding
+    entry's `embedding`) come out as float32 bytes."""
 
     def __init__(self, kind: str):
         self._kind = kind
@@ -237,7 +247,13 @@ class _FetchEntriesFn(beam.DoFn):
         path, hits = element
         hits = list(hits)
         table = read_cache_file(path, self._kind).take([row for row, _ in hits])
-        for (_, items), entry in zip(hits, table.to_pylist(), strict=True):
+        if self._kind == EMBEDDING_CACHE:
+            vectors = _packed_vectors(table.column("embedding"))
+            table = table.drop_columns(["embedding"])
+            entries = [{**entry, "embedding": vector} for entry, vector in zip(table.to_pylist(), vectors, strict=True)]
+        else:
+            entries = table.to_pylist()
+        for (_, items), entry in zip(hits, entries, strict=True):
             yield items, entry
 
 

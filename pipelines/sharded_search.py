@@ -1,10 +1,18 @@
-"""Exact top-k inner-product search over a corpus sharded across workers: the search, not a stage.
+"""Top-k inner-product search over a corpus sharded across workers: the search, not a stage.
 
 MineNegatives (hard negatives) and GradeRelevance (the round-trip check) both search the teacher's vectors with it, so
-it lives outside both. Exact, not HNSW/IVF: their recall depends on the data, and a missed neighbour is a silently
-easier negative; the exact search is also what makes sharded and unsharded runs identical. Scores are recomputed
-exactly (see `search_shard_rows`), and ties are broken by passage_id, so the top-k does not depend on how the corpus
-was sharded.
+it lives outside both. Exact by default, not HNSW/IVF: their recall depends on the data, and a missed neighbour is a
+silently easier negative; the exact search is also what makes sharded and unsharded runs identical. Scores are
+recomputed exactly (see `search_shard_rows`), and ties are broken by passage_id, so the top-k does not depend on how the
+corpus was sharded.
+
+For corpora where exact search costs too much, `IndexSettings` names any faiss index factory string ("IVF4096,Flat",
+"HNSW32,Flat", "IVF4096,PQ64", ...) with its search-time `nprobe` / `efSearch`. Each shard then builds that index from
+its passages (training it on them first) next to the exact store of their vectors, fetches candidates from it and
+rescores them exactly like the exact search, so scores and tie order are the same; only the candidates may miss true
+neighbours. Its recall on real embeddings is measured in benchmarks/ann_recall.py (RESULTS.md). Approximate shards are
+as large as `MAX_SHARD_PASSAGES` allows (an IVF index needs tens of vectors per list to train), and the results depend
+on the sharding, which the exact search's do not.
 
 How the sharded search runs in Beam (the index must not have to fit one worker):
 
@@ -73,13 +81,27 @@ ShardHit = tuple[str, "str | None", float, "bytes | None"]
 # --- Vectors and exact scores -----------------------------------------------------------------------------------------
 
 
-def pack_vector(vector: Sequence[float] | np.ndarray) -> bytes:
-    """A vector as float32 bytes: 4 bytes a component through shuffles instead of ~9 for pickled Python floats."""
+def pack_vector(vector: bytes | Sequence[float] | np.ndarray) -> bytes:
+    """A vector as float32 bytes: 4 bytes a component through shuffles instead of ~9 for pickled Python floats (bytes
+    are taken as already packed)."""
+    if isinstance(vector, bytes):
+        return vector
     return np.asarray(vector, dtype=np.float32).tobytes()
 
 
 def unpack_vector(blob: bytes) -> list[float]:
     return np.frombuffer(blob, dtype=np.float32).tolist()
+
+
+def vector_array(vector: bytes | Sequence[float] | np.ndarray) -> np.ndarray:
+    """A vector as a float32 array, from `pack_vector` bytes (read in place, no copy), a list or an array."""
+    if isinstance(vector, bytes):
+        return np.frombuffer(vector, dtype=np.float32)
+    return np.asarray(vector, dtype=np.float32)
+
+
+def vector_dimension(vector: bytes | Sequence[float] | np.ndarray) -> int:
+    return len(vector) // 4 if isinstance(vector, bytes) else len(vector)
 
 
 def exact_scores(queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
@@ -93,10 +115,10 @@ def exact_scores(queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
     return (np.asarray(passages, dtype=np.float64) * np.asarray(queries, dtype=np.float64)).sum(axis=-1)
 
 
-def teacher_score(query_embedding: Sequence[float], passage_embedding: Sequence[float]) -> float:
+def teacher_score(query_embedding: bytes | Sequence[float], passage_embedding: bytes | Sequence[float]) -> float:
     """The teacher's score of one pair, bit-identical to the score the search gives the same two vectors."""
-    query = np.asarray(query_embedding, dtype=np.float32)
-    passage = np.asarray(passage_embedding, dtype=np.float32)
+    query = vector_array(query_embedding)
+    passage = vector_array(passage_embedding)
     if query.shape != passage.shape:
         raise ValueError(f"embedding dimensions differ: {query.shape[0]} vs {passage.shape[0]}")
     return float(exact_scores(query, passage))
@@ -118,17 +140,64 @@ PASSAGES_PER_AUTO_SHARD = 25_000
 MAX_AUTO_SHARDS = 16
 #: Queries per automatic query group: a worker holds one group's query vectors (100k x 768 float32: 300 MB).
 QUERIES_PER_AUTO_GROUP = 100_000
+#: The exact search's factory string.
+EXACT_INDEX = "Flat"
+
+
+class IndexSettings(NamedTuple):
+    """Which faiss index each shard searches: `factory` is a faiss index factory string ("Flat": exact), with the
+    search-time parameters of IVF (`nprobe`: lists searched) and HNSW (`ef_search`: candidate list size) indexes."""
+
+    factory: str = EXACT_INDEX
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.factory == EXACT_INDEX
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, as config errors (empty when they are usable)."""
+        problems = []
+        if not self.exact and not _factory_parses(self.factory):
+            problems.append(f"index {self.factory!r} is not a faiss index factory string (e.g. 'Flat', "
+                            "'IVF4096,Flat', 'HNSW32,Flat', 'IVF4096,PQ64')")
+        if self.nprobe is not None and (self.nprobe < 1 or "IVF" not in self.factory):
+            problems.append(f"nprobe applies to an IVF index with nprobe >= 1, got nprobe={self.nprobe} for index "
+                            f"{self.factory!r}")
+        if self.ef_search is not None and (self.ef_search < 1 or "HNSW" not in self.factory):
+            problems.append(f"ef_search applies to an HNSW index with ef_search >= 1, got ef_search={self.ef_search} "
+                            f"for index {self.factory!r}")
+        return problems
+
+
+#: The default: exact search.
+EXACT = IndexSettings()
+
+
+def _factory_parses(factory: str) -> bool:
+    """Whether faiss builds `factory` for some common embedding dimension. The real dimension is only known from the
+    vectors (a product quantizer's sub-vector count must divide it); this catches a misspelt string before the run
+    pays for its LLM calls, and the shard reports what the real dimension rejects."""
+    for dimension in (768, 1024, 384, 512, 256, 3072, 64):
+        try:
+            faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError:
+            continue
+        return True
+    return False
 
 
 def search_plan(passages: int, queries: int, shard_size: int | None = None,
-                query_groups: int | None = None) -> tuple[int, int]:
+                query_groups: int | None = None, approximate: bool = False) -> tuple[int, int]:
     """(shards, query groups) of a search over `passages` x `queries`: what the config says, else chosen from the
-    counts so that a corpus of 100k passages or more splits into several independent search units."""
+    counts so that a corpus of 100k passages or more splits into several independent search units (an exact search's;
+    an approximate index is built per shard, so its shards stay as large as allowed and only queries are split)."""
     if shard_size is not None:
         shards = num_shards_for(passages, shard_size)
     else:
         shards = num_shards_for(passages, MAX_SHARD_PASSAGES)
-        if passages >= PARALLEL_FROM_PASSAGES:
+        if passages >= PARALLEL_FROM_PASSAGES and not approximate:
             shards = max(shards, min(MAX_AUTO_SHARDS, passages // PASSAGES_PER_AUTO_SHARD))
     groups = query_groups if query_groups is not None else max(1, math.ceil(queries / QUERIES_PER_AUTO_GROUP))
     return shards, groups
@@ -148,14 +217,17 @@ def hit_order(hit: Hit) -> tuple[float, str]:
 
 
 class ShardIndex:
-    """One shard of the corpus: an exact inner-product faiss index, the passage ids (and texts, when the search hands
-    them out with its hits) by row, the largest vector norm."""
+    """One shard of the corpus: an exact inner-product faiss index (the store of its vectors), the passage ids (and
+    texts, when the search hands them out with its hits) by row, the largest vector norm; with approximate `settings`
+    also that index, built from the store at the first search."""
 
-    def __init__(self, dimension: int):
+    def __init__(self, dimension: int, settings: IndexSettings = EXACT):
         self.index = faiss.IndexFlatIP(dimension)
+        self.settings = settings
         self.passage_ids: list[str] = []
         self.texts: list[str] = []
         self.max_norm = 0.0
+        self._approximate: faiss.Index | None = None
 
     @property
     def dimension(self) -> int:
@@ -177,6 +249,7 @@ class ShardIndex:
         if not len(passage_ids):
             return
         self.index.add(vectors)
+        self._approximate = None
         self.passage_ids.extend(passage_ids)
         if texts is not None:
             self.texts.extend(texts)
@@ -189,21 +262,46 @@ class ShardIndex:
         stored = faiss.rev_swig_ptr(self.index.get_xb(), self.size * self.dimension)
         return stored.reshape(self.size, self.dimension)
 
+    def approximate_index(self) -> faiss.Index:
+        """The approximate index of `settings` over the shard's vectors: built, trained on them and tuned once."""
+        if self._approximate is None:
+            factory = self.settings.factory
+            vectors = self.vectors()
+            try:
+                index = faiss.index_factory(self.dimension, factory, faiss.METRIC_INNER_PRODUCT)
+                if not index.is_trained:
+                    index.train(vectors)
+                index.add(vectors)
+            except RuntimeError as error:
+                reason = str(error).strip().splitlines()[-1]
+                raise ValueError(f"mining index {factory!r} cannot be built over a shard of {self.size:,} passages of "
+                                 f"dimension {self.dimension} ({reason}): use fewer lists, another index, or 'Flat' "
+                                 "(exact)") from error
+            parameters = faiss.ParameterSpace()
+            if self.settings.nprobe is not None:
+                parameters.set_index_parameter(index, "nprobe", self.settings.nprobe)
+            if self.settings.ef_search is not None:
+                parameters.set_index_parameter(index, "efSearch", self.settings.ef_search)
+            self._approximate = index
+        return self._approximate
 
-def build_shard_index(passage_ids: Sequence[str], vectors: np.ndarray) -> ShardIndex:
+
+def build_shard_index(passage_ids: Sequence[str], vectors: np.ndarray,
+                      settings: IndexSettings = EXACT) -> ShardIndex:
     vectors = np.asarray(vectors, dtype=np.float32)
-    shard = ShardIndex(vectors.shape[1])
+    shard = ShardIndex(vectors.shape[1], settings)
     shard.add(passage_ids, vectors)
     return shard
 
 
 def search_shard_rows(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each query within one shard, as shard rows and exact scores, both (queries, min(k, size)),
-    hardest first, ties by passage_id.
+    """Top-k of each query within one shard, as shard rows and exact scores, both (queries, min(k, size)), hardest
+    first, ties by passage_id. Exact unless the shard's settings name an approximate index; there a query may get
+    fewer than k hits, and the rows it lacks are -1 (score -inf) at the end.
 
     faiss ranks in float32; the hits are then rescored exactly (`exact_scores`) and re-sorted. To be sure no passage
-    faiss left out belongs in the exact top-k, faiss fetches more than k and the result is accepted only when the k-th
-    exact score beats the last fetched faiss score by more than float32's error bound (d * eps * |q| * max|p|);
+    faiss left out belongs in the exact top-k, the exact search fetches more than k and accepts the result only when the
+    k-th exact score beats the last fetched faiss score by more than float32's error bound (d * eps * |q| * max|p|);
     otherwise that query is searched again with twice the fetch, up to the whole shard. Sorting is vectorized; only a
     query with two equal exact scores among its top k + 1 is re-sorted in Python, to break the tie by passage_id.
     """
@@ -213,33 +311,33 @@ def search_shard_rows(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> t
                          "queries and passages must come from the same teacher at the same dimension")
     size = shard.size
     keep = min(k, size)
-    found_rows = np.zeros((len(queries), keep), dtype=np.int64)
-    found_scores = np.zeros((len(queries), keep), dtype=np.float64)
+    found_rows = np.full((len(queries), keep), -1, dtype=np.int64)
+    found_scores = np.full((len(queries), keep), -np.inf, dtype=np.float64)
     if keep == 0 or len(queries) == 0:
         return found_rows, found_scores
     stored = shard.vectors()
+    fetch = min(size, k + _TIE_SLACK)
+    if not shard.settings.exact:
+        # One fetch, rescored: the approximate index's misses are its recall, not something a larger fetch settles.
+        _, fetched = shard.approximate_index().search(queries, fetch)
+        for start in range(0, len(queries), _RESCORE_BLOCK):
+            block = slice(start, start + _RESCORE_BLOCK)
+            found_rows[block], found_scores[block] = _rescored_top(shard, stored, queries[block], fetched[block], keep)
+        return found_rows, found_scores
     # Bound on |faiss float32 score - exact score|: d * u * |q| * |p| with u = eps / 2; eps doubles it for safety.
     tolerance = queries.shape[1] * float(np.finfo(np.float32).eps) * np.linalg.norm(queries, axis=1) * shard.max_norm
     pending = np.arange(len(queries))
-    fetch = min(size, k + _TIE_SLACK)
     while pending.size:
         faiss_scores, fetched = shard.index.search(queries[pending], fetch)
         unsettled: list[np.ndarray] = []
         for start in range(0, len(pending), _RESCORE_BLOCK):
             block = pending[start:start + _RESCORE_BLOCK]
-            block_rows = fetched[start:start + _RESCORE_BLOCK]
-            scores = exact_scores(queries[block][:, None, :], stored[block_rows])
-            order = np.argsort(-scores, axis=1, kind="stable")
-            head = np.take_along_axis(scores, order[:, :keep + 1], axis=1)
-            for tied in np.flatnonzero((head[:, 1:] == head[:, :-1]).any(axis=1)):
-                row_scores, rows = scores[tied], block_rows[tied]
-                order[tied] = sorted(range(fetch), key=lambda j: (-row_scores[j], shard.passage_ids[rows[j]]))
-            top = order[:, :keep]
-            top_scores = np.take_along_axis(scores, top, axis=1)
+            top_rows, top_scores = _rescored_top(shard, stored, queries[block], fetched[start:start + _RESCORE_BLOCK],
+                                                 keep)
             settled = top_scores[:, -1] > faiss_scores[start:start + _RESCORE_BLOCK, -1] + tolerance[block]
             if fetch >= size:
                 settled[:] = True
-            found_rows[block[settled]] = np.take_along_axis(block_rows[settled], top[settled], axis=1)
+            found_rows[block[settled]] = top_rows[settled]
             found_scores[block[settled]] = top_scores[settled]
             unsettled.append(block[~settled])
         pending = np.concatenate(unsettled)
@@ -247,12 +345,30 @@ def search_shard_rows(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> t
     return found_rows, found_scores
 
 
+def _rescored_top(shard: ShardIndex, stored: np.ndarray, queries: np.ndarray, fetched: np.ndarray,
+                  keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `keep` best of each query's fetched shard rows by exact score, ties by passage_id: (rows, scores). A
+    fetched row of -1 (faiss found no more) scores -inf and stays -1."""
+    found = fetched >= 0
+    scores = exact_scores(queries[:, None, :], stored[np.where(found, fetched, 0)])
+    scores[~found] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")
+    head = np.take_along_axis(scores, order[:, :keep + 1], axis=1)
+    ties = (head[:, 1:] == head[:, :-1]) & np.isfinite(head[:, 1:])
+    for tied in np.flatnonzero(ties.any(axis=1)):
+        row_scores, rows = scores[tied], fetched[tied]
+        order[tied] = sorted(range(len(rows)), key=lambda j: (-row_scores[j], rows[j] < 0,
+                                                               shard.passage_ids[rows[j]]))
+    top = order[:, :keep]
+    return np.take_along_axis(fetched, top, axis=1), np.take_along_axis(scores, top, axis=1)
+
+
 def search_shard(shard: ShardIndex, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
     """Exact top-k of each query within one shard, hardest first, ties by passage_id (see `search_shard_rows`)."""
     rows, scores = search_shard_rows(shard, query_vectors, k)
     ids = shard.passage_ids
     return [
-        [Hit(ids[row], score) for row, score in zip(query_rows, query_scores, strict=True)]
+        [Hit(ids[row], score) for row, score in zip(query_rows, query_scores, strict=True) if row >= 0]
         for query_rows, query_scores in zip(rows.tolist(), scores.tolist(), strict=True)
     ]
 
@@ -264,10 +380,6 @@ def merge_topk(hit_lists: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
 
 # --- Beam -------------------------------------------------------------------------------------------------------------
 
-def _as_vector_bytes(vector: bytes | Sequence[float] | np.ndarray) -> bytes:
-    return vector if isinstance(vector, bytes) else pack_vector(vector)
-
-
 def _vector_block(item_ids: Sequence[str], vectors: Sequence[bytes | Sequence[float] | np.ndarray], kind: str) -> bytes:
     """A block's vectors as float32 bytes, row after row (converted together: one numpy call for the block)."""
     try:
@@ -278,7 +390,7 @@ def _vector_block(item_ids: Sequence[str], vectors: Sequence[bytes | Sequence[fl
     except ValueError:  # ragged: at least two dimensions
         matrix = None
     if matrix is None or matrix.ndim != 2:
-        dimensions = [len(_as_vector_bytes(vector)) // 4 for vector in vectors]
+        dimensions = [vector_dimension(vector) for vector in vectors]
         other = next(index for index, dimension in enumerate(dimensions) if dimension != dimensions[0])
         raise ValueError(f"{kind} {item_ids[other]!r} has dimension {dimensions[other]}, {kind} {item_ids[0]!r} "
                          f"{dimensions[0]}: embed queries and passages with the same teacher and dimension")
@@ -371,8 +483,9 @@ class _SearchShardFn(beam.DoFn):
     """
 
     def __init__(self, k: int, query_batch_size: int, faiss_threads: int | None, keep_embeddings: bool = False,
-                 stage: str = "search"):
+                 stage: str = "search", index: IndexSettings = EXACT):
         self._k = k
+        self._index = index
         self._query_batch_size = query_batch_size
         self._faiss_threads = faiss_threads
         self._keep_embeddings = keep_embeddings
@@ -394,7 +507,7 @@ class _SearchShardFn(beam.DoFn):
             _, passage_ids, texts, blob = block
             vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(passage_ids), -1)
             if shard is None:
-                shard = ShardIndex(vectors.shape[1])
+                shard = ShardIndex(vectors.shape[1], self._index)
             shard.add(passage_ids, vectors, texts)
         if shard is None or not query_blocks:
             return
@@ -414,7 +527,7 @@ class _SearchShardFn(beam.DoFn):
                     hits = [
                         (shard.passage_ids[row], texts[row] if texts else None, score,
                          stored[row].tobytes() if self._keep_embeddings else None)
-                        for row, score in zip(query_rows, query_scores, strict=True)
+                        for row, score in zip(query_rows, query_scores, strict=True) if row >= 0
                     ]
                     positive_row = positive_rows.get(lookups[start + offset])
                     positive = None if positive_row is None else stored[positive_row].tobytes()
@@ -474,13 +587,16 @@ class SearchShards(beam.PTransform):
     Gathers passages and queries into blocks, counts the corpus for `num_shards`, routes the blocks' rows to their
     (shard, query group) pairs, pairs every shard with every query group in one GroupByKey, and searches each pair.
     Merging the per-shard results is left to the caller, so MineNegatives can do it in the join with its query rows.
-    `stage` names the Beam metrics namespace of the searches (`embforge.<stage>`, counter `shard_searches`).
+    `stage` names the Beam metrics namespace of the searches (`embforge.<stage>`, counter `shard_searches`); `index`
+    the faiss index each shard searches (exact by default).
     """
 
     def __init__(self, k: int, shard_size: int | None, query_groups: int | None, query_batch_size: int,
-                 faiss_threads: int | None, *, keep_embeddings: bool = False, stage: str = "search"):
+                 faiss_threads: int | None, *, keep_embeddings: bool = False, stage: str = "search",
+                 index: IndexSettings = EXACT):
         super().__init__()
         self._stage = stage
+        self._index = index
         self._k = k
         self._shard_size = shard_size
         self._query_groups = query_groups
@@ -497,8 +613,9 @@ class SearchShards(beam.PTransform):
             passage_blocks
             | "BlockSizes" >> beam.Map(_block_size)
             | "CountPassages" >> beam.CombineGlobally(sum)
-            | "Plan" >> beam.Map(lambda passages, queries, shard_size, groups: search_plan(
-                passages, queries, shard_size, groups), query_count, self._shard_size, self._query_groups)
+            | "Plan" >> beam.Map(lambda passages, queries, shard_size, groups, approximate: search_plan(
+                passages, queries, shard_size, groups, approximate), query_count, self._shard_size,
+                self._query_groups, not self._index.exact)
         )
         routed_passages = passage_blocks | "RoutePassages" >> beam.FlatMap(_route_passages, plan)
         routed_queries = query_blocks | "RouteQueries" >> beam.FlatMap(_route_queries, plan)
@@ -507,7 +624,7 @@ class SearchShards(beam.PTransform):
             | "UnionForSearch" >> beam.Flatten()
             | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
             | "SearchShards" >> beam.ParDo(_SearchShardFn(
-                self._k, self._query_batch_size, self._faiss_threads, self._keep_embeddings, self._stage))
+                self._k, self._query_batch_size, self._faiss_threads, self._keep_embeddings, self._stage, self._index))
         )
 
 

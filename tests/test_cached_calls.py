@@ -17,6 +17,7 @@ from pipelines.clients.base import Embedder, TaskType
 from pipelines.clients.specs import EmbedderSpec, LLMSpec
 from pipelines.llm_calls import LLMCallHandler
 from pipelines.model_access import ModelIdentity
+from pipelines.sharded_search import unpack_vector
 from pipelines.stages.embed_teacher import EmbedTeacherConfig, TeacherCallHandler
 from pipelines.stages.generate_queries import GenerateQueriesConfig, build_requests
 from tests.dofn_lifecycle import run_dofn
@@ -74,7 +75,7 @@ def test_teacher_lifecycle_embeds_caches_and_rejects_a_failed_batch_uncached(tmp
     handler = TeacherCallHandler("embed", TEACHER, IDENTITY, config)
     batch = [(handler.key(item), [item]) for item in items]
     outputs = run_dofn(_CallMissesFn(handler, str(tmp_path)), [batch], None)
-    vectors = {output["id"]: output["embedding"] for output in outputs.main}
+    vectors = {output["id"]: unpack_vector(output["embedding"]) for output in outputs.main}
     expected = keyword_embedder().embed(["parse json"], TaskType.RETRIEVAL_QUERY)[0]
     assert sorted(vectors) == ["a", "b"] and vectors["a"] == pytest.approx(list(expected))
     assert len(outputs.tagged["sent"]) == 2

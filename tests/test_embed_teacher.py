@@ -12,6 +12,7 @@ from pipelines.clients.base import TaskType
 from pipelines.clients.factory import embedder_identity
 from pipelines.clients.specs import EmbedderSpec
 from pipelines.model_access import ModelAccess
+from pipelines.sharded_search import unpack_vector
 from pipelines.stages.embed_teacher import (
     STAGE,
     EmbedTeacher,
@@ -33,8 +34,9 @@ ITEMS = [
 ]
 
 
-def _rounded(vector) -> tuple[float, ...]:
-    return tuple(round(float(x), 5) for x in vector)
+def _rounded(vector: bytes) -> tuple[float, ...]:
+    """A kept item's vector (float32 bytes) as rounded floats."""
+    return tuple(round(float(x), 5) for x in unpack_vector(vector))
 
 
 def _run(cache_dir, dimension=None):
@@ -134,7 +136,8 @@ def test_teacher_dofn_embeds_each_key_once_per_task_type_refuses_what_the_budget
     expected = keyword_embedder().embed(["parse json text"], TaskType.RETRIEVAL_QUERY)[0]
     assert [(row["id"], row["task_type"]) for row in outputs.main] == [
         ("q1", "RETRIEVAL_QUERY"), ("q2", "RETRIEVAL_QUERY"), ("p1", "RETRIEVAL_DOCUMENT")]
-    assert outputs.main[0]["embedding"] == outputs.main[1]["embedding"] == pytest.approx(list(expected))
+    assert outputs.main[0]["embedding"] == outputs.main[1]["embedding"]
+    assert unpack_vector(outputs.main[0]["embedding"]) == pytest.approx(list(expected))
     [refused] = outputs.tagged["rejected"]
     assert (refused["record_id"], refused["reason"]) == ("p2", "skipped_by_budget")
     assert "max_cost_usd=0" in refused["detail"]

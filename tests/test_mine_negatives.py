@@ -71,6 +71,8 @@ def _config(**overrides: Any) -> MineNegativesConfig:
         ({"min_negatives": 8}, "min_negatives must be in 0..num_negatives"),
         ({"query_likelihood": True}, "set llm_scoring=True"),
         ({"llm_scoring": True, "llm_candidates": 3}, "llm_candidates must be in num_negatives..k-1 = 7..31"),
+        ({"index": "IVF16,Flta"}, "index 'IVF16,Flta' is not a faiss index factory string"),
+        ({"nprobe": 4}, "nprobe applies to an IVF index"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(overrides: dict[str, Any], message: str) -> None:
@@ -434,11 +436,23 @@ def test_sharded_search_gives_the_same_triplets_as_unsharded_and_accounts_for_ev
     configs = {
         "Unsharded": _config(**base, shard_size=10_000),
         "Sharded": _config(**base, shard_size=37, query_groups=3),  # 55 shards x 3 query groups
+        # An approximate index that probes every list misses nothing: the config reaches each shard's search.
+        "ApproximateExhaustive": _config(**base, index="IVF16,Flat", nprobe=16),
     }
-    # Both runs must equal the one reference, so the sharded triplets equal the unsharded ones, scores included.
+    # Every run must equal the one reference, so the sharded triplets equal the unsharded ones, scores included.
     for totals in _run_mining(all_queries, passages, configs, None, expected, expected_rejected).values():
         assert totals["dropped.teacher_threshold"] >= 1 and totals["dropped.duplicate_text"] >= 1
         assert totals["dropped.positive"] >= len(queries) - 1
+
+
+def test_the_configured_index_is_what_each_shard_builds() -> None:
+    queries, passages = _random_corpus()
+    # More lists than passages: only a shard that really builds the configured index fails, and says why.
+    with pytest.raises(Exception, match="mining index 'IVF4096,Flat' cannot be built over a shard of 2,000 passages"):
+        with TestPipeline() as pipeline:
+            inputs = {"queries": pipeline | "Queries" >> beam.Create(queries[:3]),
+                      "passages": pipeline | "Passages" >> beam.Create(passages)}
+            _ = inputs | _MineEmbedded(_config(k=16, num_negatives=5, index="IVF4096,Flat"), None)
 
 
 def _axis_vector(dim: int, query_axis: int, own_axis: int, cosine: float) -> list[float]:

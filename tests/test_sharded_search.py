@@ -14,6 +14,7 @@ from apache_beam.transforms.window import GlobalWindow
 
 from pipelines.sharded_search import (
     Hit,
+    IndexSettings,
     ShardedTopK,
     _BlockFn,
     _route_passages,
@@ -232,3 +233,58 @@ def test_sharded_and_unsharded_searches_give_the_same_top_k() -> None:
 def test_the_search_plan_spreads_large_corpora_and_keeps_what_the_config_says(passages, queries, shard_size,
                                                                               query_groups, plan) -> None:
     assert search_plan(passages, queries, shard_size, query_groups) == plan
+
+
+def test_an_approximate_index_plans_its_shards_as_large_as_allowed() -> None:
+    assert search_plan(1_000_000, 10_000, approximate=True) == (1, 1)
+    assert search_plan(2_500_000, 250_000, approximate=True) == (3, 3)
+
+
+# --- approximate search -----------------------------------------------------------------------------------------------
+
+
+def _clustered(rng: np.random.Generator, rows: int, dim: int, clusters: int) -> np.ndarray:
+    centers = normalized_vectors(rng, clusters, dim)
+    vectors = centers[rng.integers(0, clusters, size=rows)] + 0.3 * rng.standard_normal((rows, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("settings", [IndexSettings("IVF16,Flat", nprobe=16), IndexSettings("HNSW32,Flat",
+                                                                                            ef_search=512)])
+def test_an_approximate_index_searched_exhaustively_finds_the_exact_top_k(settings) -> None:
+    rng = np.random.default_rng(6)
+    vectors, queries = _clustered(rng, 1500, 24, 16), _clustered(rng, 30, 24, 16)
+    ids = [f"p{index:04d}" for index in range(1500)]
+    # Every list probed / a candidate list as large as the shard: nothing is missed, so the results are the exact ones
+    # (scores and tie order included), which checks the approximate path's rescoring and ordering.
+    assert search_shard(build_shard_index(ids, vectors, settings), queries, 10) == search_shard(
+        build_shard_index(ids, vectors), queries, 10)
+
+
+def test_an_approximate_index_misses_some_neighbours_and_scores_what_it_finds_exactly() -> None:
+    rng = np.random.default_rng(7)
+    vectors, queries = _clustered(rng, 2000, 24, 32), _clustered(rng, 50, 24, 32)
+    ids = [f"p{index:04d}" for index in range(2000)]
+    exact = search_shard(build_shard_index(ids, vectors), queries, 40)
+    # One probed list of 64: a query near a list boundary misses neighbours, and a list may hold fewer than k passages.
+    approximate = search_shard(build_shard_index(ids, vectors, IndexSettings("IVF64,Flat", nprobe=1)), queries, 40)
+    found = sum(len({hit.passage_id for hit in a} & {hit.passage_id for hit in e})
+                for a, e in zip(approximate, exact, strict=True))
+    assert 0 < found < 40 * len(queries)
+    assert any(len(hits) < 40 for hits in approximate)
+    for query, hits in zip(queries, approximate, strict=True):
+        assert hits == sorted(hits, key=lambda hit: (-hit.score, hit.passage_id))
+        for hit in hits:
+            assert hit.score == exact_scores(query, vectors[ids.index(hit.passage_id)])
+
+
+def test_index_settings_are_checked_before_the_run_and_against_the_shard() -> None:
+    assert IndexSettings().problems() == [] and IndexSettings("IVF64,Flat", nprobe=8).problems() == []
+    assert "not a faiss index factory string" in IndexSettings("IVF64,Flta").problems()[0]
+    assert "nprobe applies to an IVF index" in IndexSettings("HNSW32,Flat", nprobe=8).problems()[0]
+    assert "ef_search applies to an HNSW index" in IndexSettings("Flat", ef_search=8).problems()[0]
+    rng = np.random.default_rng(8)
+    shard = build_shard_index([str(index) for index in range(50)], normalized_vectors(rng, 50, 8),
+                              IndexSettings("IVF4096,Flat"))
+    with pytest.raises(ValueError, match="mining index 'IVF4096,Flat' cannot be built over a shard of 50 passages"):
+        search_shard(shard, normalized_vectors(rng, 1, 8), 5)

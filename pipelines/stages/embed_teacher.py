@@ -2,8 +2,10 @@
 
 Input: PCollection of text items `{"id": str, "text": str, "task_type": TaskType value}` (queries as RETRIEVAL_QUERY,
 passages as RETRIEVAL_DOCUMENT; `RetrievalTexts` makes them). Output: `{"kept": {"id", "task_type", "embedding":
-list[float]}, "rejected": ..., "tallies": ...}`, exactly one kept or rejected row per input item; a stage that reads
-the vectors picks its task type's with `TeacherVectors`. Rejects: `embedding_failed` (the backend failed after its
+float32 bytes (`pipelines.sharded_search.pack_vector`)}, "rejected": ..., "tallies": ...}`, exactly one kept or rejected
+row per input item; a stage that reads the vectors picks its task type's with `TeacherVectors`. Vectors stay float32
+bytes from the embedder's array or the cache's Arrow column to the search: a million 768-d vectors as Python float lists
+would be 768M float objects. Rejects: `embedding_failed` (the backend failed after its
 retries; never cached), `skipped_by_budget` (the run's `--max-cost` left the text unembedded; a later run with a larger
 budget embeds it).
 
@@ -38,6 +40,7 @@ from pipelines.clients.factory import build_batch_client, build_embedder
 from pipelines.clients.specs import CallMode, EmbedderSpec
 from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.pricing import estimated_cost_micro_usd, is_priced
+from pipelines.sharded_search import pack_vector
 from pipelines.stages import rejected_row
 
 STAGE = "embed_teacher"
@@ -257,7 +260,7 @@ class TeacherCallHandler(CallHandler):
         progress.advance("teacher embeddings", len(groups))
         for (key, items), vector in zip(groups, vectors, strict=True):
             cache.add(cache_entry(key, *self.identity, task_type, items[0]["text"], vector))
-            embedding = [float(x) for x in vector]
+            embedding = pack_vector(vector)
             for item in items:
                 yield {"id": item["id"], "task_type": task_type, "embedding": embedding}
 
@@ -311,8 +314,12 @@ class RetrievalTexts(beam.PTransform):
 
 
 class TeacherVectors(beam.PTransform):
-    """EmbedTeacher's kept items -> (id, embedding) of those embedded as `task_type`: how a stage picks the vectors it
-    reads (the queries', or the passages') out of all the run's teacher vectors."""
+    """EmbedTeacher's kept items -> (id, embedding as float32 bytes, `pack_vector`) of those embedded as `task_type`:
+    how a stage picks the vectors it reads (the queries', or the passages') out of all the run's teacher vectors.
+
+    Packed right where they are picked, fused with EmbedTeacher's output: from here through the joins and the search a
+    vector is 4 bytes a component, not a list of Python floats (about 12 kB per 384-d vector in memory, 3.5 kB coded).
+    """
 
     def __init__(self, task_type: TaskType):
         super().__init__()
@@ -323,5 +330,5 @@ class TeacherVectors(beam.PTransform):
         return (
             vectors
             | "OfTaskType" >> beam.Filter(lambda item: item["task_type"] == task_type)
-            | "ById" >> beam.Map(lambda item: (item["id"], item["embedding"]))
+            | "ById" >> beam.Map(lambda item: (item["id"], pack_vector(item["embedding"])))
         )

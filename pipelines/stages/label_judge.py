@@ -52,6 +52,7 @@ from pipelines.budget import BUDGET_REASON
 from pipelines.clients.base import GenerationConfig, TaskType
 from pipelines.llm_calls import CallLLM, LLMAnswer, LLMRequest, failure_reason
 from pipelines.model_access import ModelAccess
+from pipelines.sharded_search import vector_array
 from pipelines.stages import rejected_row
 from pipelines.stages.embed_teacher import EmbedTeacher, EmbedTeacherConfig
 from pipelines.stages.task_spec import TaskSpec, TaskSpecError
@@ -109,8 +110,8 @@ def label_prototypes(
     for label in labels:
         parts = []
         if label in description_vectors:
-            parts.append(_unit(np.asarray(description_vectors[label], dtype=np.float64)))
-        seeds = [_unit(np.asarray(vector, dtype=np.float64))
+            parts.append(_unit(vector_array(description_vectors[label]).astype(np.float64)))
+        seeds = [_unit(vector_array(vector).astype(np.float64))
                  for seed_id, vector in seed_vectors.get(label, ()) if seed_id != exclude_seed]
         if seeds:
             parts.append(_unit(np.mean(seeds, axis=0)))
@@ -121,7 +122,7 @@ def label_prototypes(
 
 def teacher_scores(vector: Sequence[float], prototypes: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Label -> cosine similarity of `vector` to the label's prototype."""
-    unit = _unit(np.asarray(vector, dtype=np.float64))
+    unit = _unit(vector_array(vector).astype(np.float64))
     return {label: float(unit @ prototype) for label, prototype in prototypes.items()}
 
 

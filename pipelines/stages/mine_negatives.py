@@ -8,7 +8,8 @@ with its query's vector and each passage with its vector; a pair whose query has
 
 Inside, the mining works on `queries` and `passages` (`_MineEmbedded`):
 
-- `queries`: GRADED_PAIR rows, each extended with `query_embedding` (teacher vector, `list[float]`, L2-normalized) and
+- `queries`: GRADED_PAIR rows, each extended with `query_embedding` (teacher vector, L2-normalized: `pack_vector`
+  float32 bytes as `TeacherVectors` hands them out, or a list of floats) and
   optionally `positive_embedding` (absent or null: looked up from `passages` by the positive's passage_id). Fields
   read: `pair_id` (must be unique), `query_id`, `query`, `task`, `passage_id` and `passage` (the positive), plus the
   embeddings.
@@ -29,7 +30,8 @@ would make up most of rejected/.
 The steps, per query:
 
 1. Exact top-k inner-product search (faiss `IndexFlatIP`) over the corpus, sharded (pipelines/sharded_search.py: exact,
-   so a missed neighbour never makes a silently easier negative, and sharded and unsharded runs agree).
+   so a missed neighbour never makes a silently easier negative, and sharded and unsharded runs agree). `index` can
+   name an approximate faiss index instead, for corpora where exact search costs too much.
 2. The positive is dropped, and so is any candidate whose words equal the positive's (`text_matching.normalize`): a
    duplicate in the corpus is a false negative too.
 3. Positive-aware threshold (NV-Retriever TopK-PercPos): candidates scoring above `max_negative_score_ratio` times the
@@ -63,11 +65,14 @@ from pipelines.llm_calls import CallLLM, LLMAnswer
 from pipelines.model_access import ModelAccess, ModelIdentity
 from pipelines.sharded_search import (
     DEFAULT_QUERY_BATCH_SIZE,
+    EXACT_INDEX,
+    IndexSettings,
     SearchShards,
     merge_shard_hits,
     pack_vector,
     teacher_score,
     unpack_vector,
+    vector_dimension,
 )
 from pipelines.stages import rejected_row
 from pipelines.stages.candidate_scoring import (
@@ -116,6 +121,15 @@ class MineNegativesConfig:
     query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE
     #: faiss OpenMP threads per worker process; None keeps faiss's default (all cores).
     faiss_threads: int | None = None
+    #: The index each shard searches: "Flat" is exact (the default: a missed neighbour is a silently easier negative,
+    #: and exact results do not depend on the sharding); any other faiss index factory string ("IVF4096,Flat",
+    #: "HNSW32,Flat", "IVF4096,PQ64") searches approximately, then rescores what it found exactly. Recall measured in
+    #: benchmarks/ann_recall.py.
+    index: str = EXACT_INDEX
+    #: IVF lists searched per query (faiss `nprobe`; faiss's default is 1): more is slower and finds more.
+    nprobe: int | None = None
+    #: HNSW candidate list size at search time (faiss `efSearch`; faiss's default is 16).
+    ef_search: int | None = None
     #: Write teacher embeddings into triplets (for embedding-matching distillation); False writes nulls.
     keep_embeddings: bool = True
     #: LLM scoring of candidates (Gecko). Off by default: it costs (llm_candidates + 1) calls per query per signal and
@@ -155,6 +169,7 @@ class MineNegativesConfig:
                 problems.append(f"{name} must be >= 1, got {value}")
         if self.faiss_threads is not None and self.faiss_threads < 1:
             problems.append(f"faiss_threads must be None or >= 1, got {self.faiss_threads}")
+        problems += self.index_settings.problems()
         if self.query_likelihood and not self.llm_scoring:
             problems.append("query_likelihood is part of LLM scoring: set llm_scoring=True too")
         if self.llm_scoring and not self.num_negatives <= self.llm_candidates <= self.k - 1:
@@ -171,6 +186,10 @@ class MineNegativesConfig:
             problems.append(f"min_positive_grade must be in 0..3, got {self.min_positive_grade}")
         if problems:
             raise ValueError("MineNegativesConfig: " + "; ".join(problems))
+
+    @property
+    def index_settings(self) -> IndexSettings:
+        return IndexSettings(self.index, self.nprobe, self.ef_search)
 
 
 # --- Candidate selection ----------------------------------------------------------------------------------------------
@@ -464,9 +483,10 @@ class _KeyQueriesFn(_OutcomeFn):
             return
         pair_id = row["pair_id"]
         positive = row.get("positive_embedding")
-        if positive is not None and len(positive) != len(row["query_embedding"]):
-            detail = (f"query_embedding has {len(row['query_embedding'])} dimensions, positive_embedding "
-                      f"{len(positive)}: both must come from the same teacher at the same dimension")
+        dimension = vector_dimension(row["query_embedding"])
+        if positive is not None and vector_dimension(positive) != dimension:
+            detail = (f"query_embedding has {dimension} dimensions, positive_embedding "
+                      f"{vector_dimension(positive)}: both must come from the same teacher at the same dimension")
             yield self._reject(row, "embedding_mismatch", detail)
             return
         query_vector = pack_vector(row["query_embedding"])
@@ -569,7 +589,7 @@ class _MineEmbedded(beam.PTransform):
             "passages": passages | "PassageItems" >> beam.Map(_passage_search_item),
         } | "Search" >> SearchShards(
             config.k, config.shard_size, config.query_groups, config.query_batch_size, config.faiss_threads,
-            keep_embeddings=config.keep_embeddings, stage=STAGE,
+            keep_embeddings=config.keep_embeddings, stage=STAGE, index=config.index_settings,
         )
         selected = (
             {"query": keyed["rows"], "results": shard_results}
