@@ -14,7 +14,8 @@ per index: recall@10 and recall@k of the top-k against the exact top-k, the shar
 approximate mining chose too, the share of queries with the same negatives in the same order, index build time and
 search time for all queries (one thread each, so the times compare; the exact search is `IndexFlatIP`).
 
-The vectors are kept in the work dir (`--work-dir`), so a second run skips the embedding (about 10 minutes on 2 cores).
+The vectors are kept in the work dir (`--work-dir`), so a second run skips the embedding (about 10 minutes on 2 cores
+at the default 128-token window, `--max-tokens`).
 
     python benchmarks/ann_recall.py                       # data: $EMBFORGE_SHARED_DATA or ../shared/data
     python benchmarks/ann_recall.py --pairs RUN/pairs     # queries of another generate run
@@ -51,17 +52,17 @@ INDEXES: list[tuple[str, int | None, int | None]] = [
 ]
 
 
-def _embedded(work_dir: Path, name: str, texts: list[str], task_type: Any) -> np.ndarray:
+def _embedded(work_dir: Path, name: str, texts: list[str], task_type: Any, max_tokens: int) -> np.ndarray:
     """`texts` embedded by the offline teacher, kept in `work_dir/<name>.npy`: a rerun with the same texts (by digest)
     reuses them."""
     from pipelines.clients.factory import build_embedder
     from pipelines.clients.specs import EmbedderSpec
 
     path, digest_path = work_dir / f"{name}.npy", work_dir / f"{name}.sha256"
-    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    digest = hashlib.sha256("\0".join([str(max_tokens), *texts]).encode()).hexdigest()
     if path.exists() and digest_path.exists() and digest_path.read_text() == digest:
         return np.load(path)
-    embedder = build_embedder(EmbedderSpec(backend="local"))
+    embedder = build_embedder(EmbedderSpec(backend="local", max_seq_length=max_tokens))
     blocks, started = [], time.perf_counter()
     for start in range(0, len(texts), 256):
         blocks.append(np.asarray(embedder.embed(texts[start:start + 256], task_type), dtype=np.float32))
@@ -114,6 +115,10 @@ def main() -> None:
                         help="pairs/ of an `embforge generate` run over SciFact's corpus: the queries")
     parser.add_argument("--work-dir", default="/tmp/ann_recall", help="keeps the embedded vectors between runs")
     parser.add_argument("--k", type=int, default=32, help="hits per query (the mining stage's default k)")
+    parser.add_argument("--max-tokens", type=int, default=128,
+                        help="the teacher's window: 128 embeds the corpus in ~10 min on 2 cores (384, the model's own, "
+                             "takes an hour); the index's recall depends on the vectors' geometry, which a shorter "
+                             "window keeps real")
     args = parser.parse_args()
 
     import faiss
@@ -133,8 +138,10 @@ def main() -> None:
     queries = _queries(args.pairs)
     print(f"{len(passages):,} passages, {len(queries):,} generated queries from {args.pairs}; load average before "
           f"{', '.join(f'{x:.2f}' for x in load_before)}")
-    passage_vectors = _embedded(work_dir, "passages", [p["text"] for p in passages], TaskType.RETRIEVAL_DOCUMENT)
-    query_vectors = _embedded(work_dir, "queries", [q["query"] for q in queries], TaskType.RETRIEVAL_QUERY)
+    passage_vectors = _embedded(work_dir, "passages", [p["text"] for p in passages], TaskType.RETRIEVAL_DOCUMENT,
+                                args.max_tokens)
+    query_vectors = _embedded(work_dir, "queries", [q["query"] for q in queries], TaskType.RETRIEVAL_QUERY,
+                              args.max_tokens)
     ids = [p["passage_id"] for p in passages]
     by_id = {p["passage_id"]: p for p in passages}
     vectors_by_id = dict(zip(ids, passage_vectors, strict=True))
@@ -177,7 +184,8 @@ def main() -> None:
         "passages": len(passages), "queries": len(queries), "dimension": int(passage_vectors.shape[1]),
         "indexes": figures, "load_average_before": list(load_before),
     }, {"data": data, "pairs": args.pairs, "k": args.k, "teacher": "packaged:all-mpnet-base-v2",
-        "negatives": 7, "max_negative_score_ratio": 0.95, "faiss_threads": 1}, started)
+        "max_tokens": args.max_tokens, "negatives": 7, "max_negative_score_ratio": 0.95, "faiss_threads": 1},
+        started)
     print(f"wrote {path}; load average after {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

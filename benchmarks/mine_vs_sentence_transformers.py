@@ -12,24 +12,31 @@ Settings are matched: k = 32 hits (ST: range_max 31 + 1 positive), 7 negatives, 
 threshold 0.95 x positive score (ST: relative_margin 0.05), exact inner-product search with faiss on both sides.
 
 Three rows per size:
-- `embforge (Beam)`: the MineNegatives PTransform on the DirectRunner, unsharded, from pipeline construction to the
-  last output row: what a laptop run pays, Beam's per-element overhead included.
+- `embforge (Beam)`: the MineNegatives PTransform on the DirectRunner, sharded by its automatic plan (or
+  `--shard-size`), from pipeline construction to the last output row: what a laptop run pays, Beam's per-element
+  overhead included. Its inputs are what a run hands it: PASSAGE and GRADED_PAIR rows without vectors, and the
+  teacher's vectors apart, as float32 bytes read from Arrow row groups (EmbedTeacher's output form).
 - `embforge (core)`: the same pure functions without Beam (`search_shard`, `select_candidates`, `mine_without_llm`):
   the algorithm's own cost.
 - `sentence-transformers`: `mine_hard_negatives(..., use_faiss=True, output_format="n-tuple")`.
 
-    python benchmarks/mine_vs_sentence_transformers.py --passages 10000 100000
+    python benchmarks/mine_vs_sentence_transformers.py --passages 100000 1000000 --queries 10000
+
+Figures go to `benchmarks/results/mining.json` (`--results-name`). A tool that fails (out of memory, say) is recorded
+with its last error line, not raised.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,62 +100,73 @@ def start_measuring() -> float:
     return time.perf_counter()
 
 
-def run_beam(corpus: np.ndarray, queries: np.ndarray, positives: np.ndarray) -> tuple[dict[int, list[int]], float]:
-    import apache_beam as beam
+def _vector_items(table: Any) -> Iterator[dict[str, Any]]:
+    """A row group of the vectors file as EmbedTeacher hands its vectors out: float32 bytes, sliced from the Arrow
+    column's flat values (no Python float per component)."""
+    import numpy as np
+
+    ids, task_types = table.column("id").to_pylist(), table.column("task_type").to_pylist()
+    flat = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+    vectors = np.asarray(flat, dtype=np.float32).reshape(len(ids), -1)
+    for item_id, task_type, vector in zip(ids, task_types, vectors, strict=True):
+        yield {"id": item_id, "task_type": task_type, "embedding": vector.tobytes()}
+
+
+def write_beam_inputs(folder: str, corpus: np.ndarray, queries: np.ndarray, positives: np.ndarray) -> None:
+    """The stage's three inputs as a run hands them over: PASSAGE rows and GRADED_PAIR rows without vectors, and the
+    teacher's vectors apart (EmbedTeacher's output; the stage joins them back). As Parquet, which the pipeline reads
+    (beam.Create of 100k vectors spends minutes inferring types and compressing the pickled rows into the pipeline
+    proto); the vectors are read as Arrow row groups of PARQUET_ROW_GROUP rows and sliced into float32 bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({
+        "passage_id": [str(i) for i in range(len(corpus))],
+        "text": [passage_text(i) for i in range(len(corpus))],
+    }), f"{folder}/passages.parquet", row_group_size=PARQUET_ROW_GROUP)
+    pq.write_table(pa.table({
+        "pair_id": [str(q) for q in range(len(queries))],
+        "query_id": [str(q) for q in range(len(queries))],
+        "query": [query_text(q) for q in range(len(queries))],
+        "task": ["t"] * len(queries),
+        "passage_id": [str(p) for p in positives],
+        "passage": [passage_text(p) for p in positives],
+    }), f"{folder}/queries.parquet", row_group_size=PARQUET_ROW_GROUP)
+    pq.write_table(pa.table({
+        "id": [str(i) for i in range(len(corpus))] + [str(q) for q in range(len(queries))],
+        "task_type": ["RETRIEVAL_DOCUMENT"] * len(corpus) + ["RETRIEVAL_QUERY"] * len(queries),
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.concatenate([corpus, queries]).reshape(-1)), corpus.shape[1]).cast(pa.list_(pa.float32())),
+    }), f"{folder}/vectors.parquet", row_group_size=PARQUET_ROW_GROUP)
+
+
+def run_beam(folder: str, shard_size: int | None) -> tuple[dict[int, list[int]], float]:
+    """MineNegatives over the inputs in `folder` (`write_beam_inputs`): the negatives it chose and its seconds."""
+    import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.stages.mine_negatives import MineNegatives, MineNegativesConfig
 
     config = MineNegativesConfig(
         teacher_model=TEACHER, k=K, num_negatives=NUM_NEGATIVES, max_negative_score_ratio=RATIO,
-        shard_size=len(corpus), keep_embeddings=False,
+        shard_size=shard_size, keep_embeddings=False,
     )
-    vectors = pa.list_(pa.float32())
-    with tempfile.TemporaryDirectory() as folder:
-        # Fed from Parquet, as EmbedTeacher's output would be (beam.Create of 100k vectors spends minutes inferring
-        # types and compressing the pickled rows into the pipeline proto). In row groups of PARQUET_ROW_GROUP rows:
-        # ReadFromParquet turns a whole row group into Python dicts at once, so one 100k-row group alone costs 1.7 GB
-        # of float objects, a cost of this input file, not of mining.
-        pq.write_table(pa.table({
-            "passage_id": [str(i) for i in range(len(corpus))],
-            "text": [passage_text(i) for i in range(len(corpus))],
-            "embedding": pa.array(list(corpus), type=vectors),
-        }), f"{folder}/passages.parquet", row_group_size=PARQUET_ROW_GROUP)
-        pq.write_table(pa.table({
-            "pair_id": [str(q) for q in range(len(queries))],
-            "query_id": [str(q) for q in range(len(queries))],
-            "query": [query_text(q) for q in range(len(queries))],
-            "task": ["t"] * len(queries),
-            "passage_id": [str(p) for p in positives],
-            "passage": [passage_text(p) for p in positives],
-            "query_embedding": pa.array(list(queries), type=vectors),
-            "positive_embedding": pa.array(list(corpus[positives]), type=vectors),
-        }), f"{folder}/queries.parquet", row_group_size=PARQUET_ROW_GROUP)
-        start = start_measuring()
-        with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as pipeline:
-            pairs = pipeline | "Queries" >> beam.io.ReadFromParquet(f"{folder}/queries.parquet")
-            passages = pipeline | "Passages" >> beam.io.ReadFromParquet(f"{folder}/passages.parquet")
-            # The teacher vectors as EmbedTeacher hands them out; the stage joins them back onto pairs and passages.
-            vectors = (
-                pairs | "QueryVectors" >> beam.Map(
-                    lambda row: {"id": row["pair_id"], "task_type": "RETRIEVAL_QUERY",
-                                 "embedding": row["query_embedding"]}),
-                passages | "PassageVectors" >> beam.Map(
-                    lambda row: {"id": row["passage_id"], "task_type": "RETRIEVAL_DOCUMENT",
-                                 "embedding": row["embedding"]}),
-            ) | "Vectors" >> beam.Flatten()
-            outputs = {"pairs": pairs, "passages": passages, "vectors": vectors} | MineNegatives(config)
-            (outputs["kept"]
-             | beam.Map(lambda t: json.dumps([t["triplet_id"], t["negative_ids"]]))
-             | beam.io.WriteToText(f"{folder}/kept"))
-        seconds = time.perf_counter() - start
-        chosen = {}
-        for path in Path(folder).glob("kept*"):
-            for line in path.read_text().splitlines():
-                query, negatives = json.loads(line)
-                chosen[int(query)] = [int(n) for n in negatives]
+    start = start_measuring()
+    with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as pipeline:
+        pairs = pipeline | "Queries" >> beam.io.ReadFromParquet(f"{folder}/queries.parquet")
+        passages = pipeline | "Passages" >> beam.io.ReadFromParquet(f"{folder}/passages.parquet")
+        vectors = (pipeline | "Vectors" >> beam.io.ReadFromParquetBatched(f"{folder}/vectors.parquet")
+                   | "VectorItems" >> beam.FlatMap(_vector_items))
+        outputs = {"pairs": pairs, "passages": passages, "vectors": vectors} | MineNegatives(config)
+        (outputs["kept"]
+         | beam.Map(lambda t: json.dumps([t["triplet_id"], t["negative_ids"]]))
+         | beam.io.WriteToText(f"{folder}/kept"))
+    seconds = time.perf_counter() - start
+    chosen = {}
+    for path in Path(folder).glob("kept*"):
+        for line in path.read_text().splitlines():
+            query, negatives = json.loads(line)
+            chosen[int(query)] = [int(n) for n in negatives]
     return chosen, seconds
 
 
@@ -219,9 +237,17 @@ RUNNERS = {"beam": run_beam, "core": run_core, "st": run_sentence_transformers}
 LABELS = {"beam": "embforge (Beam)", "core": "embforge (core)", "st": "sentence-transformers"}
 
 
-def worker(name: str, passages: int, queries: int, dim: int, seed: int, output: str) -> None:
+def worker(name: str, passages: int, queries: int, dim: int, seed: int, shard_size: int | None, output: str) -> None:
     corpus, query_vectors, positives = make_data(passages, queries, dim, seed)
-    chosen, seconds = RUNNERS[name](corpus, query_vectors, positives)
+    if name == "beam":
+        with tempfile.TemporaryDirectory() as folder:
+            write_beam_inputs(folder, corpus, query_vectors, positives)
+            # The pipeline reads its inputs from the files, so the arrays go before its peak is measured (the other
+            # tools take the arrays as their input and keep them).
+            del corpus, query_vectors, positives
+            chosen, seconds = run_beam(folder, shard_size)
+    else:
+        chosen, seconds = RUNNERS[name](corpus, query_vectors, positives)
     Path(output).write_text(json.dumps({
         "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_at_start_mb": RSS_AT_START[-1],
         "chosen": {str(q): negatives for q, negatives in chosen.items()},
@@ -236,45 +262,83 @@ def overlap(ours: dict[str, list[int]], theirs: dict[str, list[int]]) -> tuple[f
     return float(np.mean(shared)), float(np.mean(identical))
 
 
+def queries_for(passages: int, args: argparse.Namespace) -> int:
+    return args.queries if args.queries is not None else max(1, int(passages * args.queries_per_passage))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passages", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries-per-passage", type=float, default=0.1)
+    parser.add_argument("--queries", type=int, help="queries at every size (instead of --queries-per-passage)")
     parser.add_argument("--dim", type=int, default=384, help="all-MiniLM-L6-v2's dimension")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-size", type=int, help="MineNegatives' shard_size (default: its automatic plan)")
     parser.add_argument("--only", choices=sorted(RUNNERS), nargs="+", default=["beam", "core", "st"])
+    parser.add_argument("--results-name", default="mining", help="benchmarks/results/<name>.json")
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        queries = max(1, int(args.passages[0] * args.queries_per_passage))
-        worker(args.worker, args.passages[0], queries, args.dim, args.seed, args.output)
+        worker(args.worker, args.passages[0], queries_for(args.passages[0], args), args.dim, args.seed,
+               args.shard_size, args.output)
         return
 
-    print(f"k={K}, {NUM_NEGATIVES} negatives, threshold {RATIO} x positive, dim {args.dim}, seed {args.seed}")
+    from quality_runs import write_results  # benchmarks/ is on sys.path when a script in it runs
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    print(f"k={K}, {NUM_NEGATIVES} negatives, threshold {RATIO} x positive, dim {args.dim}, seed {args.seed}; load "
+          f"average before {', '.join(f'{x:.2f}' for x in load_before)}")
     print(f"{'passages':>9} {'queries':>8} {'tool':<22} {'wall s':>8} {'peak MB':>8} {'+MB':>7} {'x ST time':>9} "
           f"{'x ST mem':>8} {'overlap':>8} {'same':>6}")
+    figures = []
     for passages in args.passages:
         results = {}
         for name in args.only:
             with tempfile.NamedTemporaryFile(suffix=".json") as output:
-                subprocess.run(
-                    [sys.executable, __file__, "--worker", name, "--passages", str(passages), "--queries-per-passage",
-                     str(args.queries_per_passage), "--dim", str(args.dim), "--seed", str(args.seed),
-                     "--output", output.name],
-                    check=True, cwd=ROOT,
-                )
+                command = [sys.executable, __file__, "--worker", name, "--passages", str(passages),
+                           "--queries-per-passage", str(args.queries_per_passage), "--dim", str(args.dim), "--seed",
+                           str(args.seed), "--output", output.name]
+                command += ["--queries", str(args.queries)] if args.queries is not None else []
+                command += ["--shard-size", str(args.shard_size)] if args.shard_size is not None else []
+                process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+                if process.returncode != 0:
+                    # Recorded, not raised: where a tool cannot finish is a result too.
+                    results[name] = {"error": (process.stdout + process.stderr).strip().splitlines()[-1],
+                                     "returncode": process.returncode}
+                    print(f"{passages:>9} {'':>8} {LABELS[name]:<22} failed ({process.returncode}): "
+                          f"{results[name]['error']}")
+                    continue
                 results[name] = json.loads(Path(output.name).read_text())
         reference = results.get("st")
         for name, result in results.items():
+            if "error" in result:
+                figures.append({"passages": passages, "queries": queries_for(passages, args), "tool": LABELS[name],
+                                **result})
+                continue
             time_ratio = mem_ratio = same = shared = float("nan")
-            if reference is not None:
+            if reference is not None and "error" not in reference:
                 time_ratio = result["seconds"] / reference["seconds"]
                 mem_ratio = result["peak_rss_mb"] / reference["peak_rss_mb"]
                 shared, same = overlap(result["chosen"], reference["chosen"])
             print(f"{passages:>9} {len(result['chosen']):>8} {LABELS[name]:<22} {result['seconds']:>8.2f} "
                   f"{result['peak_rss_mb']:>8.0f} {result['peak_rss_mb'] - result['rss_at_start_mb']:>7.0f} "
-                  f"{time_ratio:>9.2f} {mem_ratio:>8.2f} {shared:>8.3f} {same:>6.3f}")
+                  f"{time_ratio:>9.2f} {mem_ratio:>8.2f} {shared:>8.3f} {same:>6.3f}", flush=True)
+
+            def rounded(value: float, digits: int = 3) -> float | None:
+                return None if value != value else round(value, digits)  # NaN (no reference) as null
+
+            figures.append({"passages": passages, "queries": queries_for(passages, args), "tool": LABELS[name],
+                            "wall_s": round(result["seconds"], 2), "peak_mb": round(result["peak_rss_mb"]),
+                            "time_ratio": rounded(time_ratio), "memory_ratio": rounded(mem_ratio),
+                            "overlap": rounded(shared), "same_negatives": rounded(same),
+                            "queries_with_negatives": len(result["chosen"])})
+    path = write_results(args.results_name, {"rows": figures, "load_average_before": list(load_before)}, {
+        "k": K, "negatives": NUM_NEGATIVES, "ratio": RATIO, "dim": args.dim, "seed": args.seed,
+        "queries_per_passage": args.queries_per_passage, "queries": args.queries, "shard_size": args.shard_size,
+    }, started)
+    print(f"wrote {path}; load average after {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
