@@ -12,7 +12,8 @@ its passages (training it on them first) next to the exact store of their vector
 rescores them exactly like the exact search, so scores and tie order are the same; only the candidates may miss true
 neighbours. Its recall on real embeddings is measured in benchmarks/ann_recall.py (RESULTS.md). Approximate shards are
 as large as `MAX_SHARD_PASSAGES` allows (an IVF index needs tens of vectors per list to train), and the results depend
-on the sharding, which the exact search's do not.
+on the sharding, which the exact search's do not. Each (shard, query group) builds and trains its own copy of the
+shard's index, so more query groups cost more index builds.
 
 How the sharded search runs in Beam (the index must not have to fit one worker):
 
