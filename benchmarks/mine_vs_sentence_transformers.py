@@ -103,13 +103,12 @@ def start_measuring() -> float:
 def _vector_items(table: Any) -> Iterator[dict[str, Any]]:
     """A row group of the vectors file as EmbedTeacher hands its vectors out: float32 bytes, sliced from the Arrow
     column's flat values (no Python float per component)."""
-    import numpy as np
+    from pipelines.sharded_search import pack_vector_column
 
     ids, task_types = table.column("id").to_pylist(), table.column("task_type").to_pylist()
-    flat = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
-    vectors = np.asarray(flat, dtype=np.float32).reshape(len(ids), -1)
+    vectors = pack_vector_column(table.column("embedding"))
     for item_id, task_type, vector in zip(ids, task_types, vectors, strict=True):
-        yield {"id": item_id, "task_type": task_type, "embedding": vector.tobytes()}
+        yield {"id": item_id, "task_type": task_type, "embedding": vector}
 
 
 def write_beam_inputs(folder: str, corpus: np.ndarray, queries: np.ndarray, positives: np.ndarray) -> None:

@@ -38,12 +38,12 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from data_schemas import EMBEDDING_CACHE_ENTRY, LLM_CACHE_ENTRY, SchemaError, validate_table
+from data_schemas import EMBEDDING_CACHE_ENTRY, LLM_CACHE_ENTRY, validate_table
 from pipelines.outputs import ensure_folder
-from pipelines.run_layout import parquet_files, read_shard
+from pipelines.run_layout import parquet_files, read_parquet, read_shard
+from pipelines.sharded_search import pack_vector_column
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,12 +101,7 @@ def read_cache_file(path: str, kind: str) -> pa.Table:
 
 def read_cache_keys(path: str) -> list[str]:
     """The keys of one cache file, in row order, without decoding the answers or vectors."""
-    try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            keys = pq.read_table(pa.BufferReader(handle.read()), columns=["key"]).column("key")
-    except (pa.ArrowInvalid, OSError, KeyError) as error:
-        raise SchemaError(f"not a readable cache file: {error}", source=path) from error
-    return keys.to_pylist()
+    return read_parquet(path, ["key"]).column("key").to_pylist()
 
 
 def _write_partition_file(folder: str, rows: list[dict[str, Any]], schema: pa.Schema, source: str) -> str:
@@ -227,15 +222,6 @@ class _SplitByCacheFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(self.MISSES, (key, items))
 
 
-def _packed_vectors(column: pa.ChunkedArray) -> list[bytes]:
-    """A list<float32> column as one float32 byte string per row (`pipelines.sharded_search.pack_vector`'s form),
-    sliced out of the column's flat values: no Python float is made for a cached vector."""
-    vectors = column.combine_chunks()
-    values = vectors.values.to_numpy(zero_copy_only=False)
-    offsets = vectors.offsets.to_numpy()
-    return [values[start:end].tobytes() for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
-
-
 class _FetchEntriesFn(beam.DoFn):
     """(path, [(row, items)]) -> (items, the entry at that row): each file with hits read once. Vectors (an embedding
     entry's `embedding`) come out as float32 bytes."""
@@ -248,7 +234,7 @@ class _FetchEntriesFn(beam.DoFn):
         hits = list(hits)
         table = read_cache_file(path, self._kind).take([row for row, _ in hits])
         if self._kind == EMBEDDING_CACHE:
-            vectors = _packed_vectors(table.column("embedding"))
+            vectors = pack_vector_column(table.column("embedding"))
             table = table.drop_columns(["embedding"])
             entries = [{**entry, "embedding": vector} for entry, vector in zip(table.to_pylist(), vectors, strict=True)]
         else:

@@ -35,9 +35,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
-
 from pipelines.cache import (
     EMBEDDING_CACHE,
     LLM_CACHE,
@@ -53,7 +50,7 @@ from pipelines.config import GenerateConfig
 from pipelines.llm_calls import LLMAnswer, LLMRequest, answers_from_cache
 from pipelines.model_access import RunModels
 from pipelines.pricing import estimated_cost_micro_usd
-from pipelines.run_layout import parquet_files
+from pipelines.run_layout import parquet_files, read_parquet
 from pipelines.stages import generate_counterfactuals, generate_queries, grade_relevance
 from pipelines.stages.candidate_scoring import build_llm_requests
 from pipelines.stages.corpus_files import plan_corpus
@@ -165,11 +162,10 @@ class CacheIndex:
         llm_files = [path for name, version in prompt_versions().items()
                      for path in partition_files(cache_dir, LLM_CACHE, llm_partition(*models.llm, name, version))]
         for path in [*llm_files, *parquet_files(posixpath.join(cache_dir, LLM_CACHE))]:
-            with FileSystems.open(path) as handle:
-                for row in pq.read_table(handle, columns=columns).to_pylist():
-                    index.llm_entries[row["key"]] = row
-                    index.output_tokens.setdefault((row["model_id"], row["prompt_name"]), []).append(
-                        row["output_tokens"])
+            for row in read_parquet(path, columns).to_pylist():
+                index.llm_entries[row["key"]] = row
+                index.output_tokens.setdefault((row["model_id"], row["prompt_name"]), []).append(
+                    row["output_tokens"])
         embedding_files = [path for task_type in TaskType for path in partition_files(
             cache_dir, EMBEDDING_CACHE, embedding_partition(*models.teacher, task_type.value))]
         for path in [*embedding_files, *parquet_files(posixpath.join(cache_dir, EMBEDDING_CACHE))]:

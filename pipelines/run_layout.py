@@ -47,17 +47,23 @@ def shard_rows(path: str) -> int:
         return pq.ParquetFile(source).metadata.num_rows
 
 
-def read_shard(path: str, schema: pa.Schema) -> pa.Table:
-    """One shard (or cache file), validated against `schema` (errors name the file, row and column). A shard without
-    any column is an empty shard (Beam's sharding can leave one) and reads as an empty table of `schema`; an empty
-    shard with columns must still match, so a shard of another schema version is refused even without rows."""
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (a shard or a cache file), all its columns or `columns`, unvalidated; an unreadable file, or one
+    without a requested column, is a SchemaError naming it."""
     try:
         # Uncompressed: a shard is zstd inside Parquet, never gzip around it. The whole file is read into memory:
         # some Beam file objects cannot seek, and Parquet's footer is at the end.
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            table = pq.read_table(pa.BufferReader(handle.read()))
-    except (pa.ArrowInvalid, OSError) as error:
+            return pq.read_table(pa.BufferReader(handle.read()), columns=columns)
+    except (pa.ArrowInvalid, OSError, KeyError) as error:
         raise SchemaError(f"not a readable Parquet file: {error}", source=path) from error
+
+
+def read_shard(path: str, schema: pa.Schema) -> pa.Table:
+    """One shard (or cache file), validated against `schema` (errors name the file, row and column). A shard without
+    any column is an empty shard (Beam's sharding can leave one) and reads as an empty table of `schema`; an empty
+    shard with columns must still match, so a shard of another schema version is refused even without rows."""
+    table = read_parquet(path)
     if table.num_rows == 0 and table.num_columns == 0:
         return schema.empty_table()
     return validate_table(table, schema, source=path)

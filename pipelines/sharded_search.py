@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import faiss
 import numpy as np
+import pyarrow as pa
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.text_matching import stable_hash
@@ -92,6 +93,15 @@ def pack_vector(vector: bytes | Sequence[float] | np.ndarray) -> bytes:
 
 def unpack_vector(blob: bytes) -> list[float]:
     return np.frombuffer(blob, dtype=np.float32).tolist()
+
+
+def pack_vector_column(column: pa.ChunkedArray | pa.ListArray) -> list[bytes]:
+    """An Arrow list<float32> column (a cache file's or a Parquet file's vectors) as one `pack_vector` byte string per
+    row, sliced out of the column's flat values: no Python float is made per component."""
+    vectors = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = np.asarray(vectors.values.to_numpy(zero_copy_only=False), dtype=np.float32)
+    offsets = vectors.offsets.to_numpy()
+    return [values[start:end].tobytes() for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def vector_array(vector: bytes | Sequence[float] | np.ndarray) -> np.ndarray:
