@@ -48,6 +48,8 @@ from pipelines.stages.write_shards import WriteShards
 from prompts import prompt_versions
 
 LOGGER = logging.getLogger(__name__)
+#: Folder of the run's staging folder where the sharded searches write their spill files (pipelines/search_spill.py).
+SEARCH_SPILL_FOLDER = ".search-spill"
 
 STAGE_ORDER = ("read_corpus", "generate_queries", "embed_teacher", "grade_relevance", "mine_negatives",
                "generate_counterfactuals")
@@ -100,10 +102,14 @@ def build_generate_pipeline(pipeline: beam.Pipeline, config: GenerateConfig, out
     # left, and grading, mining and counterfactuals plan against what it spent.
     embedded = texts | "EmbedTeacher" >> EmbedTeacher(teacher, config.embed)
     vectors = embedded["kept"]
+    # The searches spill their vectors into the run's staging folder: removed with it when the run is promoted, and
+    # at the start of the next run if this one is killed.
+    spill_root = posixpath.join(output or config.output, SEARCH_SPILL_FOLDER)
     graded = {"pairs": pairs, "vectors": vectors} | "GradeRelevance" >> GradeRelevance(
-        config.grading, llm, select_candidates=config.queries.candidates > 1, shard_size=config.mining.shard_size)
+        config.grading, llm, select_candidates=config.queries.candidates > 1, shard_size=config.mining.shard_size,
+        spill_root=spill_root)
     mined = {"pairs": graded["kept"], "passages": passages, "vectors": vectors} | "MineNegatives" >> MineNegatives(
-        config.mining, llm, teacher=models.teacher)
+        config.mining, llm, teacher=models.teacher, spill_root=spill_root)
     stages = [corpus, queries, embedded, graded, mined]
     rows = {"triplets": mined["kept"], "pairs": graded["kept"], "passages": passages}
     if config.counterfactuals is not None:

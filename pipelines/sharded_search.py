@@ -15,34 +15,38 @@ as large as `MAX_SHARD_PASSAGES` allows (an IVF index needs tens of vectors per 
 on the sharding, which the exact search's do not. Each (shard, query group) builds and trains its own copy of the
 shard's index, so more query groups cost more index builds.
 
-How the sharded search runs in Beam (the index must not have to fit one worker):
+How the sharded search runs in Beam (the index must not have to fit one worker, nor the corpus one shuffle buffer):
 
-- Passages and queries are first gathered into blocks of up to 2,048 rows (ids, texts or looked-up positive ids, one
-  float32 byte string of vectors), fused with the step that produced them: from there on the search moves a few large
-  elements, not one per passage and per query. Beam's per-element cost (coding, bookkeeping) of 384-d vectors was most
-  of the stage's time on one machine before; faiss is now.
-- The corpus and the queries are counted (from the block sizes), and `search_plan` gives `num_shards = ceil(size /
-  shard_size)` and the query groups, or, unset, chooses them: one shard up to 100k passages (at most 1M a shard),
-  from 100k on about 25k passages a shard (at most 16 shards) so that the search spreads over workers, and a query
-  group per 100k queries. A passage goes to
-  shard `stable_hash("shard", passage_id) % num_shards`: no global ordering is needed, and at the scale where sharding
-  matters hash shards are within a fraction of a percent of `shard_size` (1M ± ~1k). Blocks are split by shard.
-- Queries are split into `query_groups` groups by a stable hash of pair_id. The search unit is a (shard, query group)
-  key: every passage is sent once per query group and every query vector once per shard, then one GroupByKey puts a
-  shard's passages and a group's queries on the same worker, which builds the shard's index and searches the group's
-  queries in batches of `query_batch_size`.
-- Passages enter the search with their texts (and the search hands out hits with them, plus their vectors when
-  `keep_embeddings`), and a query that carries no positive_embedding asks for its positive's vector, which the shard
-  holding it returns: no join of hits with the corpus afterwards (that join shuffled k hits per query, one element
-  each, and the whole corpus once more).
-- Tradeoffs, for a corpus of P passages of T bytes of text and Q queries of dimension d: the search shuffles
-  `(4d + T) * P * query_groups + 4d * Q * num_shards` bytes; a worker holds one shard (`(4d + T) * shard_size`) plus
-  one group's query vectors (`4d * Q / query_groups`); parallelism is `num_shards * query_groups`. Larger shards mean
-  fewer query copies but more memory per worker; more query groups mean more parallelism and smaller query buffers at
-  the cost of more corpus copies. 10M passages x 768 dims with the default 1M shards: 10 shards of ~3 GB of vectors
-  (plus ~1 GB of text at 1 kB a passage), each query vector sent 10 times. The alternatives are worse: queries as a
-  side input broadcast all of them to every worker, and the index as a side input needs the whole corpus on every
-  worker.
+- Passage vectors, passage texts and query vectors are written to spill files (pipelines/search_spill.py), fused
+  with the step that produced them: Arrow IPC files of a bundle's rows each, sorted by a stable 64-bit hash of the id.
+  From there on the search's shuffle moves file descriptors (a path and each record batch's hash range), not vectors:
+  Beam's in-process runners hold a GroupByKey's whole input in memory, and sending the corpus's vectors through it
+  held them once per query group (1M x 384-d peaked at 11.9 GB on one machine before, RESULTS.md).
+- The corpus and the queries are counted (from the files' row counts), and `search_plan` gives `num_shards =
+  ceil(size / shard_size)` and the query groups, or, unset, chooses them: one shard up to 100k passages (at most 1M a
+  shard), from 100k on about 25k passages a shard (at most 16 shards) so that the search spreads over workers, and a
+  query group per 100k queries. Shard s of S holds the passages whose `routing_hash("shard", passage_id)` lies in the
+  s-th of S equal slices of the hash space (`hash_range`): no global ordering is needed, the files can be written
+  before the count, and at the scale where sharding matters hash shards are within a fraction of a percent of
+  `shard_size` (1M ± ~1k).
+- Queries are split into `query_groups` groups the same way, by a hash of pair_id. The search unit is a (shard, query
+  group) key: each file's batches overlapping a shard's (or a group's) range are routed to it, once per query group
+  (once per shard), and one GroupByKey puts a shard's passage parts and a group's query parts on the same worker,
+  which reads them, builds the shard's index and searches the group's queries in batches of `query_batch_size`.
+- Passages' texts are spilled apart from their vectors and joined with them inside the shard (a passage without a
+  text is left out), so the caller needs no join of passages with vectors. Hits come out with their texts (plus their
+  vectors when `keep_embeddings`), and a query that carries no positive_embedding asks for its positive's vector,
+  which the shard holding it returns: no join of hits with the corpus afterwards either.
+- Tradeoffs, for a corpus of P passages of T bytes of text and Q queries of dimension d: the spill writes `(4d + T) *
+  P + 4d * Q` bytes once, and each (shard, group) reads its shard's rows and its group's (plus at most one batch per
+  file and range end), so the corpus is read `query_groups` times and the queries `num_shards` times; a worker holds
+  one shard (`(4d + T) * shard_size`) plus one group's query vectors (`4d * Q / query_groups`); parallelism is
+  `num_shards * query_groups`. Larger shards mean fewer query reads but more memory per worker; more query groups
+  mean more parallelism and smaller query buffers at the cost of more corpus reads. 10M passages x 768 dims with the
+  default 1M shards: 10 shards of ~3 GB of vectors (plus ~1 GB of text at 1 kB a passage). The alternatives are
+  worse: queries as a side input broadcast all of them to every worker, and the index as a side input needs the
+  whole corpus on every worker. The spill folder is deleted once every (shard, group) is searched; a run killed
+  before leaves it in its temp location.
 - Each (shard, group) emits, per query, its shard's top-k (`SearchShards`); the caller merges them per query
   (`merge_topk` order, ties by passage_id): `ShardedTopK` with a `CombinePerKey`, MineNegatives in its one join with
   the query rows, keyed by pair_id (`merge_shard_hits`).
@@ -60,9 +64,20 @@ import apache_beam as beam
 import faiss
 import numpy as np
 import pyarrow as pa
-from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.text_matching import stable_hash
+from pipelines.search_spill import (
+    ID,
+    QUERY_GROUP_SALT,
+    SHARD_SALT,
+    VECTOR,
+    SpillFile,
+    SpillFn,
+    hash_range,
+    read_spilled,
+    remove_spill_folder,
+    spill_folder,
+    vector_matrix,
+)
 
 #: Faiss fetches this many hits beyond k at first, so scores near the k-th rarely need a second, larger search.
 _TIE_SLACK = 8
@@ -70,12 +85,6 @@ _TIE_SLACK = 8
 _RESCORE_BLOCK = 64
 #: Queries per faiss search call (see MineNegativesConfig.query_batch_size).
 DEFAULT_QUERY_BATCH_SIZE = 16_384
-#: Rows per block through the search shuffle: few elements for Beam to handle, and 2,048 x 768 float32 (6 MB) stays
-#: small next to a shard.
-_BLOCK_ROWS = 2048
-
-_PASSAGE_TAG = "p"
-_QUERY_TAG = "q"
 
 #: A hit as `SearchShards` emits it: (passage_id, text or None, exact score, float32 embedding bytes or None).
 ShardHit = tuple[str, "str | None", float, "bytes | None"]
@@ -391,144 +400,79 @@ def merge_topk(hit_lists: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
 
 # --- Beam -------------------------------------------------------------------------------------------------------------
 
-def _vector_block(item_ids: Sequence[str], vectors: Sequence[bytes | Sequence[float] | np.ndarray], kind: str) -> bytes:
-    """A block's vectors as float32 bytes, row after row (converted together: one numpy call for the block)."""
-    try:
-        matrix = np.asarray(
-            [np.frombuffer(vector, dtype=np.float32) if isinstance(vector, bytes) else vector for vector in vectors],
-            dtype=np.float32,
-        )
-    except ValueError:  # ragged: at least two dimensions
-        matrix = None
-    if matrix is None or matrix.ndim != 2:
-        dimensions = [vector_dimension(vector) for vector in vectors]
-        other = next(index for index, dimension in enumerate(dimensions) if dimension != dimensions[0])
-        raise ValueError(f"{kind} {item_ids[other]!r} has dimension {dimensions[other]}, {kind} {item_ids[0]!r} "
-                         f"{dimensions[0]}: embed queries and passages with the same teacher and dimension")
-    return matrix.tobytes()
+_PASSAGE_TAG = "p"
+_TEXT_TAG = "t"
+_QUERY_TAG = "q"
+#: Spill file columns beside the id and vector: a passage's text, the positive passage_id a query asks the search for.
+_TEXT, _LOOKUP = "text", "lookup"
+
+#: A routed part of a spill file: (tag, path, batch indexes, low hash, high hash) of one (shard, query group).
+SpillPart = tuple[str, str, list[int], int, int]
 
 
-class _BlockFn(beam.DoFn):
-    """Search items (id, vector, extra) -> blocks (ids, extras or None when all are None, float32 vector bytes) of up to
-    `_BLOCK_ROWS` rows, per window. Extras are passage texts, or the positive passage_ids queries ask the search for.
-
-    Blocking comes first, fused with whatever produced the items: from there on the search moves a few large elements
-    instead of one per passage and per query (Beam's per-element cost, coding included, was most of the stage's time,
-    not faiss). A block never waits beyond its bundle (finish_bundle flushes), so blocks are smaller where bundles are.
-    """
-
-    def __init__(self, kind: str):
-        self._kind = kind
-
-    def start_bundle(self) -> None:
-        self._buffers: dict[Any, list[tuple[str, Any, Any]]] = {}
-
-    def process(self, item: tuple[str, Any, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
-        buffer = self._buffers.setdefault(window, [])
-        buffer.append(item)
-        if len(buffer) >= _BLOCK_ROWS:
-            del self._buffers[window]
-            yield self._block(buffer)
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        for window, buffer in self._buffers.items():
-            yield WindowedValue(self._block(buffer), window.max_timestamp(), (window,))
-        self._buffers = {}
-
-    def _block(self, items: list[tuple[str, Any, Any]]) -> tuple[list[str], list[Any] | None, bytes]:
-        ids = [item[0] for item in items]
-        extras = [item[2] for item in items]
-        vectors = _vector_block(ids, [item[1] for item in items], self._kind)
-        return ids, None if all(extra is None for extra in extras) else extras, vectors
-
-
-def _split_block(block: tuple[list[str], list[Any] | None, bytes], destinations: list[int]) -> Iterator[Any]:
-    """(destination, sub-block) for each destination that rows of the block go to."""
-    ids, extras, blob = block
-    if len(set(destinations)) == 1:
-        yield destinations[0], block
-        return
-    vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), -1)
-    rows_by_destination: dict[int, list[int]] = {}
-    for row, destination in enumerate(destinations):
-        rows_by_destination.setdefault(destination, []).append(row)
-    for destination, rows in sorted(rows_by_destination.items()):
-        sub_extras = None if extras is None else [extras[row] for row in rows]
-        yield destination, ([ids[row] for row in rows], sub_extras, vectors[rows].tobytes())
-
-
-def _route_passages(block: Any, plan: tuple[int, int]) -> Iterator[tuple[tuple[int, int], Any]]:
-    """A passage block's rows go to their shards, once per query group: ((shard, group), ("p", ids, texts, vectors))."""
+def _route_corpus(spilled: SpillFile, tag: str, plan: tuple[int, int]) -> Iterator[tuple[tuple[int, int], SpillPart]]:
+    """A passage vector or text file goes, by the batches overlapping each shard's hash range, to that shard once per
+    query group: ((shard, group), part)."""
     num_shards, query_groups = plan
-    ids = block[0]
-    # No global ordering needed: a stable hash spreads passages over shards the same way in every run.
-    shards = (
-        [0] * len(ids) if num_shards == 1 else [stable_hash("shard", passage_id) % num_shards for passage_id in ids]
-    )
-    for shard, sub_block in _split_block(block, shards):
-        for group in range(query_groups):
-            yield (shard, group), (_PASSAGE_TAG, *sub_block)
+    for shard in range(num_shards):
+        low, high = hash_range(shard, num_shards)
+        batches = spilled.batches_within(low, high)
+        for group in range(query_groups if batches else 0):
+            yield (shard, group), (tag, spilled.path, batches, low, high)
 
 
-def _route_queries(block: Any, plan: tuple[int, int]) -> Iterator[tuple[tuple[int, int], Any]]:
-    """A query block's rows go to their query groups, once per shard: ((shard, group), ("q", ids, lookups, vectors))."""
+def _route_queries(spilled: SpillFile, plan: tuple[int, int]) -> Iterator[tuple[tuple[int, int], SpillPart]]:
+    """A query file goes, by the batches overlapping each query group's hash range, to every shard of that group."""
     num_shards, query_groups = plan
-    ids = block[0]
-    groups = [0] * len(ids) if query_groups == 1 else [stable_hash("query-group", qid) % query_groups for qid in ids]
-    for group, sub_block in _split_block(block, groups):
-        for shard in range(num_shards):
-            yield (shard, group), (_QUERY_TAG, *sub_block)
+    for group in range(query_groups):
+        low, high = hash_range(group, query_groups)
+        batches = spilled.batches_within(low, high)
+        for shard in range(num_shards if batches else 0):
+            yield (shard, group), (_QUERY_TAG, spilled.path, batches, low, high)
 
 
-def _block_size(block: tuple[list[str], Any, bytes]) -> int:
-    return len(block[0])
+def _spilled_rows(spilled: SpillFile) -> int:
+    return spilled.rows
 
 
 class _SearchShardFn(beam.DoFn):
-    """One (shard, query group): builds the shard's index from its passage blocks, searches the group's query blocks.
+    """One (shard, query group): reads the shard's passages from their spill files into its index (with their texts,
+    when the search has texts: a passage without one is left out), then searches the group's queries.
 
     Emits, per query, (query_id, (hits, positive_vector)): the shard's top-k as (passage_id, text, score, embedding)
-    tuples, hardest first (text None when the passages came without; embedding the float32 bytes with
-    `keep_embeddings`, else None), and the vector of the query's positive when the query asked for it and the shard
-    holds it (else None). Plain tuples, not Hit or Candidate: Beam codes them without pickling.
+    tuples, hardest first (text None when the search has no texts; embedding the float32 bytes with `keep_embeddings`,
+    else None), and the vector of the query's positive when the query asked for it and the shard holds it (else None).
+    Plain tuples, not Hit or Candidate: Beam codes them without pickling.
     """
 
     def __init__(self, k: int, query_batch_size: int, faiss_threads: int | None, keep_embeddings: bool = False,
-                 stage: str = "search", index: IndexSettings = EXACT):
+                 stage: str = "search", index: IndexSettings = EXACT, with_texts: bool = False):
         self._k = k
         self._index = index
         self._query_batch_size = query_batch_size
         self._faiss_threads = faiss_threads
         self._keep_embeddings = keep_embeddings
+        self._with_texts = with_texts
         self._searched = beam.metrics.Metrics.counter(f"embforge.{stage}", "shard_searches")
 
     def setup(self) -> None:
         if self._faiss_threads is not None:
             faiss.omp_set_num_threads(self._faiss_threads)
 
-    def process(self, element: tuple[tuple[int, int], Iterable[tuple[Any, ...]]]) -> Iterator[Any]:
-        _, blocks = element
-        shard: ShardIndex | None = None
-        query_blocks = []
-        # A GroupByKey gives no order: passages go into the index as they come, queries wait for the whole shard.
-        for block in blocks:
-            if block[0] == _QUERY_TAG:
-                query_blocks.append(block)
-                continue
-            _, passage_ids, texts, blob = block
-            vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(passage_ids), -1)
-            if shard is None:
-                shard = ShardIndex(vectors.shape[1], self._index)
-            shard.add(passage_ids, vectors, texts)
-        if shard is None or not query_blocks:
+    def process(self, element: tuple[tuple[int, int], Iterable[SpillPart]]) -> Iterator[Any]:
+        _, parts = element
+        parts = sorted(parts)  # a GroupByKey gives no order; the index is built in the same order on every retry
+        query_tables = [read_spilled(*part[1:]) for part in parts if part[0] == _QUERY_TAG]
+        shard = self._build_shard(parts)
+        if shard is None or not query_tables:
             return
         self._searched.inc()
         stored = shard.vectors()
-        positive_rows = self._positive_rows(shard, query_blocks)
+        positive_rows = self._positive_rows(shard, query_tables)
         texts = shard.texts or None
-        for _, query_ids, lookups, blob in query_blocks:
-            lookups = lookups or [None] * len(query_ids)
-            queries = np.frombuffer(blob, dtype=np.float32).reshape(len(query_ids), -1)
+        for table in query_tables:
+            query_ids, lookups = table.column(ID).to_pylist(), table.column(_LOOKUP).to_pylist()
+            queries = vector_matrix(table)
             if queries.shape[1] != shard.dimension:
                 raise ValueError(f"query {query_ids[0]!r} has dimension {queries.shape[1]}, the passages "
                                  f"{shard.dimension}: embed queries and passages with the same teacher and dimension")
@@ -544,10 +488,36 @@ class _SearchShardFn(beam.DoFn):
                     positive = None if positive_row is None else stored[positive_row].tobytes()
                     yield query_ids[start + offset], (hits, positive)
 
+    def _build_shard(self, parts: list[SpillPart]) -> ShardIndex | None:
+        texts: dict[str, str] | None = None
+        if self._with_texts:
+            texts = {}
+            for part in parts:
+                if part[0] == _TEXT_TAG:
+                    table = read_spilled(*part[1:])
+                    texts.update(zip(table.column(ID).to_pylist(), table.column(_TEXT).to_pylist(), strict=True))
+        shard: ShardIndex | None = None
+        for part in parts:
+            if part[0] != _PASSAGE_TAG:
+                continue
+            table = read_spilled(*part[1:])
+            passage_ids, vectors = table.column(ID).to_pylist(), vector_matrix(table)
+            passage_texts = None
+            if texts is not None:
+                with_text = [row for row, passage_id in enumerate(passage_ids) if passage_id in texts]
+                if len(with_text) < len(passage_ids):
+                    passage_ids, vectors = [passage_ids[row] for row in with_text], vectors[with_text]
+                passage_texts = [texts[passage_id] for passage_id in passage_ids]
+            if shard is None:
+                shard = ShardIndex(vectors.shape[1], self._index)
+            shard.add(passage_ids, vectors, passage_texts)
+        return shard if shard is not None and shard.size else None
+
     @staticmethod
-    def _positive_rows(shard: ShardIndex, query_blocks: list[tuple[Any, ...]]) -> dict[str | None, int]:
+    def _positive_rows(shard: ShardIndex, query_tables: list[pa.Table]) -> dict[str | None, int]:
         """Shard row of every positive a query of the group asked for and this shard holds."""
-        wanted = {passage_id for block in query_blocks for passage_id in block[2] or () if passage_id is not None}
+        wanted = {passage_id for table in query_tables for passage_id in table.column(_LOOKUP).to_pylist()
+                  if passage_id is not None}
         if not wanted:
             return {}
         # passage_ids are unique by contract; a duplicate id resolves to its first copy in this shard.
@@ -586,25 +556,29 @@ class _TopHitsFn(beam.CombineFn):
 
 
 def _bare_search_item(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, bytes | Sequence[float], None]:
-    """An (id, vector) pair as a search item with nothing attached: no passage text, no positive to look up."""
+    """An (id, vector) query as a search item that asks for no positive's vector."""
     item_id, vector = item
     return item_id, vector, None
 
 
 class SearchShards(beam.PTransform):
-    """{"queries": (query_id, vector, positive passage_id | None), "passages": (passage_id, vector, text | None)} ->
-    (query_id, (hits, positive_vector)), once per query and shard (see `_SearchShardFn`).
+    """{"queries": (query_id, vector, positive passage_id | None), "passages": (passage_id, vector), optionally
+    "texts": (passage_id, text)} -> (query_id, (hits, positive_vector)), once per query and shard (see
+    `_SearchShardFn`).
 
-    Gathers passages and queries into blocks, counts the corpus for `num_shards`, routes the blocks' rows to their
-    (shard, query group) pairs, pairs every shard with every query group in one GroupByKey, and searches each pair.
-    Merging the per-shard results is left to the caller, so MineNegatives can do it in the join with its query rows.
-    `stage` names the Beam metrics namespace of the searches (`embforge.<stage>`, counter `shard_searches`); `index`
-    the faiss index each shard searches (exact by default).
+    Spills passages, texts and queries to files (pipelines/search_spill.py), counts the corpus from the files for
+    `num_shards`, routes the files' batches to their (shard, query group) pairs, pairs every shard with every query
+    group in one GroupByKey of file parts, and searches each pair; the spill folder is deleted once every pair is
+    searched. With "texts", passages and their texts are joined inside each shard (a passage without a text is left
+    out) and hits carry their texts. Merging the per-shard results is left to the caller, so MineNegatives can do it in
+    the join with its query rows. `stage` names the Beam metrics namespace of the searches (`embforge.<stage>`, counter
+    `shard_searches`); `index` the faiss index each shard searches (exact by default); `spill_root` where the spill
+    folder goes (None: the pipeline's temp_location, else the machine's temporary directory).
     """
 
     def __init__(self, k: int, shard_size: int | None, query_groups: int | None, query_batch_size: int,
                  faiss_threads: int | None, *, keep_embeddings: bool = False, stage: str = "search",
-                 index: IndexSettings = EXACT):
+                 index: IndexSettings = EXACT, spill_root: str | None = None):
         super().__init__()
         self._stage = stage
         self._index = index
@@ -614,29 +588,45 @@ class SearchShards(beam.PTransform):
         self._query_batch_size = query_batch_size
         self._faiss_threads = faiss_threads
         self._keep_embeddings = keep_embeddings
+        self._spill_root = spill_root
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
-        passage_blocks = inputs["passages"] | "BlockPassages" >> beam.ParDo(_BlockFn("passage"))
-        query_blocks = inputs["queries"] | "BlockQueries" >> beam.ParDo(_BlockFn("query"))
+        pipeline = inputs["queries"].pipeline
+        folder = spill_folder(pipeline, self._spill_root)
+        passage_files = inputs["passages"] | "SpillPassages" >> beam.ParDo(
+            SpillFn(folder, "passage", SHARD_SALT, (VECTOR,)))
+        query_files = inputs["queries"] | "SpillQueries" >> beam.ParDo(
+            SpillFn(folder, "query", QUERY_GROUP_SALT, (VECTOR, _LOOKUP)))
         query_count = beam.pvalue.AsSingleton(
-            query_blocks | "QueryBlockSizes" >> beam.Map(_block_size) | "CountQueries" >> beam.CombineGlobally(sum))
+            query_files | "QueryRows" >> beam.Map(_spilled_rows) | "CountQueries" >> beam.CombineGlobally(sum))
         plan = beam.pvalue.AsSingleton(
-            passage_blocks
-            | "BlockSizes" >> beam.Map(_block_size)
+            passage_files
+            | "PassageRows" >> beam.Map(_spilled_rows)
             | "CountPassages" >> beam.CombineGlobally(sum)
             | "Plan" >> beam.Map(lambda passages, queries, shard_size, groups, approximate: search_plan(
                 passages, queries, shard_size, groups, approximate), query_count, self._shard_size,
                 self._query_groups, not self._index.exact)
         )
-        routed_passages = passage_blocks | "RoutePassages" >> beam.FlatMap(_route_passages, plan)
-        routed_queries = query_blocks | "RouteQueries" >> beam.FlatMap(_route_queries, plan)
-        return (
-            (routed_passages, routed_queries)
+        routed = [
+            passage_files | "RoutePassages" >> beam.FlatMap(_route_corpus, _PASSAGE_TAG, plan),
+            query_files | "RouteQueries" >> beam.FlatMap(_route_queries, plan),
+        ]
+        if "texts" in inputs:
+            text_files = inputs["texts"] | "SpillTexts" >> beam.ParDo(SpillFn(folder, "text", SHARD_SALT, (_TEXT,)))
+            routed.append(text_files | "RouteTexts" >> beam.FlatMap(_route_corpus, _TEXT_TAG, plan))
+        results = (
+            tuple(routed)
             | "UnionForSearch" >> beam.Flatten()
             | "GroupByShardAndQueryGroup" >> beam.GroupByKey()
             | "SearchShards" >> beam.ParDo(_SearchShardFn(
-                self._k, self._query_batch_size, self._faiss_threads, self._keep_embeddings, self._stage, self._index))
+                self._k, self._query_batch_size, self._faiss_threads, self._keep_embeddings, self._stage, self._index,
+                with_texts="texts" in inputs))
         )
+        # The count is a side input only so that the deletion waits until every (shard, group) has read its files.
+        searched = beam.pvalue.AsSingleton(results | "CountResults" >> beam.combiners.Count.Globally())
+        _ = (pipeline | "SpillFolder" >> beam.Create([folder])
+             | "RemoveSpillFiles" >> beam.Map(remove_spill_folder, searched))
+        return results
 
 
 class ShardedTopK(beam.PTransform):
@@ -645,9 +635,9 @@ class ShardedTopK(beam.PTransform):
     Exact inner-product top-k over a corpus sharded into `ceil(size / shard_size)` shards (None: `search_plan`
     chooses from the corpus and query counts), hardest first, ties by passage_id: the result does not depend on
     `shard_size` or `query_groups` (see the module docstring for how the shards and query groups are paired, and the
-    tradeoffs). Vectors are float lists, numpy arrays or `pack_vector`
-    bytes. A query with no passage at all gets no output row. The round-trip relevance check uses it; MineNegatives
-    runs the same search and merges the shards' results in its join with the query rows instead.
+    tradeoffs). Vectors are float lists, numpy arrays or `pack_vector` bytes. A query with no passage at all gets no
+    output row. `spill_root`: see `SearchShards`. The round-trip relevance check uses it; MineNegatives runs the same
+    search and merges the shards' results in its join with the query rows instead.
     """
 
     def __init__(
@@ -659,6 +649,7 @@ class ShardedTopK(beam.PTransform):
         query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE,
         faiss_threads: int | None = None,
         stage: str = "search",
+        spill_root: str | None = None,
     ):
         super().__init__()
         optional = (shard_size, query_groups)
@@ -666,12 +657,13 @@ class ShardedTopK(beam.PTransform):
             raise ValueError(f"ShardedTopK: k, shard_size, query_groups and query_batch_size must be >= 1, got "
                              f"{k}, {shard_size}, {query_groups}, {query_batch_size}")
         self._k = k
-        self._search = SearchShards(k, shard_size, query_groups, query_batch_size, faiss_threads, stage=stage)
+        self._search = SearchShards(k, shard_size, query_groups, query_batch_size, faiss_threads, stage=stage,
+                                    spill_root=spill_root)
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
         items = {
             "queries": inputs["queries"] | "QueryItems" >> beam.Map(_bare_search_item),
-            "passages": inputs["passages"] | "PassageItems" >> beam.Map(_bare_search_item),
+            "passages": inputs["passages"],
         }
         return items | "Search" >> self._search | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(self._k))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -343,6 +345,16 @@ def _with_parsed_payload(rejected: dict[str, Any]) -> dict[str, Any]:
     return {**rejected, "payload": json.loads(rejected["payload"])}
 
 
+def _passage_inputs(pipeline: beam.Pipeline, passages: list[dict[str, Any]]) -> dict[str, beam.PCollection]:
+    """`_MineEmbedded`'s passage inputs from {"passage_id", "text", "embedding"} rows: texts and vectors apart."""
+    return {
+        "passage_texts": pipeline | "PassageTexts" >> beam.Create(
+            [(row["passage_id"], row["text"]) for row in passages]),
+        "passage_vectors": pipeline | "PassageVectors" >> beam.Create(
+            [(row["passage_id"], row["embedding"]) for row in passages]),
+    }
+
+
 def _run_mining(
     queries: list[dict[str, Any]],
     passages: list[dict[str, Any]],
@@ -356,10 +368,7 @@ def _run_mining(
     """Runs the mining once per config in one pipeline (Beam's fixed cost dominates at this size); checks each one's
     outputs, and that every query ends in exactly one kept or rejected row; returns each one's stage counters."""
     pipeline = TestPipeline()
-    inputs = {
-        "queries": pipeline | "Queries" >> beam.Create(queries),
-        "passages": pipeline | "Passages" >> beam.Create(passages),
-    }
+    inputs = {"queries": pipeline | "Queries" >> beam.Create(queries), **_passage_inputs(pipeline, passages)}
     for label, config in configs.items():
         llm = None if llm_spec is None or not config.llm_scoring else ModelAccess.llm(llm_spec)
         outputs = inputs | label >> _MineEmbedded(config, llm)
@@ -445,13 +454,15 @@ def test_sharded_search_gives_the_same_triplets_as_unsharded_and_accounts_for_ev
         assert totals["dropped.positive"] >= len(queries) - 1
 
 
-def test_the_configured_index_is_what_each_shard_builds() -> None:
+def test_the_configured_index_is_what_each_shard_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The failing run leaves its search's spill files where they were: in this test's folder, not the machine's /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     queries, passages = _random_corpus()
     # More lists than passages: only a shard that really builds the configured index fails, and says why.
     with pytest.raises(Exception, match="mining index 'IVF4096,Flat' cannot be built over a shard of 2,000 passages"):
         with TestPipeline() as pipeline:
             inputs = {"queries": pipeline | "Queries" >> beam.Create(queries[:3]),
-                      "passages": pipeline | "Passages" >> beam.Create(passages)}
+                      **_passage_inputs(pipeline, passages)}
             _ = inputs | _MineEmbedded(_config(k=16, num_negatives=5, index="IVF4096,Flat"), None)
 
 
@@ -559,6 +570,8 @@ def test_the_stage_joins_pairs_and_passages_with_their_teacher_vectors_and_rejec
     vectors = [{"id": "pair-1", "task_type": "RETRIEVAL_QUERY", "embedding": [1.0, 0.0]}] + [
         {"id": pid, "task_type": "RETRIEVAL_DOCUMENT", "embedding": vector}
         for pid, vector in (("pos", [0.6, 0.8]), ("hard", [0.5, 0.5]), ("easy", [0.1, 0.9]))]  # "bare" has none
+    # A vector of no passage of the corpus is not searched: it would rank between "hard" and "easy".
+    vectors.append({"id": "not-a-passage", "task_type": "RETRIEVAL_DOCUMENT", "embedding": [0.4, 0.9]})
     with TestPipeline() as pipeline:
         outputs = {
             "pairs": pipeline | "Pairs" >> beam.Create([pair, unembedded]),

@@ -188,3 +188,30 @@ def test_run_all_generates_holds_out_trains_and_evaluates_base_against_trained(t
         assert json.load(handle)["data"]["triplet_rows"] == triplets - len(held_out)
     assert {row["model"] for row in report["results"]} == {"base", "trained"}
     assert os.path.exists(os.path.join(config.evaluate.output, "report.md"))
+
+
+def test_the_generate_searches_spill_into_the_runs_staging_folder(tmp_path):
+    """A killed run's spill files go where the next run clears them (its staging folder), not the machine's /tmp."""
+    import apache_beam as beam
+    from apache_beam.pipeline import PipelineVisitor
+
+    from pipelines.config import GenerateConfig, ReadCorpusConfig
+    from pipelines.run import SEARCH_SPILL_FOLDER, build_generate_pipeline
+    from pipelines.sharded_search import SearchShards
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "text": "Heaps keep the smallest item first."}\n')
+    staging = str(tmp_path / "run" / ".staging")
+    pipeline = beam.Pipeline()
+    build_generate_pipeline(pipeline, GenerateConfig(output=str(tmp_path / "run"),
+                                                     corpus=ReadCorpusConfig(path=str(corpus))), staging)
+    searches = []
+
+    class FindSearches(PipelineVisitor):
+        def enter_composite_transform(self, node) -> None:
+            if isinstance(node.transform, SearchShards):
+                searches.append(node.transform)
+
+    pipeline.visit(FindSearches())
+    roots = {transform._spill_root for transform in searches}
+    assert len(searches) == 2 and roots == {f"{staging}/{SEARCH_SPILL_FOLDER}"}

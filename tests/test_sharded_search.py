@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -12,12 +13,13 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 
+from pipelines.search_spill import QUERY_GROUP_SALT, SHARD_SALT, SpillFn, part_of, read_spilled, vector_matrix
 from pipelines.sharded_search import (
     Hit,
     IndexSettings,
+    SearchShards,
     ShardedTopK,
-    _BlockFn,
-    _route_passages,
+    _route_corpus,
     _route_queries,
     _SearchShardFn,
     build_shard_index,
@@ -112,71 +114,113 @@ def test_sharded_top_k_transform_equalsbrute_force_top_k() -> None:
         assert_that(hits, equal_to(expected))
 
 
-def test_search_dofn_builds_the_shard_from_its_passage_blocks_and_searches_its_query_blocks() -> None:
+def _spill(folder: Path, items: list[tuple[Any, ...]], kind: str, salt: str, columns: tuple[str, ...]) -> list[Any]:
+    """What `SpillFn` writes of items arriving in one bundle: its `SpillFile`s."""
+    spiller = SpillFn(str(folder), kind, salt, columns)
+    spiller.start_bundle()
+    files = [spilled for item in items for spilled in spiller.process(item, GlobalWindow())]
+    return files + [value.value for value in spiller.finish_bundle()]
+
+
+def _parts(files: list[Any], tag: str, plan: tuple[int, int], key: tuple[int, int]) -> list[Any]:
+    """The parts of `files` routed to the (shard, group) `key`."""
+    route = _route_queries if tag == "q" else lambda spilled, plan: _route_corpus(spilled, tag, plan)
+    return [part for spilled in files for destination, part in route(spilled, plan) if destination == key]
+
+
+def test_search_dofn_reads_its_shard_and_query_group_from_spill_files_and_searches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pipelines.search_spill.SPILL_BATCH_ROWS", 7)  # several batches per file
     rng = np.random.default_rng(3)
     vectors = normalized_vectors(rng, 50, 8)
     queries = normalized_vectors(rng, 3, 8)
     ids = [f"p{index:02d}" for index in range(50)]
-    texts = [f"text of {pid}" for pid in ids]
-    # A GroupByKey gives no order: a query block may come before the passage blocks it must be searched against.
-    blocks = [
-        ("q", ["pair0"], ["p07"], queries[:1].tobytes()),
-        ("p", ids[:20], texts[:20], vectors[:20].tobytes()),
-        ("q", ["pair1", "pair2"], [None, "not-here"], queries[1:].tobytes()),
-        ("p", ids[20:], texts[20:], vectors[20:].tobytes()),
-    ]
-    fn = _SearchShardFn(k=5, query_batch_size=2, faiss_threads=1, keep_embeddings=True)
+    passage_files = (_spill(tmp_path, [(pid, pack_vector(v)) for pid, v in zip(ids[:20], vectors, strict=False)],
+                            "passage", SHARD_SALT, ("vector",))
+                     + _spill(tmp_path, list(zip(ids[20:], vectors[20:].tolist(), strict=True)), "passage",
+                              SHARD_SALT, ("vector",)))
+    # "p03" has no text: the shard leaves it out.
+    text_files = _spill(tmp_path, [(pid, f"text of {pid}") for pid in ids if pid != "p03"], "text", SHARD_SALT,
+                        ("text",))
+    query_files = _spill(tmp_path, [("pair0", queries[0].tolist(), "p07"), ("pair1", queries[1].tolist(), None),
+                                    ("pair2", queries[2].tolist(), "not-here")], "query", QUERY_GROUP_SALT,
+                         ("vector", "lookup"))
+    with_text = [index for index, pid in enumerate(ids) if pid != "p03"]
+    searchable_ids, searchable = [ids[index] for index in with_text], vectors[with_text]
+    fn = _SearchShardFn(k=5, query_batch_size=2, faiss_threads=1, keep_embeddings=True, with_texts=True)
     fn.setup()
-    output = dict(fn.process(((0, 0), blocks)))
+    plan = (1, 1)
+    # A GroupByKey gives no order: query parts may come before the passage parts they are searched against.
+    parts = (_parts(query_files, "q", plan, (0, 0)) + _parts(passage_files, "p", plan, (0, 0))
+             + _parts(text_files, "t", plan, (0, 0)))
+    output = dict(fn.process(((0, 0), parts)))
     assert sorted(output) == ["pair0", "pair1", "pair2"]
     for index, query in enumerate(queries):
         hits, _ = output[f"pair{index}"]
-        assert [Hit(passage_id, score) for passage_id, _, score, _ in hits] == brute_force_top_k(ids, vectors, query, 5)
+        expected = brute_force_top_k(searchable_ids, searchable, query, 5)
+        assert [Hit(passage_id, score) for passage_id, _, score, _ in hits] == expected
         for passage_id, text, _, embedding in hits:
             assert text == f"text of {passage_id}"
             assert embedding == pack_vector(vectors[ids.index(passage_id)])
     # The positive's vector comes back from the shard that holds it, and only when the query asked for it.
     assert [output[pair][1] for pair in ("pair0", "pair1", "pair2")] == [pack_vector(vectors[7]), None, None]
-    assert list(fn.process(((1, 0), blocks[:1]))) == []  # a shard without passages
+    assert list(fn.process(((0, 0), _parts(query_files, "q", plan, (0, 0))))) == []  # a shard without passages
 
 
-def _blocks(items: list[tuple[str, list[float], Any]], kind: str) -> list[Any]:
-    """What `_BlockFn` makes of items arriving in one bundle."""
-    blocker = _BlockFn(kind)
-    blocker.start_bundle()
-    blocks = [block for item in items for block in blocker.process(item, GlobalWindow())]
-    return blocks + [value.value for value in blocker.finish_bundle()]
-
-
-def test_blocks_go_to_their_shards_once_per_query_group_and_queries_to_every_shard(
-    monkeypatch: pytest.MonkeyPatch,
+def test_each_shard_and_query_group_reads_exactly_its_hash_range_of_every_spill_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("pipelines.sharded_search._BLOCK_ROWS", 3)
-    items = [(f"p{index}", [float(index), 1.0], f"text {index}") for index in range(10)]
-    blocks = _blocks(items, "passage")
-    assert [len(ids) for ids, _, _ in blocks] == [3, 3, 3, 1]
-    received: dict[int, list[tuple[str, list[float], str]]] = {0: [], 1: []}
-    for block in blocks:
-        for (shard, group), (tag, ids, texts, blob) in _route_passages(block, (4, 2)):
-            assert tag == "p"
-            assert {stable_hash("shard", passage_id) % 4 for passage_id in ids} == {shard}
-            vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), 2).tolist()
-            received[group].extend(zip(ids, vectors, texts, strict=True))
-    assert sorted(received[0]) == sorted(received[1]) == sorted(items)
+    monkeypatch.setattr("pipelines.search_spill.SPILL_BATCH_ROWS", 3)
+    items = [(f"p{index}", [float(index), 1.0]) for index in range(40)]
+    files = _spill(tmp_path, items, "passage", SHARD_SALT, ("vector",))
+    assert [rows for _, _, rows in files[0].batches] == [3] * 13 + [1]
+    plan = (4, 2)
+    for group in range(2):
+        received = []
+        for shard in range(4):
+            parts = _parts(files, "p", plan, (shard, group))
+            # Only batches overlapping the shard's range are routed: about a quarter of them, not all.
+            assert 0 < sum(len(batches) for _, _, batches, _, _ in parts) < len(files[0].batches)
+            for _, path, batches, low, high in parts:
+                table = read_spilled(path, batches, low, high)
+                ids = table.column("id").to_pylist()
+                assert {part_of(stable_hash("shard", passage_id), 4) for passage_id in ids} <= {shard}
+                received += zip(ids, vector_matrix(table).tolist(), strict=True)
+        assert sorted(received) == sorted(items)  # every passage once per query group
 
-    per_shard: dict[tuple[int, int], list[str]] = {}
-    for block in _blocks([(f"q{index}", [0.0, 1.0], None) for index in range(4)], "query"):
-        for destination, (tag, ids, lookups, _) in _route_queries(block, (3, 1)):
-            assert tag == "q" and lookups is None  # no query asked for its positive's vector
-            per_shard.setdefault(destination, []).extend(ids)
-    assert per_shard == {(shard, 0): ["q0", "q1", "q2", "q3"] for shard in range(3)}
+    query_files = _spill(tmp_path, [(f"q{index}", [0.0, 1.0], None) for index in range(4)], "query",
+                         QUERY_GROUP_SALT, ("vector", "lookup"))
+    per_shard = {shard: [part[1] for part in _parts(query_files, "q", (3, 1), (shard, 0))] for shard in range(3)}
+    assert per_shard == {shard: [query_files[0].path] for shard in range(3)}  # every query to every shard
 
 
-def test_a_block_of_vectors_of_different_dimensions_names_the_odd_one() -> None:
+def test_a_spill_file_is_written_per_bounded_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipelines.search_spill.SPILL_FILE_BYTES", 88)  # 8 rows of a 3-byte id and 2 float32
+    files = _spill(tmp_path, [(f"p{index:02d}", pack_vector([float(index), 1.0])) for index in range(20)], "passage",
+                   SHARD_SALT, ("vector",))
+    assert [spilled.rows for spilled in files] == [8, 8, 4]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(Path(f.path).name for f in files)
+
+
+def test_vectors_of_different_dimensions_name_the_odd_one(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="passage 'b' has dimension 3, passage 'a' 2"):
-        _blocks([("a", [1.0, 0.0], None), ("b", [1.0, 0.0, 0.0], None)], "passage")
+        _spill(tmp_path, [("a", [1.0, 0.0]), ("b", [1.0, 0.0, 0.0])], "passage", SHARD_SALT, ("vector",))
 
 
+def test_the_search_deletes_its_spill_files_once_every_shard_is_searched(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    vectors, queries = normalized_vectors(rng, 30, 4), normalized_vectors(rng, 3, 4)
+    with TestPipeline() as pipeline:
+        inputs = {
+            "queries": pipeline | "Queries" >> beam.Create([(f"q{i}", (q.tolist(), None)) for i, q in
+                                                            enumerate(queries)]) | beam.MapTuple(
+                lambda query_id, value: (query_id, *value)),
+            "passages": pipeline | "Passages" >> beam.Create([(f"p{i}", v.tolist()) for i, v in enumerate(vectors)]),
+        }
+        results = inputs | SearchShards(3, 10, 2, 8, 1, spill_root=str(tmp_path))
+        assert_that(results | beam.Keys() | beam.combiners.Count.Globally(), equal_to([3 * 3]))  # 3 shards
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_vectors_pack_to_float32_bytes_and_back() -> None:

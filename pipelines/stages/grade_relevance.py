@@ -154,11 +154,12 @@ class GradeRelevance(beam.PTransform):
 
     `llm` serves the LLM grader. `select_candidates`: the pairs hold several candidates per `query_id`; keep one of
     each (see the module docstring). `shard_size`: passages per shard of the round trip's search (None: chosen from
-    the corpus size, as MineNegatives chooses).
+    the corpus size, as MineNegatives chooses). `spill_root`: where that search spills its vectors (None: see
+    `sharded_search.SearchShards`).
     """
 
     def __init__(self, config: GradeRelevanceConfig, llm: ModelAccess | None = None, select_candidates: bool = False,
-                 shard_size: int | None = None):
+                 shard_size: int | None = None, spill_root: str | None = None):
         super().__init__()
         if config.use_llm and llm is None:
             raise ValueError("GradeRelevance: use_llm needs an LLM spec")
@@ -166,6 +167,7 @@ class GradeRelevance(beam.PTransform):
         self._llm = llm
         self._select_candidates = select_candidates
         self._shard_size = shard_size
+        self._spill_root = spill_root
 
     def expand(self, inputs):
         entering = inputs["pairs"] | "CountInput" >> CountRows(STAGE, "input")
@@ -217,7 +219,8 @@ class GradeRelevance(beam.PTransform):
         hits = {
             "queries": vectors | "QueryVectors" >> TeacherVectors(TaskType.RETRIEVAL_QUERY),
             "passages": vectors | "PassageVectors" >> TeacherVectors(TaskType.RETRIEVAL_DOCUMENT),
-        } | "RoundTripSearch" >> ShardedTopK(self._config.roundtrip_top_k, self._shard_size, stage=STAGE)
+        } | "RoundTripSearch" >> ShardedTopK(
+            self._config.roundtrip_top_k, self._shard_size, stage=STAGE, spill_root=self._spill_root)
         return (
             {"hits": hits, "pairs": pairs | "PairPositive" >> beam.Map(lambda pair: (pair["pair_id"],
                                                                                        pair["passage_id"]))}

@@ -3,18 +3,19 @@ scoring.
 
 Input: a dict `{"pairs": ..., "passages": ..., "vectors": ...}` of three PCollections: `data_schemas.GRADED_PAIR`
 rows, the corpus (PASSAGE rows) and the run's teacher vectors (EmbedTeacher's kept items). The stage joins each pair
-with its query's vector and each passage with its vector; a pair whose query has no vector is rejected as
-`missing_embedding`, a passage without one is left out of the search.
+with its query's vector; a pair whose query has no vector is rejected as `missing_embedding`. Passages are joined with
+their vectors inside the search's shards (pipelines/sharded_search.py), so the corpus's vectors go to disk once and
+never through a shuffle; a passage without a vector is left out of the search (EmbedTeacher rejected it).
 
-Inside, the mining works on `queries` and `passages` (`_MineEmbedded`):
+Inside, the mining works on `queries`, `passage_texts` and `passage_vectors` (`_MineEmbedded`):
 
 - `queries`: GRADED_PAIR rows, each extended with `query_embedding` (teacher vector, L2-normalized: `pack_vector`
   float32 bytes as `TeacherVectors` hands them out, or a list of floats) and
-  optionally `positive_embedding` (absent or null: looked up from `passages` by the positive's passage_id). Fields
+  optionally `positive_embedding` (absent or null: looked up from the corpus by the positive's passage_id). Fields
   read: `pair_id` (must be unique), `query_id`, `query`, `task`, `passage_id` and `passage` (the positive), plus the
   embeddings.
-- `passages`: dicts `{"passage_id", "text", "embedding"}`: unique ids, same teacher and dimension as the queries,
-  normalized. A passage without an embedding, or of another dimension than the queries, is a pipeline error (raised),
+- `passage_texts`: (passage_id, text) with unique ids; `passage_vectors`: (passage_id, vector), same teacher and
+  dimension as the queries, normalized. Vectors of another dimension than the queries are a pipeline error (raised),
   not data.
 
 Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows, "answers": LLMAnswer, "tallies": tallies}` (see
@@ -429,14 +430,6 @@ _REQUESTS = "requests"
 _MINING = "mining"
 
 
-def _passage_search_item(passage: Mapping[str, Any]) -> tuple[str, bytes | Sequence[float], str]:
-    embedding = passage.get("embedding")
-    if embedding is None or len(embedding) == 0:
-        raise ValueError(f"passage {passage.get('passage_id')!r} has no 'embedding': embed the corpus with the "
-                         "teacher (EmbedTeacher) before MineNegatives")
-    return passage["passage_id"], embedding, passage["text"]
-
-
 def _missing_fields(row: Mapping[str, Any]) -> list[str]:
     return [name for name in _REQUIRED_FIELDS if row.get(name) is None or len(row[name]) == 0]
 
@@ -567,16 +560,18 @@ class _JudgeFn(_OutcomeFn):
 
 
 class _MineEmbedded(beam.PTransform):
-    """{"queries": graded pairs + embeddings, "passages": corpus + embeddings} -> kept / rejected / answers /
-    statistics: the mining itself, once every row carries its vectors (see the module docstring)."""
+    """{"queries": graded pairs + embeddings, "passage_texts": (passage_id, text), "passage_vectors": (passage_id,
+    vector)} -> kept / rejected / answers / statistics: the mining itself, once every query row carries its vectors
+    (see the module docstring). The search joins passages with their vectors in each shard."""
 
-    def __init__(self, config: MineNegativesConfig, llm: ModelAccess | None):
+    def __init__(self, config: MineNegativesConfig, llm: ModelAccess | None, spill_root: str | None = None):
         super().__init__()
         self._config = config
         self._llm = llm
+        self._spill_root = spill_root
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
-        queries, passages = inputs["queries"], inputs["passages"]
+        queries = inputs["queries"]
         config = self._config
         pipeline = queries.pipeline
 
@@ -585,11 +580,11 @@ class _MineEmbedded(beam.PTransform):
         )
         # Passages enter the search with their texts, so hits come out with them: no join of hits with the corpus.
         shard_results = {
-            "queries": keyed[_SEARCH],
-            "passages": passages | "PassageItems" >> beam.Map(_passage_search_item),
+            "queries": keyed[_SEARCH], "passages": inputs["passage_vectors"], "texts": inputs["passage_texts"],
         } | "Search" >> SearchShards(
             config.k, config.shard_size, config.query_groups, config.query_batch_size, config.faiss_threads,
             keep_embeddings=config.keep_embeddings, stage=STAGE, index=config.index_settings,
+            spill_root=self._spill_root,
         )
         selected = (
             {"query": keyed["rows"], "results": shard_results}
@@ -635,13 +630,6 @@ def _attach_query_embedding(element: tuple[str, Mapping[str, list[Any]]]) -> Ite
         yield {**pair, "query_embedding": vectors[0]}
 
 
-def _passage_rows(element: tuple[str, Mapping[str, list[Any]]]) -> list[dict[str, Any]]:
-    """A passage joined with its teacher vector, as the search takes it; a passage without one is left out."""
-    passage_id, grouped = element
-    return [{"passage_id": passage_id, "text": passage["text"], "embedding": vector}
-            for passage in grouped["passages"] for vector in grouped["vectors"][:1]]
-
-
 class MineNegatives(beam.PTransform):
     """{"pairs": GRADED_PAIR rows, "passages": PASSAGE rows, "vectors": the run's teacher vectors} -> kept / rejected /
     answers / tallies.
@@ -652,11 +640,12 @@ class MineNegatives(beam.PTransform):
     dropped.llm_failed, dropped.llm_skipped, positive_llm_failed, relabeled, negatives, short_triplets), summed.
     See the module docstring for the input contract, the sharded search and the LLM decisions. `llm` serves LLM
     scoring only. `teacher`, the identity of the model that made the vectors, is written to every triplet (unless
-    `config.teacher_model` names it already).
+    `config.teacher_model` names it already). `spill_root`: where the search spills its vectors (None: see
+    `sharded_search.SearchShards`).
     """
 
     def __init__(self, config: MineNegativesConfig, llm: ModelAccess | None = None,
-                 teacher: ModelIdentity | None = None):
+                 teacher: ModelIdentity | None = None, spill_root: str | None = None):
         super().__init__()
         if teacher is not None and not config.teacher_model:
             config = replace(config, teacher_model=teacher.tag)
@@ -670,6 +659,7 @@ class MineNegatives(beam.PTransform):
                              "not give; use backend='local' or set query_likelihood=False")
         self._config = config
         self._llm = llm if config.llm_scoring else None
+        self._spill_root = spill_root
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
         vectors = inputs["vectors"]
@@ -682,15 +672,14 @@ class MineNegatives(beam.PTransform):
             | "JoinQueryEmbeddings" >> beam.CoGroupByKey()
             | "AttachEmbeddings" >> beam.FlatMap(_attach_query_embedding).with_outputs(_REJECTED, main="queries")
         )
-        passages = (
-            {
-                "passages": inputs["passages"] | "KeyPassages" >> beam.Map(lambda row: (row["passage_id"], row)),
-                "vectors": vectors | "PassageVectors" >> TeacherVectors(TaskType.RETRIEVAL_DOCUMENT),
-            }
-            | "JoinPassageVectors" >> beam.CoGroupByKey()
-            | "PassageRows" >> beam.FlatMap(_passage_rows)
-        )
-        mined = {"queries": queries["queries"], "passages": passages} | "Mine" >> _MineEmbedded(self._config, self._llm)
+        # No join of passages with their vectors here: the search joins them inside each shard, so the corpus's
+        # vectors never sit in a shuffle (a passage without a vector is left out of the search there).
+        mined = {
+            "queries": queries["queries"],
+            "passage_texts": inputs["passages"] | "PassageTexts" >> beam.Map(lambda row: (row["passage_id"],
+                                                                                         row["text"])),
+            "passage_vectors": vectors | "PassageVectors" >> TeacherVectors(TaskType.RETRIEVAL_DOCUMENT),
+        } | "Mine" >> _MineEmbedded(self._config, self._llm, self._spill_root)
         rejected = (queries[_REJECTED], mined["rejected"]) | "AllRejected" >> beam.Flatten()
         kept = mined["kept"] | "CountKept" >> CountRows(STAGE, "kept")
         rejected = rejected | "CountRejected" >> CountRows(STAGE, "rejected")
