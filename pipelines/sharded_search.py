@@ -48,8 +48,8 @@ How the sharded search runs in Beam (the index must not have to fit one worker, 
   whole corpus on every worker. The spill folder is deleted once every (shard, group) is searched; a run killed
   before leaves it in its temp location.
 - Each (shard, group) emits, per query, its shard's top-k (`SearchShards`); the caller merges them per query
-  (`merge_topk` order, ties by passage_id): `ShardedTopK` with a `CombinePerKey`, MineNegatives in its one join with
-  the query rows, keyed by pair_id (`merge_shard_hits`).
+  (`merge_topk` order, ties by passage_id), with a `CombinePerKey` that the runner runs in the search's bundles:
+  `ShardedTopK` (`_TopHitsFn`), MineNegatives (`MergeShardResults`) before its join with the query rows.
 """
 
 from __future__ import annotations
@@ -535,6 +535,35 @@ def merge_shard_hits(hit_lists: Sequence[list[ShardHit]], k: int) -> list[ShardH
     return heapq.nsmallest(k, itertools.chain.from_iterable(hit_lists), key=lambda hit: (-hit[2], hit[0]))
 
 
+class MergeShardResults(beam.CombineFn):
+    """Per query: `_SearchShardFn`'s per-shard results (hits, positive vector or None) -> one (global top-k hits,
+    positive vector or None).
+
+    A combine, not a grouping, so the runner merges the shards' results where they are made (Beam lifts the combine
+    into the search's bundles) and only k hits a query travel on: a query's hits from every shard, with texts and
+    vectors, are num_shards times that.
+    """
+
+    def __init__(self, k: int):
+        self._k = k
+
+    def create_accumulator(self) -> tuple[list[ShardHit], bytes | None]:
+        return [], None
+
+    def add_input(self, accumulator: tuple[list[ShardHit], bytes | None],
+                  shard_result: tuple[list[ShardHit], bytes | None]) -> tuple[list[ShardHit], bytes | None]:
+        return self.merge_accumulators([accumulator, shard_result])
+
+    def merge_accumulators(self, accumulators: Iterable[tuple[list[ShardHit], bytes | None]],
+                           ) -> tuple[list[ShardHit], bytes | None]:
+        accumulators = list(accumulators)
+        hits = merge_shard_hits([hits for hits, _ in accumulators], self._k)
+        return list(hits), next((vector for _, vector in accumulators if vector is not None), None)
+
+    def extract_output(self, accumulator: tuple[list[ShardHit], bytes | None]) -> tuple[list[ShardHit], bytes | None]:
+        return accumulator
+
+
 class _TopHitsFn(beam.CombineFn):
     """Per query: the global top-k (as Hits) of the per-shard results of `_SearchShardFn`."""
 
@@ -570,10 +599,11 @@ class SearchShards(beam.PTransform):
     `num_shards`, routes the files' batches to their (shard, query group) pairs, pairs every shard with every query
     group in one GroupByKey of file parts, and searches each pair; the spill folder is deleted once every pair is
     searched. With "texts", passages and their texts are joined inside each shard (a passage without a text is left
-    out) and hits carry their texts. Merging the per-shard results is left to the caller, so MineNegatives can do it in
-    the join with its query rows. `stage` names the Beam metrics namespace of the searches (`embforge.<stage>`, counter
-    `shard_searches`); `index` the faiss index each shard searches (exact by default); `spill_root` where the spill
-    folder goes (None: the pipeline's temp_location, else the machine's temporary directory).
+    out) and hits carry their texts. Merging the per-shard results is left to the caller: MineNegatives keeps texts,
+    vectors and the positive's vector (`MergeShardResults`), ShardedTopK scores only. `stage` names the Beam metrics
+    namespace of the searches (`embforge.<stage>`, counter `shard_searches`); `index` the faiss index each shard
+    searches (exact by default); `spill_root` where the spill folder goes (None: the pipeline's temp_location, else
+    the machine's temporary directory).
     """
 
     def __init__(self, k: int, shard_size: int | None, query_groups: int | None, query_batch_size: int,

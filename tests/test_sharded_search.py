@@ -17,6 +17,7 @@ from pipelines.search_spill import QUERY_GROUP_SALT, SHARD_SALT, SpillFn, part_o
 from pipelines.sharded_search import (
     Hit,
     IndexSettings,
+    MergeShardResults,
     SearchShards,
     ShardedTopK,
     _route_corpus,
@@ -242,6 +243,21 @@ def test_merge_shard_hits_orders_as_merge_topk_and_passes_one_shard_through() ->
         [[Hit(h[0], h[2]) for h in first], [Hit(h[0], h[2]) for h in second]], 3)] == ["c", "a", "b"]
     assert merged[1] == ("a", "text a", 0.5, b"\x00")  # texts and embeddings travel with their hits
     assert merge_shard_hits([first], 3) is first
+
+
+def test_merged_shard_results_keep_the_global_top_k_and_the_positive_any_shard_found() -> None:
+    merge = MergeShardResults(2)
+    shards = [([("b", "text b", 0.5, None), ("z", None, 0.2, None)], None),
+              ([("a", "text a", 0.5, b"\x00"), ("c", None, 0.9, None)], b"positive"),
+              ([("d", None, 0.1, None)], None)]
+    accumulator = merge.create_accumulator()
+    for shard in shards[:2]:
+        accumulator = merge.add_input(accumulator, shard)
+    # Lifted: part of the shards merged in one bundle, the rest in another.
+    merged = merge.extract_output(merge.merge_accumulators([accumulator, merge.add_input(
+        merge.create_accumulator(), shards[2])]))
+    assert merged == ([("c", None, 0.9, None), ("a", "text a", 0.5, b"\x00")], b"positive")
+    assert merge.extract_output(merge.create_accumulator()) == ([], None)
 
 
 @pytest.mark.slow

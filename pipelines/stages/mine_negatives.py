@@ -46,7 +46,8 @@ The steps, per query:
 The search (pipelines/sharded_search.py) gathers passages and queries into blocks, pairs each corpus shard with each
 query group, and hands out hits with their passage texts (and vectors, with `keep_embeddings`); a query that carries no
 positive_embedding asks it for its positive's vector, which the shard holding it returns. The per-shard results are
-merged in the one join with the query rows, keyed by pair_id: no join of hits with the corpus afterwards.
+merged per query by a combine (`MergeShardResults`, so k hits a query travel on, not k per shard), then joined with the
+query rows by pair_id: no join of hits with the corpus afterwards.
 
 How the LLM's grades decide (which candidates drop, when the positive is relabelled, what a failed answer means):
 pipelines/stages/candidate_scoring.py.
@@ -68,6 +69,7 @@ from pipelines.sharded_search import (
     DEFAULT_QUERY_BATCH_SIZE,
     EXACT_INDEX,
     IndexSettings,
+    MergeShardResults,
     SearchShards,
     merge_shard_hits,
     pack_vector,
@@ -587,7 +589,8 @@ class _MineEmbedded(beam.PTransform):
             spill_root=self._spill_root,
         )
         selected = (
-            {"query": keyed["rows"], "results": shard_results}
+            {"query": keyed["rows"],
+             "results": shard_results | "MergeShardResults" >> beam.CombinePerKey(MergeShardResults(config.k))}
             | "JoinQueriesWithHits" >> beam.CoGroupByKey()
             | "SelectCandidates" >> beam.ParDo(_SelectFn(config, llm=self._llm is not None)).with_outputs(
                 _REJECTED, _PENDING, _REQUESTS, TALLIES, main=_KEPT
