@@ -113,7 +113,7 @@ def test_report_json_md_and_png_are_written(tmp_path):
                              show_progress=False)
     assert json.loads((output / "report.json").read_text()) == report
     markdown = (output / "report.md").read_text()
-    assert "| metric | dim | precision | base | trained | Δ trained |" in markdown
+    assert "| metric | dim | embedding precision | base | trained | Δ trained |" in markdown
     # One query of four drops to rank 2: the interval of the difference reaches 0, so it is marked as not separated.
     assert "| mrr@10 | 32 | float32 | 1.0000 | 0.8750 | -0.1250 [-0.3750, +0.0000] † |" in markdown
     delta = next(row for row in report["results"] if row["model"] == "trained")["delta"]["mrr@10"]
