@@ -147,15 +147,15 @@ def baked_weights(transformer: nn.Module) -> Iterator[None]:
     """Inside: plain modules whose weights are the fake-quantized values (what `save_pretrained` writes); after: the
     parametrizations again, around the very same latent parameters (an optimizer holding them keeps working)."""
     modules = fake_quantized_modules(transformer)
-    saved = {name: (module.parametrizations.weight.original, module.parametrizations.weight[0].bits)
+    saved = {name: (module.parametrizations.weight.original.detach().clone(), module.parametrizations.weight[0].bits)
              for name, module in modules.items()}
     for module in modules.values():
+        # Keeps the parameter object and overwrites its values with the quantized ones: restored below.
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     try:
         yield
     finally:
         for name, (latent, bits) in saved.items():
-            module = modules[name]
-            del module.weight
-            module.weight = latent
-            parametrize.register_parametrization(module, "weight", FakeQuantize(bits))
+            with torch.no_grad():
+                modules[name].weight.copy_(latent)
+            parametrize.register_parametrization(modules[name], "weight", FakeQuantize(bits))
