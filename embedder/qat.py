@@ -61,7 +61,8 @@ def fake_quantize_activation(inputs: torch.Tensor) -> torch.Tensor:
     low, high = inputs.detach().min().clamp(max=0), inputs.detach().max().clamp(min=0)
     scale = ((high - low) / 127).clamp(min=1e-8).float().reshape(1)
     zero_point = torch.round(-low / scale).clamp(0, 127).to(torch.int32).reshape(1)
-    return torch.fake_quantize_per_tensor_affine(inputs, scale, zero_point, 0, 127)
+    # In float32: under autocast the inputs may be half precision, which the fake-quantization kernels may not take.
+    return torch.fake_quantize_per_tensor_affine(inputs.float(), scale, zero_point, 0, 127).to(inputs.dtype)
 
 
 def _quantize_linear_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -85,7 +86,8 @@ def layer_bits(transformer: nn.Module, scheme: str) -> dict[str, int]:
     plan = {}
     for name, module in transformer.named_modules():
         if isinstance(module, nn.Linear):
-            attention = "attention" in name.split(".")
+            # "attention" (BERT), "attn" (self_attn, attn_output, ... in most other encoders).
+            attention = any("attention" in part or "attn" in part for part in name.split("."))
             plan[name] = 4 if scheme == "int4" or (scheme == "mixed" and not attention) else 8
     if not plan:
         raise ValueError(f"{type(transformer).__name__} has no linear layers: nothing to quantize to {scheme}")

@@ -20,6 +20,7 @@ memory or time. The word embeddings are int8 codes dequantized at load (a lookup
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -136,7 +137,7 @@ def model_card(info: dict, megabytes: float) -> str:
         f"Quantized from `{info['source']}` by `embforge quantize --precision {info['precision']}`; "
         f"{megabytes:.1f} MB on disk.", "",
         f"- Weights: {counts[8]} tensors int8, {counts[4]} int4 (the encoder's linear layers and its word embeddings); "
-        "biases, LayerNorm and position embeddings float32.",
+        "biases, LayerNorm, position embeddings and any projection after pooling float32.",
         f"- Scheme: {info['scheme']}.",
         f"- How it runs: {info['runtime']}.",
         "- Word embeddings: int8 codes, dequantized to float32 at load.",
@@ -169,8 +170,9 @@ def int8_linear(linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor) -> 
         # torch 2.x marks quantized tensor constructors deprecated in favour of torchao, which is not installed here;
         # they still are what the built-in dynamic int8 kernels take.
         warnings.simplefilter("ignore", UserWarning)
-        weight = torch._make_per_channel_quantized_tensor(  # noqa: SLF001 - the public constructor re-rounds
-            codes, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        # codes * scale / scale rounds back to exactly the codes: the stored codes are what the kernel multiplies by.
+        weight = torch.quantize_per_channel(codes.float() * scale[:, None], scale.double(),
+                                            torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
         layer = torch.ao.nn.quantized.dynamic.Linear(linear.in_features, linear.out_features, dtype=torch.qint8)
         layer.set_weight_bias(weight, None if linear.bias is None else linear.bias.detach().clone())
     return layer
@@ -182,15 +184,14 @@ def load_quantized(model_dir: str) -> StudentEncoder:
     transformer = AutoModel.from_config(AutoConfig.from_pretrained(model_dir))
     tensors = load_file(os.path.join(model_dir, QUANTIZED_WEIGHTS))
     bits = {module: int(value) for module, value in info["bits"].items()}
-    state, codes = {}, {}
-    for module, module_bits in bits.items():
-        shape = transformer.get_submodule(module).weight.shape
-        stored = tensors.pop(module + CODES)
-        codes[module] = unpack_int4(stored, shape) if module_bits == 4 else stored
-        scale = tensors.pop(module + SCALE)
-        state[module + ".weight"] = codes[module].float() * scale[:, None]
-        tensors[module + SCALE] = scale
-    state.update({key: value for key, value in tensors.items() if not key.endswith(SCALE)})
+    try:
+        scales = {module: tensors.pop(module + SCALE) for module in bits}
+        stored = {module: tensors.pop(module + CODES) for module in bits}
+    except KeyError as error:
+        raise ValueError(f"{model_dir}/{QUANTIZED_WEIGHTS}: lacks {error}, which {QUANTIZATION_JSON} lists") from error
+    codes = {module: unpack_int4(stored[module], transformer.get_submodule(module).weight.shape) if module_bits == 4
+             else stored[module] for module, module_bits in bits.items()}
+    state = {**tensors, **{module + ".weight": codes[module].float() * scales[module][:, None] for module in bits}}
     missing, unexpected = transformer.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{model_dir}/{QUANTIZED_WEIGHTS}: does not match config.json (missing {missing[:3]}, "
@@ -200,7 +201,7 @@ def load_quantized(model_dir: str) -> StudentEncoder:
         if module_bits == 8 and isinstance(layer, nn.Linear):
             parent, _, child = module.rpartition(".")
             setattr(transformer.get_submodule(parent), child,
-                    int8_linear(layer, codes[module], tensors[module + SCALE]))
+                    int8_linear(layer, codes[module], scales[module]))
     model = StudentEncoder.load(model_dir, transformer=transformer)
     return model.eval()
 
@@ -231,5 +232,6 @@ class QuantizedEmbedder(Embedder):
         with self._lock:
             vectors = self._model.encode(list(texts), task, batch_size=self.batch_size) if texts else (
                 np.zeros((0, self.native_dimension), dtype=np.float32))
-        self.stats.record()
+        for _ in range(math.ceil(len(texts) / self.batch_size)):
+            self.stats.record()  # one per forward pass, as LocalEmbedder counts
         return truncate_and_normalize(vectors, dimension)
