@@ -29,8 +29,6 @@ from pipelines import logs
 from pipelines.config_loading import ConfigError
 
 LOGGER = logging.getLogger("embforge")
-#: `embedder.config.QAT_SCHEMES` (a test keeps them equal), spelt out so that parsing a command line imports no numpy.
-WEIGHT_PRECISIONS = ("int8", "int4", "mixed")
 
 #: Commands whose unrecognised options may be Apache Beam pipeline options (`--runner DataflowRunner ...`).
 BEAM_COMMANDS = ("generate", "run")
@@ -138,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = command("quantize", "store a trained student's weights in int8, int4 or mixed precision")
     quantize.add_argument("model", help="the float student's folder (what `embforge train` writes)")
-    quantize.add_argument("--precision", required=True, choices=WEIGHT_PRECISIONS,
-                          help="int8: int8 matrix products on the CPU; int4: packed, dequantized at load; mixed: "
-                               "int8 attention, int4 feed-forward")
+    # Checked by quantize_model, so that a wrong value is the one-line error every other bad input gets.
+    quantize.add_argument("--precision", required=True,
+                          help="int8 (int8 matrix products on the CPU), int4 (packed, dequantized at load) or mixed "
+                               "(int8 attention, int4 feed-forward)")
     quantize.add_argument("--output", required=True, help="folder for the quantized model (replaced once complete)")
 
     publish = command("publish", "upload a run's dataset or a trained model to the Hugging Face Hub")
