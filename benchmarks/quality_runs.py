@@ -29,9 +29,8 @@ from embedder.eval_data import LabeledData, load_beir  # noqa: E402  (after the 
 from embedder.evaluate import SAMPLES, EncodingCache, evaluate_retrieval, predict_labels  # noqa: E402
 from embedder.metrics import BOOTSTRAP_RESAMPLES, ClassificationSamples, ItemScores, paired_bootstrap  # noqa: E402
 from pipelines.clients.base import TaskType  # noqa: E402
-from pipelines.clients.factory import build_embedder  # noqa: E402
-from pipelines.clients.specs import EmbedderSpec  # noqa: E402
 from pipelines.config import EvaluateConfig  # noqa: E402
+from pipelines.run import evaluated_embedder  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks")
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -101,14 +100,15 @@ def write_results(name: str, figures: dict[str, Any], settings: dict[str, Any], 
 
 
 def retrieval_scores(work_dir: Path, name: str, model: str, beir_dir: str, split: str = "test") -> ItemScores:
-    """`model`'s retrieval metrics per judged query of `beir_dir` at full dimension, float32, read at the window
-    `embforge evaluate` uses; computed once and kept in `<work_dir>/scores/<name>.json`."""
+    """`model`'s retrieval metrics per judged query of `beir_dir` at full dimension, float32, read at the window and
+    by the loader `embforge evaluate` uses (quantized folders too); computed once and kept in
+    `<work_dir>/scores/<name>.json`."""
     path = work_dir / "scores" / f"{name}.json"
     if path.exists():
         stored = json.loads(path.read_text())
         return ItemScores({metric: np.asarray(values) for metric, values in stored["per_query"].items()})
     started = time.perf_counter()
-    embedder = build_embedder(EmbedderSpec(backend="local", model=model, max_seq_length=EVAL_WINDOW))
+    embedder = evaluated_embedder(model, EVAL_WINDOW)
     data = load_beir(beir_dir, split)
     row = evaluate_retrieval(name, embedder, data, [embedder.native_dimension], False, EncodingCache(False),
                              task_name=Path(beir_dir).name)[0]
@@ -130,7 +130,7 @@ def classification_scores(work_dir: Path, name: str, model: str, train: LabeledD
     if path.exists():
         stored = json.loads(path.read_text())
         return ClassificationSamples.of(stored["true"], stored["predicted"])
-    embedder = build_embedder(EmbedderSpec(backend="local", model=model, max_seq_length=EVAL_WINDOW))
+    embedder = evaluated_embedder(model, EVAL_WINDOW)
     cache = EncodingCache(False)
     train_vectors = cache.encode(name, embedder, train.texts, TaskType.CLASSIFICATION, "train")
     test_vectors = cache.encode(name, embedder, test.texts, TaskType.CLASSIFICATION, "test")

@@ -34,6 +34,8 @@ DEFAULT_TASK_PROMPTS: dict[str, str] = {PROMPT_NAMES[task_type]: prompt for task
 }.items()}
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Weight precisions of quantization-aware training and export (`embedder.qat`); here so the config needs no torch.
+QAT_SCHEMES = ("int8", "int4", "mixed")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -73,6 +75,10 @@ class TrainConfig:
     #: Torch CPU threads; None uses every core this process may run on (never more).
     num_threads: int | None = None
     seed: int = 42
+    #: Quantization-aware training: "int8", "int4" or "mixed" fake-quantizes the encoder's weights (and the inputs of
+    #: its int8 layers) as `embforge quantize --precision` will store them (`embedder.qat`); None trains in float. To
+    #: finish a float student with QAT, as EmbeddingGemma does, set `student` to the trained model's folder.
+    qat: str | None = None
     #: Output size of an optional linear projection after mean pooling (a sentence-transformers Dense module).
     projection_dim: int | None = None
     #: Prompt name (`pipelines.clients.task_prompts.PROMPT_NAMES`: the TaskType name) -> prompt prefix, saved with the
@@ -141,6 +147,8 @@ class TrainConfig:
             found.append(f"grad_accumulation: {self.grad_accumulation} (must be >= 1)")
         if self.precision not in PRECISIONS:
             found.append(f"precision: {self.precision!r} (expected one of {', '.join(PRECISIONS)})")
+        if self.qat is not None and self.qat not in QAT_SCHEMES:
+            found.append(f"qat: {self.qat!r} (expected one of {', '.join(QAT_SCHEMES)}, or unset to train in float)")
         if self.num_threads is not None and self.num_threads < 1:
             found.append(f"num_threads: {self.num_threads} (must be >= 1, or None for all available cores)")
         if self.projection_dim is not None and self.projection_dim < 1:

@@ -1,4 +1,5 @@
-"""Evaluate any `Embedder` on retrieval (BEIR layout) and classification, at Matryoshka dimensions, float32 and int8.
+"""Evaluate any `Embedder` on retrieval (BEIR layout) and classification, at Matryoshka dimensions, float32, int8 and
+binary output embeddings.
 
 The evaluator sees models only through the `Embedder` interface, so the base student, a trained student, Gemini and
 the test fakes are measured by the same code. Each text set is encoded once per model, at the model's full dimension;
@@ -13,7 +14,12 @@ Classification (`ClassificationTask`): logistic regression on the train embeddin
 and macro-F1 on the test embeddings.
 
 int8: each dimension's vectors go through `embedder.quantize.Int8Quantizer`, calibrated on the vectors a deployment
-would store (the corpus; the train set for classification).
+would store (the corpus; the train set for classification). Binary (retrieval only): sign bits and Hamming search,
+alone ("binary") and with float rescoring of the top candidates ("binary+rescore"), see `embedder.quantize`.
+
+Two precisions are reported apart: a result row's `precision` is that of the output embeddings (float32, int8,
+binary, binary+rescore); the model's `weight_precision` (float32, int8, int4, mixed; None when unknown, e.g. an API
+model) is read from the embedder's `weight_precision` and stated per model and per row.
 
 `evaluate_models` compares models side by side and writes report.json, report.md and report.png (see `embedder.report`).
 Every difference to the baseline (the first model) comes with a 95% paired-bootstrap interval over the queries (test
@@ -46,13 +52,14 @@ from embedder.metrics import (
     paired_bootstrap,
     per_query_retrieval_metrics,
 )
-from embedder.quantize import INT8_SCHEME, Int8Quantizer
+from embedder.quantize import BINARY_SCHEME, INT8_SCHEME, RESCORE_FACTOR, Int8Quantizer, binary_search
 from pipelines.clients.base import Embedder, TaskType, truncate_and_normalize
 
 LOGGER = logging.getLogger(__name__)
 
 #: 2: per-model window (`max_seq_length`), and each difference to the baseline with its bootstrap interval.
-REPORT_VERSION = 2
+#: 3: weight precision per model and row, binary output embeddings.
+REPORT_VERSION = 3
 #: Passages kept per query: Recall@100 needs the top 100, and nDCG@10 / MRR@10 read the head of the same list.
 TOP_K = 100
 #: Texts per `Embedder.embed` call: small enough for the progress bar to move, large enough to keep a backend's own
@@ -61,7 +68,8 @@ ENCODE_CHUNK = 256
 #: Logistic-regression iterations: lbfgs converges on normalized embeddings in a few hundred; sklearn's default 100
 #: stops early (ConvergenceWarning) on 77-class Banking77.
 CLASSIFIER_MAX_ITER = 1000
-PRECISIONS = ("float32", "int8")
+#: Output-embedding precisions, in report order.
+PRECISIONS = ("float32", "int8", "binary", "binary+rescore")
 #: Key of a result row's per-query (or per-text) outcomes while the report is assembled; never written to report.json.
 SAMPLES = "_samples"
 
@@ -194,24 +202,32 @@ def build_run(query_ids: Sequence[str], corpus_ids: Sequence[str], scores: np.nd
 
 
 
+def weight_precision(embedder: Embedder) -> str | None:
+    return getattr(embedder, "weight_precision", None)
+
+
 def evaluate_retrieval(model_name: str, embedder: Embedder, data: BeirData, dims: Sequence[int], int8: bool,
-                       cache: EncodingCache, task_name: str = "retrieval") -> list[dict[str, Any]]:
+                       cache: EncodingCache, task_name: str = "retrieval",
+                       binary: bool = False) -> list[dict[str, Any]]:
     """Result rows (one per dimension and precision) for one model on one BEIR split."""
     corpus = cache.encode(model_name, embedder, data.corpus_texts, TaskType.RETRIEVAL_DOCUMENT, f"{task_name} corpus")
     queries = cache.encode(model_name, embedder, data.query_texts, TaskType.RETRIEVAL_QUERY, f"{task_name} queries")
     rows = []
     for dimension in dims:
         corpus_d, queries_d = truncate_and_normalize(corpus, dimension), truncate_and_normalize(queries, dimension)
-        variants = [("float32", corpus_d, queries_d)]
+        searches = {"float32": search(corpus_d, queries_d)}
         if int8:
             quantizer = Int8Quantizer.calibrate(corpus_d)
-            variants.append(("int8", quantizer.roundtrip(corpus_d), quantizer.roundtrip(queries_d)))
-        for precision, corpus_vectors, query_vectors in variants:
-            scores, indices = search(corpus_vectors, query_vectors)
+            searches["int8"] = search(quantizer.roundtrip(corpus_d), quantizer.roundtrip(queries_d))
+        if binary:
+            searches["binary"] = binary_search(corpus_d, queries_d, TOP_K, rescore=False)
+            searches["binary+rescore"] = binary_search(corpus_d, queries_d, TOP_K, rescore=True)
+        for precision, (scores, indices) in searches.items():
             run = build_run(data.query_ids, data.corpus_ids, scores, indices)
             per_query = per_query_retrieval_metrics(data.qrels, run)
             row = _row(task_name, "retrieval", model_name, dimension, precision,
-                       {metric: float(values.mean()) for metric, values in per_query.items()})
+                       {metric: float(values.mean()) for metric, values in per_query.items()},
+                       weight_precision(embedder))
             rows.append({**row, SAMPLES: ItemScores(per_query)})
     return rows
 
@@ -251,7 +267,8 @@ def evaluate_classification(model_name: str, embedder: Embedder, train: LabeledD
             samples = ClassificationSamples.of(test.labels, predict_labels(train_x, train.labels, test_x, seed))
             everything = np.arange(samples.size)
             row = _row(task_name, "classification", model_name, dimension, precision,
-                       {metric: samples.statistic(metric, everything) for metric in CLASSIFICATION_METRICS})
+                       {metric: samples.statistic(metric, everything) for metric in CLASSIFICATION_METRICS},
+                       weight_precision(embedder))
             rows.append({**row, SAMPLES: samples})
     return rows
 
@@ -281,9 +298,10 @@ def add_deltas(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]
 # --- side by side -----------------------------------------------------------------------------------------------------
 
 
-def _row(task: str, kind: str, model: str, dimension: int, precision: str, metrics: dict[str, float]) -> dict:
+def _row(task: str, kind: str, model: str, dimension: int, precision: str, metrics: dict[str, float],
+         weights: str | None) -> dict:
     return {"task": task, "kind": kind, "model": model, "dimension": dimension, "precision": precision,
-            "metrics": metrics}
+            "weight_precision": weights, "metrics": metrics}
 
 
 def _check_inputs(models: Mapping[str, Embedder], tasks: Sequence[EvalTask], dims: Sequence[int]) -> list[int]:
@@ -301,8 +319,9 @@ def _check_inputs(models: Mapping[str, Embedder], tasks: Sequence[EvalTask], dim
 
 
 def evaluate_models(models: dict[str, Embedder], tasks: Sequence[EvalTask], dims: Sequence[int], output_dir: str,
-                    int8: bool = True, *, show_progress: bool = True) -> dict[str, Any]:
-    """Evaluate every model on every task at every dimension (float32, and int8 when `int8`), side by side.
+                    int8: bool = True, *, binary: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Evaluate every model on every task at every dimension (float32, int8 when `int8`, and for retrieval binary and
+    binary+rescore when `binary`), side by side.
 
     The first model is the baseline the report's deltas are taken against. A dimension above a model's native one is
     skipped for that model (listed under "skipped"). Writes report.json, report.md and report.png to `output_dir`
@@ -344,7 +363,7 @@ def evaluate_models(models: dict[str, Embedder], tasks: Sequence[EvalTask], dims
                 continue
             task_started = time.perf_counter()
             if isinstance(task, RetrievalTask):
-                rows += evaluate_retrieval(model_name, embedder, beir, model_dims, int8, cache, task.name)
+                rows += evaluate_retrieval(model_name, embedder, beir, model_dims, int8, cache, task.name, binary)
             else:
                 rows += evaluate_classification(model_name, embedder, train, test, model_dims, int8, cache,
                                                 task.name, task.seed)
@@ -358,11 +377,14 @@ def evaluate_models(models: dict[str, Embedder], tasks: Sequence[EvalTask], dims
         # by that alone, so it is stated per model (None: the backend has no window to set, e.g. an API model).
         "models": {name: {"model_id": embedder.model_id, "model_version": embedder.model_version,
                           "native_dimension": embedder.native_dimension,
-                          "max_seq_length": getattr(embedder, "max_seq_length", None)}
+                          "max_seq_length": getattr(embedder, "max_seq_length", None),
+                          "weight_precision": weight_precision(embedder)}
                    for name, embedder in models.items()},
         "dims": dims,
-        "precisions": list(PRECISIONS if int8 else PRECISIONS[:1]),
+        "precisions": [precision for precision in PRECISIONS if precision == "float32"
+                       or (precision == "int8" and int8) or (precision.startswith("binary") and binary)],
         "int8_scheme": INT8_SCHEME,
+        "binary_scheme": BINARY_SCHEME.format(factor=RESCORE_FACTOR),
         "tasks": task_info,
         "results": add_deltas(rows, baseline),
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "interval": "95% paired bootstrap over "

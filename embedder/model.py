@@ -96,8 +96,12 @@ class StudentEncoder(nn.Module):
         return model
 
     @classmethod
-    def load(cls, model_dir: str) -> StudentEncoder:
-        """Load a sentence-transformers directory made of Transformer, mean Pooling, optional Dense, Normalize."""
+    def load(cls, model_dir: str, *, transformer: nn.Module | None = None) -> StudentEncoder:
+        """Load a sentence-transformers directory made of Transformer, mean Pooling, optional Dense, Normalize.
+
+        `transformer`: an encoder already built from the folder's weights (a quantized export's, which
+        `AutoModel.from_pretrained` cannot read), used instead of loading them.
+        """
         modules = _read_json(os.path.join(model_dir, "modules.json"))
         kinds = [module["type"].rsplit(".", 1)[-1] for module in modules]
         allowed = (["Transformer", "Pooling", "Dense", "Normalize"], ["Transformer", "Pooling", "Normalize"],
@@ -112,7 +116,8 @@ class StudentEncoder(nn.Module):
                                                          and not pooling.get("pooling_mode_max_tokens"))
         if not mean or pooling.get("include_prompt") is False:
             raise ValueError(f"{paths['Pooling']}/config.json: only mean pooling over all tokens is supported")
-        transformer = AutoModel.from_pretrained(paths["Transformer"])
+        if transformer is None:
+            transformer = AutoModel.from_pretrained(paths["Transformer"])
         tokenizer = AutoTokenizer.from_pretrained(paths["Transformer"])
         st_config_path = os.path.join(paths["Transformer"], "sentence_bert_config.json")
         st_config = _read_json(st_config_path) if os.path.isfile(st_config_path) else {}

@@ -1,8 +1,9 @@
 """Render an evaluation report (the dict `embedder.evaluate.evaluate_models` returns) as JSON, Markdown and a PNG plot.
 
-The Markdown has one table per task: a row per metric, dimension and precision, a column per model, and a delta column
-for each model against the baseline (the first model). The plot has one panel per task and metric: the metric against
-the dimension, one colour per model, solid for float32 and dashed for int8.
+The Markdown lists the models with their weight precision, then has one table per task: a row per metric, dimension
+and output-embedding precision, a column per model, and a delta column for each model against the baseline (the first
+model). The plot has one panel per task and metric: the metric against the dimension, one colour per model, one line
+style per embedding precision (solid float32, dashed int8, dotted binary, dash-dot binary+rescore).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ REPORT_PNG = "report.png"
 
 _MISSING = "—"
 #: int8 dashed with hollow markers, so it stays visible where it coincides with float32.
-_LINE_STYLES = {"float32": ("-", "o", None), "int8": ("--", "s", "none")}
+_LINE_STYLES = {"float32": ("-", "o", None), "int8": ("--", "s", "none"), "binary": (":", "^", "none"),
+                "binary+rescore": ("-.", "v", "none")}
 
 
 def _value(results: Mapping[tuple, float], task: str, model: str, dimension: int, precision: str,
@@ -72,12 +74,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = ["# Embedding evaluation", "", f"Created {report['created']}. Deltas are against **{baseline}**, each with "
              "its 95% paired-bootstrap interval over the queries (classification: test texts); † marks a difference "
              "the interval does not separate from zero.", "",
-             "| model | model id | version | native dim | window (tokens) |", "|---|---|---|---:|---:|"]
+             "| model | model id | version | native dim | window (tokens) | weight precision |",
+             "|---|---|---|---:|---:|---|"]
     lines += [f"| {name} | `{info['model_id']}` | `{info['model_version']}` | {info['native_dimension']} | "
-              f"{info.get('max_seq_length') or _MISSING} |" for name, info in report["models"].items()]
+              f"{info.get('max_seq_length') or _MISSING} | {info.get('weight_precision') or _MISSING} |"
+              for name, info in report["models"].items()]
+    lines += ["", "Weight precision is the model's (`embforge quantize`); the tables' embedding precision is that of "
+              "the stored output vectors."]
     if "int8" in report["precisions"]:
-        lines += ["", f"int8: {report['int8_scheme']}."]
-    header = ["metric", "dim", "precision", *models, *(f"Δ {name}" for name in others)]
+        lines += ["", f"int8 embeddings: {report['int8_scheme']}."]
+    if "binary" in report["precisions"]:
+        lines += ["", f"binary embeddings: {report['binary_scheme']}."]
+    header = ["metric", "dim", "embedding precision", *models, *(f"Δ {name}" for name in others)]
     for task in report["tasks"]:
         lines += ["", _task_heading(task), "", "| " + " | ".join(header) + " |",
                   "|---|---:|---|" + "---:|" * (len(models) + len(others))]

@@ -10,8 +10,10 @@ One flat loop, nanoGPT style:
   5. save the final student as a sentence-transformers directory, plot the loss curves
 
 Output directory:
-    model/                      the trained student (sentence-transformers format; the return value)
-    checkpoints/step-0000500/   model/, trainer_state.pt (optimizer, schedule, sampler, RNG states, step), losses.jsonl
+    model/                      the trained student (sentence-transformers format; the return value); with `qat` its
+                                weights are the fake-quantized values (float32 on the quantization grid)
+    checkpoints/step-0000500/   model/, trainer_state.pt (optimizer, schedule, sampler, RNG states, step, the latent
+                                float weights under QAT), losses.jsonl
     losses.jsonl, losses.png    one line per optimizer step: total and each loss term, examples, and for steps with
                                 triplet batches the mean negatives per query and the masked candidates
     train_config.json, train_summary.json   (the summary: steps, mean batch size, mean negatives per query, masked
@@ -48,6 +50,7 @@ from embedder.losses import (
     passage_groups,
 )
 from embedder.model import StudentEncoder
+from embedder.qat import apply_fake_quantization, baked_weights, latent_weights, load_latent_weights
 from pipelines.clients.base import TaskType
 from pipelines.clients.packaged_models import cap_torch_threads, resolve_model, unavailable_error
 from pipelines.outputs import replace_folder
@@ -444,6 +447,12 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
         model = StudentEncoder.load(os.path.join(checkpoint, "model"))
     else:
         model = load_student(config)
+    if config.qat:
+        # Before the optimizer is built: it must hold the latent weights behind the fake quantization.
+        try:
+            apply_fake_quantization(model.transformer, config.qat)
+        except ValueError as error:
+            raise ValueError(f"qat: {config.student}: {error}") from error
     dims = tuple(config.matryoshka_dims)
     if dims and dims[0] > model.dimension:
         raise ValueError(f"matryoshka_dims {dims} start above the student's dimension {model.dimension} "
@@ -473,6 +482,9 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
         scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         step, elapsed = state["step"], state.get("elapsed_s", 0.0)
+        if config.qat:
+            # The checkpoint's model holds the fake-quantized weights; training goes on from the float ones behind them.
+            load_latent_weights(model.transformer, state["qat_latent"])
         history = read_losses(os.path.join(checkpoint, "losses.jsonl"))
         # Last: model loading above may have drawn random numbers.
         restore_rng_states(state["rng"])
@@ -485,7 +497,7 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
         return {"step": step, "config": config.to_dict(), "head": head.state_dict() if head is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states(),
-                "elapsed_s": elapsed}
+                "elapsed_s": elapsed, "qat_latent": latent_weights(model.transformer) if config.qat else None}
 
     def embed(texts: list[str], task_type: str) -> torch.Tensor:
         # Only the encoder under autocast: a softmax over cosines / 0.05 in half precision loses the ranking signal.
@@ -553,20 +565,23 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
                     progress.update(bar, completed=step, loss=line.get("loss", float("nan")),
                                     rate=line["examples_per_s"])
                 if step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                    save_checkpoint(work_dir, step, model, trainer_state(), history, config.keep_checkpoints)
+                    state_now = trainer_state()
+                    with baked_weights(model.transformer):
+                        save_checkpoint(work_dir, step, model, state_now, history, config.keep_checkpoints)
                     plot_losses(history, os.path.join(work_dir, "losses.png"))
     finally:
         if progress is not None:
             progress.stop()
 
-    # 5. final model
-    model.save(os.path.join(work_dir, "model"))
+    # 5. final model (with QAT: its weights are the fake-quantized ones, what `embforge quantize` stores exactly)
+    with baked_weights(model.transformer):
+        model.save(os.path.join(work_dir, "model"))
     plot_losses(history, os.path.join(work_dir, "losses.png"))
     with open(os.path.join(work_dir, "train_summary.json"), "w", encoding="utf-8") as handle:
         json.dump({"steps": step, "total_steps": total_steps, "epochs_started": sampler.state.epoch + 1,
                    "examples_seen": sum(line["examples"] for line in history), **batch_summary(history, config),
                    "elapsed_s": elapsed,
-                   "device": str(device), "precision": str(amp_dtype or torch.float32),
+                   "device": str(device), "precision": str(amp_dtype or torch.float32), "qat": config.qat,
                    "teacher_dim": data.teacher_dim, "distillation_head": head is not None,
                    "data": dict(data.counts)}, handle, indent=2)
     if work_dir != config.output_dir:

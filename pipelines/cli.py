@@ -1,4 +1,5 @@
-"""`embforge`: generate training data, train a student, evaluate it, average checkpoints, publish, or run it all.
+"""`embforge`: generate training data, train a student, evaluate it, average checkpoints, quantize, publish, or run it
+all.
 
 Configuration comes from one file (TOML or YAML) with a section per command (`[generate]`, `[train]`, `[evaluate]`),
 then `--set section.key=value` overrides, then the command's own flags. Everything is checked before any work starts.
@@ -124,11 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text-field", help="column holding the text in classification files (default: text)")
     evaluate.add_argument("--label-field", help="column holding the label in classification files (default: label)")
     evaluate.add_argument("--output", help="report directory; overrides evaluate.output")
+    evaluate.add_argument("--binary", action="store_true", default=None,
+                          help="also evaluate binary output embeddings (sign bits, Hamming search, and with float "
+                               "rescoring of the top candidates); overrides evaluate.binary")
 
     soup = command("soup", "average checkpoints or trained models into one model")
     soup.add_argument("models", nargs="+", help="model or checkpoint directories")
     soup.add_argument("--output", required=True, help="directory for the averaged model")
     soup.add_argument("--weights", type=float, nargs="+", help="one weight per model (default: uniform)")
+
+    quantize = command("quantize", "store a trained student's weights in int8, int4 or mixed precision")
+    quantize.add_argument("model", help="the float student's folder (what `embforge train` writes)")
+    # Checked by quantize_model, so that a wrong value is the one-line error every other bad input gets.
+    quantize.add_argument("--precision", required=True,
+                          help="int8 (int8 matrix products on the CPU), int4 (packed, dequantized at load) or mixed "
+                               "(int8 attention, int4 feed-forward)")
+    quantize.add_argument("--output", required=True, help="folder for the quantized model (replaced once complete)")
 
     publish = command("publish", "upload a run's dataset or a trained model to the Hugging Face Hub")
     publish.add_argument("kind", choices=("dataset", "model"))
@@ -300,6 +312,8 @@ def _evaluate_overrides(config, args: argparse.Namespace):
         evaluate = replace(evaluate, text_field=args.text_field)
     if args.label_field:
         evaluate = replace(evaluate, label_field=args.label_field)
+    if args.binary:
+        evaluate = replace(evaluate, binary=True)
     return replace(config, evaluate=evaluate)
 
 
@@ -322,6 +336,15 @@ def _dispatch(args: argparse.Namespace, beam_options: list[str]) -> None:
         logs.attach_file(None)
         try:
             print(soup(args.models, args.weights, args.output))
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from error
+        return
+    if args.command == "quantize":
+        from embedder.quantized_model import quantize_model
+
+        logs.attach_file(None)
+        try:
+            print(quantize_model(args.model, args.precision, args.output))
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from error
         return

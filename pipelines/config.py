@@ -90,6 +90,8 @@ class EvaluateConfig:
     label_field: str = "label"
     dims: tuple[int, ...] = (384, 256, 128, 64)
     int8: bool = True
+    #: Binary output embeddings too (retrieval): sign bits with Hamming search, alone and with float rescoring.
+    binary: bool = False
     #: Tokens every model reads per text (its window), the same for all so that none wins by reading more of a
     #: passage; 256 is all-MiniLM-L6-v2's own window. None: each model's own window (the report states each).
     max_seq_length: int | None = 256

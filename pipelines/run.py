@@ -250,11 +250,21 @@ def _check_models_resolve(references: Iterable[str]) -> None:
         resolve_model(reference)
 
 
+def evaluated_embedder(model: str, max_seq_length: int | None):
+    """The `Embedder` that `embforge evaluate` measures `model` (a path, a Hub id or packaged:<name>) with."""
+    from embedder.quantized_model import QuantizedEmbedder, is_quantized_model
+    from pipelines.clients.factory import build_embedder
+    from pipelines.clients.specs import EmbedderSpec
+
+    if is_quantized_model(model):
+        # A folder `embforge quantize` wrote: embforge's own loader reads it (sentence-transformers cannot).
+        return QuantizedEmbedder(model, max_seq_length=max_seq_length)
+    return build_embedder(EmbedderSpec(backend="local", model=model, max_seq_length=max_seq_length))
+
+
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate every model of `config` on every task; the report replaces `config.output`'s once it is complete."""
     from embedder.evaluate import evaluate_models
-    from pipelines.clients.factory import build_embedder
-    from pipelines.clients.specs import EmbedderSpec
 
     tasks = evaluation_tasks(config)
     if not tasks:
@@ -263,11 +273,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if not config.models:
         raise ConfigError("evaluate: no model to evaluate: give --model NAME=MODEL (a path, a Hub id or "
                           "packaged:all-minilm-l6-v2) once per model")
-    models = {name: build_embedder(EmbedderSpec(backend="local", model=path, max_seq_length=config.max_seq_length))
-              for name, path in config.models.items()}
+    models = {name: evaluated_embedder(path, config.max_seq_length) for name, path in config.models.items()}
     staging = sibling_staging_path(config.output)
     remove_tree(staging)
-    report = evaluate_models(models, tasks, config.dims, staging, int8=config.int8)
+    report = evaluate_models(models, tasks, config.dims, staging, int8=config.int8, binary=config.binary)
     replace_folder(staging, config.output)
     LOGGER.info("report: %s", posixpath.join(config.output, "report.md"))
     return report

@@ -186,3 +186,36 @@ def test_evaluate_takes_its_data_by_flag_in_every_format(tmp_path, capsys):
                                                                           ("intents", "classification")]
     assert {row["task"] for row in report["results"]} == {"mini", "intents"}
     assert "report:" in capsys.readouterr().err
+
+
+def test_quantize_then_evaluate_the_quantized_student_beside_the_float_one(tmp_path, capsys):
+    from tests.eval_data_factory import write_beir
+    from tests.tiny_student import write_tiny_student
+
+    student = write_tiny_student(str(tmp_path / "student"))
+    quantized = str(tmp_path / "int4")
+    assert main(["quantize", student, "--precision", "int4", "--output", quantized]) == 0
+    assert capsys.readouterr().out.strip() == quantized
+    report_dir = tmp_path / "report"
+    assert main(["evaluate", "--model", f"float={student}", "--model", f"int4={quantized}", "--retrieval",
+                 str(write_beir(tmp_path / "beir")), "--output", str(report_dir), "--binary",
+                 "--set", "evaluate.dims=[32]"]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert {name: info["weight_precision"] for name, info in report["models"].items()} == {"float": "float32",
+                                                                                           "int4": "int4"}
+    assert {row["precision"] for row in report["results"]} == {"float32", "int8", "binary", "binary+rescore"}
+
+
+@pytest.mark.parametrize("precision, model, expected", [
+    ("int3", "student", "--precision 'int3': expected one of int8, int4, mixed"),
+    ("int8", "not-a-model", "not-a-model/modules.json: not found"),
+])
+def test_a_bad_quantize_command_is_one_line_and_exit_2(tmp_path, capsys, precision, model, expected):
+    from tests.tiny_student import write_tiny_student
+
+    write_tiny_student(str(tmp_path / "student"))
+    (tmp_path / "not-a-model").mkdir()
+    assert main(["quantize", str(tmp_path / model), "--precision", precision, "--output", str(tmp_path / "q")]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("embforge: error:") and expected in line, line
+    assert not (tmp_path / "q").exists()

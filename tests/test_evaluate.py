@@ -113,7 +113,7 @@ def test_report_json_md_and_png_are_written(tmp_path):
                              show_progress=False)
     assert json.loads((output / "report.json").read_text()) == report
     markdown = (output / "report.md").read_text()
-    assert "| metric | dim | precision | base | trained | Δ trained |" in markdown
+    assert "| metric | dim | embedding precision | base | trained | Δ trained |" in markdown
     # One query of four drops to rank 2: the interval of the difference reaches 0, so it is marked as not separated.
     assert "| mrr@10 | 32 | float32 | 1.0000 | 0.8750 | -0.1250 [-0.3750, +0.0000] † |" in markdown
     delta = next(row for row in report["results"] if row["model"] == "trained")["delta"]["mrr@10"]
@@ -124,6 +124,39 @@ def test_report_json_md_and_png_are_written(tmp_path):
     assert (output / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["baseline"] == "base"
     assert report["models"]["trained"]["model_id"] == "confused-keyword-embedder"
+
+
+# --- weight and embedding precision -----------------------------------------------------------------------------------
+
+
+class Int4KeywordEmbedder(KeywordEmbedder):
+    """Stands for a quantized student: the same vectors, int4 weights."""
+
+    weight_precision = "int4"
+
+
+def test_the_report_states_weight_precision_and_embedding_precision_apart(tmp_path):
+    output = tmp_path / "report"
+    report = evaluate_models({"float": keyword_model(), "int4": Int4KeywordEmbedder(KEYWORDS, 32)},
+                             [RetrievalTask("toy", str(write_beir(tmp_path / "beir")))], [32], str(output),
+                             binary=True, show_progress=False)
+    assert report["report_version"] == 3
+    assert {name: info["weight_precision"] for name, info in report["models"].items()} == {"float": None,
+                                                                                           "int4": "int4"}
+    assert report["precisions"] == ["float32", "int8", "binary", "binary+rescore"]
+    cells = {(row["model"], row["weight_precision"], row["precision"]) for row in report["results"]}
+    assert cells == {(model, weights, embeddings) for model, weights in (("float", None), ("int4", "int4"))
+                     for embeddings in report["precisions"]}
+    markdown = (output / "report.md").read_text()
+    assert "| weight precision |" in markdown and "| int4 |" in markdown
+    assert "| ndcg@10 | 32 | binary+rescore | 1.0000 | 1.0000 |" in markdown
+    assert "binary embeddings: sign bit per dimension" in markdown
+
+
+def test_binary_embeddings_are_off_unless_asked(tmp_path):
+    report = evaluate_models({"keyword": keyword_model()}, [RetrievalTask("toy", str(write_beir(tmp_path)))], [32],
+                             str(tmp_path / "report"), show_progress=False)
+    assert report["precisions"] == ["float32", "int8"]
 
 
 # --- real data --------------------------------------------------------------------------------------------------------

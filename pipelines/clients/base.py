@@ -229,6 +229,9 @@ class Embedder(abc.ABC):
     model_version: str
     #: Full output dimension; smaller dimensions are Matryoshka truncations.
     native_dimension: int
+    #: Precision of the model's weights ("float32", "int8", "int4", "mixed"), as evaluation reports state it; None where
+    #: it is not known (an API model).
+    weight_precision: str | None = None
 
     def __init__(self) -> None:
         self.stats = CallStats()

@@ -79,6 +79,8 @@ class LocalEmbedder(Embedder):
         #: Tokens read per text, prompt included; longer texts are truncated.
         self.max_seq_length = int(self._model.max_seq_length)
         self.task_prompts = select_task_prompts(self._model.prompts or {}, task_prompts)
+        #: What the evaluator reports as the model's weight precision ("float32" for a model loaded as saved).
+        self.weight_precision = str(next(self._model.parameters()).dtype).removeprefix("torch.")
         # One encode at a time: torch already uses every thread it is given, and interleaved calls only thrash.
         self._lock = threading.Lock()
 
