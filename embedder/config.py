@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,6 +213,7 @@ class TrainConfig:
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ValueError(f"unknown TrainConfig keys: {', '.join(hints)}; known keys: {', '.join(sorted(known))}")
         values = dict(values)
+        _check_scalar_types(cls, values)
         if "matryoshka_dims" in values and values["matryoshka_dims"] is not None:
             values["matryoshka_dims"] = tuple(values["matryoshka_dims"])
         if values.get("matryoshka_dims") is None:
@@ -232,3 +235,28 @@ class TrainConfig:
         """The TaskType whose prompt goes in front of a query (or text to classify) of `task`."""
         default = TaskType.CLASSIFICATION.value if classification else TaskType.RETRIEVAL_QUERY.value
         return self.task_types.get(task, default)
+
+
+#: Python types a scalar setting accepts, and how an error names them.
+_SCALAR_TYPES = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+                 str: ((str,), "a string")}
+
+
+def _check_scalar_types(cls: type, values: Mapping[str, Any]) -> None:
+    """A scalar setting of the wrong type is one ValueError naming it (not a TypeError from a later comparison)."""
+    for name, annotation in typing.get_type_hints(cls).items():
+        if name not in values:
+            continue
+        value = values[name]
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        options = typing.get_args(annotation) if union else (annotation,)
+        if value is None and type(None) in options:
+            continue
+        for option in options:
+            accepted, wanted = _SCALAR_TYPES.get(option, ((), ""))
+            if not wanted:
+                break  # not a scalar setting: from_dict and validate check it
+            if isinstance(value, accepted) and (option is bool or not isinstance(value, bool)):
+                break
+        else:
+            raise ValueError(f"{name}: expected {wanted}, got {value!r}")

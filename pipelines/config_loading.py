@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import types
 import typing
@@ -53,6 +54,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: A number in exponent notation, as a command line writes a learning rate (5e-5, 1E3, .5e-2).
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (value parsed as YAML: numbers, booleans, lists) to a nested dict copy."""
     result = json.loads(json.dumps(data))
@@ -64,6 +69,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             value = yaml.safe_load(raw_value) if raw_value.strip() else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: cannot parse value: {error}") from error
+        if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+            # YAML 1.1 (PyYAML) reads 5e-5 as a string: its floats need a dot and a signed exponent (5.0e-5).
+            value = float(value)
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -99,6 +99,23 @@ def test_overrides_parse_values_as_yaml():
         apply_overrides({}, ["novalue"])
 
 
+def test_a_learning_rate_in_exponent_notation_is_a_number():
+    # PyYAML alone reads 5e-5 as the string "5e-5", which the trainer's checks then fail on.
+    data = apply_overrides({}, ["train.learning_rate=5e-5", "a.b=1E3", "a.c=v1e5"])
+    assert data == {"train": {"learning_rate": 5e-5}, "a": {"b": 1000.0, "c": "v1e5"}}
+    assert load_run_config(None, ["train.learning_rate=5e-5"]).train["learning_rate"] == 5e-5
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.learning_rate=abc", "train: learning_rate: expected a number, got 'abc'"),
+    ("train.epochs=1.5", "train: epochs: expected an integer, got 1.5"),
+    ("train.epochs=true", "train: epochs: expected an integer, got True"),
+])
+def test_a_training_setting_of_the_wrong_type_is_one_message_naming_it(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(None, [override])
+
+
 def test_unreachable_output_fails_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
