@@ -22,7 +22,7 @@ import posixpath
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from pipelines import logs
@@ -329,24 +329,25 @@ def _log_to(folder: str, key: str) -> None:
         raise ConfigError(f"{key}: cannot write the log file {path} ({error.strerror or error})") from error
 
 
+def _print_model_folder(write: Callable[[], str]) -> None:
+    """Runs a command that writes a model folder (soup, quantize) and prints the folder; a bad argument is one line."""
+    logs.attach_file(None)
+    try:
+        print(write())
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+
+
 def _dispatch(args: argparse.Namespace, beam_options: list[str]) -> None:
     if args.command == "soup":
         from embedder.soup import soup
 
-        logs.attach_file(None)
-        try:
-            print(soup(args.models, args.weights, args.output))
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(str(error)) from error
+        _print_model_folder(lambda: soup(args.models, args.weights, args.output))
         return
     if args.command == "quantize":
         from embedder.quantized_model import quantize_model
 
-        logs.attach_file(None)
-        try:
-            print(quantize_model(args.model, args.precision, args.output))
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(str(error)) from error
+        _print_model_folder(lambda: quantize_model(args.model, args.precision, args.output))
         return
     if args.command == "publish":
         from pipelines.publish import publish
