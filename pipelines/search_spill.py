@@ -95,7 +95,7 @@ class SpillFn(beam.DoFn):
     """Items (id, vector) or (id, vector, text-or-None) or (id, text) -> `SpillFile`s, one per ~`SPILL_FILE_BYTES`
     of each bundle and window.
 
-    `columns` names what follows the id in each item: "vector" (float32 bytes, `pack_vector`, or a list of floats) and
+    `columns` names what follows the id in each item: "vector" (float32 bytes, `sharded_search.pack_vector`) and
     string columns (passage texts, the positive passage_id a query asks for). `kind` ("passage", "query") names the
     rows in errors; `salt` is the `routing_hash` salt the rows are sorted by.
     """
@@ -116,7 +116,7 @@ class SpillFn(beam.DoFn):
             buffer = self._buffers[window] = []
             self._sizes[window] = 0
         buffer.append(item)
-        # Bytes (or, for vectors given as lists, components) of the row: near enough to bound the buffer.
+        # Bytes of the row (ids and texts by characters): near enough to bound the buffer.
         self._sizes[window] += sum(len(value) for value in item if value is not None)
         if self._sizes[window] >= SPILL_FILE_BYTES:
             del self._buffers[window], self._sizes[window]
@@ -137,7 +137,6 @@ class SpillFn(beam.DoFn):
         for position, name in enumerate(self._columns, start=1):
             values = [item[position] for item in items]
             if name == VECTOR:
-                values = [_as_bytes(vector) for vector in values]
                 width = _common_width(ids, values, self._kind)
                 columns[name] = pa.array([values[row] for row in order], pa.binary(width))
             else:
@@ -153,12 +152,6 @@ class SpillFn(beam.DoFn):
                     batch_hashes = batch.column(HASH)
                     batches.append((batch_hashes[0].as_py(), batch_hashes[-1].as_py(), batch.num_rows))
         return SpillFile(path, tuple(batches))
-
-
-def _as_bytes(vector: bytes | Sequence[float] | np.ndarray) -> bytes:
-    if isinstance(vector, bytes):
-        return vector
-    return np.asarray(vector, dtype=np.float32).tobytes()
 
 
 def _common_width(ids: list[str], vectors: list[bytes], kind: str) -> int:

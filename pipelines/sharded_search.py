@@ -584,16 +584,21 @@ class _TopHitsFn(beam.CombineFn):
         return accumulator
 
 
-def _bare_search_item(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, bytes | Sequence[float], None]:
+def _bare_search_item(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, bytes, None]:
     """An (id, vector) query as a search item that asks for no positive's vector."""
     item_id, vector = item
-    return item_id, vector, None
+    return item_id, pack_vector(vector), None
+
+
+def _packed_passage(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, bytes]:
+    passage_id, vector = item
+    return passage_id, pack_vector(vector)
 
 
 class SearchShards(beam.PTransform):
-    """{"queries": (query_id, vector, positive passage_id | None), "passages": (passage_id, vector), optionally
-    "texts": (passage_id, text)} -> (query_id, (hits, positive_vector)), once per query and shard (see
-    `_SearchShardFn`).
+    """{"queries": (query_id, vector bytes, positive passage_id | None), "passages": (passage_id, vector bytes),
+    optionally "texts": (passage_id, text)} -> (query_id, (hits, positive_vector)), once per query and shard (see
+    `_SearchShardFn`). Vectors are `pack_vector` bytes.
 
     Spills passages, texts and queries to files (pipelines/search_spill.py), counts the corpus from the files for
     `num_shards`, routes the files' batches to their (shard, query group) pairs, pairs every shard with every query
@@ -693,7 +698,7 @@ class ShardedTopK(beam.PTransform):
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
         items = {
             "queries": inputs["queries"] | "QueryItems" >> beam.Map(_bare_search_item),
-            "passages": inputs["passages"],
+            "passages": inputs["passages"] | "PassageItems" >> beam.Map(_packed_passage),
         }
         return items | "Search" >> self._search | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(self._k))
 

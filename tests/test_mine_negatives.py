@@ -351,7 +351,7 @@ def _passage_inputs(pipeline: beam.Pipeline, passages: list[dict[str, Any]]) -> 
         "passage_texts": pipeline | "PassageTexts" >> beam.Create(
             [(row["passage_id"], row["text"]) for row in passages]),
         "passage_vectors": pipeline | "PassageVectors" >> beam.Create(
-            [(row["passage_id"], row["embedding"]) for row in passages]),
+            [(row["passage_id"], pack_vector(row["embedding"])) for row in passages]),
     }
 
 

@@ -139,13 +139,13 @@ def test_search_dofn_reads_its_shard_and_query_group_from_spill_files_and_search
     ids = [f"p{index:02d}" for index in range(50)]
     passage_files = (_spill(tmp_path, [(pid, pack_vector(v)) for pid, v in zip(ids[:20], vectors, strict=False)],
                             "passage", SHARD_SALT, ("vector",))
-                     + _spill(tmp_path, list(zip(ids[20:], vectors[20:].tolist(), strict=True)), "passage",
-                              SHARD_SALT, ("vector",)))
+                     + _spill(tmp_path, [(pid, pack_vector(v)) for pid, v in zip(ids[20:], vectors[20:], strict=True)],
+                              "passage", SHARD_SALT, ("vector",)))
     # "p03" has no text: the shard leaves it out.
     text_files = _spill(tmp_path, [(pid, f"text of {pid}") for pid in ids if pid != "p03"], "text", SHARD_SALT,
                         ("text",))
-    query_files = _spill(tmp_path, [("pair0", queries[0].tolist(), "p07"), ("pair1", queries[1].tolist(), None),
-                                    ("pair2", queries[2].tolist(), "not-here")], "query", QUERY_GROUP_SALT,
+    query_files = _spill(tmp_path, [("pair0", pack_vector(queries[0]), "p07"), ("pair1", pack_vector(queries[1]), None),
+                                    ("pair2", pack_vector(queries[2]), "not-here")], "query", QUERY_GROUP_SALT,
                          ("vector", "lookup"))
     with_text = [index for index, pid in enumerate(ids) if pid != "p03"]
     searchable_ids, searchable = [ids[index] for index in with_text], vectors[with_text]
@@ -174,7 +174,7 @@ def test_each_shard_and_query_group_reads_exactly_its_hash_range_of_every_spill_
 ) -> None:
     monkeypatch.setattr("pipelines.search_spill.SPILL_BATCH_ROWS", 3)
     items = [(f"p{index}", [float(index), 1.0]) for index in range(40)]
-    files = _spill(tmp_path, items, "passage", SHARD_SALT, ("vector",))
+    files = _spill(tmp_path, [(pid, pack_vector(v)) for pid, v in items], "passage", SHARD_SALT, ("vector",))
     assert [rows for _, _, rows in files[0].batches] == [3] * 13 + [1]
     plan = (4, 2)
     for group in range(2):
@@ -190,7 +190,7 @@ def test_each_shard_and_query_group_reads_exactly_its_hash_range_of_every_spill_
                 received += zip(ids, vector_matrix(table).tolist(), strict=True)
         assert sorted(received) == sorted(items)  # every passage once per query group
 
-    query_files = _spill(tmp_path, [(f"q{index}", [0.0, 1.0], None) for index in range(4)], "query",
+    query_files = _spill(tmp_path, [(f"q{index}", pack_vector([0.0, 1.0]), None) for index in range(4)], "query",
                          QUERY_GROUP_SALT, ("vector", "lookup"))
     per_shard = {shard: [part[1] for part in _parts(query_files, "q", (3, 1), (shard, 0))] for shard in range(3)}
     assert per_shard == {shard: [query_files[0].path] for shard in range(3)}  # every query to every shard
@@ -206,7 +206,8 @@ def test_a_spill_file_is_written_per_bounded_buffer(tmp_path: Path, monkeypatch:
 
 def test_vectors_of_different_dimensions_name_the_odd_one(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="passage 'b' has dimension 3, passage 'a' 2"):
-        _spill(tmp_path, [("a", [1.0, 0.0]), ("b", [1.0, 0.0, 0.0])], "passage", SHARD_SALT, ("vector",))
+        _spill(tmp_path, [("a", pack_vector([1.0, 0.0])), ("b", pack_vector([1.0, 0.0, 0.0]))], "passage", SHARD_SALT,
+               ("vector",))
 
 
 def test_the_search_deletes_its_spill_files_once_every_shard_is_searched(tmp_path: Path) -> None:
@@ -214,10 +215,11 @@ def test_the_search_deletes_its_spill_files_once_every_shard_is_searched(tmp_pat
     vectors, queries = normalized_vectors(rng, 30, 4), normalized_vectors(rng, 3, 4)
     with TestPipeline() as pipeline:
         inputs = {
-            "queries": pipeline | "Queries" >> beam.Create([(f"q{i}", (q.tolist(), None)) for i, q in
+            "queries": pipeline | "Queries" >> beam.Create([(f"q{i}", (pack_vector(q), None)) for i, q in
                                                             enumerate(queries)]) | beam.MapTuple(
                 lambda query_id, value: (query_id, *value)),
-            "passages": pipeline | "Passages" >> beam.Create([(f"p{i}", v.tolist()) for i, v in enumerate(vectors)]),
+            "passages": pipeline | "Passages" >> beam.Create([(f"p{i}", pack_vector(v)) for i, v in
+                                                              enumerate(vectors)]),
         }
         results = inputs | SearchShards(3, 10, 2, 8, 1, spill_root=str(tmp_path))
         assert_that(results | beam.Keys() | beam.combiners.Count.Globally(), equal_to([3 * 3]))  # 3 shards

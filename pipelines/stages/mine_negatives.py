@@ -14,9 +14,9 @@ Inside, the mining works on `queries`, `passage_texts` and `passage_vectors` (`_
   optionally `positive_embedding` (absent or null: looked up from the corpus by the positive's passage_id). Fields
   read: `pair_id` (must be unique), `query_id`, `query`, `task`, `passage_id` and `passage` (the positive), plus the
   embeddings.
-- `passage_texts`: (passage_id, text) with unique ids; `passage_vectors`: (passage_id, vector), same teacher and
-  dimension as the queries, normalized. Vectors of another dimension than the queries are a pipeline error (raised),
-  not data.
+- `passage_texts`: (passage_id, text) with unique ids; `passage_vectors`: (passage_id, `pack_vector` bytes, as
+  `TeacherVectors` hands them out), same teacher and dimension as the queries, normalized. Vectors of another
+  dimension than the queries are a pipeline error (raised), not data.
 
 Output: `{"kept": TRIPLET rows, "rejected": REJECTED rows, "answers": LLMAnswer, "tallies": tallies}` (see
 `MineNegatives`). Every input query ends in exactly one of kept and rejected. Reasons: `missing_field` (a required
