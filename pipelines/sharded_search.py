@@ -590,11 +590,6 @@ def _bare_search_item(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, b
     return item_id, pack_vector(vector), None
 
 
-def _packed_passage(item: tuple[str, bytes | Sequence[float]]) -> tuple[str, bytes]:
-    passage_id, vector = item
-    return passage_id, pack_vector(vector)
-
-
 class SearchShards(beam.PTransform):
     """{"queries": (query_id, vector bytes, positive passage_id | None), "passages": (passage_id, vector bytes),
     optionally "texts": (passage_id, text)} -> (query_id, (hits, positive_vector)), once per query and shard (see
@@ -698,7 +693,8 @@ class ShardedTopK(beam.PTransform):
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
         items = {
             "queries": inputs["queries"] | "QueryItems" >> beam.Map(_bare_search_item),
-            "passages": inputs["passages"] | "PassageItems" >> beam.Map(_packed_passage),
+            "passages": inputs["passages"] | "PassageItems" >> beam.MapTuple(
+                lambda passage_id, vector: (passage_id, pack_vector(vector))),
         }
         return items | "Search" >> self._search | "MergeTopK" >> beam.CombinePerKey(_TopHitsFn(self._k))
 
