@@ -1,11 +1,13 @@
 """What does a smaller student lose? Float32, post-training and quantization-aware int8 / int4 / mixed on SciFact.
 
-Issue #16 item 4. Seven models, one run:
-- `float32`: the student (--student: the model `embforge train` wrote on embforge's SciFact data; default the packaged
-  base model);
-- `ptq-<p>`: `embforge quantize <student> --precision <p>` (post-training quantization);
-- `qat-<p>`: `embforge train` continued from the student on its own triplets (--triplets) with `train.qat=<p>` for
-  --qat-epochs, then `embforge quantize --precision <p>` (EmbeddingGemma's recipe: QAT for the last part of training).
+Issue #16 item 4. One run, every model trained for the same last part on the same triplets, so that the rows differ
+only in how they meet quantization (EmbeddingGemma's recipe: QAT for the last part of training):
+- `student`: the starting point (--student: a model `embforge train` wrote on embforge's SciFact data; default the
+  packaged base model), for context;
+- `float32`: `embforge train` continued from the student on --triplets for --qat-epochs, in float: the reference;
+- `ptq-<p>`: `embforge quantize float32 --precision <p>` (post-training quantization of that very model);
+- `qat-<p>`: the same continued training with `train.qat=<p>`, then `embforge quantize --precision <p>`.
+Without --triplets there is no continued training: `float32` is the student and the QAT rows are left out.
 
 Each is measured the way `embforge evaluate` measures it (its loader, its 256-token window): nDCG@10 on SciFact's test
 split (300 queries, 5,183 passages) with float32 output embeddings, each difference with a 95% paired-bootstrap
@@ -101,18 +103,19 @@ def passage_texts(beir_dir: Path, count: int) -> list[str]:
     return texts
 
 
-def qat_model(args: argparse.Namespace, work_dir: Path, student: str, triplets: Path, scheme: str) -> Path:
-    """`embforge train` from `student` with train.qat=`scheme`; kept once finished (train_summary.json)."""
-    model_dir = work_dir / "models" / f"qat-{scheme}-trained"
+def continued_model(args: argparse.Namespace, work_dir: Path, student: str, triplets: Path, scheme: str | None) -> Path:
+    """`embforge train` from `student` with train.qat=`scheme` (None: in float); kept once finished
+    (train_summary.json)."""
+    model_dir = work_dir / "models" / (f"qat-{scheme}-trained" if scheme else "float32-trained")
     if not (model_dir / "train_summary.json").exists():
         length = [f"train.max_steps={args.qat_steps}"] if args.qat_steps else [f"train.epochs={args.qat_epochs}"]
-        overrides = [f"train.student={student}", f"train.qat={scheme}", *length,
+        overrides = [f"train.student={student}", *([f"train.qat={scheme}"] if scheme else []), *length,
                      f"train.batch_size={args.batch_size}", f"train.max_seq_length={args.train_max_seq_length}",
                      # 5.000000e-05, not 5e-05: a value of --set is read as YAML, whose floats need the dot.
                      f"train.learning_rate={args.qat_learning_rate:.6e}", "train.checkpoint_every=0",
                      "train.progress=false", f"train.seed={args.seed}"]
         run_cli(["train", "--data", str(triplets), "--output", str(model_dir), *settings_arguments(overrides)],
-                f"train-qat-{scheme}", work_dir)
+                f"train-{model_dir.name}", work_dir)
     return model_dir / "model"
 
 
@@ -189,7 +192,7 @@ def plot(figures: dict[str, dict], path: Path) -> None:
     figure = Figure(figsize=(13, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     names = list(figures)
-    colours = ["tab:grey" if name == "float32" else "tab:blue" if name.startswith("ptq") else "tab:green"
+    colours = ["tab:grey" if name in ("student", "float32") else "tab:blue" if name.startswith("ptq") else "tab:green"
                for name in names]
     for axis, (key, label) in zip(figure.subplots(1, 3), (
             ("ndcg@10", "nDCG@10 (SciFact test)"), ("weights_mb", "weights on disk (MB)"),
@@ -200,7 +203,7 @@ def plot(figures: dict[str, dict], path: Path) -> None:
         if key == "ndcg@10":
             low = min(figures[name][key] for name in names)
             axis.set_ylim(max(0.0, low - 0.05), None)
-    figure.suptitle("grey: float32, blue: post-training quantization, green: quantization-aware training")
+    figure.suptitle("grey: float (student, float32), blue: post-training quantization, green: quantization-aware training")
     figure.savefig(path, dpi=120)
 
 
@@ -209,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="BEIR-format SciFact folder (default: <shared data>/scifact)")
     parser.add_argument("--student", default=DEFAULT_LOCAL_STUDENT,
                         help="the float student: a model folder `embforge train` wrote (default: the base model)")
-    parser.add_argument("--triplets", help="the run the student was trained on (its folder or its triplets/ folder); "
-                                           "without it the QAT models are left out")
+    parser.add_argument("--triplets", help="a generated run (its folder or its triplets/ folder) the last part of "
+                                           "training reads; without it the QAT models are left out")
     parser.add_argument("--work-dir", default="/tmp/quantization", help="models, scores and throughput rounds")
     parser.add_argument("--precisions", nargs="+", choices=QAT_SCHEMES, default=list(QAT_SCHEMES))
-    parser.add_argument("--qat-epochs", type=int, default=1, help="passes over the triplets with QAT")
-    parser.add_argument("--qat-steps", type=int, help="optimizer steps with QAT instead of --qat-epochs")
+    parser.add_argument("--qat-epochs", type=int, default=1, help="passes over the triplets in the last part of "
+                                                                    "training (float and QAT alike)")
+    parser.add_argument("--qat-steps", type=int, help="optimizer steps in that part instead of --qat-epochs")
     # 5e-5: 2.5x the float fine-tuning rate; at 2e-5 a short QAT run barely moves weights across int4 grid points.
     parser.add_argument("--qat-learning-rate", type=float, default=5e-5)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -240,14 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     if triplets is not None and triplets.name == "triplets":
         triplets = triplets.parent  # `embforge train --data` takes the run folder
 
-    models = {"float32": student}
-    models.update({f"ptq-{precision}": str(quantized(work_dir, f"ptq-{precision}", student, precision))
-                   for precision in args.precisions})
     if triplets is None:
-        LOGGER.warning("no --triplets: the QAT models are left out")
+        LOGGER.warning("no --triplets: float32 is the student itself and the QAT models are left out")
+        models = {"float32": student}
     else:
+        models = {"student": student, "float32": str(continued_model(args, work_dir, student, triplets, None))}
+    models.update({f"ptq-{precision}": str(quantized(work_dir, f"ptq-{precision}", models["float32"], precision))
+                   for precision in args.precisions})
+    if triplets is not None:
         for precision in args.precisions:
-            trained = qat_model(args, work_dir, student, triplets, precision)
+            trained = continued_model(args, work_dir, student, triplets, precision)
             models[f"qat-{precision}"] = str(quantized(work_dir, f"qat-{precision}", str(trained), precision))
 
     scores = {name: retrieval_scores(work_dir, name, model, str(beir)) for name, model in models.items()}

@@ -4,8 +4,13 @@ One scheme serves training and export, so a model trained with `train.qat = "int
 --precision int4` to the very codes it was trained with (`embedder.quantized_model`):
 
 - every `nn.Linear` of the encoder, and its input (word) embeddings, get symmetric per-output-channel (per-row for the
-  embeddings) scales: scale = max |w| / qmax, code = round(w / scale) in [-qmax, qmax], qmax = 127 (int8) or 7 (int4);
-  the zero point is 0, so int8 takes at most 255 values and int4 at most 15 per channel;
+  embeddings) scales: code = round(w / scale) clipped to [-qmax, qmax], qmax = 127 (int8) or 7 (int4); the zero point
+  is 0, so int8 takes at most 255 values and int4 at most 15 per channel;
+- int8 scales are max |w| / 127. An int4 channel's scale clips: of the clipping points 0.50, 0.52, ... 1.00 x max |w|,
+  the one with the least squared error over the channel wins, the rarer large weights giving up precision to the
+  bulk. Measured on all-MiniLM-L6-v2 (200 SciFact passages, mean cosine to the float vectors): int4 linear layers
+  0.859 at max |w|, 0.911 clipped; for int8 clipping changes nothing measurable (0.99936 / 0.99939). Re-quantizing
+  quantized weights finds the same scale (the unclipped point is exact), so an export reproduces the trained codes;
 - "int8": every linear layer int8; "int4": every linear layer int4; "mixed": int8 for attention (query, key, value and
   attention output), whose errors every later token mixes in, and int4 for the feed-forward layers, which hold two
   thirds of a BERT layer's weights;
@@ -14,9 +19,9 @@ One scheme serves training and export, so a model trained with `train.qat = "int
 
 QAT registers a parametrization on each of those weights: the forward pass sees `fake_quantize_per_channel_affine` of
 the latent float weight, and its backward pass is the straight-through estimator (the gradient passes unchanged to
-the latent weight, every value being inside the clipping range because the scale comes from the channel's maximum).
+the latent weight, except to values an int4 scale clips, which get none).
 The inputs of int8 linear layers are fake-quantized too, as the exported model's dynamic int8 kernels quantize them
-(`fake_quantize_activation`); int4 layers run in float after export, so their inputs stay float.
+(`fake_quantize_activation`, 8 bits); int4 layers run in float after export, so their inputs stay float.
 Separate from `embedder.train` so that the export, the trainer and the tests read one definition.
 """
 
@@ -33,6 +38,10 @@ from embedder.config import QAT_SCHEMES as SCHEMES
 
 #: Bits of the input embeddings in every scheme (see the module docstring).
 EMBEDDING_BITS = 8
+#: An int8 layer's input codes: 0..255, a full 8 bits (see `embedder.quantized_model.Int8Linear`).
+ACTIVATION_LARGEST_CODE = 255
+#: Clipping points tried for an int4 channel, as fractions of its largest |weight|, the unclipped one first.
+CLIP_FRACTIONS = tuple(1.0 - step / 50 for step in range(26))
 
 
 def largest_code(bits: int) -> int:
@@ -41,9 +50,29 @@ def largest_code(bits: int) -> int:
 
 
 def channel_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """One float32 scale per row (output channel): max |w| / qmax; an all-zero row gets 1 (its codes are 0 anyway)."""
-    peak = weight.detach().abs().amax(dim=1).float()
-    return torch.where(peak > 0, peak / largest_code(bits), torch.ones_like(peak))
+    """One float32 scale per row (output channel), as the module docstring says; an all-zero row gets 1 (its codes are
+    0 anyway)."""
+    rows = weight.detach().float()
+    qmax = largest_code(bits)
+    peak = rows.abs().amax(dim=1)
+    best = torch.where(peak > 0, peak / qmax, torch.ones_like(peak))
+    if bits >= 8:
+        return best
+    best_error = _rounding_error(rows, best, qmax)
+    # From the unclipped point down, a clipping point replacing the best only when strictly better: an already
+    # quantized row keeps its exact scale.
+    for fraction in CLIP_FRACTIONS[1:]:
+        candidate = torch.where(peak > 0, peak * fraction / qmax, torch.ones_like(peak))
+        error = _rounding_error(rows, candidate, qmax)
+        better = error < best_error
+        best, best_error = torch.where(better, candidate, best), torch.where(better, error, best_error)
+    return best
+
+
+def _rounding_error(rows: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Each row's squared error when quantized with its `scale` and codes clipped to [-qmax, qmax]."""
+    steps = scale[:, None]
+    return ((rows / steps).round().clamp(-qmax, qmax) * steps - rows).square().sum(dim=1)
 
 
 def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -55,14 +84,15 @@ def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def fake_quantize_activation(inputs: torch.Tensor) -> torch.Tensor:
-    """`inputs` as torch's dynamic int8 linear layers see them on the CPU: one asymmetric scale for the whole tensor
-    from its min and max (0 included), codes 0..127 (fbgemm's reduce_range, which keeps its int16 sums from
-    saturating); the gradient passes straight through."""
+    """`inputs` as the exported model's int8 linear layers see them (`embedder.quantized_model.Int8Linear`): one
+    asymmetric scale for the whole tensor from its min and max (0 included), codes 0..255; the gradient passes
+    straight through."""
     low, high = inputs.detach().min().clamp(max=0), inputs.detach().max().clamp(min=0)
-    scale = ((high - low) / 127).clamp(min=1e-8).float().reshape(1)
-    zero_point = torch.round(-low / scale).clamp(0, 127).to(torch.int32).reshape(1)
+    scale = ((high - low) / ACTIVATION_LARGEST_CODE).clamp(min=1e-8).float().reshape(1)
+    zero_point = torch.round(-low / scale).clamp(0, ACTIVATION_LARGEST_CODE).to(torch.int32).reshape(1)
     # In float32: under autocast the inputs may be half precision, which the fake-quantization kernels may not take.
-    return torch.fake_quantize_per_tensor_affine(inputs.float(), scale, zero_point, 0, 127).to(inputs.dtype)
+    return torch.fake_quantize_per_tensor_affine(inputs.float(), scale, zero_point, 0,
+                                                 ACTIVATION_LARGEST_CODE).to(inputs.dtype)
 
 
 def _quantize_linear_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -126,12 +126,28 @@ def test_fake_quantization_passes_the_gradient_straight_through_to_the_latent_we
     assert torch.allclose(latent.grad, inputs.sum(0).expand(3, 6))
 
 
+def test_an_int4_channel_clips_its_rare_large_weights_when_that_lowers_its_error():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 256)
+    weight[:, 0] = 12.0  # one outlier a channel: scaling to it would leave most weights on 3 or 4 codes
+    scale = channel_scales(weight, 4)
+    assert (scale < 12.0 / 7).all()
+
+    def squared_error(scales):
+        return ((weight / scales[:, None]).round().clamp(-7, 7) * scales[:, None] - weight).square().sum()
+    assert squared_error(scale) < 0.75 * squared_error(weight.abs().amax(1) / 7)  # 0.69 here
+    # Quantized weights keep their scale (an export finds the codes training used), and int8 scales never clip.
+    baked = (weight / scale[:, None]).round().clamp(-7, 7) * scale[:, None]
+    assert torch.allclose(channel_scales(baked, 4), scale)
+    assert torch.equal(channel_scales(weight, 8), weight.abs().amax(1) / 127)
+
+
 # --- export -----------------------------------------------------------------------------------------------------------
 
 
 def test_a_fake_quantized_int8_layer_computes_what_the_exported_int8_kernel_computes():
-    """QAT rounds an int8 layer's input as the dynamic int8 kernel does (asymmetric, 0..127), so training sees the
-    error the exported model makes; without that the outputs differ by ~0.1 here."""
+    """QAT rounds an int8 layer's input as the exported int8 kernel does (asymmetric, 0..255), so training sees the
+    error the exported model makes; with 7-bit codes on either side (torch's own dynamic layer) they differ by ~0.1."""
     torch.manual_seed(0)
     layer = nn.Linear(32, 320)
     inputs = 3 * torch.randn(50, 32)
