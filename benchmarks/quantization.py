@@ -138,6 +138,7 @@ def throughput(work_dir: Path, models: dict[str, str], texts: list[str], repeats
     from embedder.quantized_model import load_quantized
     from pipelines.clients.base import TaskType
     from pipelines.clients.packaged_models import cap_torch_threads
+    from pipelines.clients.task_prompts import prompt_name
 
     path = work_dir / "throughput.json"
     rounds: list[dict[str, float]] = json.loads(path.read_text()) if path.exists() else []
@@ -147,15 +148,17 @@ def throughput(work_dir: Path, models: dict[str, str], texts: list[str], repeats
         for name, model in models.items():
             encoder = load_quantized(model) if is_quantized_model(model) else StudentEncoder.load(model)
             encoder.max_seq_length = EVAL_WINDOW
+            # As the evaluator's embedders: a model without a document prompt (the base model) embeds the bare text.
+            task = TaskType.RETRIEVAL_DOCUMENT if prompt_name(TaskType.RETRIEVAL_DOCUMENT) in encoder.prompts else None
             # Warm-up: the first batch allocates buffers (and packs int8 weights on some backends).
-            encoder.encode(texts[:32], TaskType.RETRIEVAL_DOCUMENT)
-            encoders[name] = encoder
+            encoder.encode(texts[:32], task)
+            encoders[name] = encoder, task
         LOGGER.info("throughput: %d passages, %d threads, %d rounds", len(texts), threads, repeats)
         while len(rounds) < repeats:
             seconds = {}
-            for name, encoder in encoders.items():
+            for name, (encoder, task) in encoders.items():
                 started = time.perf_counter()
-                encoder.encode(texts, TaskType.RETRIEVAL_DOCUMENT)
+                encoder.encode(texts, task)
                 seconds[name] = time.perf_counter() - started
             rounds.append(seconds)
             path.write_text(json.dumps(rounds))
