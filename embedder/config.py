@@ -111,6 +111,11 @@ class TrainConfig:
     #: hard negatives regresses onto the teacher's (cosines of the cached teacher vectors). Off by default: a lever to
     #: ablate; it needs teacher embeddings in the triplet rows.
     margin_distillation_weight: float = 0.0
+    #: With `qat`: the fake-quantized student's vectors regress onto those of the float model it started from (a frozen
+    #: copy, dropout off), 1 - cosine per text of each batch. QAT then spends its steps on what quantization broke
+    #: rather than on moving the model, and needs no labels: every query and passage of a batch is a training text.
+    #: Alone (the other triplet weights 0) the float model itself is the target, the usual data-free QAT recipe.
+    qat_self_distillation_weight: float = 0.0
 
     #: Optimizer steps between checkpoints; 0 writes only the final one.
     checkpoint_every: int = 500
@@ -151,6 +156,9 @@ class TrainConfig:
             found.append(f"precision: {self.precision!r} (expected one of {', '.join(PRECISIONS)})")
         if self.qat is not None and self.qat not in QAT_SCHEMES:
             found.append(f"qat: {self.qat!r} (expected one of {', '.join(QAT_SCHEMES)}, or unset to train in float)")
+        if self.qat_self_distillation_weight > 0 and self.qat is None:
+            found.append(f"qat_self_distillation_weight: {self.qat_self_distillation_weight} needs qat set (a float "
+                         "model distilled onto itself learns nothing)")
         if self.num_threads is not None and self.num_threads < 1:
             found.append(f"num_threads: {self.num_threads} (must be >= 1, or None for all available cores)")
         if self.projection_dim is not None and self.projection_dim < 1:
@@ -179,7 +187,7 @@ class TrainConfig:
             found.append(f"matryoshka_dims: {dims[0]} is larger than projection_dim {self.projection_dim}")
         weights = {name: getattr(self, name) for name in
                    ("infonce_weight", "distillation_weight", "spread_out_weight", "classification_weight",
-                    "margin_distillation_weight")}
+                    "margin_distillation_weight", "qat_self_distillation_weight")}
         negative = sorted(name for name, weight in weights.items() if weight < 0)
         if negative:
             found.append(f"{', '.join(negative)}: must be >= 0")

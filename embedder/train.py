@@ -22,6 +22,7 @@ Output directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -416,7 +417,7 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
         data.counts["classification_unused_weight_0"] += len(data.classification)
         data.classification = []
     if not (config.infonce_weight or config.distillation_weight or config.spread_out_weight
-            or config.margin_distillation_weight) and data.triplets:
+            or config.margin_distillation_weight or config.qat_self_distillation_weight) and data.triplets:
         data.counts["triplets_unused_weight_0"] += len(data.triplets)
         data.triplets = []
     if not data.examples:
@@ -443,10 +444,18 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
             raise ValueError(f"{checkpoint} was trained with other settings ({', '.join(changed)}): resuming would not "
                              "reproduce that run; start a new output_dir instead")
     torch.manual_seed(config.seed)
+    # The float model QAT self-distils onto is the starting student, also on resume: loaded right after the seed, so
+    # that a fresh projection layer is initialized the same both times.
+    reference = load_student(config) if config.qat and config.qat_self_distillation_weight > 0 else None
     if checkpoint is not None:
         model = StudentEncoder.load(os.path.join(checkpoint, "model"))
+    elif reference is not None:
+        model = copy.deepcopy(reference)
     else:
         model = load_student(config)
+    if reference is not None:
+        reference.requires_grad_(False)
+        reference.to(device).eval()
     if config.qat:
         # Before the optimizer is built: it must hold the latent weights behind the fake quantization.
         try:
@@ -470,7 +479,8 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     weights = {"infonce": config.infonce_weight, "distillation": config.distillation_weight,
                "margin_distillation": config.margin_distillation_weight,
-               "spread_out": config.spread_out_weight, "classification": config.classification_weight}
+               "spread_out": config.spread_out_weight, "classification": config.classification_weight,
+               "qat_self_distillation": config.qat_self_distillation_weight}
 
     step, history, elapsed = 0, [], 0.0
     os.makedirs(work_dir, exist_ok=True)
@@ -499,10 +509,18 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
                 "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states(),
                 "elapsed_s": elapsed, "qat_latent": latent_weights(model.transformer) if config.qat else None}
 
+    # Per `embed` call of the current micro-batch: 1 - cosine to the float reference, averaged over its texts.
+    self_distillation_terms: list[torch.Tensor] = []
+
     def embed(texts: list[str], task_type: str) -> torch.Tensor:
         # Only the encoder under autocast: a softmax over cosines / 0.05 in half precision loses the ranking signal.
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-            return model(texts, task_type).float()
+            vectors = model(texts, task_type).float()
+            if reference is not None:
+                with torch.no_grad():
+                    targets = reference(texts, task_type).float()
+                self_distillation_terms.append((1 - torch.nn.functional.cosine_similarity(vectors, targets)).mean())
+        return vectors
 
     progress = None
     if config.progress:
@@ -525,7 +543,10 @@ def train(config: TrainConfig, data_dir: str, resume: bool | str = False) -> str
                 for _ in range(config.grad_accumulation):
                     batch = sampler.next_batch()
                     step_examples += len(batch.indices)
+                    self_distillation_terms.clear()
                     terms = batch_losses(embed, head, batch, data, examples, config, dims, stats=counts)
+                    if self_distillation_terms:
+                        terms["qat_self_distillation"] = torch.stack(self_distillation_terms).mean()
                     weighted = [weights[name] * value for name, value in terms.items() if name in weights]
                     if not weighted:
                         continue

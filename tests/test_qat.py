@@ -103,17 +103,50 @@ def test_float_training_leaves_more_values_per_channel_than_int8_has(student_dir
     assert max(_distinct_per_row(trained["encoder.layer.0.output.dense.weight"])) > 255
 
 
-def test_qat_resumes_exactly_from_the_latent_float_weights(student_dir, run_dir, tmp_path):
+@pytest.mark.parametrize("self_distillation", [0.0, 1.0])
+def test_qat_resumes_exactly_from_the_latent_float_weights(self_distillation, student_dir, run_dir, tmp_path):
+    """With self-distillation the resumed run must also rebuild the same float reference (the starting student)."""
     from embedder.train import train
 
+    settings = dict(qat="int4", max_steps=4, checkpoint_every=2, qat_self_distillation_weight=self_distillation)
     whole = str(tmp_path / "whole")
-    train(_config(student_dir, whole, qat="int4", max_steps=4, checkpoint_every=2), run_dir)
+    train(_config(student_dir, whole, **settings), run_dir)
     resumed = str(tmp_path / "resumed")
-    train(_config(student_dir, resumed, qat="int4", max_steps=4, checkpoint_every=2), run_dir,
-          resume=os.path.join(whole, "checkpoints", "step-0000002"))
+    train(_config(student_dir, resumed, **settings), run_dir, resume=os.path.join(whole, "checkpoints", "step-0000002"))
     expected, actual = _encoder_weights(os.path.join(whole, "model")), _encoder_weights(os.path.join(resumed, "model"))
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_qat_self_distillation_brings_the_quantized_student_back_toward_its_float_start(student_dir, run_dir,
+                                                                                       tmp_path):
+    """QAT on the self-distillation term alone: the int4 student's vectors end closer to the float student's than
+    post-training int4 (the same model before any step), and the logged term falls."""
+    from embedder.train import train
+
+    def mean_cosine(model: StudentEncoder) -> float:
+        return float((model.encode(TEXTS, TaskType.RETRIEVAL_DOCUMENT) * start.encode(TEXTS, TaskType.RETRIEVAL_DOCUMENT)
+                      ).sum(1).mean())
+
+    # The tiny student's vectors come almost wholly from its embeddings (int4 keeps cosine 0.99997): with its encoder's
+    # linear weights 10x, its layers count and int4 rounding costs something to win back (cosine 0.978).
+    start = StudentEncoder.load(student_dir)
+    with torch.no_grad():
+        for name, layer in start.transformer.named_modules():
+            if isinstance(layer, nn.Linear) and name.startswith("encoder."):
+                layer.weight.mul_(10)
+    student_dir = start.save(str(tmp_path / "student"))
+    post_training = StudentEncoder.load(student_dir)
+    apply_fake_quantization(post_training.transformer, "int4")
+    output = str(tmp_path / "self")
+    trained = StudentEncoder.load(train(_config(
+        student_dir, output, qat="int4", max_steps=12, learning_rate=1e-4, warmup_ratio=0, infonce_weight=0,
+        distillation_weight=0, spread_out_weight=0, classification_weight=0, qat_self_distillation_weight=1.0),
+        run_dir))
+    assert 1 - mean_cosine(trained) < 0.8 * (1 - mean_cosine(post_training)), (mean_cosine(trained),
+                                                                                mean_cosine(post_training))
+    logged = [json.loads(line)["qat_self_distillation"] for line in open(os.path.join(output, "losses.jsonl"))]
+    assert len(logged) == 12 and np.mean(logged[-3:]) < np.mean(logged[:3])
 
 
 def test_fake_quantization_passes_the_gradient_straight_through_to_the_latent_weight():
@@ -232,6 +265,10 @@ def test_quantize_names_what_is_wrong(student_dir, tmp_path):
     with pytest.raises(ValueError, match=r"broken/quantization.json: cannot read"):
         load_quantized(str(tmp_path / "broken"))
     assert "qat: 'int2' (expected one of int8, int4, mixed" in TrainConfig(qat="int2").problems()[0]
+    assert TrainConfig(qat_self_distillation_weight=1.0).problems() == [
+        "qat_self_distillation_weight: 1.0 needs qat set (a float model distilled onto itself learns nothing)"]
+    assert "qat_self_distillation_weight: must be >= 0" in TrainConfig(qat="int4",
+                                                                       qat_self_distillation_weight=-1).problems()
 
 
 def test_quantize_replaces_an_earlier_output_only_once_the_new_one_is_written(student_dir, tmp_path):
