@@ -175,6 +175,9 @@ class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
     on all-MiniLM-L6-v2 (200 SciFact passages, mean cosine to the float vectors) int8 weights alone give 0.9994,
     adding 7-bit activations 0.981, 8-bit ones 0.995. oneDNN accumulates in int32 and takes 8 bits; it is also the
     faster kernel on the CPUs measured (a 6,400 x 384 x 1,536 product: float 46 ms, fbgemm 31 ms, oneDNN 24 ms).
+    Those were CPUs with AVX-512 VNNI, which multiply-add u8 x s8 straight into int32. Older CPUs (AVX2 / AVX-512
+    without VNNI) sum byte pairs in int16 first; oneDNN's guide "Nuances of int8 computations" says how its primitives
+    keep those sums from saturating. That path was not measured here.
     """
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
