@@ -11,9 +11,9 @@ with its encoder weights in `quantized.safetensors` instead of `model.safetensor
     README.md               the model card: what is stored and how it runs
 
 At load, int8 linear layers become torch dynamic-quantized linear layers built from the stored codes and scales
-(`Int8Linear`): their matrix products run in int8 on the CPU (oneDNN kernels; activations quantized per batch). int4 has no
-CPU kernel in this torch: int4 weights are dequantized to float32 at load, so they save disk and download size, not
-memory or time. The word embeddings are int8 codes dequantized at load (a lookup needs no kernel). Separate from
+(`Int8Linear`): their matrix products run in int8 on the CPU (oneDNN kernels; activations quantized per batch). int4
+has no CPU kernel in this torch: int4 weights are dequantized to float32 at load, so they save disk and download size,
+not memory or time. The word embeddings are int8 codes dequantized at load (a lookup needs no kernel). Separate from
 `embedder.qat`, which defines the scheme, because this module is about files and inference.
 """
 

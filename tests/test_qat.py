@@ -125,8 +125,8 @@ def test_qat_self_distillation_brings_the_quantized_student_back_toward_its_floa
     from embedder.train import train
 
     def mean_cosine(model: StudentEncoder) -> float:
-        return float((model.encode(TEXTS, TaskType.RETRIEVAL_DOCUMENT) * start.encode(TEXTS, TaskType.RETRIEVAL_DOCUMENT)
-                      ).sum(1).mean())
+        vectors, targets = (encoder.encode(TEXTS, TaskType.RETRIEVAL_DOCUMENT) for encoder in (model, start))
+        return float((vectors * targets).sum(1).mean())
 
     # The tiny student's vectors come almost wholly from its embeddings (int4 keeps cosine 0.99997): with its encoder's
     # linear weights 10x, its layers count and int4 rounding costs something to win back (cosine 0.978).
