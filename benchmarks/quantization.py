@@ -32,7 +32,7 @@ throughput rounds are kept under --work-dir and reused.
     python benchmarks/quantization.py --triplets /tmp/quality_scifact/runs/full-300 --qat-epochs 3
     python benchmarks/quantization.py --max-queries 20 --max-passages 60 --qat-steps 2 --batch-size 8 \\
         --train-max-seq-length 64 --throughput-texts 32 --work-dir /tmp/quantization_smoke --results-name \\
-        quantization_smoke --triplets /tmp/quality_scifact/runs/full-1000                 # a smoke run, minutes
+        quantization_smoke --triplets /tmp/quality_scifact/runs/full-300                  # a smoke run, minutes
 """
 
 from __future__ import annotations
