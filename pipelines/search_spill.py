@@ -10,7 +10,7 @@ local, or the pipeline's `temp_location`, gs:// on Dataflow), and only a `SpillF
 each of its record batches) goes through the shuffle. Each (shard, query group) reads the batches that overlap its
 hash range, so a worker holds one shard and one query group, never the corpus.
 
-Routing by hash range: every row carries a 64-bit stable hash of its id (`routing_hash`); part p of P holds the hashes
+Routing by hash range: every row carries a 62-bit stable hash of its id (`routing_hash`); part p of P holds the hashes
 in `hash_range(p, P)`. Rows are sorted by hash inside a file, so a part reads the batches overlapping its range (about
 1/P of each file), and a file can be written before the corpus is counted: the number of shards is chosen afterwards,
 from the files' row counts, without another pass over the vectors.
@@ -31,8 +31,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.text_matching import stable_hash
 
-#: Size of the 64-bit hash space that `hash_range` divides.
-HASH_SPACE = 1 << 64
+#: Size of the hash space that `hash_range` divides: 62 bits, so that every hash and every range bound, the last
+#: part's end (HASH_SPACE itself) included, fits a signed 64-bit integer. Beam codes the ints of typed elements
+#: (`SpillFile`, the routed parts) with VarIntCoder, which raises OverflowError for 2**63 and above (measured with
+#: apache-beam 2.78.0: every search failed with the full 64-bit space).
+HASH_SPACE = 1 << 62
 #: Rows per record batch: the unit a part reads. 4,096 x 768 float32 is 12 MB; a part reads at most one batch beyond
 #: its range at each end of a file.
 SPILL_BATCH_ROWS = 4096
@@ -46,11 +49,12 @@ SHARD_SALT, QUERY_GROUP_SALT = "shard", "query-group"
 
 
 def routing_hash(salt: str, item_id: str) -> int:
-    return stable_hash(salt, item_id)
+    """The top 62 bits of the 64-bit `stable_hash`: a place in [0, HASH_SPACE)."""
+    return stable_hash(salt, item_id) >> 2
 
 
 def hash_range(part: int, parts: int) -> tuple[int, int]:
-    """[low, high) of the hashes part `part` of `parts` holds: equal slices of the 64-bit space."""
+    """[low, high) of the hashes part `part` of `parts` holds: equal slices of the hash space."""
     return part * HASH_SPACE // parts, (part + 1) * HASH_SPACE // parts
 
 
@@ -171,9 +175,7 @@ def read_spilled(path: str, batches: Sequence[int], low: int, high: int) -> pa.T
         tables = [pa.Table.from_batches([reader.get_batch(index)]) for index in batches]
     table = pa.concat_tables(tables) if tables else reader.schema.empty_table()
     hashes = table.column(HASH).to_numpy()
-    start = int(np.searchsorted(hashes, np.uint64(low)))
-    # The last part's high end is 2**64, past uint64: it takes every row from `start` on.
-    stop = len(hashes) if high >= HASH_SPACE else int(np.searchsorted(hashes, np.uint64(high)))
+    start, stop = (int(np.searchsorted(hashes, np.uint64(bound))) for bound in (low, high))
     return table.slice(start, stop - start)
 
 

@@ -18,7 +18,7 @@ shard's index, so more query groups cost more index builds.
 How the sharded search runs in Beam (the index must not have to fit one worker, nor the corpus one shuffle buffer):
 
 - Passage vectors, passage texts and query vectors are written to spill files (pipelines/search_spill.py), fused
-  with the step that produced them: Arrow IPC files of a bundle's rows each, sorted by a stable 64-bit hash of the id.
+  with the step that produced them: Arrow IPC files of a bundle's rows each, sorted by a stable 62-bit hash of the id.
   From there on the search's shuffle moves file descriptors (a path and each record batch's hash range), not vectors:
   Beam's in-process runners hold a GroupByKey's whole input in memory, and sending the corpus's vectors through it
   held them once per query group (1M x 384-d peaked at 11.9 GB on one machine before, RESULTS.md).

@@ -13,7 +13,17 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 
-from pipelines.search_spill import QUERY_GROUP_SALT, SHARD_SALT, SpillFn, part_of, read_spilled, vector_matrix
+from pipelines.search_spill import (
+    HASH_SPACE,
+    QUERY_GROUP_SALT,
+    SHARD_SALT,
+    SpillFn,
+    hash_range,
+    part_of,
+    read_spilled,
+    routing_hash,
+    vector_matrix,
+)
 from pipelines.sharded_search import (
     Hit,
     IndexSettings,
@@ -34,7 +44,6 @@ from pipelines.sharded_search import (
     teacher_score,
     unpack_vector,
 )
-from pipelines.text_matching import stable_hash
 
 
 def normalized_vectors(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
@@ -186,7 +195,7 @@ def test_each_shard_and_query_group_reads_exactly_its_hash_range_of_every_spill_
             for _, path, batches, low, high in parts:
                 table = read_spilled(path, batches, low, high)
                 ids = table.column("id").to_pylist()
-                assert {part_of(stable_hash("shard", passage_id), 4) for passage_id in ids} <= {shard}
+                assert {part_of(routing_hash(SHARD_SALT, passage_id), 4) for passage_id in ids} <= {shard}
                 received += zip(ids, vector_matrix(table).tolist(), strict=True)
         assert sorted(received) == sorted(items)  # every passage once per query group
 
@@ -194,6 +203,18 @@ def test_each_shard_and_query_group_reads_exactly_its_hash_range_of_every_spill_
                          QUERY_GROUP_SALT, ("vector", "lookup"))
     per_shard = {shard: [part[1] for part in _parts(query_files, "q", (3, 1), (shard, 0))] for shard in range(3)}
     assert per_shard == {shard: [query_files[0].path] for shard in range(3)}  # every query to every shard
+
+
+def test_routing_hashes_and_range_bounds_survive_beams_integer_coder() -> None:
+    """Spill files and routed parts carry hashes and range bounds as ints, which Beam codes with VarIntCoder: it
+    rejects 2**63 and above, so a 64-bit hash space failed every search (apache-beam 2.78)."""
+    hashes = [routing_hash(salt, f"id{index}") for salt in (SHARD_SALT, QUERY_GROUP_SALT) for index in range(2000)]
+    bounds = [bound for parts in (1, 2, 3, 7, 64) for part in range(parts) for bound in hash_range(part, parts)]
+    coder = beam.coders.VarIntCoder()
+    for value in hashes + bounds:
+        assert coder.decode(coder.encode(value)) == value
+    assert max(bounds) == HASH_SPACE and all(0 <= value < HASH_SPACE for value in hashes)
+    assert max(hashes) > HASH_SPACE * 0.99 and min(hashes) < HASH_SPACE * 0.01  # the hashes span the whole space
 
 
 def test_a_spill_file_is_written_per_bounded_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
