@@ -5,7 +5,8 @@ seeded sample of the SciFact corpus with the offline defaults (SmolLM2-135M writ
 the teacher), `embforge train` on its triplet shards, and the evaluator on SciFact's test split (300 queries) over the
 full corpus (5,183 passages), every model read at the window `embforge evaluate` uses. No SciFact query or judgement
 is read before evaluation, except by the `few_shot` lever, which shows the LLM at most 8 queries of the *train* split
-(never the test split) and is reported apart from the zero-shot figures.
+(never the test split), and the `human_queries` ceiling, which uses train-split claims as the queries; both are
+reported apart from the zero-shot figures.
 
 What it measures (each difference to the base model with a 95% paired-bootstrap interval over the 300 queries):
 - **headline**: base vs the student trained on `--passages` passages, with `--seeds` training seeds; the mean
@@ -17,7 +18,10 @@ What it measures (each difference to the base model with a 95% paired-bootstrap 
   replaced by random passages of the run), `no_distillation`, `no_matryoshka`;
 - **levers** that could lift the figure: `abstraction` (reject mostly extractive queries), `candidates` (3 candidate
   queries per passage, the least extractive that passes the round trip kept), `margin` (GPL's margin distillation from
-  the teacher's scores), `few_shot` (Promptagator: 8 train-split queries as the prompt's examples).
+  the teacher's scores), `few_shot` (Promptagator: 8 train-split queries as the prompt's examples);
+- **ceiling** `human_queries`: the LLM replaced by SciFact's train-split claims, written by people, for the passages
+  they cite (benchmarks/train_split_queries.py), everything else unchanged: is it the LLM's queries that limit the
+  figure, or the recipe?
 
 Writes benchmarks/results/quality_scifact.json (base_ndcg10, trained_ndcg10_mean, delta_mean, delta_ci95, passages,
 the curve, ablations and levers, settings, date, machine, load average) and benchmarks/results/quality_scifact.png.
@@ -26,6 +30,8 @@ Resumable: generation runs, trained models and per-query scores under --work-dir
 
     python benchmarks/quality_scifact.py          # data from $EMBFORGE_SHARED_DATA or ../shared/data
     python benchmarks/quality_scifact.py --passages 300 --curve 100 --seeds 0 --variants no_grading   # smaller
+    python benchmarks/quality_scifact.py --passages 300 --curve --seeds 0 --results-name quality_scifact_variants_300 \
+      --attach-to quality_scifact                     # variants at 300 passages, copied beside the 1,000 headline
     python benchmarks/quality_scifact.py --work-dir /tmp/quality_scifact_qwen --results-name quality_scifact_qwen \
       --generate-set generate.llm.backend=openai --generate-set generate.llm.base_url=http://localhost:8000/v1 \
       --generate-set generate.llm.model=Qwen/Qwen2.5-7B-Instruct --generate-set generate.llm.concurrency=64
@@ -59,9 +65,12 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
     write_results,
 )
 
+from train_split_queries import CLAIMS_ENV, write_train_split_inputs
+
 from data_schemas.records import TRIPLET
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
 from pipelines.run_layout import read_kind
+from pipelines.text_matching import extractive_share
 from tests.shared_data import data_set_folder
 
 LOGGER = logging.getLogger("quality_scifact")
@@ -98,6 +107,9 @@ VARIANTS: dict[str, Variant] = {
                           about="3 candidates per passage, least extractive passing the round trip kept"),
     "few_shot": Variant("few_shot", kind="few_shot",
                         about=f"{FEW_SHOT_EXAMPLES} SciFact train-split claims as the prompt's examples"),
+    "human_queries": Variant("human_queries", kind="ceiling",
+                             about="SciFact train-split claims (written by people) as the queries, for the passages "
+                                   "they cite: the LLM replaced, the rest of the pipeline unchanged"),
 }
 
 
@@ -183,51 +195,80 @@ def train_model(args: argparse.Namespace, work_dir: Path, name: str, data_dir: P
 
 
 def run_summary(run_dir: Path) -> dict:
-    """What generation kept and rejected, per stage: the evidence for what limits the data."""
+    """What generation kept and rejected, per stage, and how hard its triplets are: the evidence for what limits the
+    data. `query_extractive_share` is the mean share of a query's word bigrams found in its positive (0: all new
+    phrasing); `teacher_margin` the mean of the teacher's positive score less its best negative's (small: hard)."""
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = {stage["stage"]: {"input": stage["input"], "kept": stage["kept"], "reasons": stage["reasons"]}
               for stage in manifest.get("stages", [])}
-    return {"triplets": len(triplet_rows(run_dir)), "stages": stages}
+    rows = triplet_rows(run_dir)
+    shares = np.array([extractive_share(row["query"], row["positive"]) for row in rows])
+    margins = np.array([row["positive_teacher_score"] - max(row["negative_teacher_scores"]) for row in rows
+                        if row["negative_teacher_scores"]])
+    return {"triplets": len(rows), "stages": stages,
+            "query_extractive_share": float(shares.mean()) if len(rows) else None,
+            "queries_over_half_extractive": float((shares > 0.5).mean()) if len(rows) else None,
+            "teacher_margin": float(margins.mean()) if len(margins) else None}
 
 
 def plot(results: dict, path: Path) -> None:
+    """Left: the learning curve, or, when there is one size only, each variant against the same-seed model trained with
+    the defaults. Right: every model against the base. Green / red: interval clear of zero."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(12, 4.6), layout="constrained")
+    figure = Figure(figsize=(13, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
-    curve_axis, bar_axis = figure.subplots(1, 2, width_ratios=[1, 2])
+    left_axis, bar_axis = figure.subplots(1, 2, width_ratios=[1, 2])
     curve = results["learning_curve"]
-    sizes = [point["passages"] for point in curve]
-    deltas = np.array([point["delta"] for point in curve])
-    errors = np.array([[point["delta"] - point["delta_ci95"][0], point["delta_ci95"][1] - point["delta"]]
-                       for point in curve]).T
-    curve_axis.errorbar(sizes, deltas, yerr=errors, marker="o", capsize=4)
-    curve_axis.axhline(0, color="black", linewidth=1)
-    curve_axis.axhline(GOAL, color="tab:green", linestyle=":", label="goal +0.03")
-    curve_axis.set_xscale("log")
-    curve_axis.set_xticks(sizes, [str(size) for size in sizes])
-    curve_axis.minorticks_off()
-    curve_axis.set_xlabel("passages generated from")
-    curve_axis.set_ylabel("Δ nDCG@10 vs base (95% CI)")
-    curve_axis.set_title("learning curve (one seed)")
-    curve_axis.legend(fontsize=8)
-    bars = {"headline (mean of seeds)": results["headline"]}
-    bars.update({name: entry for name, entry in results["variants"].items()})
-    names = list(bars)
-    values = np.array([bars[name]["delta"] for name in names])
-    bar_errors = np.array([[bars[name]["delta"] - bars[name]["delta_ci95"][0],
-                            bars[name]["delta_ci95"][1] - bars[name]["delta"]] for name in names]).T
-    colours = ["tab:green" if bars[name]["delta_ci95"][0] > 0 else "tab:red" if bars[name]["delta_ci95"][1] < 0
-               else "tab:grey" for name in names]
-    bar_axis.bar(names, values, yerr=bar_errors, capsize=3, color=colours)
-    bar_axis.axhline(0, color="black", linewidth=1)
+    if len(curve) > 1:
+        sizes = [point["passages"] for point in curve]
+        errors = np.array([[point["delta"] - point["delta_ci95"][0], point["delta_ci95"][1] - point["delta"]]
+                           for point in curve]).T
+        left_axis.errorbar(sizes, [point["delta"] for point in curve], yerr=errors, marker="o", capsize=4)
+        left_axis.axhline(GOAL, color="tab:green", linestyle=":", label="goal +0.03")
+        left_axis.set_xscale("log")
+        left_axis.set_xticks(sizes, [str(size) for size in sizes])
+        left_axis.minorticks_off()
+        left_axis.set_xlabel("passages generated from")
+        left_axis.set_ylabel("Δ nDCG@10 vs base (95% CI)")
+        left_axis.set_title("learning curve (one seed)")
+        left_axis.legend(fontsize=8)
+    else:
+        against_full = {name: entry["vs_full_same_seed"] for name, entry in results["variants"].items()}
+        _bars(left_axis, against_full)
+        left_axis.set_ylabel("Δ nDCG@10 vs the defaults, same seed (95% CI)")
+        left_axis.set_title(f"each variant vs the defaults ({results['passages']} passages)", fontsize=10)
+    seeds = len(results["seeds"])
+    bars = {f"defaults ({'mean of seeds' if seeds > 1 else 'one seed'})": results["headline"], **results["variants"]}
+    _bars(bar_axis, bars)
     bar_axis.axhline(GOAL, color="tab:green", linestyle=":")
     bar_axis.set_ylabel("Δ nDCG@10 vs base (95% CI)")
-    bar_axis.set_title(f"SciFact test, {results['passages']} passages: headline, ablations, levers "
-                       "(green/red: interval clear of 0)", fontsize=10)
-    bar_axis.tick_params(axis="x", labelrotation=25, labelsize=8)
+    bar_axis.set_title(f"SciFact test, {results['passages']} passages: defaults, ablations, levers, ceiling vs base",
+                       fontsize=10)
     figure.savefig(path, dpi=120)
+
+
+def _bars(axis, entries: dict) -> None:
+    names = list(entries)
+    values = np.array([entries[name]["delta"] for name in names])
+    errors = np.array([[entries[name]["delta"] - entries[name]["delta_ci95"][0],
+                        entries[name]["delta_ci95"][1] - entries[name]["delta"]] for name in names]).T
+    colours = ["tab:green" if entries[name]["delta_ci95"][0] > 0 else "tab:red" if entries[name]["delta_ci95"][1] < 0
+               else "tab:grey" for name in names]
+    axis.bar(names, values, yerr=errors, capsize=3, color=colours)
+    axis.axhline(0, color="black", linewidth=1)
+    axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+
+
+def attach(target: Path, source: Path, results: dict) -> None:
+    """Copy `results`' variants, with the same-scale model they are compared with, into `target`'s figures."""
+    document = json.loads(target.read_text())
+    same_scale = next(point for point in results["learning_curve"] if point["passages"] == results["passages"])
+    document[f"variants_at_{results['passages']}_passages"] = {
+        "source": source.name, "date": json.loads(source.read_text())["date"], "seed": results["seeds"][0],
+        "base_ndcg10": results["base_ndcg10"], "full_same_seed": same_scale, "variants": results["variants"]}
+    target.write_text(json.dumps(document, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per text while training (a CPU saving; evaluation reads every model at "
                              "`embforge evaluate`'s window)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the few-shot draw and the random negatives")
+    parser.add_argument("--attach-to", metavar="NAME",
+                        help="when finished, also copy this run's variants into benchmarks/results/NAME.json under "
+                             "variants_at_<passages>_passages (variants run at another scale than that file's "
+                             "headline, kept beside it)")
     add_generation_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -262,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         if key not in runs:
             if name == "random_negatives":
                 runs[key] = write_random_negatives(run_for("full", passages), work_dir / "runs" / key, args.seed)
+            elif name == "human_queries":
+                corpus, claims = write_train_split_inputs(Path(args.data), work_dir / "train_split", args.seed)
+                os.environ[CLAIMS_ENV] = str(claims)  # read by the generate child's claim_writer
+                runs[key] = generate_run(args, work_dir, name, passages, (
+                    f"generate.corpus.path={corpus}", "generate.llm.backend=custom",
+                    "generate.llm.model=benchmarks.train_split_queries:claim_writer",
+                    "generate.queries.query_types=[claim]"))
             elif name == "few_shot":
                 examples = few_shot_examples(args, work_dir)
                 runs[key] = generate_run(args, work_dir, name, passages, (
@@ -318,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         save(complete=False)
 
     path = save(complete=True)
+    if args.attach_to:
+        attach(RESULTS_DIR / f"{args.attach_to}.json", path, results)
     curve = results["learning_curve"]
     plot(results, RESULTS_DIR / f"{args.results_name or 'quality_scifact'}.png")
 
