@@ -33,8 +33,8 @@ from pipelines.text_matching import stable_hash
 
 #: Size of the hash space that `hash_range` divides: 62 bits, so that every hash and every range bound, the last
 #: part's end (HASH_SPACE itself) included, fits a signed 64-bit integer. Beam codes the ints of typed elements
-#: (`SpillFile`, the routed parts) with VarIntCoder, which raises OverflowError for 2**63 and above (measured with
-#: apache-beam 2.78.0: every search failed with the full 64-bit space).
+#: (`SpillFile`, the routed parts) with VarIntCoder, which raises OverflowError for 2**63 and above (apache-beam
+#: 2.78.0 fails every search with the full 64-bit space).
 HASH_SPACE = 1 << 62
 #: Rows per record batch: the unit a part reads. 4,096 x 768 float32 is 12 MB; a part reads at most one batch beyond
 #: its range at each end of a file.
