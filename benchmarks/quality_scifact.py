@@ -65,7 +65,7 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
     write_results,
 )
 
-from train_split_queries import CLAIMS_ENV, write_train_split_inputs
+from train_split_queries import CLAIMS_ENV, train_split, write_train_split_inputs
 
 from data_schemas.records import TRIPLET
 from pipelines.clients.specs import DEFAULT_LOCAL_STUDENT
@@ -129,14 +129,11 @@ def few_shot_examples(args: argparse.Namespace, work_dir: Path) -> Path:
     path = work_dir / "few_shot_examples.jsonl"
     if path.exists():
         return path
-    data = Path(args.data)
-    queries = {row["_id"]: row["text"] for row in map(json.loads, (data / "queries.jsonl").read_text().splitlines())}
-    corpus = {row["_id"]: row for row in map(json.loads, (data / "corpus.jsonl").read_text().splitlines())}
-    judged = [line.split("\t") for line in (data / "qrels" / "train.tsv").read_text().splitlines()[1:] if line.strip()]
+    queries, corpus, judged = train_split(Path(args.data))
     rng = np.random.default_rng(args.seed)
     chosen = [judged[index] for index in sorted(rng.choice(len(judged), FEW_SHOT_EXAMPLES, replace=False))]
     lines = [{"title": corpus[passage_id]["title"], "passage": corpus[passage_id]["text"], "query": queries[query_id],
-              "query_type": "claim"} for query_id, passage_id, _ in chosen]
+              "query_type": "claim"} for query_id, passage_id in chosen]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 

@@ -34,19 +34,26 @@ def passage_key(title: str, text: str) -> str:
     return " ".join(title.split()) + "\n" + " ".join(text.split())[:KEY_CHARS]
 
 
+def train_split(data: Path) -> tuple[dict[str, str], dict[str, dict], list[tuple[str, str]]]:
+    """SciFact's claims by id, its corpus rows by id and the train split's (claim id, passage id) judgements, in file
+    order: what a reader of the train split needs. The test split's judgements are never opened."""
+    queries = {row["_id"]: row["text"] for row in map(json.loads, (data / "queries.jsonl").read_text().splitlines())}
+    corpus = {row["_id"]: row for row in map(json.loads, (data / "corpus.jsonl").read_text().splitlines())}
+    judged = [(fields[0], fields[1]) for fields in (line.split("\t") for line in
+              (data / "qrels" / "train.tsv").read_text().splitlines()[1:] if line.strip())]
+    return queries, corpus, judged
+
+
 def write_train_split_inputs(data: Path, target: Path, seed: int) -> tuple[Path, Path]:
     """`corpus.jsonl`: the corpus rows train-split claims cite; `claims.json`: each one's claim, keyed by
     `passage_key` (one claim, drawn with `seed`, where several cite the passage). Kept once written."""
     corpus_path, claims_path = target / "corpus.jsonl", target / "claims.json"
     if corpus_path.exists() and claims_path.exists():
         return corpus_path, claims_path
-    queries = {row["_id"]: row["text"] for row in map(json.loads, (data / "queries.jsonl").read_text().splitlines())}
-    corpus = {row["_id"]: row for row in map(json.loads, (data / "corpus.jsonl").read_text().splitlines())}
+    queries, corpus, judged = train_split(data)
     citing: dict[str, list[str]] = {}
-    for line in (data / "qrels" / "train.tsv").read_text().splitlines()[1:]:
-        if line.strip():
-            query_id, passage_id, _ = line.split("\t")
-            citing.setdefault(passage_id, []).append(query_id)
+    for query_id, passage_id in judged:
+        citing.setdefault(passage_id, []).append(query_id)
     rng = np.random.default_rng(seed)
     cited = sorted(citing)
     claims = {passage_key(corpus[passage_id]["title"], corpus[passage_id]["text"]):
