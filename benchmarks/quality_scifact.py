@@ -64,7 +64,6 @@ from quality_runs import (  # benchmarks/ is on sys.path when a script in it run
     settings_arguments,
     write_results,
 )
-
 from train_split_queries import CLAIMS_ENV, train_split, write_train_split_inputs
 
 from data_schemas.records import TRIPLET
