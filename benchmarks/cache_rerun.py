@@ -46,16 +46,12 @@ if str(ROOT) not in sys.path:
 DUMMY_KEY = "bench3-dummy-key"
 
 
-def _tag(text: str, tag: str) -> str:
-    start, end = text.find(f"<{tag}>"), text.find(f"</{tag}>")
-    return text[start + len(tag) + 2:end].strip() if 0 <= start < end else ""
-
-
 def scripted_answer(body: Mapping[str, Any]) -> str:
     """What a capable LLM might answer, chosen by the response schema: a distinct query per passage, every query
     relevant to its passage, every mined candidate "related" (1, kept as a negative); schema examples otherwise.
 
     Runs in the server process (`--generate benchmarks.cache_rerun:scripted_answer`)."""
+    from prompts import data_field
     from tests.fakes.gemini_server import default_generate
 
     config = body.get("generationConfig", {})
@@ -64,7 +60,7 @@ def scripted_answer(body: Mapping[str, Any]) -> str:
     user = body["contents"][-1]["parts"][0]["text"]
     if fields == {"task", "query"}:
         # Three passage words after the first: distinct per passage, and too short a run to count as a copy.
-        words = _tag(user, "passage").split()[1:4] or ["nothing"]
+        words = data_field(user, "passage").split()[1:4] or ["nothing"]
         return json.dumps({"task": "Given a claim, retrieve passages that support it",
                            "query": f"evidence on {' '.join(words)}"})
     if fields == {"reason", "relevance"}:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.clients.base import LLM, ChatMessage, GenerationConfig, GenerationResult, Usage
+from prompts import data_field
 
 #: The environment variable naming the claims file `claim_writer` answers from (set for the `generate` child process).
 CLAIMS_ENV = "EMBFORGE_TRAIN_SPLIT_CLAIMS"
@@ -64,11 +64,6 @@ def write_train_split_inputs(data: Path, target: Path, seed: int) -> tuple[Path,
     return corpus_path, claims_path
 
 
-def _tagged(content: str, tag: str) -> str:
-    match = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", content, re.S)
-    return match.group(1) if match else ""
-
-
 class ClaimWriter(LLM):
     """Answers a query-generation prompt with the train-split claim citing its passage; a prompt whose passage no
     claim cites gets a failed result, which the stage counts as `llm_failed` like any failed answer."""
@@ -82,7 +77,7 @@ class ClaimWriter(LLM):
 
     def generate(self, messages: Sequence[ChatMessage], output_model, config: GenerationConfig = GenerationConfig()):
         content = messages[-1].content
-        key = passage_key(_tagged(content, "title"), _tagged(content, "passage"))
+        key = passage_key(data_field(content, "title"), data_field(content, "passage"))
         usage = Usage(sum(len(message.content.split()) for message in messages), 0)
         claim = self.claims.get(key)
         if claim is None:

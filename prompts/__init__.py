@@ -330,6 +330,14 @@ class PromptSpec:
 # --- The registry -----------------------------------------------------------------------------------------------------
 
 
+def data_field(content: str, name: str) -> str:
+    """The text of data field `name` in a rendered user message (the inverse of `PromptSpec`'s data blocks, closing
+    tags in the data left neutralised); "" when the message has no such field. For backends that answer from the
+    data itself: test fakes and benchmarks' scripted writers."""
+    match = re.search(rf"<{name}>\n?(.*?)\n?</{name}>", content, re.S)
+    return match.group(1) if match else ""
+
+
 def discover_prompts(package: str) -> dict[str, PromptSpec]:
     """Import every subpackage of `package` and collect its `PROMPT`, keyed by name (sorted)."""
     root = importlib.import_module(package)

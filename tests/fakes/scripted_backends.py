@@ -4,14 +4,13 @@ advance, built inside DoFn.setup() like any real backend."""
 from __future__ import annotations
 
 import json
-import re
 
+from prompts import data_field
 from tests.fakes.backends import ScriptedLLM
 
 
 def _tagged(messages, tag: str) -> str:
-    match = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", messages[-1].content, re.S)
-    return match.group(1) if match else ""
+    return data_field(messages[-1].content, tag)
 
 
 def _query_writer(messages, output_model) -> str:
